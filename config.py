@@ -1,0 +1,106 @@
+"""Experiment configuration: YAML files, command-line overrides and provenance.
+
+One YAML file describes an experiment (data, recipe, model list, later stages). Any key
+can be overridden from the command line as `dotted.key=value`, the value parsed as YAML,
+so `train.epochs=3` or `models.unet.kwargs.encoder_name=resnet18` both work.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used."""
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of `cfg` with each `a.b.c=value` override applied."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return cfg
+
+
+def model_entry(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """The `models.<name>` entry: which zoo architecture, with which arguments."""
+    models = cfg.get("models") or {}
+    if name not in models:
+        known = ", ".join(sorted(models)) or "(none)"
+        raise ConfigError(f"unknown model {name!r}; this config defines: {known}")
+    entry = dict(models[name])
+    entry.setdefault("kwargs", {})
+    if "arch" not in entry:
+        raise ConfigError(f"models.{name} has no 'arch' (a name from models.build_model)")
+    return entry
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    blob = json.dumps(cfg, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def git_hash() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance(cfg: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """What made an artefact: config hash, code version, time, plus the caller's fields."""
+    record: dict[str, Any] = {
+        "git": git_hash(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if cfg is not None:
+        record["config_hash"] = config_hash(cfg)
+    record.update(extra)
+    return record
+
+
+def save_config(cfg: dict[str, Any], path: str | Path) -> None:
+    from data.atomic import write_text
+
+    write_text(path, yaml.safe_dump(cfg, sort_keys=False))
