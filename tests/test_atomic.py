@@ -1,0 +1,27 @@
+import pytest
+
+from data.atomic import atomic_dir, atomic_write, write_json
+
+
+def test_failed_write_leaves_the_old_file_intact(tmp_path):
+    target = tmp_path / "a.json"
+    write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError), atomic_write(target, "w") as fh:
+        fh.write('{"v": 2, "half')
+        raise RuntimeError("killed")
+    assert target.read_text().strip().startswith('{\n  "v": 1')
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_dir_replaces_whole_folder_or_nothing(tmp_path):
+    target = tmp_path / "store"
+    with atomic_dir(target) as tmp:
+        (tmp / "x").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "x").write_text("new")
+        raise RuntimeError("killed")
+    assert (target / "x").read_text() == "old"
+    with atomic_dir(target) as tmp:
+        (tmp / "y").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["y"]
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]
