@@ -1,0 +1,167 @@
+import json
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+import postprocess as pp
+from data.probstore import save_probs
+from data.submission import check_submission, rle_decode
+from postprocess import PostprocessParams, postprocess
+
+
+def probs_from(class_map, conf=0.8):
+    """Soft probabilities whose argmax is `class_map` (confidence `conf`)."""
+    p = np.full((3, *class_map.shape), (1 - conf) / 2, np.float32)
+    for c in range(3):
+        p[c][class_map == c] = conf
+    return p
+
+
+def test_all_steps_off_is_argmax_of_resized_probabilities():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 16, 20)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(0)
+    out = postprocess(probs, (37, 53), PostprocessParams())
+    assert out.shape == (37, 53) and out.dtype == np.uint8
+    resized = cv2.resize(probs.transpose(1, 2, 0), (53, 37), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(out, resized.argmax(-1))
+    # uint8 store codes give the argmax of the resized codes
+    codes = np.rint(probs * 255).astype(np.uint8)
+    out8 = postprocess(codes, (37, 53))
+    resized8 = cv2.resize(codes.transpose(1, 2, 0), (53, 37), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(out8, resized8.argmax(-1))
+
+
+def test_split_region_becomes_one_class_by_probability_or_by_vote():
+    probs = np.zeros((3, 40, 40), np.float32)
+    probs[0] = 1.0
+    # one 20x20 region: left 12 columns weakly class 1, right 8 columns strongly class 2
+    probs[:, 10:30, 10:22] = np.array([0.1, 0.6, 0.3])[:, None, None]
+    probs[:, 10:30, 22:30] = np.array([0.1, 0.2, 0.7])[:, None, None]
+    plain = postprocess(probs, (40, 40))
+    assert set(np.unique(plain[10:30, 10:30])) == {1, 2}
+    # summed p1 = 240*.6 + 160*.2 = 176 < summed p2 = 240*.3 + 160*.7 = 184
+    by_prob = postprocess(probs, (40, 40), PostprocessParams(region_mode="prob"))
+    assert (by_prob[10:30, 10:30] == 2).all() and (by_prob != 2).sum() == 40 * 40 - 400
+    # the vote is 240 pixels of class 1 against 160 of class 2
+    by_vote = postprocess(probs, (40, 40), PostprocessParams(region_mode="majority"))
+    assert (by_vote[10:30, 10:30] == 1).all() and by_vote.sum() == 400
+
+
+def test_specks_below_min_area_disappear():
+    cm = np.zeros((100, 100), np.uint8)
+    cm[10:12, 10:12] = 2  # 4 px
+    cm[50:55, 50:55] = 1  # 25 px
+    out = postprocess(probs_from(cm), (100, 100), PostprocessParams(min_area_frac=0.001))
+    assert out[10:12, 10:12].sum() == 0
+    np.testing.assert_array_equal(out[50:55, 50:55], 1)
+    assert (postprocess(probs_from(cm), (100, 100)) == cm).all()
+
+
+def test_holes_fill_and_classes_follow_probabilities():
+    cm = np.zeros((60, 60), np.uint8)
+    cm[10:40, 10:40] = 2
+    cm[20:30, 20:30] = 0  # hole
+    cm[0:8, 50:60] = 1  # touches the border: its surroundings are not a hole
+    # hole pixels have p1 == p2, so their class comes from the region's summed probability
+    params = PostprocessParams(fill_holes=True, region_mode="prob")
+    out = postprocess(probs_from(cm), (60, 60), params)
+    np.testing.assert_array_equal(out[10:40, 10:40], 2)
+    assert (out[cm == 1] == 1).all() and out.sum() == 900 * 2 + 80
+    assert (postprocess(probs_from(cm), (60, 60))[20:30, 20:30] == 0).all()
+
+
+def test_opening_removes_thin_spurs_and_closing_bridges_gaps():
+    cm = np.zeros((100, 100), np.uint8)
+    cm[30:60, 30:60] = 1
+    cm[44, 60:90] = 1  # one-pixel spur
+    out = postprocess(probs_from(cm), (100, 100), PostprocessParams(open_frac=0.05))
+    assert out[44, 62:90].sum() == 0
+    np.testing.assert_array_equal(out[33:57, 33:57], 1)
+
+    cm = np.zeros((100, 100), np.uint8)
+    cm[30:60, 20:49] = 2
+    cm[30:60, 51:80] = 2  # 2-px gap
+    params = PostprocessParams(close_frac=0.07, region_mode="prob")
+    out = postprocess(probs_from(cm), (100, 100), params)
+    np.testing.assert_array_equal(out[35:55, 49:51], 2)
+    assert (postprocess(probs_from(cm), (100, 100))[:, 49:51] == 0).all()
+
+
+def test_foreground_threshold_turns_uncertain_polyp_into_polyp():
+    probs = np.zeros((3, 10, 10), np.float32)
+    probs[:] = np.array([0.5, 0.2, 0.3])[:, None, None]
+    assert postprocess(probs, (10, 10)).sum() == 0
+    out = postprocess(probs, (10, 10), PostprocessParams(fg_threshold=0.4))
+    np.testing.assert_array_equal(out, 2)
+    assert postprocess(probs, (10, 10), PostprocessParams(fg_threshold=0.6)).sum() == 0
+    codes = np.rint(probs * 255).astype(np.uint8)
+    np.testing.assert_array_equal(postprocess(codes, (10, 10), PostprocessParams(0.4)), 2)
+
+
+def test_params_serialise_validate_and_switch_steps_off():
+    params = PostprocessParams(0.45, 0.002, "prob", 0.01, 0.02, True)
+    again = PostprocessParams.from_dict(json.loads(json.dumps(params.to_dict())))
+    assert again == params
+    assert params.active_steps() == list(PostprocessParams.STEPS)
+    assert params.without("region").region_mode == "none"
+    assert params.without("fill_holes").active_steps() == list(PostprocessParams.STEPS)[:-1]
+    assert PostprocessParams().active_steps() == []
+    with pytest.raises(ValueError, match="unknown"):
+        PostprocessParams.from_dict({"fg_thresh": 0.5})
+    with pytest.raises(ValueError, match="region_mode"):
+        PostprocessParams(region_mode="vote")
+    with pytest.raises(ValueError, match="fg_threshold"):
+        PostprocessParams(fg_threshold=1.5)
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    """A test folder of 3 images, a config, and a blended test store at working size."""
+    sizes = {"a" * 32: (50, 64), "b" * 32: (40, 64), "c" * 32: (47, 60)}
+    test = tmp_path / "data" / "test"
+    test.mkdir(parents=True)
+    for image_id, (h, w) in sizes.items():
+        cv2.imwrite(str(test / f"{image_id}.jpeg"), np.zeros((h, w, 3), np.uint8))
+    cfg = {"experiment": "exp", "data_dir": str(tmp_path / "data"), "out_dir": str(tmp_path)}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    cms = []
+    for k in range(3):
+        cm = np.zeros((32, 32), np.uint8)
+        cm[8:20, 8:20] = 1 + k % 2
+        cm[25, 25] = 2 - k % 2  # a speck of the other class
+        cms.append(probs_from(cm))
+    store = tmp_path / "exp" / "ensemble" / "test"
+    save_probs(store, list(sizes), np.stack(cms), list(sizes.values()), kind="test", model="blend")
+    return tmp_path, sizes
+
+
+def test_cli_writes_checked_submission_with_tuned_params(experiment, capsys):
+    root, sizes = experiment
+    doc = {"params": PostprocessParams(min_area_frac=0.01).to_dict()}
+    (root / "exp" / "postprocess.json").write_text(json.dumps(doc))
+    assert pp.main(["--config", str(root / "c.yaml"), "--jobs", "2"]) == 0
+    sub = root / "exp" / "submission.csv"
+    assert check_submission(sub, root / "data") == []
+    rows = dict(line.split(",") for line in sub.read_text().splitlines()[1:])
+    a = rle_decode(rows["a" * 32 + "_0"], sizes["a" * 32])
+    assert a.shape == (50, 64) and a.sum() > 0
+    assert rows["a" * 32 + "_1"] == ""  # the speck was removed
+    out = capsys.readouterr().out
+    assert "kaggle competitions submit -c bkai-igh-neopolyp -f" in out and "min_area" in out
+
+
+def test_cli_refuses_store_with_wrong_sizes_before_writing(experiment, capsys):
+    root, sizes = experiment
+    other = root / "other"
+    probs = np.full((3, 3, 32, 32), 1 / 3, np.float32)
+    wrong = [(50, 64), (41, 64), (47, 60)]
+    save_probs(other, list(sizes), probs, wrong, kind="test", model="m")
+    assert pp.main(["--config", str(root / "c.yaml"), "--probs", str(other)]) == 2
+    assert "recorded at" in capsys.readouterr().err
+    assert not (root / "exp" / "submission.csv").exists()
+    save_probs(other, list(sizes)[:2], probs[:2], wrong[:2], kind="test", model="m")
+    assert pp.main(["--config", str(root / "c.yaml"), "--probs", str(other)]) == 2
+    assert "1 missing" in capsys.readouterr().err
