@@ -1,0 +1,186 @@
+"""Preprocessed cache: every image decoded and resized once, every mask decoded once.
+
+Decoding a 1280×~1000 JPEG, decoding its JPEG mask and resizing both costs far more than
+the augmentations, and it would be repeated every epoch by every model and fold. Here it
+is done once per item and stored as uint8 `.npy` files at the working size (images with
+INTER_AREA; masks decoded at full size, then resized nearest-neighbour so no class is
+invented at boundaries). Each item is keyed on its source files (path, mtime, byte size),
+the working size and the mask thresholds, so a changed file re-processes just that item.
+
+Alongside the arrays each item records its original (h, w), needed to bring predictions
+back to full size, and its stratum, needed by the folds, so neither needs a re-decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from joblib import Parallel, delayed
+from tqdm import tqdm
+
+from data.atomic import atomic_write, write_json
+from data.reader import DataError, MaskThresholds, Sample, decode_mask, load_image, stratum
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+# Stratum recorded for items without a mask (test images).
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class CachedItem:
+    id: str
+    orig_size: tuple[int, int]
+    classes: str
+    image_file: Path
+    mask_file: Path | None
+
+
+def resize_pair(
+    image: np.ndarray, class_map: np.ndarray | None, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image with INTER_AREA (no aliasing), class map nearest (only existing classes)."""
+    h, w = size
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    if class_map is not None:
+        class_map = cv2.resize(class_map, (w, h), interpolation=cv2.INTER_NEAREST)
+    return image, class_map
+
+
+def _file_key(path: Path) -> list[str | int]:
+    st = path.stat()
+    return [str(path.resolve()), st.st_mtime_ns, st.st_size]
+
+
+def item_key(sample: Sample, size: tuple[int, int], thresholds: MaskThresholds) -> str:
+    """Hash of everything the cached arrays depend on."""
+    parts = {
+        "version": CACHE_VERSION,
+        "image": _file_key(sample.image),
+        "mask": _file_key(sample.mask) if sample.mask is not None else None,
+        "size": list(size),
+        "thresholds": thresholds.key(),
+    }
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _paths(folder: Path, item_id: str) -> tuple[Path, Path, Path]:
+    return (
+        folder / f"{item_id}.json",
+        folder / f"{item_id}.image.npy",
+        folder / f"{item_id}.mask.npy",
+    )
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_write(path) as fh:
+        np.save(fh, array)
+
+
+def _from_cache(sample: Sample, folder: Path, key: str) -> CachedItem | None:
+    meta_file, image_file, mask_file = _paths(folder, sample.id)
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return None
+    has_mask = sample.mask is not None
+    if meta.get("key") != key or not image_file.exists() or (has_mask and not mask_file.exists()):
+        return None
+    h, w = meta["orig_size"]
+    return CachedItem(
+        sample.id, (h, w), meta["classes"], image_file, mask_file if has_mask else None
+    )
+
+
+def _process(
+    sample: Sample, size: tuple[int, int], folder: Path, thresholds: MaskThresholds, key: str
+) -> CachedItem:
+    meta_file, image_file, mask_file = _paths(folder, sample.id)
+    image = load_image(sample.image)
+    class_map, classes, n_ambiguous = None, UNKNOWN, 0
+    if sample.mask is not None:
+        class_map, n_ambiguous = decode_mask(load_image(sample.mask), thresholds)
+        if class_map.shape != image.shape[:2]:
+            raise DataError(
+                f"{sample.mask}: mask size {class_map.shape} differs from image size "
+                f"{image.shape[:2]} of {sample.image}"
+            )
+        classes = stratum(class_map)
+    small_image, small_mask = resize_pair(image, class_map, size)
+    _save_npy(image_file, small_image)
+    if small_mask is not None:
+        _save_npy(mask_file, small_mask)
+    h, w = image.shape[:2]
+    # The metadata goes last: its key vouches for the arrays written before it.
+    write_json(
+        meta_file,
+        {"key": key, "orig_size": [h, w], "classes": classes, "ambiguous_pixels": n_ambiguous},
+    )
+    return CachedItem(
+        sample.id, (h, w), classes, image_file, mask_file if class_map is not None else None
+    )
+
+
+def _try_process(*args) -> CachedItem | DataError:
+    try:
+        return _process(*args)
+    except DataError as exc:
+        return exc
+
+
+def prepare(
+    samples: Sequence[Sample],
+    size: tuple[int, int],
+    cache_dir: str | Path,
+    thresholds: MaskThresholds | None = None,
+    workers: int | None = None,
+) -> list[CachedItem]:
+    """Cached items for `samples` (same order), processing only new or changed ones.
+
+    Every unusable file is reported in one DataError, not just the first.
+    """
+    thresholds = thresholds or MaskThresholds()
+    size = (int(size[0]), int(size[1]))
+    folder = Path(cache_dir) / f"{size[0]}x{size[1]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    items: list[CachedItem | None] = []
+    todo: list[tuple[int, Sample, str]] = []
+    for index, sample in enumerate(samples):
+        key = item_key(sample, size, thresholds)
+        cached = _from_cache(sample, folder, key)
+        items.append(cached)
+        if cached is None:
+            todo.append((index, sample, key))
+    if todo:
+        jobs = (delayed(_try_process)(s, size, folder, thresholds, k) for _, s, k in todo)
+        results = Parallel(
+            n_jobs=workers or os.cpu_count() or 1, prefer="threads", return_as="generator"
+        )(jobs)
+        errors = []
+        for (index, _, _), result in zip(
+            todo, tqdm(results, total=len(todo), desc="cache", unit="img"), strict=True
+        ):
+            if isinstance(result, DataError):
+                errors.append(str(result))
+            else:
+                items[index] = result
+        if errors:
+            raise DataError("cannot cache:\n  " + "\n  ".join(errors))
+    log.info("cache %s: %d reused, %d processed", folder, len(samples) - len(todo), len(todo))
+    return [item for item in items if item is not None]
+
+
+def load_item(item: CachedItem) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image (uint8 HxWx3) and class map (uint8 HxW, or None) at the working size."""
+    image = np.load(item.image_file)
+    mask = np.load(item.mask_file) if item.mask_file is not None else None
+    return image, mask

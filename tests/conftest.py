@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny synthetic datasets in the competition layout."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data.synthetic import generate
+
+TINY_SIZE = (128, 160)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 train + 6 test images at 128x160 (seed 0), flat layout, with test_gt/. Read-only."""
+    return generate(tmp_path_factory.mktemp("tiny") / "data", 24, 6, seed=0, size=TINY_SIZE)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_nested(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same data as `tiny_data` in the Kaggle-nested layout (train/train/, ...)."""
+    out = tmp_path_factory.mktemp("tiny_nested") / "data"
+    return generate(out, 24, 6, seed=0, nested=True, size=TINY_SIZE)
+
+
+@pytest.fixture
+def tiny_data_copy(tiny_data: Path, tmp_path: Path) -> Path:
+    """A private copy of `tiny_data` that a test may damage."""
+    return Path(shutil.copytree(tiny_data, tmp_path / "data"))
