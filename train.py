@@ -1,0 +1,1017 @@
+"""Stage 1: train one model on one or more folds of the shared split.
+
+    python train.py --model deeplabv3plus_resnet50 --fold 0
+    python train.py --model unet --fold all --epochs 3 train.lr=3e-4
+    torchrun --nproc_per_node=4 train.py --model pranet --fold 2
+
+Everything a fold produces lives in `<out_dir>/<experiment>/<model>/fold<k>/` (see
+docs/contracts.md): `last.pt` after every epoch, `best.pt` by validation competition Dice,
+`log.jsonl`, the resolved `config.yaml` and, at the end, the fold's out-of-fold
+probabilities `oof/`.
+
+Design points that are easy to break:
+- Resuming must reproduce the uninterrupted run. Shuffling, augmentation and dropout are
+  seeded from (seed, fold, epoch[, sample]) rather than from a stream that runs on, so a
+  run restarted from `last.pt` draws the same batches as one that never stopped, whatever
+  the number of loader workers.
+- The log is part of the checkpoint (`history`) and rewritten from it, so `log.jsonl`
+  never holds an epoch twice or an epoch the checkpoint does not know about.
+- Under DDP, validation is sharded without padding and the per-image `class_stats` rows are
+  all-reduced (summed), so the score is exactly the single-process score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from config import ConfigError, apply_overrides, load_config, model_entry, provenance, save_config
+from data.atomic import save_torch, write_text
+from data.augment import build_transforms
+from data.cache import CachedItem, prepare
+from data.dataset import SegDataset
+from data.folds import Folds, load_or_make_folds
+from data.probstore import save_probs
+from data.reader import DataError, MaskThresholds, list_train
+from metrics import class_stats, scores_from_stats
+from models import build_model
+from models.losses import SegLoss
+from models.pretrained import parse_pretrained
+
+log = logging.getLogger("train")
+
+DEFAULT_CONFIG = "configs/bkai.yaml"
+NUM_CLASSES = 3
+# Steps between host syncs of the running loss: one sync per step would stall the GPU queue.
+LOSS_CHECK_EVERY = 20
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def parse_img_size(text: str) -> list[int]:
+    """`352` -> [352, 352]; `352x416` -> [352, 416] (height x width)."""
+    parts = text.lower().split("x")
+    try:
+        size = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--img-size {text!r}: expected N or HxW, e.g. 352 or 352x416") from None
+    if len(size) == 1:
+        size *= 2
+    if len(size) != 2:
+        raise ConfigError(f"--img-size {text!r}: expected N or HxW, e.g. 352 or 352x416")
+    return size
+
+
+def parse_folds(spec: str, n_folds: int) -> list[int]:
+    """`all`, `3` or `0,2` -> fold indices, each checked against the config's n_folds."""
+    if spec.strip().lower() == "all":
+        return list(range(n_folds))
+    folds: list[int] = []
+    for part in spec.split(","):
+        try:
+            k = int(part)
+        except ValueError:
+            raise ConfigError(f"--fold {spec!r}: expected 'all', K or K1,K2,...") from None
+        if not 0 <= k < n_folds:
+            raise ConfigError(f"--fold {k} is out of range: data.n_folds is {n_folds}")
+        if k not in folds:
+            folds.append(k)
+    return folds
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Config file, then `key=value` overrides, then the dedicated flags, then checks."""
+    cfg = load_config(args.config, [*args.set, *args.overrides])
+    model_entry(cfg, args.model)
+    flags: dict[str, Any] = {
+        "data_dir": args.data_dir,
+        "out_dir": args.out_dir,
+        "seed": args.seed,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "train.lr": args.lr,
+        "train.amp": args.amp,
+        "data.num_workers": args.workers,
+        "data.img_size": parse_img_size(args.img_size) if args.img_size else None,
+        "train.wandb": True if args.wandb else None,
+        "train.compile": True if args.compile else None,
+    }
+    # JSON is valid YAML, so apply_overrides parses each value back exactly.
+    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    if args.pretrained is not None:
+        overrides.append(f"models.{args.model}.pretrained={json.dumps(args.pretrained)}")
+    cfg = apply_overrides(cfg, overrides)
+    check_config(cfg)
+    # A missing pretrained file is an error now, not after the data has been cached.
+    parse_pretrained(model_entry(cfg, args.model).get("pretrained"))
+    return cfg
+
+
+def _get(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"config key {dotted!r} is missing")
+        node = node[part]
+    return node
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    """Fail before any work on values that would only break hours later."""
+    for key in ("experiment", "data_dir", "out_dir", "seed"):
+        _get(cfg, key)
+    size = _get(cfg, "data.img_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) for s in size)):
+        raise ConfigError(f"data.img_size must be [height, width], got {size!r}")
+    if any(s <= 0 or s % 32 for s in size):
+        raise ConfigError(f"data.img_size {size} must be positive multiples of 32")
+    if int(_get(cfg, "data.n_folds")) < 2:
+        raise ConfigError("data.n_folds must be at least 2")
+    for key in ("train.epochs", "train.batch_size"):
+        if int(_get(cfg, key)) < 1:
+            raise ConfigError(f"{key} must be at least 1")
+    if float(_get(cfg, "train.lr")) <= 0:
+        raise ConfigError("train.lr must be positive")
+
+
+def experiment_dir(cfg: dict[str, Any]) -> Path:
+    return Path(cfg["out_dir"]) / str(cfg["experiment"])
+
+
+def fold_dir(cfg: dict[str, Any], model_name: str, fold: int) -> Path:
+    return experiment_dir(cfg) / model_name / f"fold{fold}"
+
+
+# --------------------------------------------------------------------------- devices, DDP
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process runs; world_size 1 without torchrun."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            tdist.barrier()
+
+
+def init_dist() -> Dist:
+    """Read torchrun's environment; nccl on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world, device=device)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast dtype (None = fp32) and memory format for one device."""
+
+    device_type: str
+    dtype: torch.dtype | None
+    channels_last: bool
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+
+def choose_precision(device: torch.device, amp: bool, channels_last: bool) -> Precision:
+    """bf16 where the GPU has it, else fp16 + GradScaler; CPUs train in fp32 (bf16 autocast
+    on CPUs without AMX is slower, and channels_last does not help the CPU kernels here)."""
+    if device.type != "cuda":
+        return Precision(device.type, None, False)
+    dtype = None
+    if amp:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return Precision("cuda", dtype, channels_last)
+
+
+def configure_cpu_threads(cfg: dict[str, Any]) -> None:
+    """Intra-op threads for the training process; loader workers need the other cores.
+
+    `train.cpu_threads` wins when set; otherwise all cores minus one per loader worker,
+    and at least one.
+    """
+    threads = cfg["train"].get("cpu_threads")
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) - int(cfg["data"].get("num_workers", 0)))
+    torch.set_num_threads(int(threads))
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed that depends on every part, so streams never overlap."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Shuffled (and, under DDP, sharded) indices, each with its own augmentation seed.
+
+    The permutation comes from DistributedSampler seeded by (seed, epoch); the per-sample
+    seed from (seed, epoch, index). Neither depends on what ran before, which is what makes
+    a resumed run draw the same batches and augmentations as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.seed = seed
+        self.epoch = 0
+        self.inner = DistributedSampler(
+            range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.inner:
+            yield index, derive_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class SeededDataset(Dataset):
+    """Reseeds every random source (albumentations' own generators included) per sample."""
+
+    def __init__(self, dataset: Dataset, transform: Any) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, seed = key
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        self.transform.set_random_seed(seed)
+        return self.dataset[index]
+
+
+def _init_worker(_: int) -> None:
+    # OpenCV's own thread pool in every worker would oversubscribe the cores.
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+@dataclass
+class TrainData:
+    """The cached working-size items and the shared split."""
+
+    items: list[CachedItem]
+    folds: Folds
+
+    def subset(self, ids: Sequence[str]) -> list[CachedItem]:
+        by_id = {it.id: it for it in self.items}
+        return [by_id[i] for i in ids]
+
+
+def prepare_train_data(cfg: dict[str, Any], dist: Dist) -> TrainData:
+    """List, cache and split the training set; under DDP rank 0 goes first.
+
+    The cache (under `<out_dir>/cache`) is shared by all experiments: its keys include the
+    working size and mask thresholds. The split is per experiment and seeded by
+    `data.fold_seed`, not by the training seed, so a second seed of a model trains on the
+    same folds as the first.
+    """
+    samples = list_train(Path(cfg["data_dir"]))
+    data_cfg = cfg["data"]
+    thresholds = MaskThresholds(**(data_cfg.get("mask") or {}))
+
+    def run() -> TrainData:
+        items = prepare(
+            samples,
+            size=tuple(data_cfg["img_size"]),
+            cache_dir=Path(cfg["out_dir"]) / "cache",
+            thresholds=thresholds,
+            workers=max(1, int(data_cfg.get("num_workers", 0))),
+        )
+        folds = load_or_make_folds(
+            experiment_dir(cfg) / "folds.json",
+            {it.id: it.classes for it in items},
+            int(data_cfg["n_folds"]),
+            int(data_cfg.get("fold_seed", 0)),
+        )
+        return TrainData(items, folds)
+
+    if dist.is_main:
+        data = run()
+    dist.barrier()
+    if not dist.is_main:
+        data = run()
+    return data
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    sampler: Any,
+    drop_last: bool = False,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=device.type == "cuda",
+        drop_last=drop_last,
+        worker_init_fn=_init_worker if num_workers > 0 else None,
+    )
+
+
+def eval_transform(cfg: dict[str, Any]) -> Any:
+    data_cfg = cfg["data"]
+    return build_transforms(
+        tuple(data_cfg["img_size"]), train=False, **(data_cfg.get("augment") or {})
+    )
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def to_device(
+    batch: dict[str, Any], device: torch.device, precision: Precision
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images = batch["image"].to(device, non_blocking=True)
+    if precision.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch["mask"].to(device, non_blocking=True)
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    precision: Precision,
+) -> torch.Tensor:
+    """One optimisation step; returns the detached loss without syncing the device."""
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast():
+        loss = loss_fn(model(images), masks)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: SegLoss,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    precision: Precision,
+    dist: Dist,
+    desc: str,
+) -> tuple[float, float]:
+    """Mean training loss over the epoch and images/s (all ranks together).
+
+    Raises TrainingError on a non-finite loss; the caller then saves nothing for this
+    epoch, so `last.pt` stays the last good state.
+    """
+    model.train()
+    device = dist.device
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main)
+    for step, batch in enumerate(bar, 1):
+        images, masks = to_device(batch, device, precision)
+        loss = train_step(model, images, masks, loss_fn, optimizer, scaler, precision)
+        total += loss * images.shape[0]
+        seen += images.shape[0]
+        if step % LOSS_CHECK_EVERY == 0 or step == len(loader):
+            mean = total.item() / seen
+            if not math.isfinite(mean):
+                raise TrainingError(
+                    f"{desc}: training loss became non-finite ({mean}) by step {step}"
+                )
+            rate = seen * dist.world_size / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.1f}")
+    elapsed = time.perf_counter() - start
+    stats = torch.tensor([total.item(), float(seen)], dtype=torch.float64, device=device)
+    if dist.enabled:
+        tdist.all_reduce(stats)
+    return stats[0].item() / stats[1].item(), stats[1].item() / elapsed
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    n_items: int,
+    loss_fn: SegLoss,
+    precision: Precision,
+    dist: Dist,
+) -> dict[str, float]:
+    """Validation loss and scores at working resolution, exact under DDP.
+
+    Each rank fills the `class_stats` rows of the images it saw into a zero array of all
+    validation images; the all-reduced sum is then the full per-image table.
+    """
+    model.eval()
+    device = dist.device
+    stats = torch.zeros((n_items, 3, 3), dtype=torch.int64, device=device)
+    loss = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in loader:
+        images, masks = to_device(batch, device, precision)
+        with precision.autocast():
+            logits = model(images)
+        loss[0] += loss_fn(logits.float(), masks).double() * images.shape[0]
+        loss[1] += images.shape[0]
+        rows = torch.from_numpy(class_stats(logits.argmax(1), masks)).to(device)
+        stats[batch["index"].to(device)] = rows
+    if dist.enabled:
+        tdist.all_reduce(stats)
+        tdist.all_reduce(loss)
+    scores = scores_from_stats(stats.cpu().numpy())
+    return {"val_loss": loss[0].item() / max(loss[1].item(), 1.0), **scores}
+
+
+class Probabilities(nn.Module):
+    """Softmax on top of a segmentation model, so that TTA averages probabilities."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(images).float(), dim=1)
+
+
+@torch.no_grad()
+def predict_probs(
+    prob_model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    precision: Precision,
+    desc: str = "predict",
+) -> np.ndarray:
+    """float32 (N, 3, H, W) probabilities of a loader's images, in loader order."""
+    prob_model.eval()
+    out = []
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        images, _ = to_device(batch, device, precision)
+        with precision.autocast():
+            probs = prob_model(images)
+        out.append(probs.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES, 0, 0), np.float32)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Our own checkpoints hold numpy RNG states, hence weights_only=False."""
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> nn.Module:
+    """The trained model of a checkpoint; weights come from it, never from `pretrained`."""
+    model = build_model(ckpt["arch"], num_classes=NUM_CLASSES, pretrained=None, **ckpt["kwargs"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def fold_complete(directory: Path, epochs: int) -> bool:
+    """best.pt and oof/ exist and the log has reached the configured epoch count."""
+    if not ((directory / "best.pt").is_file() and (directory / "oof" / "meta.json").is_file()):
+        return False
+    history = read_log(directory / "log.jsonl")
+    return bool(history) and history[-1]["epoch"] >= epochs
+
+
+def write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    write_text(path, "".join(json.dumps(rec) + "\n" for rec in history))
+
+
+# --------------------------------------------------------------------------- one fold
+
+
+def _start_wandb(cfg: dict[str, Any], directory: Path, name: str) -> Any:
+    """Offline unless WANDB_MODE says otherwise: training must never need an account."""
+    import wandb
+
+    mode = {} if "WANDB_MODE" in os.environ else {"mode": "offline"}
+    return wandb.init(
+        project=cfg["train"].get("wandb_project", "neopolyp"),
+        name=name,
+        dir=str(directory),
+        config=cfg,
+        **mode,
+    )
+
+
+@dataclass
+class Learner:
+    """The model and what steps it, built identically for a fresh and a resumed fold.
+
+    `raw` owns the weights (checkpoints save its state dict); `net` is `raw` compiled when
+    asked and is what evaluation runs; `train_net` is `net` wrapped in DDP under torchrun.
+    """
+
+    raw: nn.Module
+    net: nn.Module
+    train_net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: SegLoss
+    precision: Precision
+
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "model": self.raw.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_training_state(self, ckpt: dict[str, Any]) -> None:
+        self.raw.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+
+
+def build_learner(cfg: dict[str, Any], entry: dict[str, Any], fold: int, dist: Dist) -> Learner:
+    """Model (initialised from (seed, fold)), Adam, StepLR, scaler and loss of the recipe."""
+    tcfg = cfg["train"]
+    precision = choose_precision(
+        dist.device, bool(tcfg.get("amp", True)), bool(tcfg.get("channels_last", True))
+    )
+    torch.manual_seed(derive_seed(int(cfg["seed"]), fold))
+    raw = build_model(
+        entry["arch"],
+        num_classes=NUM_CLASSES,
+        pretrained=entry.get("pretrained"),
+        **entry["kwargs"],
+    )
+    fmt = torch.channels_last if precision.channels_last else torch.preserve_format
+    raw = raw.to(dist.device, memory_format=fmt)
+    optimizer = torch.optim.Adam(
+        raw.parameters(), lr=float(tcfg["lr"]), weight_decay=float(tcfg.get("weight_decay", 0.0))
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=int(tcfg.get("lr_step", 5)), gamma=float(tcfg.get("lr_gamma", 0.6))
+    )
+    net = torch.compile(raw) if tcfg.get("compile") else raw
+    return Learner(
+        raw=raw,
+        net=net,
+        train_net=nn.parallel.DistributedDataParallel(net) if dist.enabled else net,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(precision.device_type, enabled=precision.needs_scaler),
+        loss_fn=SegLoss(**(tcfg.get("loss") or {})).to(dist.device),
+        precision=precision,
+    )
+
+
+@dataclass
+class FoldLoaders:
+    sampler: SeededSampler
+    train: DataLoader
+    val: DataLoader
+    val_items: list[CachedItem]
+
+
+def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -> FoldLoaders:
+    """Train loader (seeded, sharded, drop_last) and validation loader (sharded, unpadded)."""
+    train_items = data.subset(data.folds.train_ids(fold))
+    val_items = data.subset(data.folds.val_ids(fold))
+    workers = int(cfg["data"].get("num_workers", 0))
+    batch_size = int(cfg["train"]["batch_size"])
+    size = tuple(cfg["data"]["img_size"])
+    train_tf = build_transforms(size, train=True, **(cfg["data"].get("augment") or {}))
+    sampler = SeededSampler(len(train_items), int(cfg["seed"]), dist.rank, dist.world_size)
+    train = make_loader(
+        SeededDataset(SegDataset(train_items, train_tf), train_tf),
+        batch_size,
+        workers,
+        dist.device,
+        sampler,
+        drop_last=True,
+    )
+    if len(train) == 0:
+        raise ConfigError(
+            f"batch size {batch_size} x {dist.world_size} process(es) exceeds the "
+            f"{len(train_items)} training images of fold {fold}"
+        )
+    val = make_loader(
+        SegDataset(val_items, eval_transform(cfg)),
+        batch_size,
+        workers,
+        dist.device,
+        list(range(dist.rank, len(val_items), dist.world_size)),
+    )
+    return FoldLoaders(sampler, train, val, val_items)
+
+
+def run_epoch(
+    learner: Learner, loaders: FoldLoaders, epoch: int, dist: Dist, desc: str
+) -> dict[str, Any]:
+    """Train and validate one epoch (0-based), stepping the scheduler; the log record."""
+    loaders.sampler.set_epoch(epoch)
+    lr = learner.optimizer.param_groups[0]["lr"]
+    started = time.perf_counter()
+    train_loss, rate = train_epoch(
+        learner.train_net,
+        loaders.train,
+        learner.loss_fn,
+        learner.optimizer,
+        learner.scaler,
+        learner.precision,
+        dist,
+        desc,
+    )
+    scores = evaluate(
+        learner.net, loaders.val, len(loaders.val_items), learner.loss_fn, learner.precision, dist
+    )
+    learner.scheduler.step()
+    return {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        **scores,
+        "lr": lr,
+        "images_per_s": rate,
+        "epoch_time_s": time.perf_counter() - started,
+    }
+
+
+def _resume(
+    learner: Learner, out: Path, split_id: str, resume: bool, name: str
+) -> tuple[int, float, list[dict[str, Any]]]:
+    """(epochs done, best score, history) from last.pt, or a fresh start."""
+    last = out / "last.pt"
+    if not last.exists():
+        if resume:
+            log.info("%s: nothing to resume in %s; starting from scratch", name, out)
+        return 0, -math.inf, []
+    if not resume:
+        raise ConfigError(
+            f"{out} holds an unfinished run; pass --resume to continue it or --force to start over"
+        )
+    ckpt = load_checkpoint(last, next(learner.raw.parameters()).device)
+    if ckpt["split_id"] != split_id:
+        raise ConfigError(
+            f"{last} was trained on split {ckpt['split_id']}, but folds.json is split "
+            f"{split_id}; retrain with --force"
+        )
+    learner.load_training_state(ckpt)
+    log.info("%s: resuming after epoch %d (best %.4f)", name, ckpt["epoch"], ckpt["best_score"])
+    return ckpt["epoch"], ckpt["best_score"], ckpt["history"]
+
+
+def _log_epoch(name: str, epochs: int, record: dict[str, Any]) -> None:
+    log.info(
+        "%s epoch %d/%d: loss %.4f val %.4f competition %.4f seg %.4f neo %.4f non %.4f "
+        "lr %.2e %.1f img/s %.1fs%s",
+        name,
+        record["epoch"],
+        epochs,
+        record["train_loss"],
+        record["val_loss"],
+        record["competition"],
+        record["dice_seg"],
+        record["dice_neo"],
+        record["dice_non"],
+        record["lr"],
+        record["images_per_s"],
+        record["epoch_time_s"],
+        " (best)" if record["best"] else "",
+    )
+
+
+def train_fold(
+    cfg: dict[str, Any],
+    model_name: str,
+    fold: int,
+    data: TrainData,
+    dist: Dist,
+    *,
+    resume: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Train one fold to completion (or skip it if complete); returns a summary.
+
+    Per epoch, rank 0 writes best.pt (if improved), then last.pt, then the log rewritten
+    from the history inside last.pt: a kill between any two writes leaves a state that
+    `--resume` continues correctly.
+    """
+    epochs = int(cfg["train"]["epochs"])
+    out = fold_dir(cfg, model_name, fold)
+    name = f"{model_name} fold {fold}"
+    if force and dist.is_main and out.exists():
+        shutil.rmtree(out)
+    dist.barrier()
+    if fold_complete(out, epochs):
+        log.info("%s already complete (%s); skipping (--force retrains)", name, out)
+        return _summary(model_name, fold, read_log(out / "log.jsonl"), skipped=True)
+
+    entry = model_entry(cfg, model_name)
+    split_id = data.folds.split_id
+    learner = build_learner(cfg, entry, fold, dist)
+    start_epoch, best_score, history = _resume(learner, out, split_id, resume, name)
+    loaders = build_loaders(cfg, data, fold, dist)
+    meta = {
+        "model_name": model_name,
+        "arch": entry["arch"],
+        "kwargs": entry["kwargs"],
+        "split_id": split_id,
+        "fold": fold,
+        "config": cfg,
+    }
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        write_log(out / "log.jsonl", history)
+    wandb_run = None
+    if dist.is_main and cfg["train"].get("wandb"):
+        wandb_run = _start_wandb(cfg, out, f"{cfg['experiment']}-{model_name}-fold{fold}")
+    try:
+        for epoch in range(start_epoch, epochs):
+            torch.manual_seed(derive_seed(int(cfg["seed"]), fold, epoch))
+            record = run_epoch(learner, loaders, epoch, dist, f"{name} epoch {epoch + 1}/{epochs}")
+            record["best"] = record["competition"] > best_score
+            best_score = max(best_score, record["competition"])
+            history = [*history, record]
+            if dist.is_main:
+                ckpt = {
+                    **learner.training_state(),
+                    "epoch": epoch + 1,
+                    "best_score": best_score,
+                    "history": history,
+                    **meta,
+                    "provenance": provenance(
+                        cfg, model=model_name, fold=fold, split_id=split_id, epoch=epoch + 1
+                    ),
+                }
+                if record["best"]:
+                    # best.pt is for inference: the optimizer state would triple its size.
+                    inference = {"optimizer": None, "scheduler": None, "scaler": None, "rng": None}
+                    save_torch({**ckpt, **inference}, out / "best.pt")
+                save_torch(ckpt, out / "last.pt")
+                write_log(out / "log.jsonl", history)
+                if wandb_run is not None:
+                    wandb_run.log(record, step=epoch + 1)
+            _log_epoch(name, epochs, record)
+        if dist.is_main:
+            write_fold_oof(cfg, out, loaders.val_items, split_id, model_name, fold, learner)
+        dist.barrier()
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
+    return _summary(model_name, fold, history, skipped=False)
+
+
+def write_fold_oof(
+    cfg: dict[str, Any],
+    out: Path,
+    val_items: list[CachedItem],
+    split_id: str,
+    model_name: str,
+    fold: int,
+    learner: Learner,
+) -> None:
+    """Softmax of the fold's validation images from best.pt, at working resolution."""
+    device = next(learner.raw.parameters()).device
+    model = learner.raw
+    model.load_state_dict(load_checkpoint(out / "best.pt", device)["model"])
+    loader = make_loader(
+        SegDataset(val_items, eval_transform(cfg)),
+        int(cfg["train"]["batch_size"]),
+        int(cfg["data"].get("num_workers", 0)),
+        device,
+        None,
+    )
+    probs = predict_probs(
+        Probabilities(model),
+        loader,
+        device,
+        learner.precision,
+        desc=f"{model_name} fold {fold} oof",
+    )
+    save_probs(
+        out / "oof",
+        [it.id for it in val_items],
+        probs,
+        [list(it.orig_size) for it in val_items],
+        kind="oof",
+        split_id=split_id,
+        model=model_name,
+        folds=[fold] * len(val_items),
+        tta="none",
+        provenance=provenance(
+            cfg, model=model_name, fold=fold, split_id=split_id, stage="train-oof"
+        ),
+    )
+    log.info("%s fold %d: wrote %d OOF maps to %s", model_name, fold, len(val_items), out / "oof")
+
+
+def _summary(
+    model_name: str, fold: int, history: list[dict[str, Any]], skipped: bool
+) -> dict[str, Any]:
+    best = max(history, key=lambda r: r["competition"]) if history else {}
+    return {
+        "model": model_name,
+        "fold": fold,
+        "epochs": len(history),
+        "best_epoch": best.get("epoch"),
+        "best_competition": best.get("competition"),
+        "skipped": skipped,
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a model of the config's zoo on one or more folds of the shared split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="name of an entry in the config's `models:`")
+    p.add_argument(
+        "--fold", required=True, help="fold index, comma-separated indices, or 'all' (in sequence)"
+    )
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="experiment YAML file")
+    p.add_argument(
+        "--data-dir", help="dataset folder (train/, train_gt/, test/); overrides data_dir"
+    )
+    p.add_argument("--out-dir", help="outputs root; overrides out_dir")
+    p.add_argument("--epochs", type=int, help="overrides train.epochs")
+    p.add_argument(
+        "--batch-size", type=int, help="per-process batch size; overrides train.batch_size"
+    )
+    p.add_argument(
+        "--img-size", help="working size N or HxW, e.g. 352 or 352x416; overrides data.img_size"
+    )
+    p.add_argument("--lr", type=float, help="overrides train.lr")
+    p.add_argument(
+        "--workers", type=int, help="data loader worker processes; overrides data.num_workers"
+    )
+    p.add_argument(
+        "--pretrained",
+        help="'none', 'imagenet' or a weights file; overrides models.<model>.pretrained",
+    )
+    p.add_argument(
+        "--seed", type=int, help="training seed (the split uses data.fold_seed); overrides seed"
+    )
+    p.add_argument("--resume", action="store_true", help="continue each fold from its last.pt")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="delete the fold folders and retrain, even complete ones",
+    )
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log to Weights & Biases (offline unless WANDB_MODE is set)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mixed precision on GPU (bf16, else fp16); overrides train.amp",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key (repeatable)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="more config overrides, same as --set"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    dist = init_dist()
+    logging.basicConfig(
+        level=logging.INFO if dist.is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = resolve_config(args)
+        folds = parse_folds(args.fold, int(cfg["data"]["n_folds"]))
+        configure_cpu_threads(cfg)
+        if dist.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        data = prepare_train_data(cfg, dist)
+        summaries = [
+            train_fold(cfg, args.model, k, data, dist, resume=args.resume, force=args.force)
+            for k in folds
+        ]
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"error: {exc}; the last good checkpoint is kept", file=sys.stderr)
+        return 1
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    if dist.is_main:
+        for s in summaries:
+            state = "skipped (complete)" if s["skipped"] else f"{s['epochs']} epochs"
+            print(
+                f"{s['model']} fold {s['fold']}: best competition Dice "
+                f"{s['best_competition']:.4f} at epoch {s['best_epoch']} ({state})"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
