@@ -127,7 +127,10 @@ def postprocess(
 ) -> np.ndarray:
     """Class map uint8 (h, w) at `orig_size` from probabilities (3, H, W).
 
-    `probs` may be float in [0, 1] or uint8 store codes (value/255).
+    `probs` may be float in [0, 1] or uint8 store codes (value/255). After the resize and
+    the foreground test, the region steps run only on the bounding box of the foreground
+    plus a margin wider than any kernel: polyps cover a small part of most images, and
+    the result is the same as on the whole image (checked in tests/test_postprocess.py).
     """
     params = params or PostprocessParams()
     h, w = int(orig_size[0]), int(orig_size[1])
@@ -139,14 +142,41 @@ def postprocess(
     if p.shape[:2] != (h, w):
         p = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)
     p0, p1, p2 = p[..., 0], p[..., 1], p[..., 2]
-    polyp_cls = np.where(p2 > p1, np.uint8(2), np.uint8(1))  # argmax of the polyp classes
     if params.fg_threshold is None:
         fg = np.maximum(p1, p2) > p0  # same tie rule as np.argmax: background wins ties
     else:
         full = 255.0 if p.dtype == np.uint8 else 1.0
         fg = p0 < (1.0 - params.fg_threshold) * full
     fg = fg.view(np.uint8)
+    out = np.zeros((h, w), np.uint8)
+    x, y, bw, bh = cv2.boundingRect(fg)
+    if bw == 0:
+        return out
+    margin = 2 + sum(
+        k.shape[0]
+        for k in (_kernel(params.open_frac, h, w), _kernel(params.close_frac, h, w))
+        if k is not None
+    )
+    y0, y1 = max(0, y - margin), min(h, y + bh + margin)
+    x0, x1 = max(0, x - margin), min(w, x + bw + margin)
+    window = np.s_[y0:y1, x0:x1]
+    out[window] = apply_steps(fg[window], p1[window], p2[window], params, (h, w))
+    return out
 
+
+def apply_steps(
+    fg: np.ndarray,
+    p1: np.ndarray,
+    p2: np.ndarray,
+    params: PostprocessParams,
+    image_size: tuple[int, int],
+) -> np.ndarray:
+    """Class map of a window: foreground (uint8 0/1) and the two polyp probabilities.
+
+    Kernel sizes and the minimum area are relative to the whole image (`image_size`).
+    """
+    h, w = image_size
+    fg = np.ascontiguousarray(fg)
     kernel = _kernel(params.open_frac, h, w)
     if kernel is not None:
         fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, kernel)
@@ -155,22 +185,22 @@ def postprocess(
         fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, kernel)
     if params.fill_holes:
         fg = _fill_holes(fg)
-
+    is_cls2 = p2 > p1  # argmax of the two polyp classes (class 1 wins ties)
     if params.region_mode == "none" and params.min_area_frac <= 0:
-        return polyp_cls * fg
+        return (is_cls2.view(np.uint8) + 1) * fg
     n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= params.min_area_frac * h * w
     keep[0] = False  # label 0 is the background
     if params.region_mode == "none":
-        return polyp_cls * keep[labels].view(np.uint8)
+        return (is_cls2.view(np.uint8) + 1) * keep[labels].view(np.uint8)
     flat = labels.ravel()
     if params.region_mode == "prob":
-        s1 = np.bincount(flat, weights=p1.ravel(), minlength=n)
-        s2 = np.bincount(flat, weights=p2.ravel(), minlength=n)
+        # summed p2 - p1 per region: > 0 means class 2 carries more probability mass
+        margin = np.bincount(flat, weights=(p2.astype(np.float32) - p1).ravel(), minlength=n)
     else:
-        s2 = np.bincount(flat, weights=(polyp_cls == 2).ravel(), minlength=n)
-        s1 = stats[:, cv2.CC_STAT_AREA] - s2
-    region_cls = np.where(s2 > s1, np.uint8(2), np.uint8(1)) * keep
+        votes2 = np.bincount(flat[is_cls2.ravel()], minlength=n)
+        margin = 2 * votes2 - stats[:, cv2.CC_STAT_AREA]
+    region_cls = np.where(margin > 0, np.uint8(2), np.uint8(1)) * keep
     return region_cls.astype(np.uint8)[labels]
 
 

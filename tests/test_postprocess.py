@@ -165,3 +165,25 @@ def test_cli_refuses_store_with_wrong_sizes_before_writing(experiment, capsys):
     save_probs(other, list(sizes)[:2], probs[:2], wrong[:2], kind="test", model="m")
     assert pp.main(["--config", str(root / "c.yaml"), "--probs", str(other)]) == 2
     assert "1 missing" in capsys.readouterr().err
+
+
+def test_working_on_the_foreground_window_equals_the_whole_image():
+    from bench.postprocess_speed import synthetic_oof
+
+    probs, _ = synthetic_oof(6, (48, 64), seed=3)
+    params = PostprocessParams(0.5, 0.002, "prob", 0.03, 0.05, True)
+    for p in probs:
+        for size in ((48, 64), (95, 130)):
+            p_full = cv2.resize(p.transpose(1, 2, 0), size[::-1], interpolation=cv2.INTER_LINEAR)
+            fg = (p_full[..., 0] < 0.5 * 255).view(np.uint8)
+            whole = pp.apply_steps(fg, p_full[..., 1], p_full[..., 2], params, size)
+            np.testing.assert_array_equal(postprocess(p, size, params), whole)
+    # a lone blob in a corner: the window is small, the answer the same
+    cm = np.zeros((80, 80), np.uint8)
+    cm[60:78, 2:20] = 2
+    cm[66:70, 8:12] = 0
+    probs = probs_from(cm)
+    fg = (cm > 0).view(np.uint8)
+    whole = pp.apply_steps(fg, probs[1], probs[2], params, (80, 80))
+    np.testing.assert_array_equal(postprocess(probs, (80, 80), params), whole)
+    assert (whole[60:78, 2:20] == 2).sum() > 250
