@@ -1,0 +1,114 @@
+"""The model zoo: every architecture the pipeline can train, built by name.
+
+Configs name a zoo entry (`models.<name>.arch`) and may override any of its defaults
+(`kwargs`), so `unet` with `encoder_name: resnet18` is the same code as `unet_resnet18`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from config import ConfigError
+from models.emcad import EMCAD
+from models.pranet import PraNet
+from models.pretrained import imagenet_download, load_encoder_weights, parse_pretrained
+from models.smp_models import build_smp
+
+LIGHT_ENCODER = "tu-mobilenetv3_small_100"
+# The reference PraNet builds a complete Res2Net-50, ImageNet classifier (2048→1000)
+# included, and never uses it; the published 32.5M counts it, our encoder drops it.
+RES2NET_FC_M = (2048 * 1000 + 1000) / 1e6
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    builder: Callable[..., nn.Module]  # builder(num_classes=, pretrained=bool, **kwargs)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    published_m: float | None = None  # published parameter count (millions), for checks
+    note: str = ""
+    # Parameters the published figure counts that this model rightly lacks (millions).
+    published_extra_m: float = 0.0
+
+    @property
+    def comparable_m(self) -> float | None:
+        """The published count less what it counts that this model does not have."""
+        return None if self.published_m is None else self.published_m - self.published_extra_m
+
+
+ZOO: dict[str, ZooEntry] = {
+    "pranet": ZooEntry(
+        PraNet,
+        published_m=32.5,
+        note="Res2Net-50 26w×4s; published 32.5M counts the unused 2.05M ImageNet fc",
+        published_extra_m=RES2NET_FC_M,
+    ),
+    "pranet_resnet18": ZooEntry(PraNet, {"backbone": "resnet18"}, note="light PraNet"),
+    "emcad": ZooEntry(EMCAD, published_m=26.8, note="PVTv2-b2 (EMCAD-B)"),
+    "emcad_b0": ZooEntry(EMCAD, {"encoder": "pvt_v2_b0"}, 3.92, "PVTv2-b0 (EMCAD-T)"),
+    "deeplabv3plus_regnetx320": ZooEntry(
+        partial(build_smp, "deeplabv3plus"), {"encoder_name": "tu-regnetx_320"}, 109.0
+    ),
+    "deeplabv3plus_resnet50": ZooEntry(
+        partial(build_smp, "deeplabv3plus"), {"encoder_name": "tu-resnet50"}, 26.7
+    ),
+    "deeplabv3plus_mobilenetv3": ZooEntry(
+        partial(build_smp, "deeplabv3plus"),
+        {"encoder_name": LIGHT_ENCODER, "decoder_channels": 64},
+        note="light",
+    ),
+    "unet": ZooEntry(partial(build_smp, "unet"), {"encoder_name": "resnet34"}, note="ResNet-34"),
+    "unetplusplus": ZooEntry(
+        partial(build_smp, "unetplusplus"), {"encoder_name": "resnet34"}, note="ResNet-34"
+    ),
+    "unet_resnet18": ZooEntry(partial(build_smp, "unet"), {"encoder_name": "resnet18"}),
+    "unet_mobilenetv3": ZooEntry(
+        partial(build_smp, "unet"),
+        {"encoder_name": LIGHT_ENCODER, "decoder_channels": (64, 32, 24, 16, 8)},
+        note="light",
+    ),
+    "fpn_mobilenetv3": ZooEntry(
+        partial(build_smp, "fpn"),
+        {
+            "encoder_name": LIGHT_ENCODER,
+            "decoder_pyramid_channels": 64,
+            "decoder_segmentation_channels": 32,
+        },
+        note="light",
+    ),
+}
+
+
+def build_model(
+    name: str,
+    num_classes: int = 3,
+    pretrained: str | Path | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build zoo model `name`; `pretrained` is None, "imagenet" or an encoder weights file.
+
+    Raises `config.ConfigError` for an unknown name or arguments the model does not take,
+    and `PretrainedWeightsError` (a ConfigError) when weights cannot be had, so the CLIs
+    report both as a clear message.
+    """
+    if name not in ZOO:
+        raise ConfigError(f"unknown model {name!r}; the zoo has: {', '.join(sorted(ZOO))}")
+    entry = ZOO[name]
+    spec = parse_pretrained(pretrained)
+    args = {**entry.defaults, **kwargs}
+    try:
+        if spec == "imagenet":
+            with imagenet_download(name):
+                model = entry.builder(num_classes=num_classes, pretrained=True, **args)
+        else:
+            model = entry.builder(num_classes=num_classes, pretrained=False, **args)
+    except TypeError as exc:
+        raise ConfigError(f"model {name!r}: bad arguments {args}: {exc}") from exc
+    if isinstance(spec, Path):
+        load_encoder_weights(model, spec)
+    return model

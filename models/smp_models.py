@@ -1,0 +1,48 @@
+"""DeepLabV3+, UNet, UNet++ and FPN from segmentation-models-pytorch.
+
+smp already implements these well; this module only maps the zoo's arguments
+(`num_classes`, `pretrained`) onto smp's and keeps the encoder at `model.encoder`, as for
+every model in the zoo. Encoders are smp's own names (`resnet34`) or timm's through the
+`tu-` prefix (`tu-regnetx_320`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import segmentation_models_pytorch as smp
+from torch import nn
+
+ARCHITECTURES = {
+    "deeplabv3plus": smp.DeepLabV3Plus,
+    "unet": smp.Unet,
+    "unetplusplus": smp.UnetPlusPlus,
+    "fpn": smp.FPN,
+}
+
+
+def build_smp(
+    arch: str,
+    num_classes: int = 3,
+    pretrained: bool = False,
+    encoder_name: str = "resnet34",
+    **kwargs: Any,
+) -> nn.Module:
+    """An smp model; `pretrained=True` asks smp for its ImageNet encoder weights."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown smp architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+    cls = ARCHITECTURES[arch]
+    if not encoder_name.startswith("tu-"):
+        # smp forwards extra arguments to timm encoders only and drops them silently for
+        # its own encoders; a typo in a config must not vanish like that.
+        unknown = sorted(set(kwargs) - set(inspect.signature(cls).parameters))
+        if unknown:
+            raise TypeError(f"{cls.__name__} with encoder {encoder_name!r} takes no {unknown}")
+    return cls(
+        encoder_name=encoder_name,
+        encoder_weights="imagenet" if pretrained else None,
+        in_channels=3,
+        classes=num_classes,
+        **kwargs,
+    )

@@ -1,0 +1,110 @@
+"""Every zoo model: builds offline, honours the output contract, trains, has its size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from config import ConfigError
+from models import ZOO, build_model
+from models.losses import SegLoss
+from models.pranet import RFB, PraNet
+
+torch.set_num_threads(1)  # the CPUs are shared: more threads only spin
+
+DEEP_SUPERVISION = {"pranet", "pranet_resnet18", "emcad", "emcad_b0"}
+SIZED = {"pranet", "emcad", "deeplabv3plus_resnet50", "deeplabv3plus_regnetx320"}
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_model_contract(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3)
+
+    entry = ZOO[name]
+    if entry.comparable_m is not None:
+        millions = n_params(model) / 1e6
+        assert abs(millions - entry.comparable_m) <= 0.05 * entry.comparable_m, millions
+
+    model.train()
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.randint(0, 3, (2, 64, 64))
+    out = model(x)
+    if name in DEEP_SUPERVISION:
+        assert isinstance(out, dict)
+        assert out["logits"].shape == (2, 3, 64, 64)
+        assert len(out["aux"]) == 3
+        for side in out["aux"]:
+            assert side.shape[:2] == (2, 3) and side.shape[-1] < 64
+        binary = out.get("aux_binary", [])
+        assert len(binary) == (4 if name.startswith("pranet") else 0)
+        for side in binary:
+            assert side.shape[:2] == (2, 1)
+    else:
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 3, 64, 64)
+
+    SegLoss()(out, mask).backward()
+    first = next(p for p in model.encoder.parameters() if p.requires_grad)
+    assert first.grad is not None and torch.isfinite(first.grad).all()
+    assert first.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 64, 96))
+    assert isinstance(logits, torch.Tensor)
+    assert logits.shape == (1, 3, 64, 96)
+    assert torch.isfinite(logits).all()
+
+
+def test_sized_models_have_published_figures() -> None:
+    for name in SIZED:
+        assert ZOO[name].published_m is not None, name
+
+
+def test_pranet_published_count_includes_the_unused_classifier() -> None:
+    # 32.5M is the reference model with Res2Net's ImageNet fc (2048→1000) left in.
+    entry = ZOO["pranet"]
+    assert entry.published_m == 32.5
+    assert entry.comparable_m == pytest.approx(32.5 - 2.049, abs=1e-3)
+
+
+def test_num_classes_and_kwargs_override() -> None:
+    model = build_model("unet", num_classes=2, encoder_name="resnet18").eval()
+    assert n_params(model.encoder) == n_params(build_model("unet_resnet18").encoder)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2, 64, 64)
+
+
+def test_pranet_polyp_logit_drives_the_attention() -> None:
+    torch.manual_seed(0)
+    model = PraNet(num_classes=3, backbone="resnet18").eval()
+    feat = torch.randn(1, 128, 8, 8)
+    sure = torch.full((1, 4, 8, 8), 20.0)  # polyp logit ≫ 0: attention ≈ 0
+    out = model.ra2(feat, sure)
+    # everything already claimed: the stage adds only its (input-independent) bias
+    assert torch.allclose(out - sure, model.ra2(torch.zeros_like(feat), sure) - sure, atol=1e-4)
+    unsure = torch.full((1, 4, 8, 8), -20.0)  # nothing claimed yet: features pass
+    seen = model.ra2(feat, unsure) - model.ra2(torch.zeros_like(feat), unsure)
+    assert seen.abs().max() > 1e-3
+
+
+def test_rfb_keeps_spatial_size_and_squeezes_channels() -> None:
+    block = RFB(64, 32).eval()
+    with torch.no_grad():
+        assert block(torch.randn(1, 64, 11, 13)).shape == (1, 32, 11, 13)
+
+
+def test_unknown_model_lists_the_zoo() -> None:
+    with pytest.raises(ConfigError, match="unet_mobilenetv3"):
+        build_model("unet_resnet1000")
+
+
+@pytest.mark.parametrize("name", ["unet", "unet_mobilenetv3", "pranet_resnet18"])
+def test_unknown_argument_is_a_config_error(name: str) -> None:
+    with pytest.raises(ConfigError, match="decoder_chanels"):
+        build_model(name, decoder_chanels=16)
