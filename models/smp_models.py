@@ -22,6 +22,11 @@ ARCHITECTURES = {
 }
 
 
+def _weights(encoder_name: str) -> str | bool:
+    # smp wants True for timm encoders (the tag in the name picks the weights).
+    return True if encoder_name.startswith("tu-") else "imagenet"
+
+
 def build_smp(
     arch: str,
     num_classes: int = 3,
@@ -41,7 +46,7 @@ def build_smp(
             raise TypeError(f"{cls.__name__} with encoder {encoder_name!r} takes no {unknown}")
     return cls(
         encoder_name=encoder_name,
-        encoder_weights="imagenet" if pretrained else None,
+        encoder_weights=_weights(encoder_name) if pretrained else None,
         in_channels=3,
         classes=num_classes,
         **kwargs,
