@@ -1,0 +1,314 @@
+"""Blend the models' probability maps with weights tuned on their out-of-fold predictions.
+
+OOF stores are only comparable when they come from the same fold split and cover the same
+images; anything else is refused, because a blend of predictions made on different splits
+leaks validation images into training and its OOF score means nothing.
+
+Weights (one per model, normalised to sum 1) are searched with seeded optuna TPE,
+maximising the chosen OOF score of the argmax of the blend. The score is computed at the
+working resolution against the cached working-size masks (data.cache), which ranks blends
+the same way as the original size does at a fraction of the cost. Tuned weights are
+reported against equal weights per fold: when they win on only one fold, the gain is
+probably noise, and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from joblib import Parallel, delayed
+
+from config import ConfigError, provenance
+from data.atomic import write_json
+from data.probstore import ProbMaps, load_probs, save_probs
+from data.reader import DataError, MaskThresholds, list_train
+from metrics import OBJECTIVES, class_stats, scores_from_stats
+from postprocess import experiment_dir, resolve_stage_config
+
+log = logging.getLogger("ensemble")
+
+# Images blended per step: bounds the float32 temporaries.
+_CHUNK = 32
+
+
+def align_stores(stores: Sequence[ProbMaps]) -> list[ProbMaps]:
+    """The stores in the first one's image order; DataError if they cannot be blended."""
+    first = stores[0]
+    for s in stores[1:]:
+        if s.split_id != first.split_id:
+            raise DataError(
+                f"{s.where} has split id {s.split_id!r} but {first.where} has "
+                f"{first.split_id!r}: models trained on different fold splits cannot be blended"
+            )
+        if set(s.ids) != set(first.ids):
+            only = sorted(set(s.ids) ^ set(first.ids))
+            raise DataError(
+                f"{s.where} and {first.where} hold different images "
+                f"({len(only)} in only one of them, e.g. {only[0]})"
+            )
+        if s.size != first.size:
+            raise DataError(f"{s.where} is at {s.size} but {first.where} at {first.size}")
+    return [first] + [s if s.ids == first.ids else s.subset(first.ids) for s in stores[1:]]
+
+
+def _normalised(weights: Sequence[float]) -> np.ndarray:
+    w = np.asarray(weights, np.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {list(w)}")
+    return w / w.sum()
+
+
+def _blend_chunk(arrays: Sequence[np.ndarray], w: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    out = np.zeros((hi - lo, *arrays[0].shape[1:]), np.float32)
+    for a, wi in zip(arrays, w, strict=True):
+        if wi > 0:
+            out += np.float32(wi) * a[lo:hi]
+    return out
+
+
+def _chunks(n: int) -> list[tuple[int, int]]:
+    return list(itertools.pairwise([*range(0, n, _CHUNK), n]))
+
+
+def blend(stores: Sequence[ProbMaps | np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Weighted mean of uint8 probability maps (stores or raw arrays), as uint8 codes."""
+    arrays = [s.raw if isinstance(s, ProbMaps) else s for s in stores]
+    w = _normalised(weights)
+    out = np.empty(arrays[0].shape, np.uint8)
+    for lo, hi in _chunks(len(out)):
+        out[lo:hi] = np.rint(_blend_chunk(arrays, w, lo, hi)).clip(0, 255).astype(np.uint8)
+    return out
+
+
+def blend_stats(
+    arrays: Sequence[np.ndarray], targets: np.ndarray, weights: Sequence[float], n_jobs: int = 1
+) -> np.ndarray:
+    """Per-image class stats (N, 3, 3) of the argmax of the blend, threads over chunks."""
+    w = _normalised(weights)
+
+    def one(lo: int, hi: int) -> np.ndarray:
+        pred = _blend_chunk(arrays, w, lo, hi).argmax(axis=1)
+        return class_stats(pred, targets[lo:hi])
+
+    parts = Parallel(n_jobs=n_jobs, prefer="threads")(
+        delayed(one)(lo, hi) for lo, hi in _chunks(len(targets))
+    )
+    return np.concatenate(parts)
+
+
+def search_weights(
+    arrays: Sequence[np.ndarray],
+    targets: np.ndarray,
+    trials: int,
+    objective: str = "competition",
+    seed: int = 0,
+    n_jobs: int = 1,
+) -> tuple[list[float], optuna.Study]:
+    """Seeded TPE over blend weights; the equal-weight blend is the first trial."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    names = [f"w{i}" for i in range(len(arrays))]
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.enqueue_trial(dict.fromkeys(names, 1.0))
+
+    def score(trial: optuna.Trial) -> float:
+        raw = [trial.suggest_float(n, 0.0, 1.0) for n in names]
+        if sum(raw) <= 0:
+            return float("-inf")
+        weights = _normalised(raw).tolist()
+        trial.set_user_attr("weights", weights)
+        return scores_from_stats(blend_stats(arrays, targets, weights, n_jobs))[objective]
+
+    study.optimize(score, n_trials=trials)
+    return study.best_trial.user_attrs["weights"], study
+
+
+def fold_scores(stats: np.ndarray, folds: Sequence[int] | None) -> dict[str, dict[str, float]]:
+    """Scores over all images ("all") and per fold ("0", "1", ...)."""
+    out = {"all": scores_from_stats(stats)}
+    if folds is not None:
+        f = np.asarray(folds)
+        for k in sorted(set(f.tolist())):
+            out[str(k)] = scores_from_stats(stats[f == k])
+    return out
+
+
+def run_ensemble(
+    names: Sequence[str],
+    arrays: Sequence[np.ndarray],
+    targets: np.ndarray,
+    folds: Sequence[int] | None,
+    trials: int,
+    objective: str = "competition",
+    seed: int = 0,
+    n_jobs: int = 1,
+) -> dict[str, Any]:
+    """Scores of each model, the equal blend and the tuned blend; the weights to use."""
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for i, name in enumerate(names):
+        one_hot = [float(i == j) for j in range(len(names))]
+        rows[name] = fold_scores(blend_stats(arrays, targets, one_hot, n_jobs), folds)
+    doc: dict[str, Any] = {"models": list(names), "objective": objective}
+    if len(names) == 1:
+        doc.update(weights=[1.0], trials=0, scores=rows)
+        return doc
+    equal = [1.0 / len(names)] * len(names)
+    rows["equal"] = fold_scores(blend_stats(arrays, targets, equal, n_jobs), folds)
+    weights, study = search_weights(arrays, targets, trials, objective, seed, n_jobs)
+    rows["tuned"] = fold_scores(blend_stats(arrays, targets, weights, n_jobs), folds)
+    fold_keys = [k for k in rows["tuned"] if k != "all"]
+    wins = sum(rows["tuned"][k][objective] > rows["equal"][k][objective] for k in fold_keys)
+    doc.update(
+        weights=weights,
+        trials=len(study.trials),
+        scores=rows,
+        tuned_beats_equal_on_folds=wins,
+        n_folds=len(fold_keys),
+        unstable=bool(fold_keys) and wins <= 1 < len(fold_keys),
+    )
+    return doc
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    objective = doc["objective"]
+    rows = doc["scores"]
+    cols = list(next(iter(rows.values())))
+    lines = [
+        f"{objective:>16s}" + "".join(f"{'fold ' + c if c != 'all' else 'all':>10s}" for c in cols)
+    ]
+    for name, by in rows.items():
+        lines.append(f"{name:>16s}" + "".join(f"{by[c][objective]:10.4f}" for c in cols))
+    weights = ", ".join(f"{m}={w:.3f}" for m, w in zip(doc["models"], doc["weights"], strict=True))
+    lines.append(f"weights: {weights}")
+    if doc.get("unstable"):
+        lines.append(
+            f"WARNING: tuned weights beat equal weights on only {doc['tuned_beats_equal_on_folds']}"
+            f" of {doc['n_folds']} folds; the gain is probably noise (consider equal weights)"
+        )
+    return "\n".join(lines)
+
+
+def load_targets(cfg: dict[str, Any], ids: Sequence[str], size: tuple[int, int]) -> np.ndarray:
+    """Ground-truth class maps (N, H, W) at working size, from the shared data cache."""
+    from data.cache import load_item, prepare
+
+    samples = {s.id: s for s in list_train(Path(cfg["data_dir"]))}
+    missing = [i for i in ids if i not in samples]
+    if missing:
+        raise DataError(f"{len(missing)} OOF ids have no training image, e.g. {missing[0]}")
+    data_cfg = cfg.get("data") or {}
+    items = prepare(
+        [samples[i] for i in ids],
+        size=size,
+        cache_dir=Path(cfg["out_dir"]) / "cache",
+        thresholds=MaskThresholds(**(data_cfg.get("mask") or {})),
+        workers=max(1, int(data_cfg.get("num_workers", 1))),
+    )
+    return np.stack([load_item(it)[1] for it in items])
+
+
+def write_blends(
+    exp: Path, names: Sequence[str], weights: Sequence[float], oof: Sequence[ProbMaps], cfg: dict
+) -> None:
+    """ensemble/oof and ensemble/test stores; the test blend needs every model's test store."""
+    common = {"model": "ensemble", "models": list(names), "weights": list(weights)}
+    first = oof[0]
+    save_probs(
+        exp / "ensemble" / "oof",
+        first.ids,
+        blend(oof, weights),
+        first.orig_sizes,
+        kind="oof",
+        split_id=first.split_id,
+        folds=first.meta.get("folds"),
+        provenance=provenance(cfg, stage="ensemble", split_id=first.split_id),
+        **common,
+    )
+    missing = [exp / m / "test" for m in names if not (exp / m / "test").is_dir()]
+    if missing:
+        log.warning("no test blend: missing %s (run predict.py)", ", ".join(map(str, missing)))
+        return
+    tests = align_stores([load_probs(exp / m / "test") for m in names])
+    save_probs(
+        exp / "ensemble" / "test",
+        tests[0].ids,
+        blend(tests, weights),
+        tests[0].orig_sizes,
+        kind="test",
+        split_id=first.split_id,
+        folds=tests[0].meta.get("folds"),
+        provenance=provenance(cfg, stage="ensemble", split_id=first.split_id),
+        **common,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Tune blend weights on OOF predictions and blend.")
+    p.add_argument("--config", required=True, help="experiment YAML file")
+    p.add_argument(
+        "--models", nargs="+", help="models to blend (default: ensemble.models, else all)"
+    )
+    p.add_argument("--trials", type=int, help="optuna trials (default: ensemble.trials, else 100)")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help="OOF score to maximise (default: ensemble.objective, else competition)",
+    )
+    p.add_argument("--data-dir", help="dataset folder (train/, train_gt/); overrides data_dir")
+    p.add_argument("--out-dir", help="outputs root; overrides out_dir")
+    p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        cfg = resolve_stage_config(args)
+        ecfg = cfg.get("ensemble") or {}
+        names = args.models or ecfg.get("models") or sorted(cfg.get("models") or {})
+        if not names:
+            raise ConfigError("no models to blend: give --models or set ensemble.models")
+        objective = args.objective or ecfg.get("objective", "competition")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"ensemble.objective must be one of {OBJECTIVES}, got {objective!r}")
+        trials = int(args.trials or ecfg.get("trials", 100))
+        exp = experiment_dir(cfg)
+        oof = align_stores([load_probs(exp / m / "oof") for m in names])
+        targets = load_targets(cfg, oof[0].ids, oof[0].size)
+        arrays = [np.asarray(s.raw) for s in oof]
+        doc = run_ensemble(
+            names,
+            arrays,
+            targets,
+            oof[0].meta.get("folds"),
+            trials,
+            objective,
+            int(cfg.get("seed", 0)),
+            args.jobs,
+        )
+        doc["split_id"] = oof[0].split_id
+        doc["provenance"] = provenance(cfg, stage="ensemble", split_id=oof[0].split_id)
+        write_blends(exp, names, doc["weights"], oof, cfg)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_json(exp / "ensemble" / "weights.json", doc)
+    print(format_table(doc))
+    print(f"wrote {exp / 'ensemble'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

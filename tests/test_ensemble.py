@@ -1,0 +1,161 @@
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+import ensemble
+from data.probstore import load_probs, save_probs
+from data.reader import DataError, list_test, list_train
+from ensemble import align_stores, blend, blend_stats, run_ensemble, search_weights
+from metrics import scores_from_stats
+
+WORK = (64, 64)
+
+
+def one_hot(class_map, on=1.0):
+    """(N, 3, H, W) uint8 codes with `on` on the given class and the rest spread evenly."""
+    off = (1 - on) / 2
+    p = np.where(np.arange(3)[None, :, None, None] == class_map[:, None], on, off)
+    return np.rint(p * 255).astype(np.uint8)
+
+
+def blob_targets(n, size=(32, 32), seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.zeros((n, *size), np.uint8)
+    for i in range(n):
+        y, x = rng.integers(0, size[0] - 12, 2)
+        t[i, y : y + 12, x : x + 12] = 1 + i % 2
+    return t
+
+
+def test_blend_is_the_weighted_mean_of_the_codes():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 3, 4, 5), dtype=np.uint8)
+    b = rng.integers(0, 256, (3, 3, 4, 5), dtype=np.uint8)
+    expected = np.rint(0.75 * a.astype(np.float64) + 0.25 * b).astype(np.uint8)
+    assert np.abs(blend([a, b], [3, 1]).astype(int) - expected).max() <= 1
+    np.testing.assert_array_equal(blend([a, b], [1, 0]), a)
+    with pytest.raises(ValueError, match="positive sum"):
+        blend([a, b], [0, 0])
+
+
+def test_search_gives_the_right_model_most_of_the_weight():
+    targets = blob_targets(16)
+    rng = np.random.default_rng(1)
+    good = one_hot(targets, on=0.5)  # right class everywhere, but only 0.5 sure
+    # confidently wrong, with a per-pixel confidence: right only when w_good >> w_bad
+    wrong = (targets + rng.integers(1, 3, targets.shape)) % 3
+    bad = one_hot(wrong, on=1.0).astype(np.float32)
+    bad *= rng.uniform(0.3, 1.0, targets.shape)[:, None]
+    bad = np.rint(bad).astype(np.uint8)
+    equal = scores_from_stats(blend_stats([good, bad], targets, [1, 1]))["competition"]
+    weights, study = search_weights([good, bad], targets, 40, "competition", seed=0)
+    tuned = scores_from_stats(blend_stats([good, bad], targets, weights))["competition"]
+    assert len(study.trials) == 40
+    assert weights[0] > 3 * weights[1] and abs(sum(weights) - 1) < 1e-9
+    assert tuned > 0.97 and equal < 0.5
+
+
+def test_run_ensemble_reports_per_fold_and_single_model_needs_no_search():
+    targets = blob_targets(12)
+    good, noisy = one_hot(targets, 0.6), one_hot((targets + 1) % 3, 0.4)
+    folds = [0, 1, 2] * 4
+    doc = run_ensemble(["good", "noisy"], [good, noisy], targets, folds, 8, "dice_neo")
+    assert set(doc["scores"]) == {"good", "noisy", "equal", "tuned"}
+    assert set(doc["scores"]["tuned"]) == {"all", "0", "1", "2"}
+    assert doc["scores"]["good"]["all"]["dice_neo"] == 1.0
+    assert doc["scores"]["tuned"]["all"]["dice_neo"] == 1.0
+    assert doc["trials"] == 8 and doc["n_folds"] == 3
+    single = run_ensemble(["good"], [good], targets, folds, 50, "competition")
+    assert single["weights"] == [1.0] and single["trials"] == 0
+    table = ensemble.format_table(doc)
+    assert "fold 2" in table and "weights: good=" in table
+
+
+def test_mixed_splits_and_different_images_are_refused(tmp_path):
+    probs = np.full((2, 3, 4, 4), 1 / 3, np.float32)
+    save_probs(
+        tmp_path / "a", ["x", "y"], probs, [(4, 4)] * 2, kind="oof", model="a", split_id="s1"
+    )
+    save_probs(
+        tmp_path / "b", ["x", "y"], probs, [(4, 4)] * 2, kind="oof", model="b", split_id="s2"
+    )
+    save_probs(
+        tmp_path / "c", ["y", "z"], probs, [(4, 4)] * 2, kind="oof", model="c", split_id="s1"
+    )
+    save_probs(
+        tmp_path / "d", ["y", "x"], probs, [(4, 4)] * 2, kind="oof", model="d", split_id="s1"
+    )
+    a, b, c, d = (load_probs(tmp_path / k) for k in "abcd")
+    with pytest.raises(DataError, match="different fold splits"):
+        align_stores([a, b])
+    with pytest.raises(DataError, match="different images"):
+        align_stores([a, c])
+    assert align_stores([a, d])[1].ids == ["x", "y"]
+
+
+@pytest.fixture
+def experiment(tiny_data, tmp_path):
+    cfg = {"experiment": "exp", "data_dir": str(tiny_data), "out_dir": str(tmp_path), "seed": 0}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    train_ids = [s.id for s in list_train(tiny_data)]
+    test_ids = [s.id for s in list_test(tiny_data)]
+    targets = ensemble.load_targets(cfg, train_ids, WORK)
+    folds = [i % 3 for i in range(len(train_ids))]
+    exp = tmp_path / "exp"
+    for name, probs in (("good", one_hot(targets, 0.6)), ("bad", one_hot((targets + 1) % 3))):
+        save_probs(
+            exp / name / "oof",
+            train_ids,
+            probs,
+            [(128, 160)] * len(train_ids),
+            kind="oof",
+            model=name,
+            split_id="s",
+            folds=folds,
+        )
+        test = np.full((len(test_ids), 3, *WORK), 85, np.uint8)
+        save_probs(
+            exp / name / "test",
+            test_ids[::-1],
+            test,
+            [(128, 160)] * len(test_ids),
+            kind="test",
+            model=name,
+            split_id="s",
+        )
+    return tmp_path, exp, targets
+
+
+def test_cli_writes_weights_and_blended_stores(experiment, capsys):
+    root, exp, _ = experiment
+    argv = ["--config", str(root / "c.yaml"), "--models", "good", "bad", "--trials", "10"]
+    assert ensemble.main(argv) == 0
+    doc = json.loads((exp / "ensemble" / "weights.json").read_text())
+    assert doc["models"] == ["good", "bad"] and doc["split_id"] == "s"
+    assert doc["weights"][0] > doc["weights"][1]
+    assert doc["scores"]["tuned"]["all"]["competition"] == 1.0
+    assert "provenance" in doc and doc["trials"] == 10
+    oof = load_probs(exp / "ensemble" / "oof")
+    assert oof.meta["kind"] == "oof" and oof.split_id == "s" and len(oof.meta["folds"]) == 24
+    test = load_probs(exp / "ensemble" / "test")
+    assert test.meta["kind"] == "test" and len(test) == 6
+    assert "tuned" in capsys.readouterr().out
+
+
+def test_cli_refuses_mixed_splits_before_writing(experiment, capsys):
+    root, exp, targets = experiment
+    ids = load_probs(exp / "good" / "oof").ids
+    save_probs(
+        exp / "other" / "oof",
+        ids,
+        one_hot(targets),
+        [(128, 160)] * len(ids),
+        kind="oof",
+        model="other",
+        split_id="another",
+    )
+    assert ensemble.main(["--config", str(root / "c.yaml"), "--models", "good", "other"]) == 2
+    assert "different fold splits" in capsys.readouterr().err
+    assert not (exp / "ensemble").exists()
