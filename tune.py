@@ -1,0 +1,265 @@
+"""Choose post-processing on out-of-fold predictions: optuna search, then ablation.
+
+The search runs on the blended OOF probabilities (`ensemble/oof/`) against the ground
+truth at the *working* resolution (each map post-processed with orig_size = working
+size). Scoring 1,000 images at their original 1280×~1000 would take ~10× longer per trial;
+all size-dependent parameters are fractions of the image (area, shorter side), so they
+carry over to the original size where postprocess.py applies them.
+
+After a seeded TPE search, nnU-Net's rule decides what is kept: starting from the best
+trial, each active step is switched off in turn, and it stays only if it improves the
+objective AND no class (neoplastic, non-neoplastic) ends up worse than with plain argmax.
+So a step is never kept on the strength of noise, or at the expense of one class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+from joblib import Parallel, delayed
+
+from config import ConfigError, provenance
+from data.atomic import write_json
+from data.probstore import load_probs
+from data.reader import DataError
+from metrics import OBJECTIVES, class_stats, scores_from_stats
+from postprocess import (
+    REGION_MODES,
+    PostprocessParams,
+    experiment_dir,
+    postprocess,
+    resolve_stage_config,
+)
+
+log = logging.getLogger("tune")
+
+# Enqueued first so the search always measures plain argmax and the usual winner.
+START_TRIALS = (
+    {
+        "use_fg_threshold": False,
+        "use_min_area": False,
+        "region_mode": "none",
+        "use_open": False,
+        "use_close": False,
+        "fill_holes": False,
+    },
+    {
+        "use_fg_threshold": False,
+        "use_min_area": True,
+        "min_area_frac": 0.002,
+        "region_mode": "prob",
+        "use_open": False,
+        "use_close": False,
+        "fill_holes": True,
+    },
+)
+
+
+def class_keys(objective: str) -> tuple[str, str]:
+    """The per-class scores that must not get worse, in the objective's own form."""
+    if objective == "competition":
+        return "competition_neo", "competition_non"
+    return "dice_neo", "dice_non"
+
+
+def _chunk_stats(probs: np.ndarray, targets: np.ndarray, params: PostprocessParams) -> np.ndarray:
+    size = targets.shape[1:]
+    preds = np.stack([postprocess(p, size, params) for p in probs])
+    return class_stats(preds, targets)
+
+
+def evaluate(
+    probs: np.ndarray, targets: np.ndarray, params: PostprocessParams, n_jobs: int = 1
+) -> dict[str, float]:
+    """Scores of post-processed (N, 3, H, W) maps against (N, H, W) class maps, same size.
+
+    Images are split into one chunk per thread; OpenCV and numpy release the GIL.
+    """
+    if probs.shape[0] != targets.shape[0] or probs.shape[2:] != targets.shape[1:]:
+        raise ValueError(f"probs {probs.shape} do not match targets {targets.shape}")
+    n_chunks = max(1, min(len(probs), 4 * max(1, n_jobs)))
+    bounds = np.linspace(0, len(probs), n_chunks + 1).astype(int)
+    parts = Parallel(n_jobs=n_jobs, prefer="threads")(
+        delayed(_chunk_stats)(probs[lo:hi], targets[lo:hi], params)
+        for lo, hi in itertools.pairwise(bounds)
+        if hi > lo
+    )
+    return scores_from_stats(np.concatenate(parts))
+
+
+def suggest_params(trial: optuna.Trial) -> PostprocessParams:
+    """The search space; each step has an on/off switch so TPE can learn to drop it."""
+
+    def maybe(switch: str, name: str, low: float, high: float, off: Any, log: bool) -> Any:
+        if trial.suggest_categorical(switch, [False, True]):
+            return trial.suggest_float(name, low, high, log=log)
+        return off
+
+    return PostprocessParams(
+        fg_threshold=maybe("use_fg_threshold", "fg_threshold", 0.2, 0.8, None, False),
+        min_area_frac=maybe("use_min_area", "min_area_frac", 1e-4, 0.02, 0.0, True),
+        region_mode=trial.suggest_categorical("region_mode", list(REGION_MODES)),
+        open_frac=maybe("use_open", "open_frac", 0.003, 0.05, 0.0, True),
+        close_frac=maybe("use_close", "close_frac", 0.003, 0.05, 0.0, True),
+        fill_holes=trial.suggest_categorical("fill_holes", [False, True]),
+    )
+
+
+def search(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    trials: int,
+    objective: str = "competition",
+    seed: int = 0,
+    n_jobs: int = 1,
+) -> tuple[PostprocessParams, optuna.Study]:
+    """Seeded TPE over `PostprocessParams`, maximising `objective` on the given set."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    for start in START_TRIALS[:trials]:
+        study.enqueue_trial(start)
+
+    def score(trial: optuna.Trial) -> float:
+        params = suggest_params(trial)
+        scores = evaluate(probs, targets, params, n_jobs)
+        trial.set_user_attr("params", params.to_dict())
+        trial.set_user_attr("scores", scores)
+        return scores[objective]
+
+    study.optimize(score, n_trials=trials)
+    return PostprocessParams.from_dict(study.best_trial.user_attrs["params"]), study
+
+
+def ablate(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    params: PostprocessParams,
+    objective: str,
+    baseline: dict[str, float],
+    n_jobs: int = 1,
+) -> tuple[PostprocessParams, list[dict[str, Any]]]:
+    """nnU-Net's rule: keep a step only if it helps the objective and hurts no class."""
+    current, scores = params, evaluate(probs, targets, params, n_jobs)
+    record = []
+    for step in params.active_steps():
+        without = current.without(step)
+        scores_without = evaluate(probs, targets, without, n_jobs)
+        helps = scores[objective] > scores_without[objective]
+        harmless = all(scores[k] >= baseline[k] for k in class_keys(objective))
+        keep = helps and harmless
+        record.append(
+            {
+                "step": step,
+                "with": scores[objective],
+                "without": scores_without[objective],
+                "no_class_worse_than_argmax": harmless,
+                "kept": keep,
+            }
+        )
+        log.info(
+            "step %-12s with %.5f without %.5f -> %s",
+            step,
+            scores[objective],
+            scores_without[objective],
+            "keep" if keep else "drop",
+        )
+        if not keep:
+            current, scores = without, scores_without
+    return current, record
+
+
+def tune(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    trials: int,
+    objective: str = "competition",
+    seed: int = 0,
+    n_jobs: int = 1,
+) -> dict[str, Any]:
+    """Search + ablation; returns the `postprocess.json` document (without provenance)."""
+    baseline = evaluate(probs, targets, PostprocessParams(), n_jobs)
+    best, study = search(probs, targets, trials, objective, seed, n_jobs)
+    final, ablation = ablate(probs, targets, best, objective, baseline, n_jobs)
+    after = evaluate(probs, targets, final, n_jobs)
+    return {
+        "params": final.to_dict(),
+        "objective": objective,
+        "scores": {
+            "argmax": baseline,
+            "best_trial": study.best_trial.user_attrs["scores"],
+            "tuned": after,
+        },
+        "searched_params": best.to_dict(),
+        "ablation": ablation,
+        "trials": len(study.trials),
+        "n_images": len(probs),
+        "resolution": list(targets.shape[1:]),
+        "seed": seed,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Tune post-processing on the blended OOF maps; writes postprocess.json."
+    )
+    p.add_argument("--config", required=True, help="experiment YAML file")
+    p.add_argument("--trials", type=int, help="optuna trials (default: tune.trials, else 100)")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help="OOF score to maximise (default: tune.objective, else competition)",
+    )
+    p.add_argument("--data-dir", help="dataset folder (train/, train_gt/); overrides data_dir")
+    p.add_argument("--out-dir", help="outputs root; overrides out_dir")
+    p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ensemble import load_targets
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        cfg = resolve_stage_config(args)
+        tcfg = cfg.get("tune") or {}
+        trials = int(args.trials or tcfg.get("trials", 100))
+        objective = args.objective or tcfg.get("objective", "competition")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"tune.objective must be one of {OBJECTIVES}, got {objective!r}")
+        exp = experiment_dir(cfg)
+        store = load_probs(exp / "ensemble" / "oof")
+        targets = load_targets(cfg, store.ids, store.size)
+        doc = tune(
+            np.asarray(store.raw), targets, trials, objective, int(cfg.get("seed", 0)), args.jobs
+        )
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    doc["provenance"] = provenance(
+        cfg, stage="tune", source=str(store.path), split_id=store.split_id
+    )
+    out = exp / "postprocess.json"
+    write_json(out, doc)
+    keys = [objective, *class_keys(objective)]
+    print(f"{'':10s}" + "".join(f"{k:>18s}" for k in keys))
+    for name in ("argmax", "tuned"):
+        print(f"{name:10s}" + "".join(f"{doc['scores'][name][k]:18.5f}" for k in keys))
+    kept = ", ".join(PostprocessParams.from_dict(doc["params"]).active_steps()) or "none"
+    print(f"kept steps: {kept}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
