@@ -9,7 +9,9 @@ number, taken as its probability; 0/None/False turns it off), e.g. in YAML
 Albumentations 2.x only *warns* about unknown arguments, so an old 1.x name such as
 `max_holes` would silently fall back to a default. Transforms are therefore built with
 warnings turned into errors, and any such problem becomes a `ConfigError` naming the step.
-Masks always use nearest-neighbour interpolation and are filled with background.
+Masks always use nearest-neighbour interpolation and are filled with background. With a
+non-square working size a 90° turn swaps height and width, and the final resize brings the
+picture back to the working size (a mild aspect change); set `rotate90: 0` to avoid it.
 """
 
 from __future__ import annotations
