@@ -1,0 +1,257 @@
+"""train.py on tiny synthetic data: artefacts, resume (exact and after SIGKILL), folds,
+guard rails and wandb offline logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import train
+from config import load_config
+from data.probstore import load_probs
+from data.reader import list_train, load_image
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_KEYS = {
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "epoch",
+    "best_score",
+    "model_name",
+    "arch",
+    "kwargs",
+    "split_id",
+    "fold",
+    "config",
+    "provenance",
+}
+
+
+def write_config(tmp_path: Path, data_dir: Path, **train_cfg) -> Path:
+    """A tiny experiment: 64x64 images, 2 folds, a light UNet, in-process loading."""
+    cfg = {
+        "experiment": "tiny",
+        "data_dir": str(data_dir),
+        "out_dir": str(tmp_path / "out"),
+        "seed": 0,
+        "data": {
+            "img_size": [64, 64],
+            "n_folds": 2,
+            "fold_seed": 0,
+            "num_workers": 0,
+            "mask": {},
+            "augment": {},
+        },
+        "train": {
+            "epochs": 2,
+            "batch_size": 2,
+            "lr": 3e-3,
+            "weight_decay": 0.0,
+            "lr_step": 1,
+            "lr_gamma": 0.5,
+            "loss": {},
+            "amp": False,
+            "compile": False,
+            "wandb": False,
+            "cpu_threads": 1,  # 2 threads on a busy 2-core machine thrash
+            **train_cfg,
+        },
+        "models": {"tiny": {"arch": "unet_mobilenetv3", "kwargs": {}, "pretrained": None}},
+        "predict": {"tta": "none", "batch_size": 4},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def fold_path(tmp_path: Path, fold: int = 0) -> Path:
+    return tmp_path / "out" / "tiny" / "tiny" / f"fold{fold}"
+
+
+def run_main(config: Path, *args: str) -> int:
+    return train.main(["--config", str(config), "--model", "tiny", *args])
+
+
+def split_of(tmp_path: Path) -> dict[str, int]:
+    return json.loads((tmp_path / "out" / "tiny" / "folds.json").read_text())["folds"]
+
+
+def history(fold_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """One 2-epoch run of fold 0, shared by the tests that only read its artefacts."""
+    root = tmp_path_factory.mktemp("trained")
+    assert run_main(write_config(root, tiny_data), "--fold", "0") == 0
+    return root
+
+
+def test_two_epochs_write_every_artefact(trained: Path, tiny_data: Path) -> None:
+    out = fold_path(trained)
+    records = history(out)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    for r in records:
+        for key in ("val_loss", "competition", "dice_seg", "dice_neo", "dice_non"):
+            assert np.isfinite(r[key]), key
+        assert r["images_per_s"] > 0 and r["epoch_time_s"] > 0
+    assert records[1]["lr"] == pytest.approx(records[0]["lr"] * 0.5)
+
+    last = train.load_checkpoint(out / "last.pt")
+    assert set(last) >= CHECKPOINT_KEYS
+    assert last["epoch"] == 2 and last["fold"] == 0 and last["model_name"] == "tiny"
+    assert last["best_score"] == pytest.approx(max(r["competition"] for r in records))
+    assert last["history"] == records
+    assert last["provenance"]["config_hash"]
+    best = train.load_checkpoint(out / "best.pt")
+    assert best["epoch"] == max(records, key=lambda r: r["competition"])["epoch"]
+    model = train.model_from_checkpoint(best, torch.device("cpu"))
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    assert load_config(out / "config.yaml")["train"]["epochs"] == 2
+
+    fold_of = split_of(trained)
+    oof = load_probs(out / "oof")
+    assert oof.meta["kind"] == "oof" and oof.meta["model"] == "tiny"
+    assert oof.split_id == last["split_id"] == best["split_id"]
+    assert oof.ids == sorted(i for i, k in fold_of.items() if k == 0)
+    assert oof.size == (64, 64)
+    assert np.allclose(oof.as_float().sum(axis=1), 1.0, atol=0.02)
+    assert oof.meta["folds"] == [0] * len(oof)
+    orig = {s.id: load_image(s.image).shape[:2] for s in list_train(tiny_data)}
+    assert oof.orig_sizes == [orig[i] for i in oof.ids]
+
+
+def test_complete_fold_is_skipped(trained: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    last = fold_path(trained) / "last.pt"
+    before = last.stat().st_mtime_ns
+    assert run_main(trained / "tiny.yaml", "--fold", "0") == 0
+    assert "already complete" in caplog.text
+    assert last.stat().st_mtime_ns == before
+
+
+def test_nan_guard_then_resume_reproduces_the_uninterrupted_run(
+    trained: Path, tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    config = write_config(tmp_path, tiny_data)
+    out = fold_path(tmp_path)
+    assert run_main(config, "--fold", "0", "--epochs", "1") == 0
+
+    assert run_main(config, "--fold", "0") == 2  # unfinished run, no --resume
+    assert "--resume" in capsys.readouterr().err
+
+    class NanLoss(train.SegLoss):
+        def forward(self, output, mask):
+            return super().forward(output, mask) * float("nan")
+
+    monkeypatch.setattr(train, "SegLoss", NanLoss)
+    assert run_main(config, "--fold", "0", "--resume") == 1
+    assert "non-finite" in capsys.readouterr().err
+    assert train.load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert [r["epoch"] for r in history(out)] == [1]
+    monkeypatch.undo()
+
+    assert run_main(config, "--fold", "0", "--resume") == 0
+    resumed, straight = history(out), history(fold_path(trained))
+    for a, b in zip(resumed, straight, strict=True):
+        for key in ("epoch", "train_loss", "val_loss", "competition", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    weights = train.load_checkpoint(out / "last.pt")["model"]
+    reference = train.load_checkpoint(fold_path(trained) / "last.pt")["model"]
+    for name, tensor in reference.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_sigkill_then_resume_finishes_with_each_epoch_once(tmp_path: Path, tiny_data: Path) -> None:
+    config = write_config(tmp_path, tiny_data, epochs=3)
+    out = fold_path(tmp_path)
+    cmd = [sys.executable, "train.py", "--config", str(config), "--model", "tiny", "--fold", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists():
+        assert proc.poll() is None, "training exited before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = train.load_checkpoint(out / "last.pt")["epoch"]
+    assert 1 <= done < 3, "the run finished before it could be killed"
+
+    assert run_main(config, "--fold", "0", "--resume") == 0
+    assert [r["epoch"] for r in history(out)] == [1, 2, 3]
+    assert train.load_checkpoint(out / "last.pt")["epoch"] == 3
+    assert load_probs(out / "oof").ids == sorted(i for i, k in split_of(tmp_path).items() if k == 0)
+
+
+def test_fold_all_oof_covers_every_train_image_once(tmp_path: Path, tiny_data: Path) -> None:
+    config = write_config(tmp_path, tiny_data, epochs=1)
+    assert run_main(config, "--fold", "all") == 0
+    ids = [i for k in (0, 1) for i in load_probs(fold_path(tmp_path, k) / "oof").ids]
+    assert sorted(ids) == sorted(s.id for s in list_train(tiny_data))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "nope", "--fold", "0"], "unknown model 'nope'"),
+        (["--model", "tiny", "--fold", "2"], "out of range"),
+        (["--model", "tiny", "--fold", "one"], "expected 'all'"),
+        (["--model", "tiny", "--fold", "0", "--img-size", "100"], "multiples of 32"),
+        (["--model", "tiny", "--fold", "0", "--pretrained", "/no/such.pth"], "not found"),
+    ],
+)
+def test_bad_arguments_exit_2_before_writing(
+    tmp_path: Path, tiny_data: Path, capsys, args: list[str], message: str
+) -> None:
+    config = write_config(tmp_path, tiny_data)
+    assert train.main(["--config", str(config), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_wandb_logs_offline_into_the_fold_folder(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = write_config(tmp_path, tiny_data, epochs=1)
+    assert run_main(config, "--fold", "1", "--wandb") == 0
+    runs = list((fold_path(tmp_path, 1) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].iterdir())
+
+
+def test_seeded_sampler_shards_and_reproduces() -> None:
+    shards = [train.SeededSampler(10, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for s in shards:
+        s.set_epoch(4)
+    drawn = [list(s) for s in shards]
+    indices = [i for d in drawn for i, _ in d]
+    assert sorted(indices) == list(range(10))
+    again = train.SeededSampler(10, seed=3, rank=0, world_size=2)
+    again.set_epoch(4)
+    assert list(again) == drawn[0]
+    again.set_epoch(5)
+    assert list(again) != drawn[0]
+
+
+def test_cli_parsers() -> None:
+    assert train.parse_img_size("352") == [352, 352]
+    assert train.parse_img_size("352x416") == [352, 416]
+    assert train.parse_folds("all", 3) == [0, 1, 2]
+    assert train.parse_folds("2,0,2", 3) == [2, 0]
