@@ -48,29 +48,37 @@ ZOO: dict[str, ZooEntry] = {
         note="Res2Net-50 26w×4s; published 32.5M counts the unused 2.05M ImageNet fc",
         published_extra_m=RES2NET_FC_M,
     ),
-    "pranet_resnet18": ZooEntry(PraNet, {"backbone": "resnet18"}, note="light PraNet"),
+    "pranet_resnet18": ZooEntry(PraNet, {"backbone": "resnet18"}, note="PraNet on ResNet-18"),
     "emcad": ZooEntry(EMCAD, published_m=26.8, note="PVTv2-b2 (EMCAD-B)"),
     "emcad_b0": ZooEntry(EMCAD, {"encoder": "pvt_v2_b0"}, 3.92, "PVTv2-b0 (EMCAD-T)"),
     "deeplabv3plus_regnetx320": ZooEntry(
-        partial(build_smp, "deeplabv3plus"), {"encoder_name": "tu-regnetx_320"}, 109.0
+        partial(build_smp, "deeplabv3plus"),
+        {"encoder_name": "tu-regnetx_320"},
+        109.0,
+        "timm RegNetX-320, OS 16",
     ),
     "deeplabv3plus_resnet50": ZooEntry(
-        partial(build_smp, "deeplabv3plus"), {"encoder_name": "tu-resnet50"}, 26.7
+        partial(build_smp, "deeplabv3plus"),
+        {"encoder_name": "tu-resnet50"},
+        26.7,
+        "timm ResNet-50, OS 16",
     ),
     "deeplabv3plus_mobilenetv3": ZooEntry(
         partial(build_smp, "deeplabv3plus"),
         {"encoder_name": LIGHT_ENCODER, "decoder_channels": 64},
-        note="light",
+        note="light, MobileNetV3-small",
     ),
     "unet": ZooEntry(partial(build_smp, "unet"), {"encoder_name": "resnet34"}, note="ResNet-34"),
     "unetplusplus": ZooEntry(
         partial(build_smp, "unetplusplus"), {"encoder_name": "resnet34"}, note="ResNet-34"
     ),
-    "unet_resnet18": ZooEntry(partial(build_smp, "unet"), {"encoder_name": "resnet18"}),
+    "unet_resnet18": ZooEntry(
+        partial(build_smp, "unet"), {"encoder_name": "resnet18"}, note="ResNet-18"
+    ),
     "unet_mobilenetv3": ZooEntry(
         partial(build_smp, "unet"),
         {"encoder_name": LIGHT_ENCODER, "decoder_channels": (64, 32, 24, 16, 8)},
-        note="light",
+        note="light, MobileNetV3-small",
     ),
     "fpn_mobilenetv3": ZooEntry(
         partial(build_smp, "fpn"),
@@ -79,7 +87,7 @@ ZOO: dict[str, ZooEntry] = {
             "decoder_pyramid_channels": 64,
             "decoder_segmentation_channels": 32,
         },
-        note="light",
+        note="light, MobileNetV3-small",
     ),
 }
 
