@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 # Share of train images per stratum in the real NeoPolyp train set (693/257/50 of 1000).
 STRATUM_P = {"red": 0.693, "green": 0.257, "both": 0.05}
 DEFAULT_WIDTH = 1280
-DEFAULT_HEIGHTS = (959, 1024)
+# Full-size frames are 1280 wide; the real data has a handful of heights between 959 and 1024.
+DEFAULT_HEIGHTS = (959, 966, 995, 1024)
 IMAGE_QUALITY = 90
 MASK_QUALITY = 75
 CLASS_RGB = {1: (255, 0, 0), 2: (0, 255, 0)}
@@ -236,7 +237,7 @@ def mask_rgb(class_map: np.ndarray) -> np.ndarray:
 
 def _make_one(seed_seq, stratum: str, size, image_path: Path, mask_path: Path) -> None:
     rng = np.random.default_rng(seed_seq)
-    shape = size or (int(rng.integers(DEFAULT_HEIGHTS[0], DEFAULT_HEIGHTS[1] + 1)), DEFAULT_WIDTH)
+    shape = size or (int(rng.choice(DEFAULT_HEIGHTS)), DEFAULT_WIDTH)
     classes = _classes_for(rng, stratum)
     while True:
         sample = render(rng, shape, classes)
