@@ -159,3 +159,17 @@ def test_cli_refuses_mixed_splits_before_writing(experiment, capsys):
     assert ensemble.main(["--config", str(root / "c.yaml"), "--models", "good", "other"]) == 2
     assert "different fold splits" in capsys.readouterr().err
     assert not (exp / "ensemble").exists()
+
+
+def test_gain_supported_by_one_fold_only_is_flagged():
+    targets = blob_targets(8)
+    good = one_hot(targets, 0.6)
+    bad = good.copy()
+    bad[:4] = one_hot((targets[:4] + 1) % 3, 0.7)  # surer and wrong on images 0-3 only
+    one_fold = run_ensemble(["good", "bad"], [good, bad], targets, [0] * 4 + [1] * 4, 15)
+    assert one_fold["tuned_beats_equal_on_folds"] == 1 and one_fold["unstable"]
+    assert "only 1 of 2 folds" in ensemble.format_table(one_fold)
+    both = run_ensemble(["good", "bad"], [good, bad], targets, [0, 1] * 4, 15)
+    assert both["tuned_beats_equal_on_folds"] == 2 and not both["unstable"]
+    same = run_ensemble(["good", "copy"], [good, good], targets, [0, 1] * 4, 5)
+    assert same["weights"] == [0.5, 0.5] and not same["unstable"]
