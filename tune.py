@@ -2,9 +2,10 @@
 
 The search runs on the blended OOF probabilities (`ensemble/oof/`) against the ground
 truth at the *working* resolution (each map post-processed with orig_size = working
-size). Scoring 1,000 images at their original 1280×~1000 would take ~10× longer per trial;
-all size-dependent parameters are fractions of the image (area, shorter side), so they
-carry over to the original size where postprocess.py applies them.
+size). At the original 1280×~1000 each trial would process ~10× the pixels (a trial at
+352×352 takes a few seconds per 1,000 images, see BENCHMARKS.md); all size-dependent
+parameters are fractions of the image (area, shorter side), so they carry over to the
+original size where postprocess.py applies them.
 
 After a seeded TPE search, nnU-Net's rule decides what is kept: starting from the best
 trial, each active step is switched off in turn, and it stays only if it improves the
