@@ -25,3 +25,11 @@ def test_atomic_dir_replaces_whole_folder_or_nothing(tmp_path):
         (tmp / "y").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["y"]
     assert [p.name for p in tmp_path.iterdir()] == ["store"]
+
+
+def test_artefacts_get_ordinary_permissions(tmp_path):
+    write_json(tmp_path / "a.json", {})
+    with atomic_dir(tmp_path / "d"):
+        pass
+    assert (tmp_path / "a.json").stat().st_mode & 0o044 == 0o044
+    assert (tmp_path / "d").stat().st_mode & 0o055 == 0o055
