@@ -22,8 +22,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from data.atomic import write_text
+from data.synthetic import overlay
 
-CLASS_COLOURS = np.array([[0, 0, 0], [230, 40, 40], [40, 200, 60]], dtype=np.uint8)
 CURVE_KEYS = ("train_loss", "val_loss", "competition")
 
 
@@ -38,14 +38,6 @@ class Case:
     pred_post: np.ndarray
     score: float
     score_post: float
-
-
-def overlay(image: np.ndarray, class_map: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Tint polyp pixels with their class colour and keep the background visible."""
-    out = image.astype(np.float32)
-    fg = class_map > 0
-    out[fg] = (1 - alpha) * out[fg] + alpha * CLASS_COLOURS[class_map[fg]]
-    return out.clip(0, 255).astype(np.uint8)
 
 
 def _png(fig: plt.Figure) -> str:

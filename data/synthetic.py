@@ -279,7 +279,6 @@ def generate(
     ids = [id_rng.bytes(16).hex() for _ in range(n)]
     strata = id_rng.choice(list(STRATUM_P), size=n, p=list(STRATUM_P.values()))
     with atomic_dir(out) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a dataset should be readable like any folder
         dirs = _dirs(tmp, nested)
         jobs = []
         for i, (seq, sid, stratum) in enumerate(zip(image_seq.spawn(n), ids, strata, strict=True)):
