@@ -3,7 +3,6 @@ guard rails and wandb offline logging."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -15,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import train
 from config import load_config
 from data.probstore import load_probs
 from data.reader import list_train, load_image
+from tests.trainkit import ROOT, fold_path, history, run_main, split_of, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_KEYS = {
     "model",
     "optimizer",
@@ -39,59 +37,6 @@ CHECKPOINT_KEYS = {
     "config",
     "provenance",
 }
-
-
-def write_config(tmp_path: Path, data_dir: Path, **train_cfg) -> Path:
-    """A tiny experiment: 64x64 images, 2 folds, a light UNet, in-process loading."""
-    cfg = {
-        "experiment": "tiny",
-        "data_dir": str(data_dir),
-        "out_dir": str(tmp_path / "out"),
-        "seed": 0,
-        "data": {
-            "img_size": [64, 64],
-            "n_folds": 2,
-            "fold_seed": 0,
-            "num_workers": 0,
-            "mask": {},
-            "augment": {},
-        },
-        "train": {
-            "epochs": 2,
-            "batch_size": 2,
-            "lr": 3e-3,
-            "weight_decay": 0.0,
-            "lr_step": 1,
-            "lr_gamma": 0.5,
-            "loss": {},
-            "amp": False,
-            "compile": False,
-            "wandb": False,
-            "cpu_threads": 1,  # 2 threads on a busy 2-core machine thrash
-            **train_cfg,
-        },
-        "models": {"tiny": {"arch": "unet_mobilenetv3", "kwargs": {}, "pretrained": None}},
-        "predict": {"tta": "none", "batch_size": 4},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def fold_path(tmp_path: Path, fold: int = 0) -> Path:
-    return tmp_path / "out" / "tiny" / "tiny" / f"fold{fold}"
-
-
-def run_main(config: Path, *args: str) -> int:
-    return train.main(["--config", str(config), "--model", "tiny", *args])
-
-
-def split_of(tmp_path: Path) -> dict[str, int]:
-    return json.loads((tmp_path / "out" / "tiny" / "folds.json").read_text())["folds"]
-
-
-def history(fold_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,76 @@
+"""Helpers shared by the train/DDP/predict tests: a tiny experiment config and readers of
+what train.py writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+import train
+from config import load_config
+from data.cache import CachedItem
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(tmp_path: Path, data_dir: Path, **train_cfg) -> Path:
+    """A tiny experiment: 64x64 images, 2 folds, a light UNet, in-process loading."""
+    cfg = {
+        "experiment": "tiny",
+        "data_dir": str(data_dir),
+        "out_dir": str(tmp_path / "out"),
+        "seed": 0,
+        "data": {
+            "img_size": [64, 64],
+            "n_folds": 2,
+            "fold_seed": 0,
+            "num_workers": 0,
+            "mask": {},
+            "augment": {},
+        },
+        "train": {
+            "epochs": 2,
+            "batch_size": 2,
+            "lr": 3e-3,
+            "weight_decay": 0.0,
+            "lr_step": 1,
+            "lr_gamma": 0.5,
+            "loss": {},
+            "amp": False,
+            "compile": False,
+            "wandb": False,
+            "cpu_threads": 1,  # 2 threads on a busy 2-core machine thrash
+            **train_cfg,
+        },
+        "models": {"tiny": {"arch": "unet_mobilenetv3", "kwargs": {}, "pretrained": None}},
+        "predict": {"tta": "none", "batch_size": 4},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def fold_path(tmp_path: Path, fold: int = 0) -> Path:
+    return tmp_path / "out" / "tiny" / "tiny" / f"fold{fold}"
+
+
+def train_items(config: Path) -> dict[str, CachedItem]:
+    """The cached working-size items of a config's train set, by id."""
+    dist = train.Dist(rank=0, world_size=1, device=torch.device("cpu"))
+    data = train.prepare_train_data(load_config(config), dist)
+    return {it.id: it for it in data.items}
+
+
+def run_main(config: Path, *args: str) -> int:
+    return train.main(["--config", str(config), "--model", "tiny", *args])
+
+
+def split_of(tmp_path: Path) -> dict[str, int]:
+    return json.loads((tmp_path / "out" / "tiny" / "folds.json").read_text())["folds"]
+
+
+def history(fold_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines()]
