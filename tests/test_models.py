@@ -7,6 +7,8 @@ import torch
 
 from config import ConfigError
 from models import ZOO, build_model
+from models.__main__ import main as models_main
+from models.__main__ import measure
 from models.losses import SegLoss
 from models.pranet import RFB, PraNet
 
@@ -108,3 +110,15 @@ def test_unknown_model_lists_the_zoo() -> None:
 def test_unknown_argument_is_a_config_error(name: str) -> None:
     with pytest.raises(ConfigError, match="decoder_chanels"):
         build_model(name, decoder_chanels=16)
+
+
+def test_size_table_counts_real_parameters_and_flops(capsys: pytest.CaptureFixture) -> None:
+    small = measure("unet_mobilenetv3", (64, 64))
+    assert small["params_m"] * 1e6 == n_params(build_model("unet_mobilenetv3"))
+    # a plain conv net (no squeeze-excitation): FLOPs grow exactly with the pixel count
+    assert measure("unet_resnet18", (128, 128))["gflops"] == pytest.approx(
+        4 * measure("unet_resnet18", (64, 64))["gflops"], rel=1e-9
+    )
+    models_main(["--names", "emcad_b0", "--size", "64", "96"])
+    table = capsys.readouterr().out
+    assert "| emcad_b0 | 3.92 |" in table and "1×3×64×96" in table
