@@ -81,7 +81,6 @@ class SegLoss(nn.Module):
         binary_weight: float = 1.0,
         dice_smooth: float = 1.0,
         dice_count_absent: bool = True,
-        num_classes: int = 3,
     ) -> None:
         super().__init__()
         self.ce_weight = ce_weight
@@ -89,21 +88,18 @@ class SegLoss(nn.Module):
         self.aux_weights = aux_weights
         self.binary_weight = binary_weight
         self.dice_smooth = dice_smooth
-        self.classes = list(range(0 if dice_include_background else 1, num_classes))
-        self.smp_dice = (
-            None
-            if dice_count_absent
-            else DiceLoss("multiclass", classes=self.classes, from_logits=True)
-        )
+        self.first_class = 0 if dice_include_background else 1
+        self.dice_count_absent = dice_count_absent
 
     def seg_loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """CE + Dice of one set of class logits, upsampled to the mask if needed."""
         logits = upsample_to(logits, mask.shape[-2:]).float()
         loss = self.ce_weight * F.cross_entropy(logits, mask)
-        if self.smp_dice is not None:
-            dice = self.smp_dice(logits, mask)
+        classes = list(range(self.first_class, logits.shape[1]))
+        if self.dice_count_absent:
+            dice = soft_dice_per_image(logits, mask, classes, self.dice_smooth).mean()
         else:
-            dice = soft_dice_per_image(logits, mask, self.classes, self.dice_smooth).mean()
+            dice = DiceLoss("multiclass", classes=classes, from_logits=True)(logits, mask)
         return loss + self.dice_weight * dice
 
     def _weights(self, n_aux: int) -> list[float]:

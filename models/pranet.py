@@ -141,7 +141,8 @@ class PraNet(nn.Module):
     Train mode returns `{"logits", "aux", "aux_binary"}`: `aux` are the class logits of
     the PD, RA-32 and RA-16 side outputs (at their own strides 8, 32, 16), `aux_binary`
     the polyp logits of all four side outputs (PD, RA-32, RA-16, RA-8). Eval mode returns
-    the RA-8 class logits upsampled to the input size.
+    the RA-8 class logits upsampled to the input size. `backbone` is any timm model whose
+    feature stages 1–4 have strides 4–32 (ResNet, Res2Net, ResNeXt families).
     """
 
     def __init__(
