@@ -1,0 +1,303 @@
+"""Stage 2: out-of-fold and test probabilities of one model, with test-time augmentation.
+
+    python predict.py --model deeplabv3plus_resnet50 --tta flip
+
+Reads every fold's `best.pt` and writes two probability stores (docs/contracts.md) under
+`<out_dir>/<experiment>/<model>/`:
+- `oof/`: each train image predicted by the one fold model that did not see it, sorted by
+  id. A fold's own `fold<k>/oof/` (written by train.py without TTA) is reused when it was
+  made with the requested TTA; otherwise the fold's validation images are predicted again.
+- `test/`: the mean over the fold models of the test images' probabilities.
+
+TTA (ttach) wraps a module that returns *softmax probabilities*, so the views are averaged
+as probabilities, not as logits. The transform lists are built here because ttach's own
+aliases do not fit: its `d4_transform` runs 16 passes for the 8 distinct elements of the
+dihedral group, and its vertical-flip alias is misspelt `vlip_transform`.
+- `hflip`: identity, horizontal flip (2 passes);
+- `flip`: {identity, h-flip} x {identity, v-flip} (4 passes);
+- `d4`: {identity, h-flip} x rotations by 0/90/180/270 (the 8 elements of D4).
+`d4` on a non-square working size feeds the model W x H images for the 90/270 rotations:
+every zoo model is fully convolutional and both sides are multiples of 32, so this works,
+and ttach rotates each prediction back to H x W before averaging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import ttach
+from torch import nn
+
+from config import ConfigError, apply_overrides, load_config, model_entry, provenance
+from data.cache import CachedItem, prepare
+from data.dataset import SegDataset
+from data.probstore import ProbMaps, concat, load_probs, quantise, save_probs
+from data.reader import DataError, MaskThresholds, list_test
+from train import (
+    Dist,
+    Precision,
+    Probabilities,
+    choose_precision,
+    configure_cpu_threads,
+    eval_transform,
+    experiment_dir,
+    fold_dir,
+    load_checkpoint,
+    make_loader,
+    model_from_checkpoint,
+    predict_probs,
+    prepare_train_data,
+)
+
+log = logging.getLogger("predict")
+
+TTA_CHOICES = ("none", "hflip", "flip", "d4")
+
+
+def tta_transforms(name: str) -> ttach.Compose | None:
+    """The ttach transform list of a TTA setting; None for no TTA."""
+    if name == "none":
+        return None
+    if name == "hflip":
+        return ttach.Compose([ttach.HorizontalFlip()])
+    if name == "flip":
+        return ttach.Compose([ttach.HorizontalFlip(), ttach.VerticalFlip()])
+    if name == "d4":
+        return ttach.Compose([ttach.HorizontalFlip(), ttach.Rotate90(angles=[0, 90, 180, 270])])
+    raise ConfigError(f"unknown TTA {name!r}; choose one of {', '.join(TTA_CHOICES)}")
+
+
+def probability_model(model: nn.Module, tta: str) -> nn.Module:
+    """A module mapping images to class probabilities, averaged over the TTA views."""
+    probs = Probabilities(model)
+    transforms = tta_transforms(tta)
+    if transforms is None:
+        return probs
+    return ttach.SegmentationTTAWrapper(probs, transforms, merge_mode="mean")
+
+
+def fold_checkpoints(cfg: dict[str, Any], model_name: str, n_folds: int) -> list[Path]:
+    paths = [fold_dir(cfg, model_name, k) / "best.pt" for k in range(n_folds)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(
+            f"{model_name}: no trained model for {len(missing)} of {n_folds} folds "
+            f"({', '.join(missing)}); run train.py --model {model_name} --fold all first"
+        )
+    return paths
+
+
+def reusable_oof(
+    path: Path, tta: str, split_id: str, ids: list[str], size: list[int]
+) -> ProbMaps | None:
+    """train.py's fold OOF store, if it answers exactly the question asked now."""
+    if not (path / "meta.json").is_file():
+        return None
+    store = load_probs(path)
+    same = (
+        store.meta.get("tta") == tta
+        and store.split_id == split_id
+        and store.ids == ids
+        and list(store.size) == list(size)
+    )
+    return store if same else None
+
+
+def _check_checkpoint(ckpt: dict[str, Any], path: Path, split_id: str, size: list[int]) -> None:
+    if ckpt["split_id"] != split_id:
+        raise DataError(
+            f"{path} was trained on split {ckpt['split_id']} but folds.json is split {split_id}"
+        )
+    trained = list(ckpt["config"]["data"]["img_size"])
+    if trained != list(size):
+        raise ConfigError(f"{path} was trained at {trained} but data.img_size is {size}")
+
+
+def prepare_test_items(cfg: dict[str, Any]) -> list[CachedItem]:
+    """The test images at working size, through the same cache as the train images."""
+    data_cfg = cfg["data"]
+    return prepare(
+        list_test(Path(cfg["data_dir"])),
+        size=tuple(data_cfg["img_size"]),
+        cache_dir=Path(cfg["out_dir"]) / "cache",
+        thresholds=MaskThresholds(**(data_cfg.get("mask") or {})),
+        workers=max(1, int(data_cfg.get("num_workers", 0))),
+    )
+
+
+def predict_model(
+    cfg: dict[str, Any], model_name: str, tta: str, batch_size: int, device: torch.device
+) -> tuple[Path, Path]:
+    """Write `<model>/oof/` and `<model>/test/`; returns their paths."""
+    model_entry(cfg, model_name)
+    tta_transforms(tta)
+    dist = Dist(rank=0, world_size=1, device=device)
+    data = prepare_train_data(cfg, dist)
+    test_items = prepare_test_items(cfg)
+    folds = data.folds
+    split_id = folds.split_id
+    size = list(cfg["data"]["img_size"])
+    checkpoints = fold_checkpoints(cfg, model_name, folds.n_folds)
+    precision: Precision = choose_precision(
+        device, bool(cfg["train"].get("amp", True)), bool(cfg["train"].get("channels_last", True))
+    )
+    workers = int(cfg["data"].get("num_workers", 0))
+    transform = eval_transform(cfg)
+
+    def loader(items: list[CachedItem]) -> Any:
+        return make_loader(SegDataset(items, transform), batch_size, workers, device, None)
+
+    oof_parts: list[ProbMaps] = []
+    test_sum = np.zeros((len(test_items), 3, *size), np.float32)
+    for k, path in enumerate(checkpoints):
+        ckpt = load_checkpoint(path, device)
+        _check_checkpoint(ckpt, path, split_id, size)
+        model = model_from_checkpoint(ckpt, device)
+        if precision.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        probs_model = probability_model(model, tta)
+        val_ids = folds.val_ids(k)
+        part = reusable_oof(path.parent / "oof", tta, split_id, val_ids, size)
+        if part is None:
+            val_items = data.subset(val_ids)
+            raw = quantise(
+                predict_probs(probs_model, loader(val_items), device, precision, f"fold {k} oof")
+            )
+            meta = {"split_id": split_id, "folds": [k] * len(val_ids)}
+            part = ProbMaps(val_ids, [it.orig_size for it in val_items], meta, raw)
+        else:
+            log.info("fold %d: reusing %s (same TTA and split)", k, path.parent / "oof")
+        oof_parts.append(part)
+        test_probs = predict_probs(
+            probs_model, loader(test_items), device, precision, f"fold {k} test"
+        )
+        test_sum += test_probs
+
+    joined = concat(oof_parts)
+    ids = sorted(joined.ids)
+    expected = sorted(it.id for it in data.items)
+    if ids != expected:
+        raise DataError(
+            f"{model_name}: the fold OOF maps do not cover the {len(expected)} train images once"
+        )
+    joined = joined.subset(ids)
+    out = experiment_dir(cfg) / model_name
+    common = {
+        "model": model_name,
+        "split_id": split_id,
+        "tta": tta,
+        "provenance": provenance(
+            cfg, model=model_name, split_id=split_id, tta=tta, stage="predict"
+        ),
+    }
+    save_probs(
+        out / "oof",
+        ids,
+        joined.raw,
+        joined.orig_sizes,
+        kind="oof",
+        folds=joined.meta["folds"],
+        **common,
+    )
+    save_probs(
+        out / "test",
+        [it.id for it in test_items],
+        test_sum / len(checkpoints),
+        [it.orig_size for it in test_items],
+        kind="test",
+        folds=list(range(folds.n_folds)),
+        **common,
+    )
+    log.info(
+        "%s: wrote %d OOF and %d test maps (TTA %s) to %s",
+        model_name,
+        len(ids),
+        len(test_items),
+        tta,
+        out,
+    )
+    return out / "oof", out / "test"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Out-of-fold and test probabilities of one model's fold checkpoints, with TTA.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="name of an entry in the config's `models:`")
+    p.add_argument("--config", default="configs/bkai.yaml", help="experiment YAML file")
+    p.add_argument(
+        "--data-dir", help="dataset folder (train/, train_gt/, test/); overrides data_dir"
+    )
+    p.add_argument("--out-dir", help="outputs root; overrides out_dir")
+    p.add_argument(
+        "--tta", choices=TTA_CHOICES, help="test-time augmentation; overrides predict.tta"
+    )
+    p.add_argument(
+        "--batch-size", type=int, help="images per forward pass; overrides predict.batch_size"
+    )
+    p.add_argument(
+        "--workers", type=int, help="data loader worker processes; overrides data.num_workers"
+    )
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mixed precision on GPU; overrides train.amp",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key (repeatable)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="more config overrides, same as --set"
+    )
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = load_config(args.config, [*args.set, *args.overrides])
+    flags = {
+        "data_dir": args.data_dir,
+        "out_dir": args.out_dir,
+        "predict.tta": args.tta,
+        "predict.batch_size": args.batch_size,
+        "data.num_workers": args.workers,
+        "train.amp": args.amp,
+    }
+    return apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        cfg = resolve_config(args)
+        configure_cpu_threads(cfg)
+        pcfg = cfg.get("predict") or {}
+        oof, test = predict_model(
+            cfg, args.model, str(pcfg.get("tta", "none")), int(pcfg.get("batch_size", 16)), device
+        )
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.model}: OOF -> {oof}, test -> {test}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
