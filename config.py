@@ -7,12 +7,13 @@ so `train.epochs=3` or `models.unet.kwargs.encoder_name=resnet18` both work.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,49 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             node = child
         node[leaf] = yaml.safe_load(raw)
     return cfg
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    """The flags every stage shares: which config, which data, where outputs go, overrides."""
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        required=default_config is None,
+        help="experiment YAML file",
+    )
+    parser.add_argument(
+        "--data-dir", help="dataset folder (train/, train_gt/, test/); overrides data_dir"
+    )
+    parser.add_argument("--out-dir", help="outputs root; overrides out_dir")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set train.epochs=3 (repeatable)",
+    )
+
+
+def resolve_cli_config(
+    args: argparse.Namespace, flags: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Config file, then `--set`/positional overrides, then the stage's dedicated flags.
+
+    `flags` maps dotted keys to flag values; None means the flag was not given.
+    """
+    cfg = load_config(args.config, [*args.set, *getattr(args, "overrides", [])])
+    given = {"data_dir": args.data_dir, "out_dir": args.out_dir, **(flags or {})}
+    # JSON is valid YAML, so apply_overrides parses each value back exactly.
+    cfg = apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None])
+    for key in ("experiment", "out_dir"):
+        if not cfg.get(key):
+            raise ConfigError(f"{args.config}: missing key {key!r}")
+    return cfg
+
+
+def experiment_dir(cfg: dict[str, Any]) -> Path:
+    """Where every artefact of the experiment lives: <out_dir>/<experiment>/."""
+    return Path(cfg["out_dir"]) / str(cfg["experiment"])
 
 
 def model_entry(cfg: dict[str, Any], name: str) -> dict[str, Any]:

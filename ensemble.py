@@ -26,12 +26,17 @@ import numpy as np
 import optuna
 from joblib import Parallel, delayed
 
-from config import ConfigError, provenance
+from config import (
+    ConfigError,
+    add_config_arguments,
+    experiment_dir,
+    provenance,
+    resolve_cli_config,
+)
 from data.atomic import write_json
 from data.probstore import ProbMaps, load_probs, save_probs
 from data.reader import DataError, MaskThresholds, list_train
 from metrics import OBJECTIVES, class_stats, scores_from_stats
-from postprocess import experiment_dir, resolve_stage_config
 
 log = logging.getLogger("ensemble")
 
@@ -254,7 +259,7 @@ def write_blends(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Tune blend weights on OOF predictions and blend.")
-    p.add_argument("--config", required=True, help="experiment YAML file")
+    add_config_arguments(p, default_config=None)
     p.add_argument(
         "--models", nargs="+", help="models to blend (default: ensemble.models, else all)"
     )
@@ -264,8 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=OBJECTIVES,
         help="OOF score to maximise (default: ensemble.objective, else competition)",
     )
-    p.add_argument("--data-dir", help="dataset folder (train/, train_gt/); overrides data_dir")
-    p.add_argument("--out-dir", help="outputs root; overrides out_dir")
     p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
     return p
 
@@ -277,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        cfg = resolve_stage_config(args)
+        cfg = resolve_cli_config(args)
         ecfg = cfg.get("ensemble") or {}
         names = args.models or ecfg.get("models") or sorted(cfg.get("models") or {})
         if not names:

@@ -43,7 +43,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from config import ConfigError, load_config
+from config import ConfigError, add_config_arguments, experiment_dir, resolve_cli_config
 from data.probstore import ProbMaps, load_probs
 from data.reader import DataError, list_test
 from data.submission import check_submission, image_size, write_submission
@@ -271,29 +271,11 @@ def make_submission(
     return []
 
 
-def resolve_stage_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Config with --data-dir/--out-dir applied; shared by the post-training stages."""
-    cfg = load_config(args.config)
-    for key in ("data_dir", "out_dir"):
-        if getattr(args, key, None):
-            cfg[key] = str(getattr(args, key))
-    for key in ("experiment", "out_dir"):
-        if key not in cfg:
-            raise ConfigError(f"{args.config}: missing key {key!r}")
-    return cfg
-
-
-def experiment_dir(cfg: dict[str, Any]) -> Path:
-    return Path(cfg["out_dir"]) / str(cfg["experiment"])
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Post-process the blended test probabilities and write submission.csv."
     )
-    p.add_argument("--config", required=True, type=Path, help="experiment YAML file")
-    p.add_argument("--data-dir", type=Path, help="dataset folder (with test/); overrides data_dir")
-    p.add_argument("--out-dir", type=Path, help="outputs root; overrides out_dir")
+    add_config_arguments(p, default_config=None)
     p.add_argument(
         "--probs", type=Path, help="test probability store (default <out>/<exp>/ensemble/test)"
     )
@@ -315,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        cfg = resolve_stage_config(args)
+        cfg = resolve_cli_config(args)
         exp = experiment_dir(cfg)
         if not cfg.get("data_dir"):
             raise ConfigError("no data dir: give --data-dir or set data_dir in the config")

@@ -26,7 +26,13 @@ import numpy as np
 import optuna
 from joblib import Parallel, delayed
 
-from config import ConfigError, provenance
+from config import (
+    ConfigError,
+    add_config_arguments,
+    experiment_dir,
+    provenance,
+    resolve_cli_config,
+)
 from data.atomic import write_json
 from data.probstore import load_probs
 from data.reader import DataError
@@ -34,9 +40,7 @@ from metrics import OBJECTIVES, class_stats, scores_from_stats
 from postprocess import (
     REGION_MODES,
     PostprocessParams,
-    experiment_dir,
     postprocess,
-    resolve_stage_config,
 )
 
 log = logging.getLogger("tune")
@@ -211,15 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Tune post-processing on the blended OOF maps; writes postprocess.json."
     )
-    p.add_argument("--config", required=True, help="experiment YAML file")
+    add_config_arguments(p, default_config=None)
     p.add_argument("--trials", type=int, help="optuna trials (default: tune.trials, else 100)")
     p.add_argument(
         "--objective",
         choices=OBJECTIVES,
         help="OOF score to maximise (default: tune.objective, else competition)",
     )
-    p.add_argument("--data-dir", help="dataset folder (train/, train_gt/); overrides data_dir")
-    p.add_argument("--out-dir", help="outputs root; overrides out_dir")
     p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
     return p
 
@@ -233,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        cfg = resolve_stage_config(args)
+        cfg = resolve_cli_config(args)
         tcfg = cfg.get("tune") or {}
         trials = int(args.trials or tcfg.get("trials", 100))
         objective = args.objective or tcfg.get("objective", "competition")
