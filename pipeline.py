@@ -1,0 +1,258 @@
+"""Run every stage for every model and fold of a config, like `make`: only what is stale.
+
+train.py skips complete folds itself; the later stages run only when one of their inputs
+is newer than their outputs (a retrained fold, a new blend), so a killed pipeline simply
+continues where it stopped, and a second call does no training. The stages are called
+in-process through their own `main`, so each validates its input exactly as on the
+command line.
+
+At the end the pipeline scores what it made: out-of-fold (all training images, at working
+resolution) always, and on the test set only when the data folder has a `test_gt/`
+(the synthetic demo data does; the real competition data does not). No stage reads
+`test_gt/`; only this final scoring does. It also writes `report.html`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import ensemble
+import postprocess
+import predict
+import train
+import tune
+from config import ConfigError, add_config_arguments, experiment_dir, resolve_cli_config
+from data.atomic import write_json
+from data.cache import load_item, prepare
+from data.probstore import ProbMaps, load_probs
+from data.reader import DataError, MaskThresholds, list_test_gt, list_train, load_mask
+from metrics import class_stats, scores_from_stats
+from postprocess import PostprocessParams, class_maps, load_params
+from report import Case, write_report
+
+log = logging.getLogger("pipeline")
+
+SCORE_KEYS = ("competition", "dice_seg", "dice_neo", "dice_non")
+
+
+class StageFailed(RuntimeError):
+    """A stage's `main` returned non-zero; its own message has been printed already."""
+
+
+def _newest(paths: Sequence[Path]) -> float:
+    return max(p.stat().st_mtime for p in paths)
+
+
+def is_stale(outputs: Sequence[Path], inputs: Sequence[Path]) -> bool:
+    """True when an output is missing or older than an input (inputs must all exist)."""
+    if not all(p.exists() for p in outputs):
+        return True
+    return _newest(inputs) > min(p.stat().st_mtime for p in outputs)
+
+
+def run_stage(name: str, main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> float:
+    """Call a stage's `main`; returns its wall time. Raises StageFailed on a non-zero exit."""
+    log.info("stage %s: %s", name, " ".join(argv))
+    start = time.perf_counter()
+    code = main(list(argv))
+    if code != 0:
+        raise StageFailed(f"stage {name} failed with exit code {code}")
+    return time.perf_counter() - start
+
+
+def model_names(cfg: dict[str, Any]) -> list[str]:
+    """The models the pipeline trains: `ensemble.models` if set, else every config model."""
+    names = list((cfg.get("ensemble") or {}).get("models") or cfg.get("models") or [])
+    if not names:
+        raise ConfigError("the config lists no models")
+    return names
+
+
+def run_stages(cfg: dict[str, Any], common: Sequence[str]) -> dict[str, float]:
+    """Every stale stage, in order; returns the seconds spent per stage."""
+    exp = experiment_dir(cfg)
+    names = model_names(cfg)
+    n_folds = int(cfg["data"]["n_folds"])
+    timings: dict[str, float] = {}
+    for name in names:
+        timings[f"train {name}"] = run_stage(
+            "train", train.main, ["--model", name, "--fold", "all", *common]
+        )
+    for name in names:
+        checkpoints = [exp / name / f"fold{k}" / "best.pt" for k in range(n_folds)]
+        outputs = [exp / name / kind / "meta.json" for kind in ("oof", "test")]
+        if is_stale(outputs, checkpoints):
+            timings[f"predict {name}"] = run_stage(
+                "predict", predict.main, ["--model", name, *common]
+            )
+    model_stores = [exp / n / kind / "meta.json" for n in names for kind in ("oof", "test")]
+    blend_outputs = [exp / "ensemble" / "weights.json", exp / "ensemble" / "test" / "meta.json"]
+    if is_stale(blend_outputs, model_stores):
+        timings["ensemble"] = run_stage("ensemble", ensemble.main, ["--models", *names, *common])
+    if is_stale([exp / "postprocess.json"], [exp / "ensemble" / "oof" / "meta.json"]):
+        timings["tune"] = run_stage("tune", tune.main, common)
+    timings["submission"] = run_stage("postprocess", postprocess.main, common)
+    return timings
+
+
+def _scores(stats: np.ndarray) -> dict[str, float]:
+    scores = scores_from_stats(stats)
+    return {k: scores[k] for k in SCORE_KEYS}
+
+
+def test_scores(
+    stores: dict[str, ProbMaps], params: PostprocessParams, data_dir: Path, cfg: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Each store scored at original size against `test_gt/`, without and with post-processing."""
+    gt_samples = {s.id: s for s in list_test_gt(data_dir) or []}
+    thresholds = MaskThresholds.from_mapping((cfg.get("data") or {}).get("mask") or {})
+    rows = []
+    targets: dict[str, np.ndarray] = {}
+    for label, store in stores.items():
+        missing = [i for i in store.ids if i not in gt_samples]
+        if missing:
+            raise DataError(
+                f"test_gt has no mask for {len(missing)} test images, e.g. {missing[0]}"
+            )
+        for i in store.ids:
+            if i not in targets:
+                targets[i] = load_mask(gt_samples[i].mask, thresholds)
+        gt = [targets[i] for i in store.ids]
+        for variant, p in (("argmax", PostprocessParams()), ("post-processed", params)):
+            preds = [m for _, m in class_maps(store, p)]
+            rows.append({"model": label, "variant": variant, **_scores(class_stats(preds, gt))})
+    return rows
+
+
+def oof_cases(
+    store: ProbMaps, cfg: dict[str, Any], params: PostprocessParams, n: int = 3
+) -> tuple[list[Case], list[Case]]:
+    """The n best and n worst OOF images of the blend, by post-processed competition score."""
+    size = tuple(store.size)
+    samples = {s.id: s for s in list_train(Path(cfg["data_dir"]))}
+    data_cfg = cfg.get("data") or {}
+    items = prepare(
+        [samples[i] for i in store.ids],
+        size=size,
+        cache_dir=Path(cfg["out_dir"]) / "cache",
+        thresholds=MaskThresholds.from_mapping(data_cfg.get("mask") or {}),
+        workers=1,
+    )
+    cases = []
+    for i, item in enumerate(items):
+        image, target = load_item(item)
+        raw = postprocess.postprocess(store.raw[i], size, PostprocessParams())
+        post = postprocess.postprocess(store.raw[i], size, params)
+        stats = class_stats(np.stack([raw, post]), np.stack([target, target]))
+        score, score_post = (scores_from_stats(stats[j : j + 1])["competition"] for j in (0, 1))
+        cases.append(Case(item.id, image, target, raw, post, score, score_post))
+    cases.sort(key=lambda c: c.score_post)
+    return cases[::-1][:n], cases[:n]
+
+
+def format_rows(title: str, rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    widths = [max(len(k), *(len(_fmt(r[k])) for r in rows)) for k in keys]
+    line = "  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True))
+    body = ["  ".join(_fmt(r[k]).rjust(w) for k, w in zip(keys, widths, strict=True)) for r in rows]
+    return "\n".join([title, line, *body])
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """Score tables (OOF always, test when test_gt exists) and the HTML report."""
+    exp = experiment_dir(cfg)
+    names = model_names(cfg)
+    blend_doc = json.loads((exp / "ensemble" / "weights.json").read_text())
+    tuned = json.loads((exp / "postprocess.json").read_text())
+    params = load_params(exp / "postprocess.json")
+    oof_rows = []
+    for name, by_fold in blend_doc["scores"].items():
+        oof_rows.append({"model": name, **{k: by_fold["all"][k] for k in SCORE_KEYS}})
+    oof_rows.append(
+        {"model": "blend + post-processing", **{k: tuned["scores"]["tuned"][k] for k in SCORE_KEYS}}
+    )
+    tables = [("Out-of-fold (working resolution)", oof_rows)]
+    data_dir = Path(cfg["data_dir"])
+    if list_test_gt(data_dir):
+        stores = {n: load_probs(exp / n / "test") for n in names}
+        stores["blend"] = load_probs(exp / "ensemble" / "test")
+        tables.append(
+            ("Test set (original size, test_gt/)", test_scores(stores, params, data_dir, cfg))
+        )
+    timing_rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]
+    if timing_rows:
+        tables.append(("Stages run in this call", timing_rows))
+    best, worst = oof_cases(load_probs(exp / "ensemble" / "oof"), cfg, params)
+    logs = {
+        n: {k: exp / n / f"fold{k}" / "log.jsonl" for k in range(int(cfg["data"]["n_folds"]))}
+        for n in names
+    }
+    steps = ", ".join(params.active_steps()) or "none"
+    notes = [
+        f"Blend weights: {dict(zip(blend_doc['models'], blend_doc['weights'], strict=True))}.",
+        f"Post-processing kept on OOF: {steps}.",
+    ]
+    report = write_report(
+        exp / "report.html", f"neopolyp: {cfg['experiment']}", tables, logs, best, worst, notes
+    )
+    write_json(exp / "scores.json", {"tables": {t: rows for t, rows in tables}})
+    return {"tables": tables, "report": report}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train, predict, blend, tune and submit for every model and fold of a "
+        "config, skipping what is complete; ends with a score table and report.html.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(p, default_config=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    start = time.perf_counter()
+    common = ["--config", args.config]
+    for flag, value in (("--data-dir", args.data_dir), ("--out-dir", args.out_dir)):
+        if value:
+            common += [flag, str(value)]
+    for item in args.set:
+        common += ["--set", item]
+    try:
+        cfg = resolve_cli_config(args)
+        if not cfg.get("data_dir"):
+            raise ConfigError("no data dir: give --data-dir or set data_dir in the config")
+        timings = run_stages(cfg, common)
+        summary = summarise(cfg, timings)
+    except (ConfigError, DataError, StageFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    for title, rows in summary["tables"]:
+        print(format_rows(title, rows), end="\n\n")
+    print(f"report: {summary['report']}")
+    print(f"submission: {experiment_dir(cfg) / 'submission.csv'}")
+    print(f"pipeline finished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
