@@ -1,0 +1,82 @@
+"""pipeline.py end to end on tiny data: every artefact, a valid submission, and a second
+call that redoes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import yaml
+
+import pipeline
+from data.submission import check_submission
+from tests.trainkit import write_config
+
+
+def _config(tmp_path, tiny_data):
+    path = write_config(tmp_path, tiny_data, epochs=1)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["models"]["tiny2"] = {"arch": "unet_mobilenetv3", "kwargs": {}, "pretrained": None}
+    cfg["ensemble"] = {"models": ["tiny", "tiny2"], "trials": 3, "objective": "competition"}
+    cfg["tune"] = {"trials": 3, "objective": "competition"}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _artefacts(exp):
+    return sorted(
+        [
+            *exp.glob("*/fold*/best.pt"),
+            *exp.glob("*/fold*/last.pt"),
+            *exp.glob("*/oof/meta.json"),
+            *exp.glob("*/test/meta.json"),
+            exp / "ensemble" / "weights.json",
+            exp / "postprocess.json",
+        ]
+    )
+
+
+def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, capsys):
+    config = _config(tmp_path, tiny_data)
+    assert pipeline.main(["--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    exp = tmp_path / "out" / "tiny"
+    assert "Test set (original size, test_gt/)" in out and "blend" in out
+    assert check_submission(exp / "submission.csv", tiny_data) == []
+    html = (exp / "report.html").read_text()
+    assert "Training curves" in html and "Worst out-of-fold cases" in html
+    assert "data:image/png;base64," in html
+    tables = json.loads((exp / "scores.json").read_text())["tables"]
+    test_rows = tables["Test set (original size, test_gt/)"]
+    assert {r["model"] for r in test_rows} == {"tiny", "tiny2", "blend"}
+    assert all(0.0 <= r["competition"] <= 1.0 for r in test_rows)
+
+    artefacts = _artefacts(exp)
+    # 2 models x 2 folds x 2 checkpoints, 3 x (oof, test) stores, weights, postprocess.json
+    assert len(artefacts) == 8 + 6 + 2
+    before = {p: p.stat().st_mtime_ns for p in artefacts}
+    assert pipeline.main(["--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in artefacts} == before
+    assert "predict" not in out and "ensemble " not in out
+
+
+def test_stale_outputs_follow_their_inputs(tmp_path):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.write_text("a")
+    assert pipeline.is_stale([dst], [src])
+    dst.write_text("b")
+    old = time.time() - 100
+    os.utime(src, (old, old))
+    assert not pipeline.is_stale([dst], [src])
+    os.utime(src, None)
+    os.utime(dst, (old, old))
+    assert pipeline.is_stale([dst], [src])
+
+
+def test_a_bad_config_fails_before_any_stage(tmp_path, tiny_data, capsys):
+    config = _config(tmp_path, tiny_data)
+    assert pipeline.main(["--config", str(config), "--set", "ensemble.models=[nope]"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "tiny").exists()
