@@ -24,7 +24,6 @@ and ttach rotates each prediction back to H x W before averaging.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -36,19 +35,26 @@ import torch
 import ttach
 from torch import nn
 
-from config import ConfigError, apply_overrides, load_config, model_entry, provenance
+from config import (
+    ConfigError,
+    add_config_arguments,
+    experiment_dir,
+    model_entry,
+    provenance,
+    resolve_cli_config,
+)
 from data.cache import CachedItem, prepare
 from data.dataset import SegDataset
 from data.probstore import ProbMaps, concat, load_probs, quantise, save_probs
 from data.reader import DataError, MaskThresholds, list_test
 from train import (
+    DEFAULT_CONFIG,
     Dist,
     Precision,
     Probabilities,
     choose_precision,
     configure_cpu_threads,
     eval_transform,
-    experiment_dir,
     fold_dir,
     load_checkpoint,
     make_loader,
@@ -233,11 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="name of an entry in the config's `models:`")
-    p.add_argument("--config", default="configs/bkai.yaml", help="experiment YAML file")
-    p.add_argument(
-        "--data-dir", help="dataset folder (train/, train_gt/, test/); overrides data_dir"
-    )
-    p.add_argument("--out-dir", help="outputs root; overrides out_dir")
+    add_config_arguments(p, DEFAULT_CONFIG)
     p.add_argument(
         "--tta", choices=TTA_CHOICES, help="test-time augmentation; overrides predict.tta"
     )
@@ -254,29 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed precision on GPU; overrides train.amp",
     )
     p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key (repeatable)",
-    )
-    p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="more config overrides, same as --set"
     )
     return p
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_config(args.config, [*args.set, *args.overrides])
     flags = {
-        "data_dir": args.data_dir,
-        "out_dir": args.out_dir,
         "predict.tta": args.tta,
         "predict.batch_size": args.batch_size,
         "data.num_workers": args.workers,
         "train.amp": args.amp,
     }
-    return apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None])
+    return resolve_cli_config(args, flags)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

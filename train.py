@@ -45,7 +45,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from config import ConfigError, apply_overrides, load_config, model_entry, provenance, save_config
+from config import (
+    ConfigError,
+    add_config_arguments,
+    experiment_dir,
+    model_entry,
+    provenance,
+    resolve_cli_config,
+    save_config,
+)
 from data.atomic import save_torch, write_text
 from data.augment import build_transforms
 from data.cache import CachedItem, prepare
@@ -106,11 +114,7 @@ def parse_folds(spec: str, n_folds: int) -> list[int]:
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Config file, then `key=value` overrides, then the dedicated flags, then checks."""
-    cfg = load_config(args.config, [*args.set, *args.overrides])
-    model_entry(cfg, args.model)
     flags: dict[str, Any] = {
-        "data_dir": args.data_dir,
-        "out_dir": args.out_dir,
         "seed": args.seed,
         "train.epochs": args.epochs,
         "train.batch_size": args.batch_size,
@@ -121,11 +125,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "train.wandb": True if args.wandb else None,
         "train.compile": True if args.compile else None,
     }
-    # JSON is valid YAML, so apply_overrides parses each value back exactly.
-    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     if args.pretrained is not None:
-        overrides.append(f"models.{args.model}.pretrained={json.dumps(args.pretrained)}")
-    cfg = apply_overrides(cfg, overrides)
+        flags[f"models.{args.model}.pretrained"] = args.pretrained
+    cfg = resolve_cli_config(args, flags)
+    model_entry(cfg, args.model)
     check_config(cfg)
     # A missing pretrained file is an error now, not after the data has been cached.
     parse_pretrained(model_entry(cfg, args.model).get("pretrained"))
@@ -157,10 +160,6 @@ def check_config(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"{key} must be at least 1")
     if float(_get(cfg, "train.lr")) <= 0:
         raise ConfigError("train.lr must be positive")
-
-
-def experiment_dir(cfg: dict[str, Any]) -> Path:
-    return Path(cfg["out_dir"]) / str(cfg["experiment"])
 
 
 def fold_dir(cfg: dict[str, Any], model_name: str, fold: int) -> Path:
@@ -922,11 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fold", required=True, help="fold index, comma-separated indices, or 'all' (in sequence)"
     )
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="experiment YAML file")
-    p.add_argument(
-        "--data-dir", help="dataset folder (train/, train_gt/, test/); overrides data_dir"
-    )
-    p.add_argument("--out-dir", help="outputs root; overrides out_dir")
+    add_config_arguments(p, DEFAULT_CONFIG)
     p.add_argument("--epochs", type=int, help="overrides train.epochs")
     p.add_argument(
         "--batch-size", type=int, help="per-process batch size; overrides train.batch_size"
@@ -962,13 +957,6 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="mixed precision on GPU (bf16, else fp16); overrides train.amp",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key (repeatable)",
     )
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="more config overrides, same as --set"
