@@ -85,7 +85,9 @@ def run_stages(cfg: dict[str, Any], common: Sequence[str]) -> dict[str, float]:
     timings: dict[str, float] = {}
     for name in names:
         timings[f"train {name}"] = run_stage(
-            "train", train.main, ["--model", name, "--fold", "all", *common]
+            "train",
+            train.main,
+            ["--model", name, "--fold", "all", "--resume", *common],
         )
     for name in names:
         checkpoints = [exp / name / f"fold{k}" / "best.pt" for k in range(n_folds)]
