@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-HEADER = "# Benchmarks\n\nFigures written by the scripts in `bench/`; rerun a script to refresh its section.\n"
+HEADER = (
+    "# Benchmarks\n\n"
+    "Figures written by the scripts in `bench/`; rerun a script to refresh its section.\n"
+)
 
 
 def machine() -> str:
