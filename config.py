@@ -11,6 +11,7 @@ import argparse
 import copy
 import hashlib
 import json
+import logging
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
@@ -53,6 +54,14 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             node = child
         node[leaf] = yaml.safe_load(raw)
     return cfg
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One log format for every stage, so a pipeline's log reads as one story."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:

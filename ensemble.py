@@ -32,6 +32,7 @@ from config import (
     experiment_dir,
     provenance,
     resolve_cli_config,
+    setup_logging,
 )
 from data.atomic import write_json
 from data.probstore import ProbMaps, load_probs, save_probs
@@ -263,21 +264,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models", nargs="+", help="models to blend (default: ensemble.models, else all)"
     )
-    p.add_argument("--trials", type=int, help="optuna trials (default: ensemble.trials, else 100)")
+    add_search_arguments(p, "ensemble")
+    return p
+
+
+def add_search_arguments(p: argparse.ArgumentParser, section: str) -> None:
+    """--trials/--objective/--jobs of the optuna stages; defaults come from `section`."""
+    p.add_argument(
+        "--trials", type=int, help=f"optuna trials (default: {section}.trials, else 100)"
+    )
     p.add_argument(
         "--objective",
         choices=OBJECTIVES,
-        help="OOF score to maximise (default: ensemble.objective, else competition)",
+        help=f"OOF score to maximise (default: {section}.objective, else competition)",
     )
     p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
-    return p
+
+
+def search_settings(args: argparse.Namespace, cfg: dict[str, Any], section: str) -> tuple[int, str]:
+    """(trials, objective) from the flags, else the config's `section`, else defaults."""
+    scfg = cfg.get(section) or {}
+    objective = args.objective or scfg.get("objective", "competition")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"{section}.objective must be one of {OBJECTIVES}, got {objective!r}")
+    return int(args.trials or scfg.get("trials", 100)), objective
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         cfg = resolve_cli_config(args)
@@ -285,10 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = args.models or ecfg.get("models") or sorted(cfg.get("models") or {})
         if not names:
             raise ConfigError("no models to blend: give --models or set ensemble.models")
-        objective = args.objective or ecfg.get("objective", "competition")
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"ensemble.objective must be one of {OBJECTIVES}, got {objective!r}")
-        trials = int(args.trials or ecfg.get("trials", 100))
+        trials, objective = search_settings(args, cfg, "ensemble")
         exp = experiment_dir(cfg)
         oof = align_stores([load_probs(exp / m / "oof") for m in names])
         targets = load_targets(cfg, oof[0].ids, oof[0].size)

@@ -30,7 +30,13 @@ import postprocess
 import predict
 import train
 import tune
-from config import ConfigError, add_config_arguments, experiment_dir, resolve_cli_config
+from config import (
+    ConfigError,
+    add_config_arguments,
+    experiment_dir,
+    resolve_cli_config,
+    setup_logging,
+)
 from data.atomic import write_json
 from data.cache import load_item, prepare
 from data.probstore import ProbMaps, load_probs
@@ -228,9 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging()
     start = time.perf_counter()
     common = ["--config", args.config]
     for flag, value in (("--data-dir", args.data_dir), ("--out-dir", args.out_dir)):

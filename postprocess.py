@@ -43,7 +43,13 @@ import numpy as np
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from config import ConfigError, add_config_arguments, experiment_dir, resolve_cli_config
+from config import (
+    ConfigError,
+    add_config_arguments,
+    experiment_dir,
+    resolve_cli_config,
+    setup_logging,
+)
 from data.probstore import ProbMaps, load_probs
 from data.reader import DataError, list_test
 from data.submission import check_submission, image_size, write_submission
@@ -293,9 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging()
     try:
         cfg = resolve_cli_config(args)
         exp = experiment_dir(cfg)

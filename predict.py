@@ -42,6 +42,7 @@ from config import (
     model_entry,
     provenance,
     resolve_cli_config,
+    setup_logging,
 )
 from data.cache import CachedItem, prepare
 from data.dataset import SegDataset
@@ -273,9 +274,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         cfg = resolve_config(args)

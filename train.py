@@ -53,6 +53,7 @@ from config import (
     provenance,
     resolve_cli_config,
     save_config,
+    setup_logging,
 )
 from data.atomic import save_torch, write_text
 from data.augment import build_transforms
@@ -967,10 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     dist = init_dist()
-    logging.basicConfig(
-        level=logging.INFO if dist.is_main else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(logging.INFO if dist.is_main else logging.WARNING)
     try:
         cfg = resolve_config(args)
         folds = parse_folds(args.fold, int(cfg["data"]["n_folds"]))

@@ -32,10 +32,12 @@ from config import (
     experiment_dir,
     provenance,
     resolve_cli_config,
+    setup_logging,
 )
 from data.atomic import write_json
 from data.probstore import load_probs
 from data.reader import DataError
+from ensemble import add_search_arguments, load_targets, search_settings
 from metrics import OBJECTIVES, class_stats, scores_from_stats
 from postprocess import (
     REGION_MODES,
@@ -216,31 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tune post-processing on the blended OOF maps; writes postprocess.json."
     )
     add_config_arguments(p, default_config=None)
-    p.add_argument("--trials", type=int, help="optuna trials (default: tune.trials, else 100)")
-    p.add_argument(
-        "--objective",
-        choices=OBJECTIVES,
-        help="OOF score to maximise (default: tune.objective, else competition)",
-    )
-    p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
+    add_search_arguments(p, "tune")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ensemble import load_targets
-
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         cfg = resolve_cli_config(args)
-        tcfg = cfg.get("tune") or {}
-        trials = int(args.trials or tcfg.get("trials", 100))
-        objective = args.objective or tcfg.get("objective", "competition")
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"tune.objective must be one of {OBJECTIVES}, got {objective!r}")
+        trials, objective = search_settings(args, cfg, "tune")
         exp = experiment_dir(cfg)
         store = load_probs(exp / "ensemble" / "oof")
         targets = load_targets(cfg, store.ids, store.size)
