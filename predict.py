@@ -46,23 +46,12 @@ from config import (
 )
 from data.cache import CachedItem, prepare
 from data.dataset import SegDataset
+from data.loader import make_loader
 from data.probstore import ProbMaps, concat, load_probs, quantise, save_probs
 from data.reader import DataError, MaskThresholds, list_test
-from train import (
-    DEFAULT_CONFIG,
-    Dist,
-    Precision,
-    Probabilities,
-    choose_precision,
-    configure_cpu_threads,
-    eval_transform,
-    fold_dir,
-    load_checkpoint,
-    make_loader,
-    model_from_checkpoint,
-    predict_probs,
-    prepare_train_data,
-)
+from models.inference import Probabilities, load_checkpoint, model_from_checkpoint, predict_probs
+from runtime import Dist, Precision, choose_precision, configure_cpu_threads
+from train import DEFAULT_CONFIG, eval_transform, fold_dir, prepare_train_data
 
 log = logging.getLogger("predict")
 

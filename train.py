@@ -27,22 +27,18 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import (
@@ -60,17 +56,34 @@ from data.augment import build_transforms
 from data.cache import CachedItem, prepare
 from data.dataset import SegDataset
 from data.folds import Folds, load_or_make_folds
+from data.loader import SeededDataset, SeededSampler, make_loader
 from data.probstore import save_probs
 from data.reader import DataError, MaskThresholds, list_train
 from metrics import class_stats, scores_from_stats
 from models import build_model
+from models.inference import (
+    NUM_CLASSES,
+    Probabilities,
+    load_checkpoint,
+    predict_probs,
+)
 from models.losses import SegLoss
 from models.pretrained import parse_pretrained
+from runtime import (
+    Dist,
+    Precision,
+    choose_precision,
+    configure_cpu_threads,
+    derive_seed,
+    init_dist,
+    rng_state,
+    set_rng_state,
+    to_device,
+)
 
 log = logging.getLogger("train")
 
 DEFAULT_CONFIG = "configs/bkai.yaml"
-NUM_CLASSES = 3
 # Steps between host syncs of the running loss: one sync per step would stall the GPU queue.
 LOSS_CHECK_EVERY = 20
 
@@ -167,164 +180,7 @@ def fold_dir(cfg: dict[str, Any], model_name: str, fold: int) -> Path:
     return experiment_dir(cfg) / model_name / f"fold{fold}"
 
 
-# --------------------------------------------------------------------------- devices, DDP
-
-
-@dataclass(frozen=True)
-class Dist:
-    """Where this process runs; world_size 1 without torchrun."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            tdist.barrier()
-
-
-def init_dist() -> Dist:
-    """Read torchrun's environment; nccl on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=rank, world_size=world, device=device)
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Autocast dtype (None = fp32) and memory format for one device."""
-
-    device_type: str
-    dtype: torch.dtype | None
-    channels_last: bool
-
-    def autocast(self) -> AbstractContextManager[Any]:
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-    @property
-    def needs_scaler(self) -> bool:
-        return self.dtype == torch.float16
-
-
-def choose_precision(device: torch.device, amp: bool, channels_last: bool) -> Precision:
-    """bf16 where the GPU has it, else fp16 + GradScaler; CPUs train in fp32 (bf16 autocast
-    on CPUs without AMX is slower, and channels_last does not help the CPU kernels here)."""
-    if device.type != "cuda":
-        return Precision(device.type, None, False)
-    dtype = None
-    if amp:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return Precision("cuda", dtype, channels_last)
-
-
-def configure_cpu_threads(cfg: dict[str, Any]) -> None:
-    """Intra-op threads for the training process; loader workers need the other cores.
-
-    `train.cpu_threads` wins when set; otherwise all cores minus one per loader worker,
-    and at least one.
-    """
-    threads = cfg["train"].get("cpu_threads")
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) - int(cfg["data"].get("num_workers", 0)))
-    torch.set_num_threads(int(threads))
-
-
-def derive_seed(*parts: int) -> int:
-    """A 32-bit seed that depends on every part, so streams never overlap."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # --------------------------------------------------------------------------- data
-
-
-class SeededSampler(Sampler[tuple[int, int]]):
-    """Shuffled (and, under DDP, sharded) indices, each with its own augmentation seed.
-
-    The permutation comes from DistributedSampler seeded by (seed, epoch); the per-sample
-    seed from (seed, epoch, index). Neither depends on what ran before, which is what makes
-    a resumed run draw the same batches and augmentations as an uninterrupted one.
-    """
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.seed = seed
-        self.epoch = 0
-        self.inner = DistributedSampler(
-            range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
-        )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.inner.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.inner:
-            yield index, derive_seed(self.seed, self.epoch, index)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-
-class SeededDataset(Dataset):
-    """Reseeds every random source (albumentations' own generators included) per sample."""
-
-    def __init__(self, dataset: Dataset, transform: Any) -> None:
-        self.dataset = dataset
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, seed = key
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        self.transform.set_random_seed(seed)
-        return self.dataset[index]
-
-
-def _init_worker(_: int) -> None:
-    # OpenCV's own thread pool in every worker would oversubscribe the cores.
-    import cv2
-
-    cv2.setNumThreads(1)
 
 
 @dataclass
@@ -375,26 +231,6 @@ def prepare_train_data(cfg: dict[str, Any], dist: Dist) -> TrainData:
     return data
 
 
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    sampler: Any,
-    drop_last: bool = False,
-) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=device.type == "cuda",
-        drop_last=drop_last,
-        worker_init_fn=_init_worker if num_workers > 0 else None,
-    )
-
-
 def eval_transform(cfg: dict[str, Any]) -> Any:
     data_cfg = cfg["data"]
     return build_transforms(
@@ -403,15 +239,6 @@ def eval_transform(cfg: dict[str, Any]) -> Any:
 
 
 # --------------------------------------------------------------------------- steps
-
-
-def to_device(
-    batch: dict[str, Any], device: torch.device, precision: Precision
-) -> tuple[torch.Tensor, torch.Tensor]:
-    images = batch["image"].to(device, non_blocking=True)
-    if precision.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, batch["mask"].to(device, non_blocking=True)
 
 
 def train_step(
@@ -505,51 +332,6 @@ def evaluate(
         tdist.all_reduce(loss)
     scores = scores_from_stats(stats.cpu().numpy())
     return {"val_loss": loss[0].item() / max(loss[1].item(), 1.0), **scores}
-
-
-class Probabilities(nn.Module):
-    """Softmax on top of a segmentation model, so that TTA averages probabilities."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(images).float(), dim=1)
-
-
-@torch.no_grad()
-def predict_probs(
-    prob_model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    precision: Precision,
-    desc: str = "predict",
-) -> np.ndarray:
-    """float32 (N, 3, H, W) probabilities of a loader's images, in loader order."""
-    prob_model.eval()
-    out = []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        images, _ = to_device(batch, device, precision)
-        with precision.autocast():
-            probs = prob_model(images)
-        out.append(probs.float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES, 0, 0), np.float32)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Our own checkpoints hold numpy RNG states, hence weights_only=False."""
-    return torch.load(path, map_location=device, weights_only=False)
-
-
-def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> nn.Module:
-    """The trained model of a checkpoint; weights come from it, never from `pretrained`."""
-    model = build_model(ckpt["arch"], num_classes=NUM_CLASSES, pretrained=None, **ckpt["kwargs"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -27,6 +27,9 @@ import train
 from bench.report import update_section
 from config import ConfigError, apply_overrides, load_config, model_entry
 from models import build_model
+from models.inference import NUM_CLASSES
+from models.losses import SegLoss
+from runtime import Dist, Precision, configure_cpu_threads, init_dist
 
 log = logging.getLogger("bench.train_throughput")
 # H200 figures quoted in the issue, for comparison when no GPU is at hand.
@@ -67,13 +70,13 @@ def random_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, *size, generator=gen)
-    masks = torch.randint(0, train.NUM_CLASSES, (batch, *size), generator=gen)
+    masks = torch.randint(0, NUM_CLASSES, (batch, *size), generator=gen)
     return images.to(device), masks.to(device)
 
 
 def time_train_py(
-    cfg: dict[str, Any], entry: dict[str, Any], dist: train.Dist, steps: int, warmup: int
-) -> tuple[float, train.Precision]:
+    cfg: dict[str, Any], entry: dict[str, Any], dist: Dist, steps: int, warmup: int
+) -> tuple[float, Precision]:
     """img/s of train.py's `train_step` with the model, optimizer and precision it builds."""
     learner = train.build_learner(cfg, entry, fold=0, dist=dist)
     learner.train_net.train()
@@ -102,10 +105,10 @@ def time_train_py(
 def time_plain(
     cfg: dict[str, Any], entry: dict[str, Any], device: torch.device, steps: int, warmup: int
 ) -> float:
-    model = build_model(entry["arch"], num_classes=train.NUM_CLASSES, **entry["kwargs"])
+    model = build_model(entry["arch"], num_classes=NUM_CLASSES, **entry["kwargs"])
     model = model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg["train"]["lr"]))
-    loss_fn = train.SegLoss(**(cfg["train"].get("loss") or {})).to(device)
+    loss_fn = SegLoss(**(cfg["train"].get("loss") or {})).to(device)
     batch = int(cfg["train"]["batch_size"])
     images, masks = random_batch(batch, cfg["data"]["img_size"], device)
     return images_per_second(
@@ -115,8 +118,8 @@ def time_plain(
 
 def run(cfg: dict[str, Any], model_name: str, steps: int, warmup: int) -> dict[str, Any]:
     """img/s of both loops on this machine's device (GPU when there is one)."""
-    dist = train.init_dist()
-    train.configure_cpu_threads(cfg)
+    dist = init_dist()
+    configure_cpu_threads(cfg)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     entry = model_entry(cfg, model_name)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import train
 from data.cache import load_item
 from data.probstore import load_probs
 from metrics import dice_scores
+from models.inference import load_checkpoint
 from tests.trainkit import ROOT, fold_path, history, split_of, train_items, write_config
 
 
@@ -28,7 +28,7 @@ def test_two_gloo_processes_train_one_epoch(tmp_path: Path, tiny_data: Path) -> 
     out = fold_path(tmp_path)
     (record,) = history(out)
     assert record["epoch"] == 1 and np.isfinite(record["train_loss"])
-    assert train.load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
     assert (out / "best.pt").is_file() and (out / "config.yaml").is_file()
 
     # The all-reduced validation score of the (only) epoch must equal the score of rank 0's

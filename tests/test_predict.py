@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 import predict
-import train
 from config import load_config
 from data.cache import load_item
 from data.dataset import to_tensor
 from data.probstore import load_probs
 from data.reader import list_test, list_train, load_image
+from models.inference import Probabilities, load_checkpoint, model_from_checkpoint
 from tests.trainkit import fold_path, run_main, split_of, train_items, write_config
 
 CPU = torch.device("cpu")
@@ -32,9 +32,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
 
 
 def fold_model(root: Path, fold: int) -> nn.Module:
-    return train.model_from_checkpoint(
-        train.load_checkpoint(fold_path(root, fold) / "best.pt"), CPU
-    )
+    return model_from_checkpoint(load_checkpoint(fold_path(root, fold) / "best.pt"), CPU)
 
 
 def softmax(model: nn.Module, images: np.ndarray) -> np.ndarray:
@@ -53,7 +51,7 @@ def test_no_tta_reuses_fold_oof_and_averages_folds_on_test(trained: Path, tiny_d
     assert oof.ids == sorted(s.id for s in list_train(tiny_data))
     assert oof.meta["folds"] == [fold_of[i] for i in oof.ids]
     assert oof.meta["kind"] == "oof" and oof.meta["tta"] == "none" and oof.meta["model"] == "tiny"
-    assert oof.split_id == train.load_checkpoint(fold_path(trained, 0) / "best.pt")["split_id"]
+    assert oof.split_id == load_checkpoint(fold_path(trained, 0) / "best.pt")["split_id"]
     for k in (0, 1):
         part = load_probs(fold_path(trained, k) / "oof")
         np.testing.assert_array_equal(oof.subset(part.ids).raw, part.raw)
@@ -117,7 +115,7 @@ def test_tta_of_a_flip_equivariant_model_changes_nothing(tta: str, passes: int) 
     pointwise = Counting(nn.Conv2d(3, 3, kernel_size=1))
     images = torch.randn(2, 3, 64, 96)  # non-square: d4's 90° views are 96x64
     with torch.no_grad():
-        plain = train.Probabilities(pointwise)(images)
+        plain = Probabilities(pointwise)(images)
         pointwise.calls = 0
         merged = predict.probability_model(pointwise, tta)(images)
     assert pointwise.calls == passes
@@ -126,7 +124,7 @@ def test_tta_of_a_flip_equivariant_model_changes_nothing(tta: str, passes: int) 
     spatial = nn.Conv2d(3, 3, kernel_size=3, padding=1)  # not flip-equivariant
     with torch.no_grad():
         changed = predict.probability_model(spatial, tta)(images)
-        assert not torch.allclose(changed, train.Probabilities(spatial)(images), atol=1e-3)
+        assert not torch.allclose(changed, Probabilities(spatial)(images), atol=1e-3)
     torch.testing.assert_close(changed.sum(1), torch.ones(2, 64, 96))
 
 

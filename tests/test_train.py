@@ -17,8 +17,10 @@ import torch
 
 import train
 from config import load_config
+from data.loader import SeededSampler
 from data.probstore import load_probs
 from data.reader import list_train, load_image
+from models.inference import load_checkpoint, model_from_checkpoint
 from tests.trainkit import ROOT, fold_path, history, run_main, split_of, write_config
 
 CHECKPOINT_KEYS = {
@@ -58,15 +60,15 @@ def test_two_epochs_write_every_artefact(trained: Path, tiny_data: Path) -> None
         assert r["images_per_s"] > 0 and r["epoch_time_s"] > 0
     assert records[1]["lr"] == pytest.approx(records[0]["lr"] * 0.5)
 
-    last = train.load_checkpoint(out / "last.pt")
+    last = load_checkpoint(out / "last.pt")
     assert set(last) >= CHECKPOINT_KEYS
     assert last["epoch"] == 2 and last["fold"] == 0 and last["model_name"] == "tiny"
     assert last["best_score"] == pytest.approx(max(r["competition"] for r in records))
     assert last["history"] == records
     assert last["provenance"]["config_hash"]
-    best = train.load_checkpoint(out / "best.pt")
+    best = load_checkpoint(out / "best.pt")
     assert best["epoch"] == max(records, key=lambda r: r["competition"])["epoch"]
-    model = train.model_from_checkpoint(best, torch.device("cpu"))
+    model = model_from_checkpoint(best, torch.device("cpu"))
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
     assert load_config(out / "config.yaml")["train"]["epochs"] == 2
@@ -109,7 +111,7 @@ def test_nan_guard_then_resume_reproduces_the_uninterrupted_run(
     monkeypatch.setattr(train, "SegLoss", NanLoss)
     assert run_main(config, "--fold", "0", "--resume") == 1
     assert "non-finite" in capsys.readouterr().err
-    assert train.load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
     assert [r["epoch"] for r in history(out)] == [1]
     monkeypatch.undo()
 
@@ -118,8 +120,8 @@ def test_nan_guard_then_resume_reproduces_the_uninterrupted_run(
     for a, b in zip(resumed, straight, strict=True):
         for key in ("epoch", "train_loss", "val_loss", "competition", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
-    weights = train.load_checkpoint(out / "last.pt")["model"]
-    reference = train.load_checkpoint(fold_path(trained) / "last.pt")["model"]
+    weights = load_checkpoint(out / "last.pt")["model"]
+    reference = load_checkpoint(fold_path(trained) / "last.pt")["model"]
     for name, tensor in reference.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5)
 
@@ -136,12 +138,12 @@ def test_sigkill_then_resume_finishes_with_each_epoch_once(tmp_path: Path, tiny_
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = train.load_checkpoint(out / "last.pt")["epoch"]
+    done = load_checkpoint(out / "last.pt")["epoch"]
     assert 1 <= done < 3, "the run finished before it could be killed"
 
     assert run_main(config, "--fold", "0", "--resume") == 0
     assert [r["epoch"] for r in history(out)] == [1, 2, 3]
-    assert train.load_checkpoint(out / "last.pt")["epoch"] == 3
+    assert load_checkpoint(out / "last.pt")["epoch"] == 3
     assert load_probs(out / "oof").ids == sorted(i for i, k in split_of(tmp_path).items() if k == 0)
 
 
@@ -182,13 +184,13 @@ def test_wandb_logs_offline_into_the_fold_folder(
 
 
 def test_seeded_sampler_shards_and_reproduces() -> None:
-    shards = [train.SeededSampler(10, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    shards = [SeededSampler(10, seed=3, rank=r, world_size=2) for r in (0, 1)]
     for s in shards:
         s.set_epoch(4)
     drawn = [list(s) for s in shards]
     indices = [i for d in drawn for i, _ in d]
     assert sorted(indices) == list(range(10))
-    again = train.SeededSampler(10, seed=3, rank=0, world_size=2)
+    again = SeededSampler(10, seed=3, rank=0, world_size=2)
     again.set_epoch(4)
     assert list(again) == drawn[0]
     again.set_epoch(5)

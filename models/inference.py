@@ -1,0 +1,63 @@
+"""Trained checkpoints back into models, and models into probability maps.
+
+Used by train.py (each fold's out-of-fold maps) and predict.py (OOF and test maps, TTA).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.registry import build_model
+from runtime import Precision, to_device
+
+NUM_CLASSES = 3
+
+
+class Probabilities(nn.Module):
+    """Softmax on top of a segmentation model, so that TTA averages probabilities."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(images).float(), dim=1)
+
+
+@torch.no_grad()
+def predict_probs(
+    prob_model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    precision: Precision,
+    desc: str = "predict",
+) -> np.ndarray:
+    """float32 (N, 3, H, W) probabilities of a loader's images, in loader order."""
+    prob_model.eval()
+    out = []
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        images, _ = to_device(batch, device, precision)
+        with precision.autocast():
+            probs = prob_model(images)
+        out.append(probs.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES, 0, 0), np.float32)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Our own checkpoints hold numpy RNG states, hence weights_only=False."""
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> nn.Module:
+    """The trained model of a checkpoint; weights come from it, never from `pretrained`."""
+    model = build_model(ckpt["arch"], num_classes=NUM_CLASSES, pretrained=None, **ckpt["kwargs"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
