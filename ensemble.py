@@ -35,7 +35,7 @@ from config import (
     setup_logging,
 )
 from data.atomic import write_json
-from data.probstore import ProbMaps, load_probs, save_probs
+from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
 from data.reader import DataError, MaskThresholds, list_train
 from metrics import OBJECTIVES, class_stats, scores_from_stats
 
@@ -47,21 +47,15 @@ _CHUNK = 32
 
 def align_stores(stores: Sequence[ProbMaps]) -> list[ProbMaps]:
     """The stores in the first one's image order; DataError if they cannot be blended."""
+    check_compatible(stores, "blended")
     first = stores[0]
     for s in stores[1:]:
-        if s.split_id != first.split_id:
-            raise DataError(
-                f"{s.where} has split id {s.split_id!r} but {first.where} has "
-                f"{first.split_id!r}: models trained on different fold splits cannot be blended"
-            )
         if set(s.ids) != set(first.ids):
             only = sorted(set(s.ids) ^ set(first.ids))
             raise DataError(
                 f"{s.where} and {first.where} hold different images "
                 f"({len(only)} in only one of them, e.g. {only[0]})"
             )
-        if s.size != first.size:
-            raise DataError(f"{s.where} is at {s.size} but {first.where} at {first.size}")
     return [first] + [s if s.ids == first.ids else s.subset(first.ids) for s in stores[1:]]
 
 

@@ -182,19 +182,29 @@ def load_probs(path: str | Path) -> ProbMaps:
     return ProbMaps(list(ids), [(int(h), int(w)) for h, w in sizes], meta, raw, path)
 
 
-def concat(stores: Sequence[ProbMaps]) -> ProbMaps:
-    """Join stores (e.g. per-fold OOF stores); refuses different split ids or sizes."""
-    if not stores:
-        raise ValueError("concat needs at least one store")
+def check_compatible(stores: Sequence[ProbMaps], action: str) -> None:
+    """Same fold split and working size, or DataError; `action` says what was attempted.
+
+    Predictions made on different splits leak validation images into training when
+    combined, so their combination is refused rather than silently meaningless.
+    """
     first = stores[0]
     for s in stores[1:]:
         if s.split_id != first.split_id:
             raise DataError(
                 f"{s.where} has split id {s.split_id!r} but {first.where} has "
-                f"{first.split_id!r}: predictions from different fold splits cannot be joined"
+                f"{first.split_id!r}: predictions from different fold splits cannot be {action}"
             )
         if s.size != first.size:
             raise DataError(f"{s.where} is at {s.size} but {first.where} at {first.size}")
+
+
+def concat(stores: Sequence[ProbMaps]) -> ProbMaps:
+    """Join stores (e.g. per-fold OOF stores); refuses different split ids or sizes."""
+    if not stores:
+        raise ValueError("concat needs at least one store")
+    check_compatible(stores, "joined")
+    first = stores[0]
     meta = dict(first.meta)
     fold_lists = [s.meta.get("folds") for s in stores]
     if all(
