@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="threads to render with (output does not depend on it)",
+        default=os.cpu_count() or 1,
+        help="threads to render with, default all cores (output does not depend on it)",
     )
     parser.add_argument(
         "--preview", type=Path, default=None, help="also write a PNG grid of 4 samples to this path"
