@@ -22,7 +22,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-ROWS = ("neo", "non", "seg")
 # Scores a stage may maximise (ensemble weights, post-processing).
 OBJECTIVES = ("competition", "dice_seg", "dice_neo", "dice_non", "mean_micro")
 # Images per step: bounds the temporary code array to ~64 working-size images.

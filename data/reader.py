@@ -25,7 +25,6 @@ from config import ConfigError
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 FOLDERS = ("train", "train_gt", "test", "test_gt")
-STRATA = ("red", "green", "both", "none")
 
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
