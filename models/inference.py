@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data.reader import DataError
 from models.registry import build_model
 from runtime import Precision, to_device
 
@@ -52,8 +53,22 @@ def predict_probs(
 
 # --------------------------------------------------------------------------- checkpoints
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Our own checkpoints hold numpy RNG states, hence weights_only=False."""
-    return torch.load(path, map_location=device, weights_only=False)
+    """A checkpoint of train.py, or DataError naming the file when it cannot be one.
+
+    Our own checkpoints hold numpy RNG states, hence weights_only=False.
+    """
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: checkpoint not found") from None
+    except Exception as exc:
+        raise DataError(
+            f"{path}: unreadable checkpoint ({type(exc).__name__}); it was not written by "
+            "train.py or was damaged after writing: delete it and retrain that fold"
+        ) from exc
+    if not isinstance(ckpt, dict) or not {"model", "arch", "kwargs"} <= ckpt.keys():
+        raise DataError(f"{path}: not a train.py checkpoint (no model/arch/kwargs entries)")
+    return ckpt
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> nn.Module:
