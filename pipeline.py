@@ -112,6 +112,14 @@ def run_stages(cfg: dict[str, Any], common: Sequence[str]) -> dict[str, float]:
     return timings
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A stage's JSON artefact, or DataError naming it (e.g. edited by hand and broken)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); delete it to rerun its stage") from exc
+
+
 def _scores(stats: np.ndarray) -> dict[str, float]:
     scores = scores_from_stats(stats)
     return {k: scores[k] for k in SCORE_KEYS}
@@ -185,8 +193,8 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     """Score tables (OOF always, test when test_gt exists) and the HTML report."""
     exp = experiment_dir(cfg)
     names = model_names(cfg)
-    blend_doc = json.loads((exp / "ensemble" / "weights.json").read_text())
-    tuned = json.loads((exp / "postprocess.json").read_text())
+    blend_doc = read_json(exp / "ensemble" / "weights.json")
+    tuned = read_json(exp / "postprocess.json")
     params = load_params(exp / "postprocess.json")
     oof_rows = []
     for name, by_fold in blend_doc["scores"].items():
