@@ -35,8 +35,9 @@ from config import (
     setup_logging,
 )
 from data.atomic import write_json
+from data.cache import load_item, train_items
 from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
-from data.reader import DataError, MaskThresholds, list_train
+from data.reader import DataError
 from metrics import OBJECTIVES, class_stats, scores_from_stats
 
 log = logging.getLogger("ensemble")
@@ -200,21 +201,7 @@ def format_table(doc: dict[str, Any]) -> str:
 
 def load_targets(cfg: dict[str, Any], ids: Sequence[str], size: tuple[int, int]) -> np.ndarray:
     """Ground-truth class maps (N, H, W) at working size, from the shared data cache."""
-    from data.cache import load_item, prepare
-
-    samples = {s.id: s for s in list_train(Path(cfg["data_dir"]))}
-    missing = [i for i in ids if i not in samples]
-    if missing:
-        raise DataError(f"{len(missing)} OOF ids have no training image, e.g. {missing[0]}")
-    data_cfg = cfg.get("data") or {}
-    items = prepare(
-        [samples[i] for i in ids],
-        size=size,
-        cache_dir=Path(cfg["out_dir"]) / "cache",
-        thresholds=MaskThresholds(**(data_cfg.get("mask") or {})),
-        workers=max(1, int(data_cfg.get("num_workers", 1))),
-    )
-    return np.stack([load_item(it)[1] for it in items])
+    return np.stack([load_item(it)[1] for it in train_items(cfg, ids, size)])
 
 
 def write_blends(

@@ -38,9 +38,9 @@ from config import (
     setup_logging,
 )
 from data.atomic import write_json
-from data.cache import load_item, prepare
+from data.cache import load_item, train_items
 from data.probstore import ProbMaps, load_probs
-from data.reader import DataError, MaskThresholds, list_test_gt, list_train, load_mask
+from data.reader import DataError, MaskThresholds, list_test_gt, load_mask
 from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps, load_params
 from report import Case, write_report
@@ -154,15 +154,7 @@ def oof_cases(
 ) -> tuple[list[Case], list[Case]]:
     """The n best and n worst OOF images of the blend, by post-processed competition score."""
     size = tuple(store.size)
-    samples = {s.id: s for s in list_train(Path(cfg["data_dir"]))}
-    data_cfg = cfg.get("data") or {}
-    items = prepare(
-        [samples[i] for i in store.ids],
-        size=size,
-        cache_dir=Path(cfg["out_dir"]) / "cache",
-        thresholds=MaskThresholds.from_mapping(data_cfg.get("mask") or {}),
-        workers=1,
-    )
+    items = train_items(cfg, store.ids, size)
     cases = []
     for i, item in enumerate(items):
         image, target = load_item(item)

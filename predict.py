@@ -44,11 +44,11 @@ from config import (
     resolve_cli_config,
     setup_logging,
 )
-from data.cache import CachedItem, prepare
+from data.cache import CachedItem, prepare_for_config
 from data.dataset import SegDataset
 from data.loader import make_loader
 from data.probstore import ProbMaps, concat, load_probs, quantise, save_probs
-from data.reader import DataError, MaskThresholds, list_test
+from data.reader import DataError, list_test
 from models.inference import Probabilities, load_checkpoint, model_from_checkpoint, predict_probs
 from runtime import Dist, Precision, choose_precision, configure_cpu_threads
 from train import DEFAULT_CONFIG, eval_transform, fold_dir, prepare_train_data
@@ -119,14 +119,7 @@ def _check_checkpoint(ckpt: dict[str, Any], path: Path, split_id: str, size: lis
 
 def prepare_test_items(cfg: dict[str, Any]) -> list[CachedItem]:
     """The test images at working size, through the same cache as the train images."""
-    data_cfg = cfg["data"]
-    return prepare(
-        list_test(Path(cfg["data_dir"])),
-        size=tuple(data_cfg["img_size"]),
-        cache_dir=Path(cfg["out_dir"]) / "cache",
-        thresholds=MaskThresholds(**(data_cfg.get("mask") or {})),
-        workers=max(1, int(data_cfg.get("num_workers", 0))),
-    )
+    return prepare_for_config(cfg, list_test(Path(cfg["data_dir"])))
 
 
 def predict_model(

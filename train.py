@@ -53,7 +53,7 @@ from config import (
 )
 from data.atomic import save_torch, write_text
 from data.augment import build_transforms
-from data.cache import CachedItem, prepare
+from data.cache import CachedItem, prepare_for_config
 from data.dataset import SegDataset
 from data.folds import Folds, load_or_make_folds
 from data.loader import SeededDataset, SeededSampler, make_loader
@@ -174,6 +174,7 @@ def check_config(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"{key} must be at least 1")
     if float(_get(cfg, "train.lr")) <= 0:
         raise ConfigError("train.lr must be positive")
+    MaskThresholds.from_mapping(cfg["data"].get("mask"))
 
 
 def fold_dir(cfg: dict[str, Any], model_name: str, fold: int) -> Path:
@@ -205,16 +206,9 @@ def prepare_train_data(cfg: dict[str, Any], dist: Dist) -> TrainData:
     """
     samples = list_train(Path(cfg["data_dir"]))
     data_cfg = cfg["data"]
-    thresholds = MaskThresholds(**(data_cfg.get("mask") or {}))
 
     def run() -> TrainData:
-        items = prepare(
-            samples,
-            size=tuple(data_cfg["img_size"]),
-            cache_dir=Path(cfg["out_dir"]) / "cache",
-            thresholds=thresholds,
-            workers=max(1, int(data_cfg.get("num_workers", 0))),
-        )
+        items = prepare_for_config(cfg, samples)
         folds = load_or_make_folds(
             experiment_dir(cfg) / "folds.json",
             {it.id: it.classes for it in items},

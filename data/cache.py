@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -27,7 +28,15 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from data.atomic import atomic_write, write_json
-from data.reader import DataError, MaskThresholds, Sample, decode_mask, load_image, stratum
+from data.reader import (
+    DataError,
+    MaskThresholds,
+    Sample,
+    decode_mask,
+    list_train,
+    load_image,
+    stratum,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +193,31 @@ def load_item(item: CachedItem) -> tuple[np.ndarray, np.ndarray | None]:
     image = np.load(item.image_file)
     mask = np.load(item.mask_file) if item.mask_file is not None else None
     return image, mask
+
+
+def prepare_for_config(
+    cfg: dict[str, Any], samples: Sequence[Sample], size: Sequence[int] | None = None
+) -> list[CachedItem]:
+    """`prepare` with an experiment config's cache folder, working size, thresholds, workers.
+
+    Every stage goes through here, so all of them read the same cache entries.
+    """
+    data_cfg = cfg.get("data") or {}
+    return prepare(
+        samples,
+        size=tuple(size or data_cfg["img_size"]),
+        cache_dir=Path(cfg["out_dir"]) / "cache",
+        thresholds=MaskThresholds.from_mapping(data_cfg.get("mask")),
+        workers=max(1, int(data_cfg.get("num_workers", 1))),
+    )
+
+
+def train_items(
+    cfg: dict[str, Any], ids: Sequence[str], size: Sequence[int] | None = None
+) -> list[CachedItem]:
+    """The cached training items of `ids`, in that order (e.g. an OOF store's order)."""
+    samples = {s.id: s for s in list_train(Path(cfg["data_dir"]))}
+    missing = [i for i in ids if i not in samples]
+    if missing:
+        raise DataError(f"{len(missing)} ids have no training image, e.g. {missing[0]}")
+    return prepare_for_config(cfg, [samples[i] for i in ids], size)
