@@ -68,7 +68,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `path` as a whole.
 
     The old folder, if any, is moved aside first and deleted only after the new one is in
-    place, so at every moment `path` is either the complete old or the complete new one.
+    place, so `path` never holds a mix of the two: it is the complete old or the complete
+    new folder, or, for the instant between two renames, absent (a crash exactly there
+    leaves the old one intact under `.<name>.old-*`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +80,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, DIR_MODE)
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            # a fresh name, so a leftover of a crashed run can never block the move
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:

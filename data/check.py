@@ -32,8 +32,6 @@ from data.reader import (
     stratum,
 )
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Inspection:

@@ -58,7 +58,7 @@ def merge_rare_strata(labels: dict[str, str], n_folds: int) -> dict[str, str]:
     counts = Counter(labels.values())
     target = {s: s for s in counts}
     for rare in sorted((s for s in counts if counts[s] < n_folds), key=lambda s: counts[s]):
-        if counts[rare] == 0:
+        if counts[rare] == 0 or counts[rare] >= n_folds:  # emptied, or grown by a merge
             continue
         candidates = [s for s in _RELATED.get(rare, ()) if counts[s] >= n_folds]
         candidates = candidates or [s for s in counts if s != rare and counts[s] > 0]

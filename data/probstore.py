@@ -72,9 +72,6 @@ class ProbMaps:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def index(self, image_id: str) -> int:
-        return self._index[image_id]
-
     def get(self, i: int) -> np.ndarray:
         return self.raw[i].astype(np.float32) * np.float32(SCALE)
 
@@ -211,6 +208,8 @@ def concat(stores: Sequence[ProbMaps]) -> ProbMaps:
         isinstance(f, list) and len(f) == len(s) for f, s in zip(fold_lists, stores, strict=True)
     ):
         meta["folds"] = [f for fl in fold_lists for f in fl]
+    else:
+        meta["folds"] = None  # one store without per-image folds: no list lines up with ids
     ids = [i for s in stores for i in s.ids]
     meta["ids"] = ids
     sizes = [sz for s in stores for sz in s.orig_sizes]

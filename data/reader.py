@@ -97,7 +97,12 @@ class MaskThresholds:
             raise ConfigError(
                 f"unknown mask threshold(s) {unknown}; known: {', '.join(sorted(known))}"
             )
-        return cls(**{k: int(v) for k, v in values.items()})
+        out = {}
+        for k, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+                raise ConfigError(f"mask threshold {k}={v!r} must be an integer")
+            out[k] = int(v)
+        return cls(**out)
 
     def key(self) -> str:
         """A stable text form, used in cache keys so changed thresholds re-decode masks."""
@@ -206,7 +211,9 @@ def load_image(path: str | Path) -> np.ndarray:
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     _check_complete(data, path)
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    bgr = cv2.imdecode(
+        np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    )
     if bgr is None:
         raise DataError(f"{path}: not a readable image")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

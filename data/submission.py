@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,8 +26,6 @@ from data.reader import DataError, list_test
 HEADER = ("Id", "Expected")
 # Row suffix -> class id in the class map.
 ROW_CLASSES = {"0": 1, "1": 2}
-
-log = logging.getLogger(__name__)
 
 
 def rle_encode(mask: np.ndarray) -> str:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from data.atomic import atomic_dir, atomic_write, write_json
@@ -33,3 +35,15 @@ def test_artefacts_get_ordinary_permissions(tmp_path):
         pass
     assert (tmp_path / "a.json").stat().st_mode & 0o044 == 0o044
     assert (tmp_path / "d").stat().st_mode & 0o055 == 0o055
+
+
+def test_atomic_dir_is_not_blocked_by_a_crashed_runs_leftover(tmp_path):
+    target = tmp_path / "store"
+    with atomic_dir(target) as tmp:
+        (tmp / "x").write_text("old")
+    leftover = tmp_path / f".store.old-{os.getpid()}"
+    leftover.mkdir()
+    (leftover / "junk").write_text("from a crash")
+    with atomic_dir(target) as tmp:
+        (tmp / "x").write_text("new")
+    assert (target / "x").read_text() == "new"

@@ -103,3 +103,9 @@ def test_rare_strata_are_merged_not_fatal(tmp_path: Path) -> None:
     assert "merged_strata" in (tmp_path / "folds.json").read_text()
     with pytest.raises(DataError, match="cannot make 5 folds"):
         load_or_make_folds(tmp_path / "small.json", {"a": "red", "b": "red"}, 5, seed=0)
+
+
+def test_a_stratum_grown_by_an_earlier_merge_is_not_merged_again():
+    labels = {"a": "both", "b": "red", "c": "red", "d": "green", "e": "green"}
+    target = merge_rare_strata(labels, 3)
+    assert target["both"] == target["green"] == "red" and target["red"] == "red"

@@ -181,3 +181,22 @@ def test_missing_folders_and_dirs_raise(tmp_path: Path) -> None:
     (tmp_path / "train_gt").mkdir()
     with pytest.raises(DataError, match="no images"):
         list_train(tmp_path)
+
+
+def test_exif_orientation_is_ignored_so_sizes_agree_with_the_submission(tmp_path):
+    from PIL import Image
+
+    from data.submission import image_size
+
+    path = tmp_path / "rotated.jpeg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.new("RGB", (40, 20), (200, 50, 50)).save(path, exif=exif)
+    assert load_image(path).shape[:2] == image_size(path) == (20, 40)
+
+
+def test_mask_thresholds_from_config_must_be_integers():
+    assert MaskThresholds.from_mapping({"red_s_min": 90.0}).red_s_min == 90
+    for bad in ({"red_s_min": 7.5}, {"red_s_min": "abc"}, {"red_s_min": None}):
+        with pytest.raises(ConfigError, match="red_s_min"):
+            MaskThresholds.from_mapping(bad)
