@@ -92,14 +92,19 @@ def fold_checkpoints(cfg: dict[str, Any], model_name: str, n_folds: int) -> list
 
 
 def reusable_oof(
-    path: Path, tta: str, split_id: str, ids: list[str], size: list[int]
+    path: Path, tta: str, split_id: str, ids: list[str], size: list[int], best_epoch: int
 ) -> ProbMaps | None:
-    """train.py's fold OOF store, if it answers exactly the question asked now."""
+    """train.py's fold OOF store, if it answers exactly the question asked now.
+
+    `best_epoch` must match too: a fold resumed for more epochs rewrites best.pt before its
+    OOF maps, and blending stale OOF maps with fresh test maps would tune on another model.
+    """
     if not (path / "meta.json").is_file():
         return None
     store = load_probs(path)
     same = (
         store.meta.get("tta") == tta
+        and store.meta.get("best_epoch") == best_epoch
         and store.split_id == split_id
         and store.ids == ids
         and list(store.size) == list(size)
@@ -154,7 +159,7 @@ def predict_model(
             model = model.to(memory_format=torch.channels_last)
         probs_model = probability_model(model, tta)
         val_ids = folds.val_ids(k)
-        part = reusable_oof(path.parent / "oof", tta, split_id, val_ids, size)
+        part = reusable_oof(path.parent / "oof", tta, split_id, val_ids, size, ckpt["epoch"])
         if part is None:
             val_items = data.subset(val_ids)
             raw = quantise(

@@ -640,7 +640,8 @@ def write_fold_oof(
     """Softmax of the fold's validation images from best.pt, at working resolution."""
     device = next(learner.raw.parameters()).device
     model = learner.raw
-    model.load_state_dict(load_checkpoint(out / "best.pt", device)["model"])
+    best = load_checkpoint(out / "best.pt", device)
+    model.load_state_dict(best["model"])
     loader = make_loader(
         SegDataset(val_items, eval_transform(cfg)),
         int(cfg["train"]["batch_size"]),
@@ -665,6 +666,7 @@ def write_fold_oof(
         model=model_name,
         folds=[fold] * len(val_items),
         tta="none",
+        best_epoch=best["epoch"],
         provenance=provenance(
             cfg, model=model_name, fold=fold, split_id=split_id, stage="train-oof"
         ),

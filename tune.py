@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, effective_n_jobs
 
 from config import (
     ConfigError,
@@ -91,7 +91,7 @@ def evaluate(
     """
     if probs.shape[0] != targets.shape[0] or probs.shape[2:] != targets.shape[1:]:
         raise ValueError(f"probs {probs.shape} do not match targets {targets.shape}")
-    n_chunks = max(1, min(len(probs), 4 * max(1, n_jobs)))
+    n_chunks = max(1, min(len(probs), 4 * effective_n_jobs(n_jobs)))
     bounds = np.linspace(0, len(probs), n_chunks + 1).astype(int)
     parts = Parallel(n_jobs=n_jobs, prefer="threads")(
         delayed(_chunk_stats)(probs[lo:hi], targets[lo:hi], params)
@@ -180,6 +180,11 @@ def ablate(
         )
         if not keep:
             current, scores = without, scores_without
+    # Dropping a later step can leave an earlier kept one harming a class on its own.
+    if not all(scores[k] >= baseline[k] for k in class_keys(objective)):
+        log.info("kept steps %s make a class worse than argmax: none kept", current.active_steps())
+        record.append({"step": "all", "kept": False, "no_class_worse_than_argmax": False})
+        current = PostprocessParams()
     return current, record
 
 

@@ -135,3 +135,14 @@ def test_missing_fold_checkpoint_is_a_clear_error(tmp_path: Path, tiny_data: Pat
     err = capsys.readouterr().err
     assert "no trained model for 1 of 2 folds" in err and "fold1" in err
     assert not (tmp_path / "out" / "tiny" / "tiny" / "oof").exists()
+
+
+def test_fold_oof_is_reused_only_for_the_best_pt_that_made_it(trained: Path) -> None:
+    fold = fold_path(trained, 0)
+    store = load_probs(fold / "oof")
+    epoch = load_checkpoint(fold / "best.pt")["epoch"]
+    assert store.meta["best_epoch"] == epoch
+    args = (fold / "oof", "none", store.split_id, store.ids, list(store.size))
+    assert predict.reusable_oof(*args, best_epoch=epoch) is not None
+    # best.pt rewritten by a resumed run that has not written its OOF maps yet
+    assert predict.reusable_oof(*args, best_epoch=epoch + 1) is None

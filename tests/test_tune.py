@@ -93,3 +93,25 @@ def test_cli_writes_postprocess_json(tiny_data, tmp_path, capsys):
     assert doc["scores"]["tuned"]["competition"] > doc["scores"]["argmax"]["competition"]
     PostprocessParams.from_dict(doc["params"])
     assert "kept steps" in capsys.readouterr().out
+
+
+def test_ablation_never_ends_with_a_class_worse_than_argmax(monkeypatch):
+    """min_area is kept while fill_holes is on; fill_holes is then dropped, and min_area
+    alone hurts non-neoplastic: the rule must fall back to plain argmax."""
+    table = {
+        ("min_area", "fill_holes"): (0.80, 0.80, 0.80),
+        ("fill_holes",): (0.70, 0.70, 0.70),
+        ("min_area",): (0.81, 0.95, 0.60),
+        (): (0.70, 0.70, 0.70),
+    }
+
+    def fake_evaluate(probs, targets, params, n_jobs=1):
+        comp, neo, non = table[tuple(params.active_steps())]
+        return {"competition": comp, "competition_neo": neo, "competition_non": non}
+
+    monkeypatch.setattr(tune, "evaluate", fake_evaluate)
+    params = PostprocessParams(min_area_frac=0.01, fill_holes=True)
+    baseline = fake_evaluate(None, None, PostprocessParams())
+    final, record = tune.ablate(None, None, params, "competition", baseline)
+    assert [r["kept"] for r in record[:2]] == [True, False]
+    assert final == PostprocessParams()
