@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from data.atomic import write_text
 from data.synthetic import overlay
+from train import read_log
 
 CURVE_KEYS = ("train_loss", "val_loss", "competition")
 
@@ -47,10 +47,6 @@ def _png(fig: plt.Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def curves_figure(logs: Mapping[str, Mapping[int, Path]]) -> str:
     """One row per model, one column per curve, one line per fold."""
     models = sorted(logs)
@@ -63,7 +59,7 @@ def curves_figure(logs: Mapping[str, Mapping[int, Path]]) -> str:
     for row, model in zip(axes, models, strict=True):
         for ax, key in zip(row, CURVE_KEYS, strict=True):
             for fold, path in sorted(logs[model].items()):
-                records = _read_log(path)
+                records = read_log(path)
                 xs = [r["epoch"] for r in records if key in r]
                 ax.plot(xs, [r[key] for r in records if key in r], marker=".", label=f"fold {fold}")
             ax.set_title(f"{model}: {key}", fontsize=9)

@@ -282,9 +282,15 @@ def train_epoch(
         seen += images.shape[0]
         if step % LOSS_CHECK_EVERY == 0 or step == len(loader):
             mean = total.item() / seen
-            if not math.isfinite(mean):
+            # Every rank must stop together: one that raised alone would leave the others
+            # waiting in the next all-reduce.
+            bad = torch.tensor(float(not math.isfinite(mean)), device=device)
+            if dist.enabled:
+                tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
+            if bad.item():
                 raise TrainingError(
-                    f"{desc}: training loss became non-finite ({mean}) by step {step}"
+                    f"{desc}: training loss became non-finite ({mean} on rank {dist.rank}) "
+                    f"by step {step}"
                 )
             rate = seen * dist.world_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.1f}")

@@ -32,13 +32,9 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 
+from models.ops import resize
+
 ModelOutput = torch.Tensor | dict[str, object]
-
-
-def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 def soft_dice_per_image(
@@ -93,7 +89,7 @@ class SegLoss(nn.Module):
 
     def seg_loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """CE + Dice of one set of class logits, upsampled to the mask if needed."""
-        logits = upsample_to(logits, mask.shape[-2:]).float()
+        logits = resize(logits, mask.shape[-2:]).float()
         loss = self.ce_weight * F.cross_entropy(logits, mask)
         classes = list(range(self.first_class, logits.shape[1]))
         if self.dice_count_absent:
@@ -125,6 +121,6 @@ class SegLoss(nn.Module):
         if binary and self.binary_weight:
             target = (mask > 0).unsqueeze(1).float()
             for side in binary:
-                side = upsample_to(side, mask.shape[-2:]).float()
+                side = resize(side, mask.shape[-2:]).float()
                 loss = loss + self.binary_weight * structure_loss(side, target)
         return loss
