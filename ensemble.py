@@ -262,13 +262,15 @@ def add_search_arguments(p: argparse.ArgumentParser, section: str) -> None:
     p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
 
 
-def search_settings(args: argparse.Namespace, cfg: dict[str, Any], section: str) -> tuple[int, str]:
+def search_settings(
+    cfg: dict[str, Any], section: str, trials: int | None = None, objective: str | None = None
+) -> tuple[int, str]:
     """(trials, objective) from the flags, else the config's `section`, else defaults."""
     scfg = cfg.get(section) or {}
-    objective = args.objective or scfg.get("objective", "competition")
+    objective = objective or scfg.get("objective", "competition")
     if objective not in OBJECTIVES:
         raise ConfigError(f"{section}.objective must be one of {OBJECTIVES}, got {objective!r}")
-    return int(args.trials or scfg.get("trials", 100)), objective
+    return int(trials or scfg.get("trials", 100)), objective
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -281,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = args.models or ecfg.get("models") or sorted(cfg.get("models") or {})
         if not names:
             raise ConfigError("no models to blend: give --models or set ensemble.models")
-        trials, objective = search_settings(args, cfg, "ensemble")
+        trials, objective = search_settings(cfg, "ensemble", args.trials, args.objective)
         exp = experiment_dir(cfg)
         oof = align_stores([load_probs(exp / m / "oof") for m in names])
         targets = load_targets(cfg, oof[0].ids, oof[0].size)

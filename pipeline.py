@@ -1,8 +1,9 @@
 """Run every stage for every model and fold of a config, like `make`: only what is stale.
 
 train.py skips complete folds itself; the later stages run only when one of their inputs
-is newer than their outputs (a retrained fold, a new blend), so a killed pipeline simply
-continues where it stopped, and a second call does no training. The stages are called
+is newer than their outputs (a retrained fold, a new blend) or the settings they recorded
+differ from the config's (TTA, blended models, optuna trials and objective), so a killed
+pipeline simply continues where it stopped, and a second call does no training. The stages are called
 in-process through their own `main`, so each validates its input exactly as on the
 command line.
 
@@ -65,6 +66,22 @@ def is_stale(outputs: Sequence[Path], inputs: Sequence[Path]) -> bool:
     return _newest(inputs) > min(p.stat().st_mtime for p in outputs)
 
 
+def made_otherwise(path: Path, settings: dict[str, Any]) -> bool:
+    """True when a stage's JSON artefact records other settings than the config's now.
+
+    Modification times cannot see a changed `predict.tta` or `tune.trials`; the artefacts
+    record those settings, so a config change reruns the stage that depends on it.
+    """
+    doc = read_json(path)
+    return any(doc.get(k) != v for k, v in settings.items())
+
+
+def recorded_settings(cfg: dict[str, Any], section: str, searched: bool) -> dict[str, Any]:
+    """What an optuna stage records of its settings; `trials` only when it searched."""
+    trials, objective = ensemble.search_settings(cfg, section)
+    return {"objective": objective, "trials": trials} if searched else {"objective": objective}
+
+
 def run_stage(name: str, main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> float:
     """Call a stage's `main`; returns its wall time. Raises StageFailed on a non-zero exit."""
     log.info("stage %s: %s", name, " ".join(argv))
@@ -95,18 +112,23 @@ def run_stages(cfg: dict[str, Any], common: Sequence[str]) -> dict[str, float]:
             train.main,
             ["--model", name, "--fold", "all", "--resume", *common],
         )
+    tta = str((cfg.get("predict") or {}).get("tta", "none"))
     for name in names:
         checkpoints = [exp / name / f"fold{k}" / "best.pt" for k in range(n_folds)]
         outputs = [exp / name / kind / "meta.json" for kind in ("oof", "test")]
-        if is_stale(outputs, checkpoints):
+        if is_stale(outputs, checkpoints) or made_otherwise(outputs[0], {"tta": tta}):
             timings[f"predict {name}"] = run_stage(
                 "predict", predict.main, ["--model", name, *common]
             )
     model_stores = [exp / n / kind / "meta.json" for n in names for kind in ("oof", "test")]
     blend_outputs = [exp / "ensemble" / "weights.json", exp / "ensemble" / "test" / "meta.json"]
-    if is_stale(blend_outputs, model_stores):
+    blend_settings = {"models": names, **recorded_settings(cfg, "ensemble", len(names) > 1)}
+    if is_stale(blend_outputs, model_stores) or made_otherwise(blend_outputs[0], blend_settings):
         timings["ensemble"] = run_stage("ensemble", ensemble.main, ["--models", *names, *common])
-    if is_stale([exp / "postprocess.json"], [exp / "ensemble" / "oof" / "meta.json"]):
+    tuned = exp / "postprocess.json"
+    if is_stale([tuned], [exp / "ensemble" / "oof" / "meta.json"]) or made_otherwise(
+        tuned, recorded_settings(cfg, "tune", True)
+    ):
         timings["tune"] = run_stage("tune", tune.main, common)
     timings["submission"] = run_stage("postprocess", postprocess.main, common)
     return timings

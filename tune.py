@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         cfg = resolve_cli_config(args)
-        trials, objective = search_settings(args, cfg, "tune")
+        trials, objective = search_settings(cfg, "tune", args.trials, args.objective)
         exp = experiment_dir(cfg)
         store = load_probs(exp / "ensemble" / "oof")
         targets = load_targets(cfg, store.ids, store.size)

@@ -10,6 +10,7 @@ import time
 import yaml
 
 import pipeline
+from data.probstore import load_probs
 from data.submission import check_submission
 from tests.trainkit import write_config
 
@@ -60,6 +61,23 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     out = capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in artefacts} == before
     assert "predict" not in out and "ensemble " not in out
+
+    # a changed setting reruns the stage that depends on it, and what follows, not training
+    assert pipeline.main(["--config", str(config), "--set", "tune.trials=4"]) == 0
+    ran = _stages_run(capsys.readouterr().out)
+    assert "tune" in ran and not any(s.startswith(("predict", "ensemble")) for s in ran)
+    assert pipeline.main(["--config", str(config), "--set", "predict.tta=hflip"]) == 0
+    ran = _stages_run(capsys.readouterr().out)
+    assert {"predict tiny", "predict tiny2", "ensemble", "tune"} <= ran
+    assert load_probs(exp / "tiny" / "oof").meta["tta"] == "hflip"
+    assert all(p.stat().st_mtime_ns == before[p] for p in exp.glob("*/fold*/*.pt"))
+
+
+def _stages_run(out: str) -> set[str]:
+    """The rows of the "Stages run in this call" table that took any time."""
+    table = out.split("Stages run in this call")[1].split("report:")[0]
+    rows = [line.rsplit(None, 1) for line in table.strip().splitlines()[1:]]
+    return {name.strip() for name, seconds in rows if float(seconds) > 0}
 
 
 def test_stale_outputs_follow_their_inputs(tmp_path):
