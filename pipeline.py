@@ -3,9 +3,9 @@
 train.py skips complete folds itself; the later stages run only when one of their inputs
 is newer than their outputs (a retrained fold, a new blend) or the settings they recorded
 differ from the config's (TTA, blended models, optuna trials and objective), so a killed
-pipeline simply continues where it stopped, and a second call does no training. The stages are called
-in-process through their own `main`, so each validates its input exactly as on the
-command line.
+pipeline simply continues where it stopped, and a second call does no training. The
+stages are called in-process through their own `main`, so each validates its input
+exactly as on the command line.
 
 At the end the pipeline scores what it made: out-of-fold (all training images, at working
 resolution) always, and on the test set only when the data folder has a `test_gt/`

@@ -455,7 +455,7 @@ def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -
     train_tf = build_transforms(size, train=True, **(cfg["data"].get("augment") or {}))
     sampler = SeededSampler(len(train_items), int(cfg["seed"]), dist.rank, dist.world_size)
     train = make_loader(
-        SeededDataset(SegDataset(train_items, train_tf), train_tf),
+        SeededDataset(SegDataset(train_items, train_tf)),
         batch_size,
         workers,
         dist.device,

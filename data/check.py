@@ -20,6 +20,7 @@ from pathlib import Path
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
+from config import ConfigError, load_config
 from data.reader import (
     DataError,
     MaskThresholds,
@@ -186,11 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=None, help="reader threads (default: all cores)"
     )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="experiment YAML whose data.mask thresholds to decode with (default: built-in)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        report = check_dataset(args.data_dir, workers=args.workers)
-    except DataError as exc:
+        thresholds = None
+        if args.config is not None:
+            mask_cfg = (load_config(args.config).get("data") or {}).get("mask")
+            thresholds = MaskThresholds.from_mapping(mask_cfg)
+        report = check_dataset(args.data_dir, thresholds, workers=args.workers)
+    except (ConfigError, DataError) as exc:
         print(f"error: {exc}")
         return 2
     print(format_report(report))

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from data.dataset import SegDataset
 from runtime import derive_seed
 
 
@@ -47,11 +48,13 @@ class SeededSampler(Sampler[tuple[int, int]]):
 
 
 class SeededDataset(Dataset):
-    """Reseeds every random source (albumentations' own generators included) per sample."""
+    """Reseeds every random source (albumentations' own generators included) per sample.
 
-    def __init__(self, dataset: Dataset, transform: Any) -> None:
+    The transform reseeded is the dataset's own, so the two can never disagree.
+    """
+
+    def __init__(self, dataset: SegDataset) -> None:
         self.dataset = dataset
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -61,7 +64,7 @@ class SeededDataset(Dataset):
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        self.transform.set_random_seed(seed)
+        self.dataset.transform.set_random_seed(seed)
         return self.dataset[index]
 
 

@@ -89,7 +89,7 @@ class ProbMaps:
             meta["folds"] = [folds[r] for r in rows]
         sizes = [self.orig_sizes[r] for r in rows]
         meta["ids"], meta["orig_sizes"] = list(ids), [list(s) for s in sizes]
-        return ProbMaps(list(ids), sizes, meta, self.raw[rows])
+        return ProbMaps(list(ids), sizes, meta, self.raw[rows], self.path)
 
 
 def save_probs(

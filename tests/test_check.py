@@ -126,3 +126,16 @@ def test_ambiguous_pixels_are_totalled(tiny_data_copy: Path) -> None:
     report = check_dataset(tiny_data_copy, workers=1)
     assert report.ambiguous >= 300 and report.ambiguous_max[1] == str(path)
     assert np.isclose(report.ambiguous_max[0], report.ambiguous, rtol=0.2)
+
+
+def test_thresholds_come_from_the_experiment_config(tiny_data: Path, tmp_path: Path, capsys):
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("data:\n  mask: {ambiguous_v_min: 10, green_s_min: 250}\n")
+    assert main(["--data-dir", str(tiny_data), "--config", str(strict)]) in (0, 1)
+    strict_out = capsys.readouterr().out
+    assert main(["--data-dir", str(tiny_data)]) == 0
+    assert strict_out != capsys.readouterr().out  # another decoding, another report
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("data:\n  mask: {green_s_mn: 3}\n")
+    assert main(["--data-dir", str(tiny_data), "--config", str(typo)]) == 2
+    assert "green_s_mn" in capsys.readouterr().out
