@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import optuna
-from joblib import Parallel, delayed
 
 from config import (
     ConfigError,
@@ -38,7 +37,7 @@ from data.atomic import write_json
 from data.cache import load_item, train_items
 from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
 from data.reader import DataError
-from metrics import OBJECTIVES, class_stats, scores_from_stats
+from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
 
 log = logging.getLogger("ensemble")
 
@@ -94,15 +93,9 @@ def blend_stats(
 ) -> np.ndarray:
     """Per-image class stats (N, 3, 3) of the argmax of the blend, threads over chunks."""
     w = _normalised(weights)
-
-    def one(lo: int, hi: int) -> np.ndarray:
-        pred = _blend_chunk(arrays, w, lo, hi).argmax(axis=1)
-        return class_stats(pred, targets[lo:hi])
-
-    parts = Parallel(n_jobs=n_jobs, prefer="threads")(
-        delayed(one)(lo, hi) for lo, hi in _chunks(len(targets))
+    return stats_in_chunks(
+        lambda lo, hi: _blend_chunk(arrays, w, lo, hi).argmax(axis=1), targets, _CHUNK, n_jobs
     )
-    return np.concatenate(parts)
 
 
 def search_weights(

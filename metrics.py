@@ -16,11 +16,13 @@ can be summed before scoring, and both forms of the score come from the same num
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
+from joblib import Parallel, delayed
 
 # Scores a stage may maximise (ensemble weights, post-processing).
 OBJECTIVES = ("competition", "dice_seg", "dice_neo", "dice_non", "mean_micro")
@@ -138,3 +140,20 @@ def scores_from_stats(stats: np.ndarray) -> dict[str, float]:
 
 def dice_scores(pred: Any, target: Any) -> dict[str, float]:
     return scores_from_stats(class_stats(pred, target))
+
+
+def stats_in_chunks(
+    predict: Callable[[int, int], np.ndarray], targets: np.ndarray, chunk: int, n_jobs: int = 1
+) -> np.ndarray:
+    """`class_stats` of `predict(lo, hi)` against `targets[lo:hi]`, chunk by chunk in threads.
+
+    The optuna stages score thousands of maps per trial; OpenCV and numpy release the GIL,
+    so threads scale without copying the maps, and chunks bound the temporaries.
+    """
+    n = len(targets)
+    bounds = list(itertools.pairwise([*range(0, n, max(1, chunk)), n]))
+    parts = Parallel(n_jobs=n_jobs, prefer="threads")(
+        delayed(lambda lo, hi: class_stats(predict(lo, hi), targets[lo:hi]))(lo, hi)
+        for lo, hi in bounds
+    )
+    return np.concatenate(parts)

@@ -16,15 +16,15 @@ So a step is never kept on the strength of noise, or at the expense of one class
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import optuna
-from joblib import Parallel, delayed, effective_n_jobs
+from joblib import effective_n_jobs
 
 from config import (
     ConfigError,
@@ -38,7 +38,7 @@ from data.atomic import write_json
 from data.probstore import load_probs
 from data.reader import DataError
 from ensemble import add_search_arguments, load_targets, search_settings
-from metrics import OBJECTIVES, class_stats, scores_from_stats
+from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
 from postprocess import (
     REGION_MODES,
     PostprocessParams,
@@ -76,12 +76,6 @@ def class_keys(objective: str) -> tuple[str, str]:
     return "dice_neo", "dice_non"
 
 
-def _chunk_stats(probs: np.ndarray, targets: np.ndarray, params: PostprocessParams) -> np.ndarray:
-    size = targets.shape[1:]
-    preds = np.stack([postprocess(p, size, params) for p in probs])
-    return class_stats(preds, targets)
-
-
 def evaluate(
     probs: np.ndarray, targets: np.ndarray, params: PostprocessParams, n_jobs: int = 1
 ) -> dict[str, float]:
@@ -91,14 +85,15 @@ def evaluate(
     """
     if probs.shape[0] != targets.shape[0] or probs.shape[2:] != targets.shape[1:]:
         raise ValueError(f"probs {probs.shape} do not match targets {targets.shape}")
-    n_chunks = max(1, min(len(probs), 4 * effective_n_jobs(n_jobs)))
-    bounds = np.linspace(0, len(probs), n_chunks + 1).astype(int)
-    parts = Parallel(n_jobs=n_jobs, prefer="threads")(
-        delayed(_chunk_stats)(probs[lo:hi], targets[lo:hi], params)
-        for lo, hi in itertools.pairwise(bounds)
-        if hi > lo
+    size = targets.shape[1:]
+    chunk = math.ceil(len(probs) / (4 * effective_n_jobs(n_jobs)))
+    stats = stats_in_chunks(
+        lambda lo, hi: np.stack([postprocess(p, size, params) for p in probs[lo:hi]]),
+        targets,
+        chunk,
+        n_jobs,
     )
-    return scores_from_stats(np.concatenate(parts))
+    return scores_from_stats(stats)
 
 
 def suggest_params(trial: optuna.Trial) -> PostprocessParams:
