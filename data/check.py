@@ -104,8 +104,7 @@ def _folder(report: Report, dirs: dict[str, Path | None], key: str) -> Path | No
 
 def _pair(report: Report, images_dir: Path, masks_dir: Path) -> list[Sample]:
     pairing = pair_folders(images_dir, masks_dir)
-    report.problems += [f"image without mask: {p}" for p in pairing.images_without_mask]
-    report.problems += [f"mask without image: {p}" for p in pairing.masks_without_image]
+    report.problems += pairing.problems
     return pairing.samples
 
 

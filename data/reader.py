@@ -51,6 +51,13 @@ class Pairing:
     images_without_mask: list[Path]
     masks_without_image: list[Path]
 
+    @property
+    def problems(self) -> list[str]:
+        """One line per unmatched file, naming it (the reader and data.check share them)."""
+        return [f"image without mask: {p}" for p in self.images_without_mask] + [
+            f"mask without image: {p}" for p in self.masks_without_image
+        ]
+
 
 @dataclass(frozen=True)
 class MaskThresholds:
@@ -162,10 +169,8 @@ def _paired(data_dir: str | Path, image_key: str, mask_key: str) -> list[Sample]
     images_dir = _require(dirs, image_key, data_dir)
     masks_dir = _require(dirs, mask_key, data_dir)
     pairing = pair_folders(images_dir, masks_dir)
-    problems = [f"image without mask: {p}" for p in pairing.images_without_mask]
-    problems += [f"mask without image: {p}" for p in pairing.masks_without_image]
-    if problems:
-        raise DataError("unpaired files:\n  " + "\n  ".join(problems))
+    if pairing.problems:
+        raise DataError("unpaired files:\n  " + "\n  ".join(pairing.problems))
     if not pairing.samples:
         raise DataError(f"no images in {images_dir}")
     return pairing.samples
