@@ -416,6 +416,10 @@ def build_learner(cfg: dict[str, Any], entry: dict[str, Any], fold: int, dist: D
         pretrained=entry.get("pretrained"),
         **entry["kwargs"],
     )
+    if dist.enabled and dist.device.type == "cuda" and tcfg.get("sync_bn", True):
+        # A few images per GPU give noisy BatchNorm statistics; SyncBatchNorm keeps the
+        # same parameter names, so its checkpoints load into the plain model for inference.
+        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     fmt = torch.channels_last if precision.channels_last else torch.preserve_format
     raw = raw.to(dist.device, memory_format=fmt)
     optimizer = torch.optim.Adam(
