@@ -77,8 +77,13 @@ class SegLoss(nn.Module):
         binary_weight: float = 1.0,
         dice_smooth: float = 1.0,
         dice_count_absent: bool = True,
+        ce_class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        # Per-class CE weights, e.g. to up-weight the rarer non-neoplastic class; a buffer,
+        # so it follows the loss to the training device.
+        weights = None if ce_class_weights is None else torch.tensor(ce_class_weights).float()
+        self.register_buffer("ce_class_weights", weights)
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
         self.aux_weights = aux_weights
@@ -90,7 +95,7 @@ class SegLoss(nn.Module):
     def seg_loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """CE + Dice of one set of class logits, upsampled to the mask if needed."""
         logits = resize(logits, mask.shape[-2:]).float()
-        loss = self.ce_weight * F.cross_entropy(logits, mask)
+        loss = self.ce_weight * F.cross_entropy(logits, mask, weight=self.ce_class_weights)
         classes = list(range(self.first_class, logits.shape[1]))
         if self.dice_count_absent:
             dice = soft_dice_per_image(logits, mask, classes, self.dice_smooth).mean()

@@ -140,3 +140,16 @@ def test_loss_backpropagates_to_every_output() -> None:
     SegLoss()({"logits": logits, "aux": [side], "aux_binary": [binary]}, mask).backward()
     for t in (logits, side, binary):
         assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+def test_ce_class_weights_make_errors_on_that_class_cost_more() -> None:
+    mask = torch.tensor([[[1, 1, 2, 2]]])  # (1, 1, 4): two neoplastic, two non-neoplastic
+    confident = torch.full((1, 3, 1, 4), -5.0)
+    miss_non = confident.clone()
+    miss_non[0, 1, 0, :] = 5.0  # everything called neoplastic: the non pixels are wrong
+    miss_neo = confident.clone()
+    miss_neo[0, 2, 0, :] = 5.0  # everything called non-neoplastic: the neo pixels are wrong
+    plain = SegLoss(dice_weight=0.0)
+    weighted = SegLoss(dice_weight=0.0, ce_class_weights=[1.0, 1.0, 4.0])
+    assert plain(miss_non, mask) == pytest.approx(plain(miss_neo, mask).item())
+    assert weighted(miss_non, mask) > 1.5 * weighted(miss_neo, mask)
