@@ -50,7 +50,14 @@ from data.loader import make_loader
 from data.probstore import ProbMaps, concat, load_probs, quantise, save_probs
 from data.reader import DataError, list_test
 from models.inference import Probabilities, load_checkpoint, model_from_checkpoint, predict_probs
-from runtime import Dist, Precision, choose_precision, configure_cpu_threads
+from runtime import (
+    Dist,
+    Precision,
+    add_runtime_arguments,
+    choose_precision,
+    configure_cpu_threads,
+    runtime_flags,
+)
 from train import DEFAULT_CONFIG, eval_transform, fold_dir, prepare_train_data
 
 log = logging.getLogger("predict")
@@ -234,18 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, help="images per forward pass; overrides predict.batch_size"
     )
-    p.add_argument(
-        "--workers", type=int, help="data loader worker processes; overrides data.num_workers"
-    )
-    p.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="mixed precision on GPU; overrides train.amp",
-    )
-    p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="more config overrides, same as --set"
-    )
+    add_runtime_arguments(p)
     return p
 
 
@@ -253,8 +249,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     flags = {
         "predict.tta": args.tta,
         "predict.batch_size": args.batch_size,
-        "data.num_workers": args.workers,
-        "train.amp": args.amp,
+        **runtime_flags(args),
     }
     return resolve_cli_config(args, flags)
 

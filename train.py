@@ -72,11 +72,13 @@ from models.pretrained import parse_pretrained
 from runtime import (
     Dist,
     Precision,
+    add_runtime_arguments,
     choose_precision,
     configure_cpu_threads,
     derive_seed,
     init_dist,
     rng_state,
+    runtime_flags,
     set_rng_state,
     to_device,
 )
@@ -133,8 +135,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "train.epochs": args.epochs,
         "train.batch_size": args.batch_size,
         "train.lr": args.lr,
-        "train.amp": args.amp,
-        "data.num_workers": args.workers,
+        **runtime_flags(args),
         "data.img_size": parse_img_size(args.img_size) if args.img_size else None,
         "train.wandb": True if args.wandb else None,
         "train.compile": True if args.compile else None,
@@ -720,9 +721,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lr", type=float, help="overrides train.lr")
     p.add_argument(
-        "--workers", type=int, help="data loader worker processes; overrides data.num_workers"
-    )
-    p.add_argument(
         "--pretrained",
         help="'none', 'imagenet' or a weights file; overrides models.<model>.pretrained",
     )
@@ -741,15 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="log to Weights & Biases (offline unless WANDB_MODE is set)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="mixed precision on GPU (bf16, else fp16); overrides train.amp",
-    )
-    p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="more config overrides, same as --set"
-    )
+    add_runtime_arguments(p)
     return p
 
 
