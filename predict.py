@@ -46,7 +46,7 @@ from config import (
 )
 from data.cache import CachedItem, prepare_for_config
 from data.dataset import SegDataset
-from data.loader import make_loader
+from data.loader import LoaderStalled, config_loader
 from data.probstore import ProbMaps, concat, load_probs, quantise, save_probs
 from data.reader import DataError, list_test
 from models.inference import Probabilities, load_checkpoint, model_from_checkpoint, predict_probs
@@ -150,11 +150,10 @@ def predict_model(
     precision: Precision = choose_precision(
         device, bool(cfg["train"].get("amp", True)), bool(cfg["train"].get("channels_last", True))
     )
-    workers = int(cfg["data"].get("num_workers", 0))
     transform = eval_transform(cfg)
 
-    def loader(items: list[CachedItem]) -> Any:
-        return make_loader(SegDataset(items, transform), batch_size, workers, device, None)
+    def loader(items: list[CachedItem], name: str) -> Any:
+        return config_loader(cfg, SegDataset(items, transform), batch_size, device, None, name=name)
 
     oof_parts: list[ProbMaps] = []
     test_sum = np.zeros((len(test_items), 3, *size), np.float32)
@@ -170,7 +169,13 @@ def predict_model(
         if part is None:
             val_items = data.subset(val_ids)
             raw = quantise(
-                predict_probs(probs_model, loader(val_items), device, precision, f"fold {k} oof")
+                predict_probs(
+                    probs_model,
+                    loader(val_items, f"{model_name} fold {k} OOF"),
+                    device,
+                    precision,
+                    f"fold {k} oof",
+                )
             )
             meta = {"split_id": split_id, "folds": [k] * len(val_ids)}
             part = ProbMaps(val_ids, [it.orig_size for it in val_items], meta, raw)
@@ -178,7 +183,11 @@ def predict_model(
             log.info("fold %d: reusing %s (same TTA and split)", k, path.parent / "oof")
         oof_parts.append(part)
         test_probs = predict_probs(
-            probs_model, loader(test_items), device, precision, f"fold {k} test"
+            probs_model,
+            loader(test_items, f"{model_name} fold {k} test"),
+            device,
+            precision,
+            f"fold {k} test",
         )
         test_sum += test_probs
 
@@ -268,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except LoaderStalled as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"{args.model}: OOF -> {oof}, test -> {test}")
     return 0
 

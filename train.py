@@ -56,7 +56,7 @@ from data.augment import build_transforms
 from data.cache import CachedItem, prepare_for_config
 from data.dataset import SegDataset
 from data.folds import Folds, load_or_make_folds
-from data.loader import SeededDataset, SeededSampler, make_loader
+from data.loader import LoaderStalled, SeededDataset, SeededSampler, config_loader
 from data.probstore import save_probs
 from data.reader import DataError, MaskThresholds, list_train
 from metrics import class_stats, scores_from_stats
@@ -454,17 +454,18 @@ def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -
     """Train loader (seeded, sharded, drop_last) and validation loader (sharded, unpadded)."""
     train_items = data.subset(data.folds.train_ids(fold))
     val_items = data.subset(data.folds.val_ids(fold))
-    workers = int(cfg["data"].get("num_workers", 0))
     batch_size = int(cfg["train"]["batch_size"])
     size = tuple(cfg["data"]["img_size"])
     train_tf = build_transforms(size, train=True, **(cfg["data"].get("augment") or {}))
     sampler = SeededSampler(len(train_items), int(cfg["seed"]), dist.rank, dist.world_size)
-    train = make_loader(
+    name = f"{cfg.get('experiment')} fold {fold}"
+    train = config_loader(
+        cfg,
         SeededDataset(SegDataset(train_items, train_tf)),
         batch_size,
-        workers,
         dist.device,
         sampler,
+        name=f"{name} training",
         drop_last=True,
     )
     if len(train) == 0:
@@ -472,12 +473,13 @@ def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -
             f"batch size {batch_size} x {dist.world_size} process(es) exceeds the "
             f"{len(train_items)} training images of fold {fold}"
         )
-    val = make_loader(
+    val = config_loader(
+        cfg,
         SegDataset(val_items, eval_transform(cfg)),
         batch_size,
-        workers,
         dist.device,
         list(range(dist.rank, len(val_items), dist.world_size)),
+        name=f"{name} validation",
     )
     return FoldLoaders(sampler, train, val, val_items)
 
@@ -653,12 +655,13 @@ def write_fold_oof(
     model = learner.raw
     best = load_checkpoint(out / "best.pt", device)
     model.load_state_dict(best["model"])
-    loader = make_loader(
+    loader = config_loader(
+        cfg,
         SegDataset(val_items, eval_transform(cfg)),
         int(cfg["train"]["batch_size"]),
-        int(cfg["data"].get("num_workers", 0)),
         device,
         None,
+        name=f"{model_name} fold {fold} OOF",
     )
     probs = predict_probs(
         Probabilities(model),
@@ -761,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrainingError as exc:
+    except (TrainingError, LoaderStalled) as exc:
         print(f"error: {exc}; the last good checkpoint is kept", file=sys.stderr)
         return 1
     finally:

@@ -7,6 +7,7 @@ number of loader workers.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -68,11 +69,66 @@ class SeededDataset(Dataset):
         return self.dataset[index]
 
 
+# Seconds a loader may deliver nothing before the stage stops (`data.loader_timeout_s`).
+DEFAULT_TIMEOUT_S = 600.0
+# Imported once by the fork server, so each worker forked from it starts in milliseconds.
+_PRELOAD = ["torch", "cv2", "albumentations", "data.dataset", "data.loader"]
+
+
+class LoaderStalled(RuntimeError):
+    """A loader delivered no batch within its timeout: a hung or dead worker, not slowness."""
+
+
 def _init_worker(_: int) -> None:
     # OpenCV's own thread pool in every worker would oversubscribe the cores.
     import cv2
 
     cv2.setNumThreads(1)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The start method of every loader worker: a fork server, never a fork of the stage.
+
+    A worker forked from the stage itself inherits whatever locks the stage's threads held
+    at that instant: after the cache's threaded `cv2.resize` of full-size images, OpenCV's
+    pool lock is one, and the worker deadlocks in its first OpenCV call. The fork server is
+    a fresh process that only imports modules (no threads run there), so what a worker
+    inherits from it is clean; the preloaded imports keep the start-up near fork's cost
+    (bench/loader_start.py), unlike `spawn`, which re-imports torch in every worker.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+class WatchedLoader(DataLoader):
+    """A DataLoader that names itself when its workers stop delivering batches.
+
+    The DataLoader's own `timeout` turns a hang into an exception; this class turns that
+    exception into one that says which stage's loader it was and how to change the limit.
+    """
+
+    def __init__(self, *args: Any, name: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.name = name
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if "timed out" not in str(exc):
+                    raise
+                raise LoaderStalled(
+                    f"{self.name}: the data loader delivered nothing for {self.timeout:.0f} s "
+                    "(a hung or killed worker); stopped instead of waiting forever. Raise "
+                    "data.loader_timeout_s if batches are genuinely that slow, or run with "
+                    "--workers 0 to load in the main process"
+                ) from exc
+            yield batch
 
 
 def make_loader(
@@ -82,14 +138,46 @@ def make_loader(
     device: torch.device,
     sampler: Any,
     drop_last: bool = False,
+    *,
+    name: str = "data loader",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> DataLoader:
-    return DataLoader(
+    """A loader whose workers start clean (fork server) and whose stalls are errors."""
+    workers = num_workers > 0
+    return WatchedLoader(
         dataset,
+        name=name,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        persistent_workers=workers,
         pin_memory=device.type == "cuda",
         drop_last=drop_last,
-        worker_init_fn=_init_worker if num_workers > 0 else None,
+        worker_init_fn=_init_worker if workers else None,
+        multiprocessing_context=worker_context() if workers else None,
+        timeout=float(timeout_s) if workers else 0,
+    )
+
+
+def config_loader(
+    cfg: dict[str, Any],
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    sampler: Any,
+    *,
+    name: str,
+    drop_last: bool = False,
+) -> DataLoader:
+    """`make_loader` with the experiment's worker count and stall timeout."""
+    data_cfg = cfg.get("data") or {}
+    return make_loader(
+        dataset,
+        batch_size,
+        int(data_cfg.get("num_workers", 0)),
+        device,
+        sampler,
+        drop_last,
+        name=name,
+        timeout_s=float(data_cfg.get("loader_timeout_s", DEFAULT_TIMEOUT_S)),
     )

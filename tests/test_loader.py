@@ -1,0 +1,65 @@
+"""Loader workers at the real image size: no inherited deadlock, and a stall is an error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.cache import CachedItem
+from data.dataset import SegDataset
+from data.loader import LoaderStalled, make_loader
+from data.synthetic import generate
+from tests.trainkit import ROOT, write_config
+
+# Generous: the run takes ~20 s; the limit only turns a deadlock into a failure.
+HANG_LIMIT_S = 300
+
+
+@pytest.fixture(scope="module")
+def full_size_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 train + 2 test frames at the real set's size (1280 wide, 959-1024 high)."""
+    return generate(tmp_path_factory.mktemp("full") / "data", 6, 2, seed=3)
+
+
+def test_full_size_train_and_predict_with_a_worker_finish(
+    full_size_data: Path, tmp_path: Path
+) -> None:
+    """The cache resizes full-size frames with OpenCV threads, then workers start.
+
+    Workers forked from that process deadlocked in their first OpenCV call; this ran
+    forever before the loaders moved to a fork server.
+    """
+    config = write_config(tmp_path, full_size_data, epochs=1)
+    for stage in (["train.py", "--fold", "all"], ["predict.py"]):
+        done = subprocess.run(
+            [sys.executable, *stage, "--config", str(config), "--model", "tiny", "--workers", "1"],
+            cwd=ROOT,
+            timeout=HANG_LIMIT_S,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / "tiny" / "tiny" / "test" / "meta.json").is_file()
+
+
+def test_a_stalled_worker_stops_the_loader_with_its_name(tmp_path: Path) -> None:
+    """A worker blocked on a read (here a FIFO nobody writes) is reported, not waited on."""
+    fifo = tmp_path / "never.npy"
+    os.mkfifo(fifo)
+    item = CachedItem("abc", (10, 10), "red", fifo, None)
+    loader = make_loader(
+        SegDataset([item], transform=None),
+        batch_size=1,
+        num_workers=1,
+        device=torch.device("cpu"),
+        sampler=None,
+        name="demo fold 3 validation",
+        timeout_s=2,
+    )
+    with pytest.raises(LoaderStalled, match=r"demo fold 3 validation.*nothing for 2 s"):
+        next(iter(loader))
