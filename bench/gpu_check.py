@@ -136,12 +136,11 @@ QUICK = Settings(
     fold_size=64,
     fold_batch=2,
     fold_epochs=1,
-    # In-process loading: with a forked worker, train.py hangs at its first batch here
-    # (the OpenCV-after-fork deadlock being fixed separately); (b) on GPU still uses workers.
-    fold_workers=0,
+    # One worker: the full-size fold goes through the same fork-server loader as on a GPU.
+    fold_workers=1,
     fold_timeout_s=120,
     pipeline_epochs=1,
-    pipeline_workers=0,
+    pipeline_workers=0,  # the fold above covers the worker path; this keeps --quick short
     pipeline_timeout_s=180,
     cpu_threads=1,  # two threads on a busy 2-core machine thrash (README, CPU threads)
 )
