@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +47,7 @@ from data.reader import DataError, MaskThresholds, list_test_gt, load_mask
 from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps, load_params
 from report import Case, write_report
+from runtime import Dist
 
 log = logging.getLogger("pipeline")
 
@@ -100,18 +103,75 @@ def model_names(cfg: dict[str, Any]) -> list[str]:
     return names
 
 
-def run_stages(cfg: dict[str, Any], common: Sequence[str]) -> dict[str, float]:
+def train_in_parallel(
+    cfg: dict[str, Any], common: Sequence[str], names: Sequence[str], parallel: int
+) -> float:
+    """Every (model, fold) as its own `train.py` process, up to `parallel` at once.
+
+    Folds are independent and seeded by (seed, fold), so the result is the sequential
+    one. With several GPUs each process is pinned to one (nnU-Net's way of using several
+    GPUs for cross-validation); on one GPU they share it; on the CPU the cores are shared
+    out, one compute thread per process unless `train.cpu_threads` says otherwise. Each
+    fold's full log goes to `<exp>/logs/`; the console gets one line per fold.
+    """
+    import torch
+
+    exp = experiment_dir(cfg)
+    logs = exp / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    # The split is made once, before any fold starts, so no two processes race to write it.
+    train.prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
+    gpus = torch.cuda.device_count()
+    extra: list[str] = []
+    if not gpus and cfg["train"].get("cpu_threads") is None:
+        workers = int(cfg["data"].get("num_workers", 0))
+        threads = max(1, (os.cpu_count() or 1) // parallel - workers)
+        extra = ["--set", f"train.cpu_threads={threads}"]
+    jobs = [(m, k) for m in names for k in range(int(cfg["data"]["n_folds"]))]
+    running: list[tuple[str, int, subprocess.Popen, Any]] = []
+    failed: list[str] = []
+    start = time.perf_counter()
+    while jobs or running:
+        while jobs and len(running) < parallel:
+            model, fold = jobs.pop(0)
+            env = dict(os.environ)
+            if gpus > 1:
+                env["CUDA_VISIBLE_DEVICES"] = str(fold % gpus)
+            log_file = (logs / f"train_{model}_fold{fold}.log").open("w")
+            cmd = [sys.executable, str(Path(train.__file__).resolve()), "--model", model]
+            cmd += ["--fold", str(fold), "--resume", *common, *extra]
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            running.append((model, fold, proc, log_file))
+            log.info("train %s fold %d: started (log %s)", model, fold, log_file.name)
+        time.sleep(0.2)
+        for entry in [r for r in running if r[2].poll() is not None]:
+            model, fold, proc, log_file = entry
+            running.remove(entry)
+            log_file.close()
+            tail = Path(log_file.name).read_text().strip().splitlines()[-1:] or [""]
+            if proc.returncode:
+                failed.append(f"{model} fold {fold} (exit {proc.returncode}, {log_file.name})")
+                log.error("train %s fold %d failed: %s", model, fold, tail[0])
+            else:
+                log.info("train %s", tail[0])
+    if failed:
+        raise StageFailed("training failed: " + "; ".join(failed))
+    return time.perf_counter() - start
+
+
+def run_stages(cfg: dict[str, Any], common: Sequence[str], parallel: int = 1) -> dict[str, float]:
     """Every stale stage, in order; returns the seconds spent per stage."""
     exp = experiment_dir(cfg)
     names = model_names(cfg)
     n_folds = int(cfg["data"]["n_folds"])
     timings: dict[str, float] = {}
-    for name in names:
-        timings[f"train {name}"] = run_stage(
-            "train",
-            train.main,
-            ["--model", name, "--fold", "all", "--resume", *common],
-        )
+    if parallel > 1:
+        timings["train (parallel)"] = train_in_parallel(cfg, common, names, parallel)
+    else:
+        for name in names:
+            timings[f"train {name}"] = run_stage(
+                "train", train.main, ["--model", name, "--fold", "all", "--resume", *common]
+            )
     tta = str((cfg.get("predict") or {}).get("tta", "none"))
     for name in names:
         checkpoints = [exp / name / f"fold{k}" / "best.pt" for k in range(n_folds)]
@@ -251,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_arguments(p, default_config=None)
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="train up to N folds at once, each its own process (one per GPU when several)",
+    )
     return p
 
 
@@ -268,7 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = resolve_cli_config(args)
         if not cfg.get("data_dir"):
             raise ConfigError("no data dir: give --data-dir or set data_dir in the config")
-        timings = run_stages(cfg, common)
+        if args.parallel < 1:
+            raise ConfigError(f"--parallel must be at least 1, got {args.parallel}")
+        timings = run_stages(cfg, common, args.parallel)
         summary = summarise(cfg, timings)
     except (ConfigError, DataError, StageFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -267,7 +267,9 @@ def make_submission(
     """Write `out` only if it passes `check_submission`; returns the problems otherwise."""
     check_store_matches_test(store, data_dir)
     tmp = out.with_name(f".{out.name}.unchecked")
-    items = tqdm(class_maps(store, params, n_jobs), total=len(store), desc="post-process")
+    items = tqdm(
+        class_maps(store, params, n_jobs), total=len(store), desc="post-process", disable=None
+    )
     write_submission(tmp, items)
     problems = check_submission(tmp, data_dir)
     if problems:

@@ -23,6 +23,7 @@ Design points that are easy to break:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -37,7 +38,9 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
+import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -56,7 +59,14 @@ from data.augment import build_transforms
 from data.cache import CachedItem, prepare_for_config
 from data.dataset import SegDataset
 from data.folds import Folds, load_or_make_folds
-from data.loader import LoaderStalled, SeededDataset, SeededSampler, config_loader
+from data.loader import (
+    LoaderStalled,
+    SeededDataset,
+    SeededSampler,
+    config_loader,
+    stratum_weights,
+)
+from data.paste import PolypPaste
 from data.probstore import save_probs
 from data.reader import DataError, MaskThresholds, list_train
 from metrics import class_stats, scores_from_stats
@@ -69,6 +79,7 @@ from models.inference import (
 )
 from models.losses import SegLoss
 from models.pretrained import parse_pretrained
+from optim import build_optimizer, build_scheduler, check_recipe
 from runtime import (
     Dist,
     Precision,
@@ -175,7 +186,39 @@ def check_config(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"{key} must be at least 1")
     if float(_get(cfg, "train.lr")) <= 0:
         raise ConfigError("train.lr must be positive")
+    tcfg = cfg["train"]
+    check_recipe(tcfg)
+    check_loss_args(tcfg.get("loss") or {})
+    scales = tcfg.get("multiscale") or [1.0]
+    if not all(isinstance(x, int | float) and 0.25 <= x <= 4 for x in scales):
+        raise ConfigError(f"train.multiscale must list scales in [0.25, 4], got {scales!r}")
+    ema = tcfg.get("ema")
+    if ema is not None and not 0 < float(ema) < 1:
+        raise ConfigError(f"train.ema is the EMA decay, in (0, 1) or null; got {ema!r}")
+    paste = cfg["data"].get("paste") or {}
+    if not isinstance(paste, dict) or set(paste) - {"p", "classes"}:
+        raise ConfigError(f"data.paste is {{p: 0..1, classes: [1, 2]}} or null; got {paste!r}")
+    if not set(paste.get("classes", [2])) <= {1, 2} or not 0 <= paste.get("p", 0.5) <= 1:
+        raise ConfigError(f"data.paste: p in [0, 1], classes from [1, 2]; got {paste!r}")
+    sampling = cfg["data"].get("sampling") or {}
+    strata = {"red", "green", "both", "none"}
+    if not isinstance(sampling, dict) or set(sampling) - strata:
+        raise ConfigError(
+            f"data.sampling maps strata ({', '.join(sorted(strata))}) to weights; got {sampling!r}"
+        )
+    if any(not isinstance(w, int | float) or w < 0 for w in sampling.values()):
+        raise ConfigError(f"data.sampling weights must be non-negative numbers: {sampling!r}")
     MaskThresholds.from_mapping(cfg["data"].get("mask"))
+
+
+def check_loss_args(loss_cfg: dict[str, Any]) -> None:
+    """`train.loss` keys against SegLoss's arguments, before any data is read."""
+    accepted = set(inspect.signature(SegLoss).parameters)
+    unknown = sorted(set(loss_cfg) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"train.loss takes no {unknown}; it accepts " + ", ".join(sorted(accepted))
+        )
 
 
 def fold_dir(cfg: dict[str, Any], model_name: str, fold: int) -> Path:
@@ -244,41 +287,79 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     precision: Precision,
+    grad_clip: float = 0.0,
 ) -> torch.Tensor:
     """One optimisation step; returns the detached loss without syncing the device."""
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
         loss = loss_fn(model(images), masks)
     scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()
 
 
+def scaled_batch(
+    images: torch.Tensor, masks: torch.Tensor, scales: Sequence[float], seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch at one of `scales` of its size (multiples of 32), chosen by `seed`.
+
+    Multi-scale training as in PraNet and RaBiT: images bilinearly, masks nearest, so no
+    class is invented at a boundary. The choice is a function of the seed alone, so a
+    resumed run draws the same sizes.
+    """
+    if len(scales) < 2:
+        return images, masks
+    scale = scales[torch.randint(len(scales), (1,), generator=_generator(seed)).item()]
+    h, w = images.shape[-2:]
+    size = (max(32, round(h * scale / 32) * 32), max(32, round(w * scale / 32) * 32))
+    if size == (h, w):
+        return images, masks
+    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    return images, masks
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 def train_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    loss_fn: SegLoss,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    precision: Precision,
-    dist: Dist,
-    desc: str,
+    learner: Learner, loader: DataLoader, dist: Dist, desc: str, seed: int
 ) -> tuple[float, float]:
     """Mean training loss over the epoch and images/s (all ranks together).
 
-    Raises TrainingError on a non-finite loss; the caller then saves nothing for this
-    epoch, so `last.pt` stays the last good state.
+    The schedule and the EMA step with every optimizer step. Raises TrainingError on a
+    non-finite loss; the caller then saves nothing for this epoch, so `last.pt` stays the
+    last good state.
     """
-    model.train()
+    learner.train_net.train()
     device = dist.device
     total = torch.zeros((), device=device, dtype=torch.float64)
     seen = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main)
+    bar = tqdm(
+        loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if dist.is_main else True
+    )
     for step, batch in enumerate(bar, 1):
-        images, masks = to_device(batch, device, precision)
-        loss = train_step(model, images, masks, loss_fn, optimizer, scaler, precision)
+        images, masks = to_device(batch, device, learner.precision)
+        images, masks = scaled_batch(images, masks, learner.multiscale, derive_seed(seed, step))
+        loss = train_step(
+            learner.train_net,
+            images,
+            masks,
+            learner.loss_fn,
+            learner.optimizer,
+            learner.scaler,
+            learner.precision,
+            learner.grad_clip,
+        )
+        learner.scheduler.step()
+        if learner.ema is not None:
+            learner.ema.update_parameters(learner.raw)
         total += loss * images.shape[0]
         seen += images.shape[0]
         if step % LOSS_CHECK_EVERY == 0 or step == len(loader):
@@ -342,11 +423,19 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def fold_complete(directory: Path, epochs: int) -> bool:
-    """best.pt and oof/ exist and the log has reached the configured epoch count."""
+    """best.pt and oof/ exist and the log has reached the epoch count or stopped early."""
     if not ((directory / "best.pt").is_file() and (directory / "oof" / "meta.json").is_file()):
         return False
     history = read_log(directory / "log.jsonl")
-    return bool(history) and history[-1]["epoch"] >= epochs
+    return bool(history) and (
+        history[-1]["epoch"] >= epochs or bool(history[-1].get("stopped_early"))
+    )
+
+
+def _flat_for(history: list[dict[str, Any]], patience: int) -> bool:
+    """True when the best validation score is `patience` or more epochs old."""
+    best = max(range(len(history)), key=lambda i: history[i]["competition"])
+    return len(history) - 1 - best >= patience
 
 
 def write_log(path: Path, history: list[dict[str, Any]]) -> None:
@@ -386,10 +475,22 @@ class Learner:
     scaler: torch.amp.GradScaler
     loss_fn: SegLoss
     precision: Precision
+    ema: AveragedModel | None = None
+    grad_clip: float = 0.0
+    multiscale: Sequence[float] = (1.0,)
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """What validation, OOF maps and best.pt use: the EMA weights when EMA is on."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def inference_weights(self) -> dict[str, Any]:
+        return (self.ema.module if self.ema is not None else self.raw).state_dict()
 
     def training_state(self) -> dict[str, Any]:
         return {
             "model": self.raw.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -398,14 +499,18 @@ class Learner:
 
     def load_training_state(self, ckpt: dict[str, Any]) -> None:
         self.raw.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
 
 
-def build_learner(cfg: dict[str, Any], entry: dict[str, Any], fold: int, dist: Dist) -> Learner:
-    """Model (initialised from (seed, fold)), Adam, StepLR, scaler and loss of the recipe."""
+def build_learner(
+    cfg: dict[str, Any], entry: dict[str, Any], fold: int, dist: Dist, steps_per_epoch: int = 1
+) -> Learner:
+    """Model (initialised from (seed, fold)), optimizer, per-step schedule, EMA, loss."""
     tcfg = cfg["train"]
     precision = choose_precision(
         dist.device, bool(tcfg.get("amp", True)), bool(tcfg.get("channels_last", True))
@@ -423,12 +528,15 @@ def build_learner(cfg: dict[str, Any], entry: dict[str, Any], fold: int, dist: D
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     fmt = torch.channels_last if precision.channels_last else torch.preserve_format
     raw = raw.to(dist.device, memory_format=fmt)
-    optimizer = torch.optim.Adam(
-        raw.parameters(), lr=float(tcfg["lr"]), weight_decay=float(tcfg.get("weight_decay", 0.0))
-    )
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=int(tcfg.get("lr_step", 5)), gamma=float(tcfg.get("lr_gamma", 0.6))
-    )
+    optimizer = build_optimizer(raw.parameters(), tcfg)
+    scheduler = build_scheduler(optimizer, tcfg, steps_per_epoch)
+    ema = None
+    if tcfg.get("ema"):
+        # BatchNorm statistics are averaged too (use_buffers), so the EMA model is usable
+        # as it is, without a pass over the data to recompute them.
+        ema = AveragedModel(
+            raw, multi_avg_fn=get_ema_multi_avg_fn(float(tcfg["ema"])), use_buffers=True
+        )
     net = torch.compile(raw) if tcfg.get("compile") else raw
     return Learner(
         raw=raw,
@@ -439,6 +547,9 @@ def build_learner(cfg: dict[str, Any], entry: dict[str, Any], fold: int, dist: D
         scaler=torch.amp.GradScaler(precision.device_type, enabled=precision.needs_scaler),
         loss_fn=SegLoss(**(tcfg.get("loss") or {})).to(dist.device),
         precision=precision,
+        ema=ema,
+        grad_clip=float(tcfg.get("grad_clip") or 0.0),
+        multiscale=tuple(float(x) for x in tcfg.get("multiscale") or [1.0]),
     )
 
 
@@ -450,6 +561,14 @@ class FoldLoaders:
     val_items: list[CachedItem]
 
 
+def paste_for(cfg: dict[str, Any], items: list[CachedItem]) -> PolypPaste | None:
+    """`data.paste: {p, classes}` as a PolypPaste over the fold's training items, or None."""
+    paste = cfg["data"].get("paste")
+    if not paste:
+        return None
+    return PolypPaste(items, float(paste.get("p", 0.5)), paste.get("classes", [2]))
+
+
 def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -> FoldLoaders:
     """Train loader (seeded, sharded, drop_last) and validation loader (sharded, unpadded)."""
     train_items = data.subset(data.folds.train_ids(fold))
@@ -457,11 +576,17 @@ def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -
     batch_size = int(cfg["train"]["batch_size"])
     size = tuple(cfg["data"]["img_size"])
     train_tf = build_transforms(size, train=True, **(cfg["data"].get("augment") or {}))
-    sampler = SeededSampler(len(train_items), int(cfg["seed"]), dist.rank, dist.world_size)
+    sampler = SeededSampler(
+        len(train_items),
+        int(cfg["seed"]),
+        dist.rank,
+        dist.world_size,
+        stratum_weights([it.classes for it in train_items], cfg["data"].get("sampling")),
+    )
     name = f"{cfg.get('experiment')} fold {fold}"
     train = config_loader(
         cfg,
-        SeededDataset(SegDataset(train_items, train_tf)),
+        SeededDataset(SegDataset(train_items, train_tf, paste_for(cfg, train_items))),
         batch_size,
         dist.device,
         sampler,
@@ -485,26 +610,21 @@ def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -
 
 
 def run_epoch(
-    learner: Learner, loaders: FoldLoaders, epoch: int, dist: Dist, desc: str
+    learner: Learner, loaders: FoldLoaders, epoch: int, dist: Dist, desc: str, seed: int
 ) -> dict[str, Any]:
-    """Train and validate one epoch (0-based), stepping the scheduler; the log record."""
+    """Train and validate one epoch (0-based); the log record."""
     loaders.sampler.set_epoch(epoch)
     lr = learner.optimizer.param_groups[0]["lr"]
     started = time.perf_counter()
-    train_loss, rate = train_epoch(
-        learner.train_net,
-        loaders.train,
+    train_loss, rate = train_epoch(learner, loaders.train, dist, desc, seed)
+    scores = evaluate(
+        learner.eval_net,
+        loaders.val,
+        len(loaders.val_items),
         learner.loss_fn,
-        learner.optimizer,
-        learner.scaler,
         learner.precision,
         dist,
-        desc,
     )
-    scores = evaluate(
-        learner.net, loaders.val, len(loaders.val_items), learner.loss_fn, learner.precision, dist
-    )
-    learner.scheduler.step()
     return {
         "epoch": epoch + 1,
         "train_loss": train_loss,
@@ -587,9 +707,10 @@ def train_fold(
 
     entry = model_entry(cfg, model_name)
     split_id = data.folds.split_id
-    learner = build_learner(cfg, entry, fold, dist)
-    start_epoch, best_score, history = _resume(learner, out, split_id, resume, name)
     loaders = build_loaders(cfg, data, fold, dist)
+    learner = build_learner(cfg, entry, fold, dist, steps_per_epoch=len(loaders.train))
+    start_epoch, best_score, history = _resume(learner, out, split_id, resume, name)
+    patience = int(cfg["train"].get("early_stop_patience") or 0)
     meta = {
         "model_name": model_name,
         "arch": entry["arch"],
@@ -607,11 +728,16 @@ def train_fold(
         wandb_run = _start_wandb(cfg, out, f"{cfg['experiment']}-{model_name}-fold{fold}")
     try:
         for epoch in range(start_epoch, epochs):
-            torch.manual_seed(derive_seed(int(cfg["seed"]), fold, epoch))
-            record = run_epoch(learner, loaders, epoch, dist, f"{name} epoch {epoch + 1}/{epochs}")
+            if history and history[-1].get("stopped_early"):
+                break
+            seed = derive_seed(int(cfg["seed"]), fold, epoch)
+            torch.manual_seed(seed)
+            desc = f"{name} epoch {epoch + 1}/{epochs}"
+            record = run_epoch(learner, loaders, epoch, dist, desc, seed)
             record["best"] = record["competition"] > best_score
             best_score = max(best_score, record["competition"])
             history = [*history, record]
+            record["stopped_early"] = bool(patience) and _flat_for(history, patience)
             if dist.is_main:
                 ckpt = {
                     **learner.training_state(),
@@ -625,13 +751,23 @@ def train_fold(
                 }
                 if record["best"]:
                     # best.pt is for inference: the optimizer state would triple its size.
-                    inference = {"optimizer": None, "scheduler": None, "scaler": None, "rng": None}
+                    inference = {
+                        "model": learner.inference_weights(),
+                        "ema": None,
+                        "optimizer": None,
+                        "scheduler": None,
+                        "scaler": None,
+                        "rng": None,
+                    }
                     save_torch({**ckpt, **inference}, out / "best.pt")
                 save_torch(ckpt, out / "last.pt")
                 write_log(out / "log.jsonl", history)
                 if wandb_run is not None:
                     wandb_run.log(record, step=epoch + 1)
             _log_epoch(name, epochs, record)
+            if record["stopped_early"]:
+                log.info("%s: no better score for %d epochs; stopped early", name, patience)
+                break
         if dist.is_main:
             write_fold_oof(cfg, out, loaders.val_items, split_id, model_name, fold, learner)
         dist.barrier()

@@ -176,7 +176,9 @@ def prepare(
         )(jobs)
         errors = []
         for (index, _, _), result in zip(
-            todo, tqdm(results, total=len(todo), desc="cache", unit="img"), strict=True
+            todo,
+            tqdm(results, total=len(todo), desc="cache", unit="img", disable=None),
+            strict=True,
         ):
             if isinstance(result, DataError):
                 errors.append(str(result))

@@ -136,7 +136,7 @@ def check_dataset(
     results = Parallel(
         n_jobs=workers or os.cpu_count() or 1, prefer="threads", return_as="generator"
     )(delayed(inspect_sample)(s, thresholds) for s, _ in jobs)
-    progress = tqdm(results, total=len(jobs), desc="check", unit="img")
+    progress = tqdm(results, total=len(jobs), desc="check", unit="img", disable=None)
     for (sample, is_train), found in zip(jobs, progress, strict=True):
         report.problems += found.problems
         if found.size is not None:

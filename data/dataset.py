@@ -29,11 +29,21 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class SegDataset(Dataset):
-    """Items from `data.cache.prepare`; `transform` is an albumentations Compose."""
+    """Items from `data.cache.prepare`; `transform` is an albumentations Compose.
 
-    def __init__(self, items: Sequence[CachedItem], transform: Callable[..., dict[str, Any]]):
+    `paste` (training only, e.g. `data.paste.PolypPaste`) edits the image and mask
+    together before the transform, so the pasted polyp is augmented like the rest.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[CachedItem],
+        transform: Callable[..., dict[str, Any]],
+        paste: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+    ):
         self.items = list(items)
         self.transform = transform
+        self.paste = paste
 
     def __len__(self) -> int:
         return len(self.items)
@@ -42,6 +52,8 @@ class SegDataset(Dataset):
         image, mask = load_item(self.items[index])
         if mask is None:
             mask = np.zeros(image.shape[:2], np.uint8)
+        elif self.paste is not None:
+            image, mask = self.paste(image, mask)
         out = self.transform(image=image, mask=mask)
         return {
             "image": to_tensor(out["image"]),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,11 +27,24 @@ class SeededSampler(Sampler[tuple[int, int]]):
     The permutation comes from DistributedSampler seeded by (seed, epoch); the per-sample
     seed from (seed, epoch, index). Neither depends on what ran before, which is what makes
     a resumed run draw the same batches and augmentations as an uninterrupted one.
+
+    With `weights` (one per item) an epoch is instead `n` draws with replacement in
+    proportion to them, e.g. images with non-neoplastic polyps twice as often: class-aware
+    sampling against the 693 / 257 / 50 imbalance. The draws are seeded the same way.
     """
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: Sequence[float] | None = None,
+    ) -> None:
         self.seed = seed
         self.epoch = 0
+        self.rank, self.world_size = rank, world_size
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.inner = DistributedSampler(
             range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
         )
@@ -40,12 +53,28 @@ class SeededSampler(Sampler[tuple[int, int]]):
         self.epoch = epoch
         self.inner.set_epoch(epoch)
 
+    def _indices(self) -> list[int]:
+        if self.weights is None:
+            return list(self.inner)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        draws = torch.multinomial(self.weights, len(self.weights), True, generator=gen)
+        return draws.tolist()[self.rank : len(self) * self.world_size : self.world_size]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.inner:
+        for index in self._indices():
             yield index, derive_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
         return len(self.inner)
+
+
+def stratum_weights(
+    strata: Sequence[str], by_stratum: dict[str, float] | None
+) -> list[float] | None:
+    """Per-item sampling weights from `data.sampling` ({stratum: weight}, default 1)."""
+    if not by_stratum:
+        return None
+    return [float(by_stratum.get(s, 1.0)) for s in strata]
 
 
 class SeededDataset(Dataset):

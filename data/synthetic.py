@@ -289,7 +289,7 @@ def generate(
                 delayed(_make_one)(seq, stratum, size, dirs[img_dir] / name, dirs[gt_dir] / name)
             )
         results = Parallel(n_jobs=workers, prefer="threads", return_as="generator")(jobs)
-        for _ in tqdm(results, total=n, desc="synthetic", unit="img"):
+        for _ in tqdm(results, total=n, desc="synthetic", unit="img", disable=None):
             pass
     log.info("wrote %d train + %d test images to %s", n_train, n_test, out)
     return out

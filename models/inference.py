@@ -43,7 +43,7 @@ def predict_probs(
     """float32 (N, 3, H, W) probabilities of a loader's images, in loader order."""
     prob_model.eval()
     out = []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         images, _ = to_device(batch, device, precision)
         with precision.autocast():
             probs = prob_model(images)

@@ -21,6 +21,11 @@ Design choices, and why:
     `reduction="none"` so the weighting is applied per pixel (public copies used the
     deprecated `reduce="none"`, which averages first and silently drops the weights).
     All side outputs count equally, times `binary_weight`.
+  * **smp's focal, Tversky and Lovász losses** can be added to CE + Dice with their own
+    weights (`focal_weight`, `tversky_weight` with `tversky_alpha/beta`, `lovasz_weight`;
+    all 0 by default). They are smp's own implementations, on the foreground classes like
+    the Dice term; Tversky with alpha < beta punishes missed polyp pixels more than extra
+    ones (NeoUNet uses alpha 0.3).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import DiceLoss
+from segmentation_models_pytorch.losses import DiceLoss, FocalLoss, LovaszLoss, TverskyLoss
 from torch import nn
 
 from models.ops import resize
@@ -78,6 +83,11 @@ class SegLoss(nn.Module):
         dice_smooth: float = 1.0,
         dice_count_absent: bool = True,
         ce_class_weights: Sequence[float] | None = None,
+        focal_weight: float = 0.0,
+        tversky_weight: float = 0.0,
+        tversky_alpha: float = 0.5,
+        tversky_beta: float = 0.5,
+        lovasz_weight: float = 0.0,
     ) -> None:
         super().__init__()
         # Per-class CE weights, e.g. to up-weight the rarer non-neoplastic class; a buffer,
@@ -91,6 +101,21 @@ class SegLoss(nn.Module):
         self.dice_smooth = dice_smooth
         self.first_class = 0 if dice_include_background else 1
         self.dice_count_absent = dice_count_absent
+        classes = list(range(self.first_class, 3))
+        self.extra = [
+            (float(weight), loss)
+            for weight, loss in (
+                (focal_weight, FocalLoss("multiclass")),
+                (
+                    tversky_weight,
+                    TverskyLoss(
+                        "multiclass", classes=classes, alpha=tversky_alpha, beta=tversky_beta
+                    ),
+                ),
+                (lovasz_weight, LovaszLoss("multiclass")),
+            )
+            if weight
+        ]
 
     def seg_loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """CE + Dice of one set of class logits, upsampled to the mask if needed."""
@@ -101,7 +126,10 @@ class SegLoss(nn.Module):
             dice = soft_dice_per_image(logits, mask, classes, self.dice_smooth).mean()
         else:
             dice = DiceLoss("multiclass", classes=classes, from_logits=True)(logits, mask)
-        return loss + self.dice_weight * dice
+        loss = loss + self.dice_weight * dice
+        for weight, extra in self.extra:
+            loss = loss + weight * extra(logits, mask)
+        return loss
 
     def _weights(self, n_aux: int) -> list[float]:
         if self.aux_weights is None:

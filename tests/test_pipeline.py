@@ -98,3 +98,24 @@ def test_a_bad_config_fails_before_any_stage(tmp_path, tiny_data, capsys):
     assert pipeline.main(["--config", str(config), "--set", "ensemble.models=[nope]"]) == 2
     assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "out" / "tiny").exists()
+
+
+def test_parallel_folds_match_the_sequential_run(tmp_path, tiny_data, capsys):
+    """--parallel 2 trains each fold in its own process and gets the same results."""
+    seq_dir, par_dir = tmp_path / "seq", tmp_path / "par"
+    seq_dir.mkdir()
+    par_dir.mkdir()
+    assert pipeline.main(["--config", str(_config(seq_dir, tiny_data))]) == 0
+    assert pipeline.main(["--config", str(_config(par_dir, tiny_data)), "--parallel", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "train (parallel)" in out
+    seq, par = seq_dir / "out" / "tiny", par_dir / "out" / "tiny"
+    assert len(list((par / "logs").glob("train_*_fold*.log"))) == 4
+    for model in ("tiny", "tiny2"):
+        for k in (0, 1):
+            a = (seq / model / f"fold{k}" / "log.jsonl").read_text().splitlines()
+            b = (par / model / f"fold{k}" / "log.jsonl").read_text().splitlines()
+            for ra, rb in zip(map(json.loads, a), map(json.loads, b), strict=True):
+                assert ra["competition"] == rb["competition"]
+                assert ra["train_loss"] == rb["train_loss"]
+    assert (seq / "submission.csv").read_text() == (par / "submission.csv").read_text()

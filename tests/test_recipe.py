@@ -1,0 +1,265 @@
+"""The training tools of the recipe: optimizer and schedule by name, EMA, multi-scale
+batches, class-aware sampling, polyp paste, extra losses, gradient clipping, early stop."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import optim
+import train
+from config import ConfigError, load_config
+from data.loader import SeededSampler, stratum_weights
+from data.paste import free_space, paste_one
+from models.inference import load_checkpoint
+from models.losses import SegLoss
+from tests.trainkit import fold_path, history, run_main, write_config
+
+
+def lr_curve(tcfg: dict, steps_per_epoch: int) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = optim.build_optimizer([param], tcfg)
+    sched = optim.build_scheduler(opt, tcfg, steps_per_epoch)
+    out = []
+    for _ in range(int(tcfg["epochs"]) * steps_per_epoch):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "expected"),
+    [
+        # 4 epochs x 10 steps, lr 1: the value at steps 0, 10, 20 and 39.
+        ({"name": "step", "step_epochs": 1, "gamma": 0.5}, [1.0, 0.5, 0.25, 0.125]),
+        ({"name": "cosine"}, [1.0, (1 + math.cos(math.pi * 10 / 40)) / 2, 0.5, None]),
+        ({"name": "poly", "power": 1.0}, [1.0, 0.75, 0.5, 1 / 40]),
+        ({"name": "none"}, [1.0, 1.0, 1.0, 1.0]),
+    ],
+)
+def test_schedules_follow_their_named_curve(scheduler: dict, expected: list) -> None:
+    curve = lr_curve({"lr": 1.0, "epochs": 4, "scheduler": scheduler}, 10)
+    for step, value in zip((0, 10, 20, 39), expected, strict=True):
+        if value is not None:
+            assert curve[step] == pytest.approx(value, rel=1e-6), step
+    if scheduler["name"] == "cosine":
+        assert curve[39] < 0.01
+
+
+def test_warmup_and_onecycle_ramp_up_then_down() -> None:
+    warm = lr_curve(
+        {"lr": 1.0, "epochs": 4, "scheduler": {"name": "cosine", "warmup_epochs": 1}}, 10
+    )
+    assert warm[0] == pytest.approx(0.01)
+    assert max(warm) == pytest.approx(1.0) and warm.index(max(warm)) == 10
+    cycle = lr_curve(
+        {"lr": 2.0, "epochs": 4, "scheduler": {"name": "onecycle", "pct_start": 0.25}}, 10
+    )
+    assert cycle[0] == pytest.approx(2.0 / 25)
+    assert max(cycle) == pytest.approx(2.0) and 8 <= cycle.index(max(cycle)) <= 10
+    assert cycle[-1] < 1e-3
+
+
+def test_default_schedule_is_the_seed_recipe_per_epoch() -> None:
+    curve = lr_curve({"lr": 1.0, "epochs": 12, "lr_step": 5, "lr_gamma": 0.6}, 3)
+    assert curve[14] == 1.0 and curve[15] == pytest.approx(0.6) and curve[30] == pytest.approx(0.36)
+
+
+@pytest.mark.parametrize(
+    ("tcfg", "message"),
+    [
+        ({"optimizer": {"name": "adamx"}}, "adam, adamw, sgd"),
+        ({"optimizer": {"name": "adamw", "momentum": 0.9}}, "weight_decay"),
+        ({"scheduler": {"name": "cosin"}}, "step, cosine, onecycle, poly, none"),
+        ({"scheduler": {"name": "cosine", "gamma": 0.5}}, "min_lr_ratio"),
+        ({"scheduler": {"name": "cosine", "warmup_epochs": "one"}}, "must be a number"),
+    ],
+)
+def test_unknown_names_and_arguments_list_the_choices(tcfg: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        optim.check_recipe({"lr": 1.0, "epochs": 1, **tcfg})
+
+
+def test_optimizers_by_name_are_torchs() -> None:
+    param = [torch.nn.Parameter(torch.zeros(1))]
+    for name, cls in optim.OPTIMIZERS.items():
+        assert type(optim.build_optimizer(param, {"lr": 0.1, "optimizer": {"name": name}})) is cls
+
+
+def test_loss_arguments_are_checked_before_any_data(
+    tmp_path: Path, tiny_data: Path, capsys
+) -> None:
+    config = write_config(tmp_path, tiny_data, loss={"ce_wieght": 1.0})
+    assert run_main(config, "--fold", "0") == 2
+    assert "ce_wieght" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_multiscale_batches_take_each_scale_in_multiples_of_32() -> None:
+    images, masks = torch.randn(2, 3, 128, 160), torch.randint(0, 3, (2, 128, 160))
+    shapes = Counter()
+    for seed in range(60):
+        x, y = train.scaled_batch(images, masks, (0.75, 1.0, 1.25), seed)
+        assert x.shape[-2:] == y.shape[-2:] and x.shape[-2] % 32 == 0 == x.shape[-1] % 32
+        assert set(y.unique().tolist()) <= {0, 1, 2} and y.dtype == torch.long
+        shapes[tuple(x.shape[-2:])] += 1
+    assert set(shapes) == {(96, 128), (128, 160), (160, 192)}
+    same = train.scaled_batch(images, masks, (0.75, 1.0, 1.25), 7)[0].shape
+    assert train.scaled_batch(images, masks, (0.75, 1.0, 1.25), 7)[0].shape == same
+
+
+def test_class_aware_sampling_draws_in_proportion_to_the_weights() -> None:
+    strata = ["red"] * 70 + ["green"] * 25 + ["both"] * 5
+    weights = stratum_weights(strata, {"green": 2.0, "both": 2.0})
+    counts = Counter()
+    sampler = SeededSampler(len(strata), seed=0, weights=weights)
+    for epoch in range(200):
+        sampler.set_epoch(epoch)
+        counts.update(strata[i] for i, _ in sampler)
+    total = sum(counts.values())
+    # Expected shares: red 70 / 130, green 50 / 130, both 10 / 130.
+    assert counts["red"] / total == pytest.approx(70 / 130, abs=0.01)
+    assert counts["green"] / total == pytest.approx(50 / 130, abs=0.01)
+    sampler.set_epoch(3)
+    assert list(sampler) == list(sampler)
+    shards = [SeededSampler(len(strata), 0, rank, 2, weights) for rank in (0, 1)]
+    assert all(len(list(s)) == 50 for s in shards)
+
+
+def _scene(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A target with one red polyp and a black border; a donor with one green polyp."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(60, 200, (96, 128, 3), dtype=np.uint8)
+    image[:, :8] = 0
+    mask = np.zeros((96, 128), np.uint8)
+    mask[20:50, 30:60] = 1
+    donor = rng.integers(60, 200, (96, 128, 3), dtype=np.uint8)
+    donor_mask = np.zeros((96, 128), np.uint8)
+    yy, xx = np.mgrid[:96, :128]
+    donor_mask[(yy - 60) ** 2 + (xx - 90) ** 2 < 12**2] = 2
+    return image, mask, donor, donor_mask
+
+
+def test_paste_never_overlaps_a_polyp_and_labels_exactly_the_pasted_pixels() -> None:
+    placed_any = 0
+    for seed in range(40):
+        image, mask, donor, donor_mask = _scene(seed)
+        free = free_space(image, mask, margin=4)
+        out_img, out_mask, where = paste_one(
+            image, mask, donor, donor_mask, np.random.default_rng(seed), classes=(2,)
+        )
+        if where is None:
+            assert (out_mask == mask).all() and (out_img == image).all()
+            continue
+        placed_any += 1
+        changed = out_mask != mask
+        assert (out_mask[changed] == 2).all() and (mask[changed] == 0).all()
+        assert free[changed].all(), "pasted onto a polyp, its margin or the border"
+        assert (out_mask[mask == 1] == 1).all()
+        h, w = where.region.shape
+        box = (slice(where.y, where.y + h), slice(where.x, where.x + w))
+        assert (changed[box] == where.region).all() and changed.sum() == where.region.sum()
+        # The pasted pixels are the donor's polyp pixels; everything else is untouched.
+        dy, dx = np.nonzero(donor_mask == 2)
+        donor_box = (slice(dy.min(), dy.max() + 1), slice(dx.min(), dx.max() + 1))
+        assert (out_img[box][where.region] == donor[donor_box][where.region]).all()
+        assert (out_img[~changed] == image[~changed]).all()
+    assert placed_any > 30
+
+
+def test_paste_gives_up_when_there_is_no_free_space() -> None:
+    image, mask, donor, donor_mask = _scene(0)
+    mask[:] = 1
+    _, out_mask, where = paste_one(image, mask, donor, donor_mask, np.random.default_rng(0))
+    assert where is None and (out_mask == 1).all()
+
+
+def test_extra_losses_on_hand_made_cases() -> None:
+    mask = torch.zeros(1, 8, 8, dtype=torch.long)
+    mask[0, 2:6, 2:6] = 2
+    perfect = (torch.nn.functional.one_hot(mask, 3).permute(0, 3, 1, 2).float() * 2 - 1) * 20
+    wrong = perfect[:, [0, 2, 1]]  # the polyp called neoplastic
+    for key in ("focal_weight", "tversky_weight", "lovasz_weight"):
+        only = SegLoss(ce_weight=0, dice_weight=0, **{key: 1.0})
+        assert only(perfect, mask).item() < 1e-3, key
+        assert only(wrong, mask).item() > 0.2, key
+    # Tversky with beta > alpha punishes a missed polyp more than the same area extra.
+    missed, extra = perfect.clone(), perfect.clone()
+    missed[0, :, 2:4, 2:6] = perfect[0, :, 0:2, 0:4]  # 8 polyp pixels called background
+    extra[0, :, 6:8, 2:6] = perfect[0, :, 2:4, 2:6]  # 8 background pixels called polyp
+    tv = SegLoss(ce_weight=0, dice_weight=0, tversky_weight=1, tversky_alpha=0.3, tversky_beta=0.7)
+    assert tv(missed, mask) > tv(extra, mask)
+
+
+def test_ema_weights_are_validated_saved_and_resumed_exactly(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    straight_dir, resumed_dir = tmp_path / "a", tmp_path / "b"
+    straight_dir.mkdir()
+    resumed_dir.mkdir()
+    recipe = {"ema": 0.5, "epochs": 2}
+    assert run_main(write_config(straight_dir, tiny_data, **recipe), "--fold", "0") == 0
+    last = load_checkpoint(fold_path(straight_dir) / "last.pt")
+    best = load_checkpoint(fold_path(straight_dir) / "best.pt")
+    ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
+    raw = last["model"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    if best["epoch"] == 2:
+        for k, v in best["model"].items():
+            torch.testing.assert_close(v, ema[k])
+
+    config = write_config(resumed_dir, tiny_data, **recipe)
+    cfg = load_config(config)
+    assert run_main(config, "--fold", "0", "--epochs", "1") == 0
+    assert cfg["train"]["epochs"] == 2
+    assert run_main(config, "--fold", "0", "--resume") == 0
+    again = load_checkpoint(fold_path(resumed_dir) / "last.pt")
+    for k, v in last["ema"].items():
+        torch.testing.assert_close(again["ema"][k], v, rtol=1e-4, atol=1e-5)
+    for a, b in zip(history(fold_path(resumed_dir)), history(fold_path(straight_dir)), strict=True):
+        assert a["competition"] == pytest.approx(b["competition"], abs=1e-6)
+
+
+def test_early_stop_ends_a_flat_fold_and_counts_it_complete(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    # A near-zero lr leaves only BatchNorm statistics moving: the score soon stops improving.
+    config = write_config(tmp_path, tiny_data, epochs=8, lr=1e-12, early_stop_patience=1)
+    assert run_main(config, "--fold", "0") == 0
+    records = history(fold_path(tmp_path))
+    assert len(records) < 8 and records[-1]["stopped_early"]
+    best_so_far = [max(r["competition"] for r in records[: i + 1]) for i in range(len(records))]
+    # It stopped at the first epoch that did not beat the best before it, not earlier.
+    improved = [records[0]["competition"] == best_so_far[0]] + [
+        records[i]["competition"] > best_so_far[i - 1] for i in range(1, len(records))
+    ]
+    assert improved[:-1] == [True] * (len(records) - 1) and not improved[-1]
+    assert not any(r["stopped_early"] for r in records[:-1])
+    assert train.fold_complete(fold_path(tmp_path), 8)
+    assert (fold_path(tmp_path) / "oof" / "meta.json").is_file()
+
+
+def test_grad_clip_bounds_the_update() -> None:
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    from runtime import choose_precision
+
+    precision = choose_precision(torch.device("cpu"), False, False)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(5, 4) * 100
+
+    def loss_fn(out, _):
+        return out.square().sum()
+
+    train.train_step(model, x, None, loss_fn, opt, scaler, precision, grad_clip=0.5)
+    moved = torch.sqrt(
+        sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True))
+    )
+    assert moved.item() == pytest.approx(0.5, rel=1e-4)
