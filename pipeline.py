@@ -165,6 +165,8 @@ def run_stages(cfg: dict[str, Any], common: Sequence[str], parallel: int = 1) ->
     names = model_names(cfg)
     n_folds = int(cfg["data"]["n_folds"])
     timings: dict[str, float] = {}
+    for name in names:
+        train.check_recipes_early(cfg, name, range(n_folds))
     if parallel > 1:
         timings["train (parallel)"] = train_in_parallel(cfg, common, names, parallel)
     else:

@@ -69,7 +69,7 @@ from data.loader import (
 from data.paste import PolypPaste
 from data.probstore import save_probs
 from data.reader import DataError, MaskThresholds, list_train
-from metrics import class_stats, scores_from_stats
+from metrics import OBJECTIVES, class_stats, scores_from_stats
 from models import build_model
 from models.inference import (
     NUM_CLASSES,
@@ -80,6 +80,7 @@ from models.inference import (
 from models.losses import SegLoss
 from models.pretrained import parse_pretrained
 from optim import build_optimizer, build_scheduler, check_recipe
+from recipe import check_fold, fold_recipe, recipe_hash, write_recipe
 from runtime import (
     Dist,
     Precision,
@@ -192,6 +193,10 @@ def check_config(cfg: dict[str, Any]) -> None:
     scales = tcfg.get("multiscale") or [1.0]
     if not all(isinstance(x, int | float) and 0.25 <= x <= 4 for x in scales):
         raise ConfigError(f"train.multiscale must list scales in [0.25, 4], got {scales!r}")
+    if tcfg.get("best_metric", "competition") not in OBJECTIVES:
+        raise ConfigError(
+            f"train.best_metric {tcfg['best_metric']!r}: choose one of {', '.join(OBJECTIVES)}"
+        )
     ema = tcfg.get("ema")
     if ema is not None and not 0 < float(ema) < 1:
         raise ConfigError(f"train.ema is the EMA decay, in (0, 1) or null; got {ema!r}")
@@ -223,6 +228,24 @@ def check_loss_args(loss_cfg: dict[str, Any]) -> None:
 
 def fold_dir(cfg: dict[str, Any], model_name: str, fold: int) -> Path:
     return experiment_dir(cfg) / model_name / f"fold{fold}"
+
+
+def check_recipes_early(cfg: dict[str, Any], model_name: str, folds: Sequence[int]) -> None:
+    """Before any data is read: refuse folds made with another recipe or split.
+
+    The split is compared when `folds.json` exists; otherwise it is compared once the
+    new split is made (train_fold), so a changed recipe still fails before any work.
+    """
+    path = experiment_dir(cfg) / "folds.json"
+    split_id = None
+    if path.exists():
+        try:
+            split_id = json.loads(path.read_text())["split_id"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{path}: not a readable folds file ({exc}); delete it") from exc
+    for k in folds:
+        recipe = fold_recipe(cfg, model_name, split_id or "")
+        check_fold(fold_dir(cfg, model_name, k), recipe, str(cfg["experiment"]), bool(split_id))
 
 
 # --------------------------------------------------------------------------- data
@@ -434,7 +457,7 @@ def fold_complete(directory: Path, epochs: int) -> bool:
 
 def _flat_for(history: list[dict[str, Any]], patience: int) -> bool:
     """True when the best validation score is `patience` or more epochs old."""
-    best = max(range(len(history)), key=lambda i: history[i]["competition"])
+    best = max(i for i, r in enumerate(history) if r["best"])
     return len(history) - 1 - best >= patience
 
 
@@ -698,9 +721,11 @@ def train_fold(
     epochs = int(cfg["train"]["epochs"])
     out = fold_dir(cfg, model_name, fold)
     name = f"{model_name} fold {fold}"
+    recipe = fold_recipe(cfg, model_name, data.folds.split_id)
     if force and dist.is_main and out.exists():
         shutil.rmtree(out)
     dist.barrier()
+    check_fold(out, recipe, str(cfg["experiment"]))
     if fold_complete(out, epochs):
         log.info("%s already complete (%s); skipping (--force retrains)", name, out)
         return _summary(model_name, fold, read_log(out / "log.jsonl"), skipped=True)
@@ -711,6 +736,7 @@ def train_fold(
     learner = build_learner(cfg, entry, fold, dist, steps_per_epoch=len(loaders.train))
     start_epoch, best_score, history = _resume(learner, out, split_id, resume, name)
     patience = int(cfg["train"].get("early_stop_patience") or 0)
+    best_metric = str(cfg["train"].get("best_metric", "competition"))
     meta = {
         "model_name": model_name,
         "arch": entry["arch"],
@@ -718,9 +744,11 @@ def train_fold(
         "split_id": split_id,
         "fold": fold,
         "config": cfg,
+        "recipe_hash": recipe_hash(recipe),
     }
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        write_recipe(out, recipe)
         save_config(cfg, out / "config.yaml")
         write_log(out / "log.jsonl", history)
     wandb_run = None
@@ -734,8 +762,8 @@ def train_fold(
             torch.manual_seed(seed)
             desc = f"{name} epoch {epoch + 1}/{epochs}"
             record = run_epoch(learner, loaders, epoch, dist, desc, seed)
-            record["best"] = record["competition"] > best_score
-            best_score = max(best_score, record["competition"])
+            record["best"] = record[best_metric] > best_score
+            best_score = max(best_score, record[best_metric])
             history = [*history, record]
             record["stopped_early"] = bool(patience) and _flat_for(history, patience)
             if dist.is_main:
@@ -889,6 +917,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = resolve_config(args)
         folds = parse_folds(args.fold, int(cfg["data"]["n_folds"]))
+        if not args.force:
+            check_recipes_early(cfg, args.model, folds)
         configure_cpu_threads(cfg)
         if dist.device.type == "cuda":
             torch.backends.cudnn.benchmark = True

@@ -202,3 +202,47 @@ def test_cli_parsers() -> None:
     assert train.parse_img_size("352x416") == [352, 416]
     assert train.parse_folds("all", 3) == [0, 1, 2]
     assert train.parse_folds("2,0,2", 3) == [2, 0]
+
+
+def test_a_changed_recipe_is_refused_with_its_keys_then_force_retrains(
+    trained: Path, tmp_path: Path, tiny_data: Path, capsys
+) -> None:
+    import shutil
+
+    shutil.copytree(trained / "out", tmp_path / "out")
+    config = write_config(tmp_path, tiny_data)
+    out = fold_path(tmp_path)
+    before = (out / "best.pt").stat().st_mtime_ns
+    for extra in (["--set", "train.lr=0.001"], ["--resume", "--set", "train.lr=0.001"]):
+        assert run_main(config, "--fold", "0", *extra) == 2
+        err = capsys.readouterr().err
+        assert "train.lr: 0.003 -> 0.001" in err and "--force" in err and "experiment=" in err
+    assert (out / "best.pt").stat().st_mtime_ns == before
+    # Loader settings do not count: the fold is still complete and skipped.
+    assert run_main(config, "--fold", "0", "--workers", "1", "--set", "train.cpu_threads=2") == 0
+    assert "skipped (complete)" in capsys.readouterr().out
+    assert run_main(config, "--fold", "0", "--force", "--set", "train.lr=0.001") == 0
+    assert (out / "best.pt").stat().st_mtime_ns != before
+    assert load_checkpoint(out / "last.pt")["config"]["train"]["lr"] == 0.001
+
+
+def test_a_new_split_refuses_folds_of_the_old_one(
+    trained: Path, tmp_path: Path, tiny_data_copy: Path, capsys
+) -> None:
+    import json
+    import shutil
+
+    shutil.copytree(trained / "out", tmp_path / "out")
+    config = write_config(tmp_path, tiny_data_copy)
+    victim = sorted((tiny_data_copy / "train").iterdir())[0]
+    victim.unlink()
+    (tiny_data_copy / "train_gt" / victim.name).unlink()
+    folds_file = tmp_path / "out" / "tiny" / "folds.json"
+    old_split = json.loads(folds_file.read_text())["split_id"]
+    folds_file.unlink()  # as the data-change error advises
+    assert run_main(config, "--fold", "0") == 2
+    err = capsys.readouterr().err
+    new_split = json.loads(folds_file.read_text())["split_id"]
+    assert f'split_id: "{old_split}" -> "{new_split}"' in err
+    assert run_main(config, "--fold", "0", "--force") == 0
+    assert load_checkpoint(fold_path(tmp_path) / "best.pt")["split_id"] == new_split
