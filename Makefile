@@ -2,7 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_DATA ?= demo_data
+DEMO_SEED ?= 0
+DEMO_DATA ?= demo_data_seed$(DEMO_SEED)
+DEMO_OUT ?= outputs
 
 .PHONY: install test lint format demo clean
 
@@ -24,9 +26,10 @@ format: install
 test: lint
 	$(PY) -m pytest -q -n 2
 
+# Full-size frames (1280 x 959-1024) as in the real set; two fold processes use both cores.
 demo: install
-	test -d $(DEMO_DATA) || $(PY) -m data.synthetic --out $(DEMO_DATA) --n-train 60 --n-test 20 --seed 0 --size 256x320
-	$(PY) pipeline.py --config configs/demo.yaml --data-dir $(DEMO_DATA)
+	test -d $(DEMO_DATA) || $(PY) -m data.synthetic --out $(DEMO_DATA) --n-train 120 --n-test 40 --seed $(DEMO_SEED)
+	$(PY) pipeline.py --config configs/demo.yaml --data-dir $(DEMO_DATA) --out-dir $(DEMO_OUT) --parallel 2
 
 clean:
-	rm -rf outputs $(DEMO_DATA)
+	rm -rf outputs demo_data_seed*

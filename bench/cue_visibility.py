@@ -7,7 +7,7 @@ each cue between neoplastic and non-neoplastic regions says how well it alone se
 the classes: 0.5 is chance, 1.0 (or 0.0) is perfect. A texture AUC that collapses towards
 0.5 at the working size means the model cannot see the cue, whatever the recipe.
 
-    python -m bench.cue_visibility --data-dir demo_data --sizes 1024x1280 256x320 128x160
+    python -m bench.cue_visibility --data-dir demo_data_seed0 --sizes 1024x1280 256x320 128x160
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from bench.report import update_section
 from data.reader import list_train, load_image, load_mask
 from data.synthetic import parse_size
 
@@ -83,17 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--sizes", type=parse_size, nargs="+", default=[(1024, 1280), (256, 320)])
     p.add_argument("--limit", type=int, default=120, help="training images to measure")
+    p.add_argument("--write", action="store_true", help="also write its BENCHMARKS.md section")
     args = p.parse_args(argv)
-    print(
-        "| working size | regions | region texture AUC | region tint AUC | 5×5 texture AUC |"
-        "\n|---|---:|---:|---:|---:|"
-    )
+    lines = [
+        f"Data: `{args.data_dir}` ({args.limit} training images at most).",
+        "",
+        "| working size | regions | region texture AUC | region tint AUC | 5×5 texture AUC |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for size in args.sizes:
         r = cue_auc(args.data_dir, size, args.limit)
-        print(
+        lines.append(
             f"| {size[0]}×{size[1]} | {r['regions']} | {r['texture_auc']:.2f} | "
             f"{r['tint_auc']:.2f} | {r['local_auc']:.2f} |"
         )
+    print("\n".join(lines))
+    if args.write:
+        update_section("cue_visibility", "\n".join(lines))
     return 0
 
 

@@ -8,8 +8,8 @@ components under 0.1% of the image dropped and each region given the class with 
 summed probability. Only reading the files and the metric are the project's, so both
 systems are scored by the same code.
 
-    python -m bench.plain_baseline --data-dir demo_data --budget-s 360
-    python -m bench.plain_baseline --data-dir demo_data --compare configs/demo.yaml
+    python -m bench.plain_baseline --data-dir demo_data_seed0 --budget-s 360
+    python -m bench.plain_baseline --data-dir demo_data_seed0 --compare configs/demo.yaml
 
 `--compare` runs `pipeline.py` first, then gives the plain script the same wall-clock time,
 and writes both rows to BENCHMARKS.md.

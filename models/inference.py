@@ -5,6 +5,7 @@ Used by train.py (each fold's out-of-fold maps) and predict.py (OOF and test map
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +56,20 @@ def predict_probs(
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """A checkpoint of train.py, or DataError naming the file when it cannot be one.
 
-    Our own checkpoints hold numpy RNG states, hence weights_only=False.
+    Checkpoints are data, not code: they are read with `weights_only=True`, so a shared
+    `best.pt` crafted to run code on load is refused instead of executed. train.py writes
+    only tensors, numbers, strings and containers of them (the RNG states included).
     """
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise DataError(f"{path}: checkpoint not found") from None
+    except pickle.UnpicklingError as exc:
+        raise DataError(
+            f"{path}: refused, it holds objects other than weights and plain data, which "
+            f"could run code when loaded ({str(exc).splitlines()[0][:200]}); only load "
+            "checkpoints written by train.py"
+        ) from exc
     except Exception as exc:
         raise DataError(
             f"{path}: unreadable checkpoint ({type(exc).__name__}); it was not written by "

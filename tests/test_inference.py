@@ -26,3 +26,27 @@ def test_truncated_missing_or_foreign_checkpoints_name_the_file(tmp_path):
 
     with pytest.raises(DataError, match=r"absent\.pt: checkpoint not found"):
         load_checkpoint(tmp_path / "absent.pt")
+
+
+class _RunsCode:
+    """Unpickling this calls `open(marker, "w")`: what a crafted shared checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "best.pt"
+    torch.save(
+        {"model": {}, "arch": "unet_mobilenetv3", "kwargs": {}, "x": _RunsCode(marker)}, crafted
+    )
+    with pytest.raises(DataError, match=r"best\.pt: refused.*could run code"):
+        load_checkpoint(crafted)
+    assert not marker.exists()
+    # The loader that would have run it is the one every stage uses: prove the file works.
+    torch.load(crafted, weights_only=False)
+    assert marker.exists()
