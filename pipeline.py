@@ -37,13 +37,21 @@ from config import (
     ConfigError,
     add_config_arguments,
     experiment_dir,
+    model_entry,
     resolve_cli_config,
     setup_logging,
 )
 from data.atomic import write_json
 from data.cache import load_item, train_items
 from data.probstore import ProbMaps, load_probs
-from data.reader import DataError, MaskThresholds, list_test_gt, load_mask
+from data.reader import (
+    DataError,
+    MaskThresholds,
+    check_image_file,
+    list_test,
+    list_test_gt,
+    load_mask,
+)
 from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps, load_params
 from report import Case, write_report
@@ -159,12 +167,31 @@ def train_in_parallel(
     return time.perf_counter() - start
 
 
+def preflight(cfg: dict[str, Any], names: Sequence[str]) -> None:
+    """Everything that can be checked before training, in one pass, so that a typo in a
+    later stage's settings or a missing test folder fails in seconds, not after every fold.
+    """
+    for name in names:
+        model_entry(cfg, name)
+    train.check_config(cfg)
+    predict.tta_transforms(str((cfg.get("predict") or {}).get("tta", "none")))
+    for section in ("ensemble", "tune"):
+        value = (cfg.get(section) or {}).get("trials", 100)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{section}.trials must be a positive whole number, got {value!r}")
+        ensemble.search_settings(cfg, section)
+    # Unreadable or truncated test images are named now, not after training.
+    for sample in list_test(Path(cfg["data_dir"])):
+        check_image_file(sample.image)
+
+
 def run_stages(cfg: dict[str, Any], common: Sequence[str], parallel: int = 1) -> dict[str, float]:
     """Every stale stage, in order; returns the seconds spent per stage."""
     exp = experiment_dir(cfg)
     names = model_names(cfg)
     n_folds = int(cfg["data"]["n_folds"])
     timings: dict[str, float] = {}
+    preflight(cfg, names)
     for name in names:
         train.check_recipes_early(cfg, name, range(n_folds))
     if parallel > 1:

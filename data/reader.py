@@ -208,14 +208,24 @@ def _check_complete(data: bytes, path: Path) -> None:
         raise DataError(f"{path}: truncated PNG (no IEND chunk)")
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """An image file as uint8 HxWx3 RGB; unreadable or truncated files raise DataError."""
+def check_image_file(path: str | Path) -> bytes:
+    """The bytes of a readable, complete (not truncated) image file, not yet decoded.
+
+    Cheap enough for a preflight over every test image before training starts.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     _check_complete(data, path)
+    return data
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file as uint8 HxWx3 RGB; unreadable or truncated files raise DataError."""
+    path = Path(path)
+    data = check_image_file(path)
     bgr = cv2.imdecode(
         np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     )

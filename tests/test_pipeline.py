@@ -119,3 +119,22 @@ def test_parallel_folds_match_the_sequential_run(tmp_path, tiny_data, capsys):
                 assert ra["competition"] == rb["competition"]
                 assert ra["train_loss"] == rb["train_loss"]
     assert (seq / "submission.csv").read_text() == (par / "submission.csv").read_text()
+
+
+def test_later_stage_settings_and_test_images_are_checked_before_training(
+    tmp_path, tiny_data_copy, capsys
+):
+    config = _config(tmp_path, tiny_data_copy)
+    for bad, named in (
+        ("predict.tta=flipp", "flipp"),
+        ("ensemble.trials=abc", "ensemble.trials"),
+        ("tune.objective=dice", "tune.objective"),
+        ("train.loss.ce_wieght=1", "ce_wieght"),
+    ):
+        assert pipeline.main(["--config", str(config), "--set", bad]) == 2
+        assert named in capsys.readouterr().err
+    test_image = sorted((tiny_data_copy / "test").iterdir())[0]
+    test_image.write_bytes(test_image.read_bytes()[:300])
+    assert pipeline.main(["--config", str(config)]) == 2
+    assert test_image.name in capsys.readouterr().err
+    assert not (tmp_path / "out" / "tiny").exists()
