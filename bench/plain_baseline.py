@@ -103,9 +103,18 @@ def score_plain(model: torch.nn.Module, data_dir: Path) -> dict[str, float]:
 
 
 def run_pipeline(config: str, data_dir: Path, out_dir: Path) -> tuple[float, dict[str, float]]:
-    """Wall time of a fresh `pipeline.py` run and its blended, post-processed test row."""
+    """Wall time of a fresh `pipeline.py --parallel 2` run (as `make demo`) and its blend row."""
     start = time.perf_counter()
-    cmd = [sys.executable, "pipeline.py", "--config", config, "--data-dir", str(data_dir)]
+    cmd = [
+        sys.executable,
+        "pipeline.py",
+        "--config",
+        config,
+        "--data-dir",
+        str(data_dir),
+        "--parallel",
+        "2",
+    ]
     subprocess.run([*cmd, "--out-dir", str(out_dir)], check=True)
     elapsed = time.perf_counter() - start
     experiment = next(p for p in out_dir.iterdir() if (p / "scores.json").exists())
