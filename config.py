@@ -8,7 +8,9 @@ so `train.epochs=3` or `models.unet.kwargs.encoder_name=resnet18` both work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import difflib
 import hashlib
 import json
 import logging
@@ -38,21 +40,84 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, An
     return apply_overrides(cfg, overrides)
 
 
-def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Return a copy of `cfg` with each `a.b.c=value` override applied."""
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return []
+    keys = []
+    for key, value in node.items():
+        keys.append(f"{prefix}{key}")
+        keys += _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _checked_value(key: str, old: Any, new: Any) -> Any:
+    """`new` if it has the type of `old` (None takes anything); ints widen to floats."""
+    if old is None or new is None:
+        return new
+    if isinstance(old, bool) or isinstance(new, bool):
+        ok = isinstance(old, bool) and isinstance(new, bool)
+    elif isinstance(old, float):
+        if isinstance(new, str):
+            # YAML 1.1 reads `1e-3` (no dot) as a string; the key says it is a number.
+            with contextlib.suppress(ValueError):
+                new = float(new)
+        ok = isinstance(new, int | float)
+        new = float(new) if ok else new
+    elif isinstance(old, int):
+        ok = isinstance(new, int)
+    elif isinstance(old, str):
+        ok = isinstance(new, str)
+    elif isinstance(old, list):
+        ok = isinstance(new, list)
+    elif isinstance(old, dict):
+        ok = isinstance(new, dict) or new is None
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(
+            f"override {key}={new!r}: expected {type(old).__name__} like the config's {old!r}"
+        )
+    return new
+
+
+def apply_overrides(
+    cfg: dict[str, Any], overrides: Iterable[str], strict: bool = True
+) -> dict[str, Any]:
+    """Return a copy of `cfg` with each `a.b.c=value` override applied.
+
+    Strict by default, as a misspelt key would otherwise train silently with the default:
+    the key must exist in the config and the value must have its type (`train.epocs=3`
+    and `train.epochs=abc` are errors, the first with a did-you-mean). A genuinely new key
+    is added with a leading `+` (`+train.ema=0.9`), Hydra's convention.
+    """
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         key, sep, raw = item.partition("=")
+        add = key.startswith("+")
+        key = key.removeprefix("+")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         node = cfg
         *parents, leaf = key.split(".")
         for part in parents:
-            child = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None and (add or not strict or part not in node):
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
             node = child
-        node[leaf] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        if leaf in node:
+            node[leaf] = _checked_value(key, node[leaf], value) if strict else value
+        elif add or not strict:
+            node[leaf] = value
+        else:
+            close = difflib.get_close_matches(key, _dotted_keys(cfg), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"override {item!r}: no key {key!r} in the config{hint} "
+                f"(add a new key with +{key}=...)"
+            )
     return cfg
 
 
@@ -95,7 +160,9 @@ def resolve_cli_config(
     cfg = load_config(args.config, [*args.set, *getattr(args, "overrides", [])])
     given = {"data_dir": args.data_dir, "out_dir": args.out_dir, **(flags or {})}
     # JSON is valid YAML, so apply_overrides parses each value back exactly.
-    cfg = apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None])
+    cfg = apply_overrides(
+        cfg, [f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None], strict=False
+    )
     for key in ("experiment", "out_dir"):
         if not cfg.get(key):
             raise ConfigError(f"{args.config}: missing key {key!r}")

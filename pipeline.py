@@ -134,7 +134,7 @@ def train_in_parallel(
     if not gpus and cfg["train"].get("cpu_threads") is None:
         workers = int(cfg["data"].get("num_workers", 0))
         threads = max(1, (os.cpu_count() or 1) // parallel - workers)
-        extra = ["--set", f"train.cpu_threads={threads}"]
+        extra = ["--set", f"+train.cpu_threads={threads}"]
     jobs = [(m, k) for m in names for k in range(int(cfg["data"]["n_folds"]))]
     running: list[tuple[str, int, subprocess.Popen, Any]] = []
     failed: list[str] = []

@@ -6,7 +6,8 @@ results as new ones. The identity is the model entry, the `train` section, the `
 section and the seed, plus the split the fold was cut from. Left out, because they change
 speed or logging but not the weights: loader workers and timeout, wandb, compile, CPU
 threads. `train.epochs` is left out too, so a finished fold can be extended with
-`--resume` (a schedule that depends on the total then continues on the new curve).
+`--resume`; train.py refuses that for a schedule whose curve depends on the total
+(cosine, one-cycle, poly, or any warm-up), where the old curve cannot be continued.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ IGNORED = {
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict) and node:
+    """Dotted leaves; null and `{}` are dropped, since both mean "the default", as absent does."""
+    if isinstance(node, dict):
         out: dict[str, Any] = {}
         for key, value in node.items():
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
-    return {prefix[:-1]: node}
+    return {} if node is None else {prefix[:-1]: node}
 
 
 def fold_recipe(cfg: dict[str, Any], model_name: str, split_id: str) -> dict[str, Any]:
@@ -80,21 +82,23 @@ def refuse_changed(where: str, old: dict[str, Any], new: dict[str, Any], experim
     raise ConfigError(
         f"{where} was trained with another recipe:\n  "
         + "\n  ".join(changes)
-        + "\nRetrain it in place with --force, or keep both by giving this run a new "
-        f"experiment name (e.g. --set experiment={experiment}_v2)."
+        + "\nRetrain it in place with `train.py --force` (or delete that folder), or keep "
+        f"both by giving this run a new experiment name (e.g. --set experiment={experiment}_v2)."
     )
 
 
 def recorded_recipe(fold_dir: Path) -> dict[str, Any] | None:
     """The recipe a fold folder was trained with, or None for a folder never trained."""
     path = fold_dir / RECIPE_FILE
-    if not path.exists():
-        if any((fold_dir / n).exists() for n in ("last.pt", "best.pt")):
-            raise ConfigError(
-                f"{fold_dir} holds checkpoints but no {RECIPE_FILE}, so its recipe is unknown; "
-                "retrain it with --force or use a new experiment name"
-            )
+    trained = any((fold_dir / n).exists() for n in ("last.pt", "best.pt"))
+    if not trained:
+        # A fold that failed before its first checkpoint has nothing to protect.
         return None
+    if not path.exists():
+        raise ConfigError(
+            f"{fold_dir} holds checkpoints but no {RECIPE_FILE}, so its recipe is unknown; "
+            "retrain it with `train.py --force` or use a new experiment name"
+        )
     try:
         return json.loads(path.read_text())["recipe"]
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -79,7 +79,7 @@ from models.inference import (
 )
 from models.losses import SegLoss
 from models.pretrained import parse_pretrained
-from optim import build_optimizer, build_scheduler, check_recipe
+from optim import build_optimizer, build_scheduler, check_recipe, scheduler_cfg
 from recipe import check_fold, fold_recipe, recipe_hash, write_recipe
 from runtime import (
     Dist,
@@ -659,7 +659,7 @@ def run_epoch(
 
 
 def _resume(
-    learner: Learner, out: Path, split_id: str, resume: bool, name: str
+    learner: Learner, out: Path, split_id: str, resume: bool, name: str, tcfg: dict[str, Any]
 ) -> tuple[int, float, list[dict[str, Any]]]:
     """(epochs done, best score, history) from last.pt, or a fresh start."""
     last = out / "last.pt"
@@ -677,9 +677,26 @@ def _resume(
             f"{last} was trained on split {ckpt['split_id']}, but folds.json is split "
             f"{split_id}; retrain with --force"
         )
+    _check_same_curve(ckpt, tcfg)
     learner.load_training_state(ckpt)
     log.info("%s: resuming after epoch %d (best %.4f)", name, ckpt["epoch"], ckpt["best_score"])
     return ckpt["epoch"], ckpt["best_score"], ckpt["history"]
+
+
+def _check_same_curve(ckpt: dict[str, Any], tcfg: dict[str, Any]) -> None:
+    """Refuse a changed epoch count when the schedule's curve depends on it.
+
+    A step schedule continues the same way for any length; cosine, one-cycle, poly and
+    warm-up were laid out over the old total and restore that total from the checkpoint.
+    """
+    before = int(ckpt["config"]["train"]["epochs"])
+    sched = scheduler_cfg(tcfg)
+    per_total = sched["name"] in ("cosine", "onecycle", "poly") or sched.get("warmup_epochs")
+    if before != int(tcfg["epochs"]) and per_total:
+        raise ConfigError(
+            f"train.epochs: {before} -> {tcfg['epochs']}, but the {sched['name']} schedule "
+            "was laid out over the old total; keep the epochs, or retrain with --force"
+        )
 
 
 def _log_epoch(name: str, epochs: int, record: dict[str, Any]) -> None:
@@ -734,7 +751,7 @@ def train_fold(
     split_id = data.folds.split_id
     loaders = build_loaders(cfg, data, fold, dist)
     learner = build_learner(cfg, entry, fold, dist, steps_per_epoch=len(loaders.train))
-    start_epoch, best_score, history = _resume(learner, out, split_id, resume, name)
+    start_epoch, best_score, history = _resume(learner, out, split_id, resume, name, cfg["train"])
     patience = int(cfg["train"].get("early_stop_patience") or 0)
     best_metric = str(cfg["train"].get("best_metric", "competition"))
     meta = {

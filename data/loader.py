@@ -57,12 +57,18 @@ class SeededSampler(Sampler[tuple[int, int]]):
         if self.weights is None:
             return list(self.inner)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        draws = torch.multinomial(self.weights, len(self.weights), True, generator=gen)
-        return draws.tolist()[self.rank : len(self) * self.world_size : self.world_size]
+        # Every rank gets exactly len(self) draws, as DDP needs equal batch counts.
+        total = len(self) * self.world_size
+        draws = torch.multinomial(self.weights, total, True, generator=gen)
+        return draws.tolist()[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self._indices():
-            yield index, derive_seed(self.seed, self.epoch, index)
+        for position, index in enumerate(self._indices()):
+            if self.weights is None:
+                yield index, derive_seed(self.seed, self.epoch, index)
+            else:
+                # An image drawn twice in an epoch gets two different augmentations.
+                yield index, derive_seed(self.seed, self.epoch, index, position, self.rank)
 
     def __len__(self) -> int:
         return len(self.inner)

@@ -23,9 +23,9 @@ Design choices, and why:
     All side outputs count equally, times `binary_weight`.
   * **smp's focal, Tversky and Lovász losses** can be added to CE + Dice with their own
     weights (`focal_weight`, `tversky_weight` with `tversky_alpha/beta`, `lovasz_weight`;
-    all 0 by default). They are smp's own implementations, on the foreground classes like
-    the Dice term; Tversky with alpha < beta punishes missed polyp pixels more than extra
-    ones (NeoUNet uses alpha 0.3).
+    all 0 by default). They are smp's own implementations; Tversky scores the foreground
+    classes like the Dice term, focal and Lovász all three classes. Tversky with
+    alpha < beta punishes missed polyp pixels more than extra ones (NeoUNet uses alpha 0.3).
 """
 
 from __future__ import annotations

@@ -263,3 +263,21 @@ def test_grad_clip_bounds_the_update() -> None:
         sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True))
     )
     assert moved.item() == pytest.approx(0.5, rel=1e-4)
+
+
+def test_a_changed_epoch_count_is_refused_only_where_the_curve_depends_on_it(
+    tmp_path: Path, tiny_data: Path, capsys
+) -> None:
+    config = write_config(tmp_path, tiny_data, scheduler={"name": "cosine"}, epochs=2)
+    assert run_main(config, "--fold", "0", "--epochs", "1") == 0
+    assert run_main(config, "--fold", "0", "--resume") == 2
+    assert "train.epochs: 1 -> 2" in capsys.readouterr().err
+
+
+def test_weighted_sampling_gives_every_rank_the_same_count_and_fresh_seeds() -> None:
+    weights = [1.0] * 79
+    shards = [SeededSampler(79, 0, rank, 2, weights) for rank in (0, 1)]
+    draws = [list(s) for s in shards]
+    assert len(draws[0]) == len(draws[1]) == len(shards[0])
+    seeds = [seed for shard in draws for _, seed in shard]
+    assert len(set(seeds)) == len(seeds)
