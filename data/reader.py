@@ -204,8 +204,38 @@ def _check_complete(data: bytes, path: Path) -> None:
     if data.startswith(_JPEG_SOI):
         if not data.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI):
             raise DataError(f"{path}: truncated JPEG (no end-of-image marker)")
+        _check_jpeg_scan(data, path)
     elif data.startswith(_PNG_SIGNATURE) and not data.endswith(_PNG_IEND):
         raise DataError(f"{path}: truncated PNG (no IEND chunk)")
+
+
+# Bytes that may follow 0xFF inside entropy-coded data: stuffing (00), restart markers
+# (D0-D7), fill bytes (FF), and the markers that end or separate scans (D9 EOI, DA SOS,
+# C4 DHT, DB DQT, DD DRI, FE comments) in progressive files.
+_SCAN_OK = np.zeros(256, bool)
+_SCAN_OK[[0x00, 0xFF, 0xD9, 0xDA, 0xC4, 0xDB, 0xDD, 0xFE, *range(0xD0, 0xD8)]] = True
+
+
+def _check_jpeg_scan(data: bytes, path: Path) -> None:
+    """Reject JPEGs whose compressed data holds bytes no encoder writes.
+
+    Corrupt bytes in the middle of a file keep its start and end markers, and libjpeg then
+    only prints "Corrupt JPEG data" (without the file name) and decodes the rest as grey.
+    In valid scan data every 0xFF byte is followed by a stuffing byte or a marker from
+    `_SCAN_OK`; random bytes break that rule within a few hundred bytes.
+    """
+    sos = data.find(b"\xff\xda")
+    if sos < 0:
+        raise DataError(f"{path}: corrupt JPEG (no image data)")
+    arr = np.frombuffer(data, np.uint8)
+    start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    ff = np.flatnonzero(arr[start:-1] == 0xFF) + start
+    bad = ff[~_SCAN_OK[arr[ff + 1]]]
+    if bad.size:
+        raise DataError(
+            f"{path}: corrupt JPEG data (invalid marker 0xFF{arr[bad[0] + 1]:02X} at byte "
+            f"{bad[0]}); it would decode partly grey"
+        )
 
 
 def check_image_file(path: str | Path) -> bytes:

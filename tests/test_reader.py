@@ -200,3 +200,28 @@ def test_mask_thresholds_from_config_must_be_integers():
     for bad in ({"red_s_min": 7.5}, {"red_s_min": "abc"}, {"red_s_min": None}):
         with pytest.raises(ConfigError, match="red_s_min"):
             MaskThresholds.from_mapping(bad)
+
+
+def test_random_bytes_inside_a_jpeg_are_an_error_naming_it(tiny_data: Path, tmp_path: Path):
+    """Start and end markers intact, scan data damaged: libjpeg would only warn."""
+    import io
+
+    from PIL import Image
+
+    source = sorted((tiny_data / "train").iterdir())[0]
+    data = bytearray(source.read_bytes())
+    assert load_image(source).shape[2] == 3
+    rng = np.random.default_rng(0)
+    mid = len(data) // 2
+    data[mid : mid + 600] = rng.integers(0, 256, 600, dtype=np.uint8).tobytes()
+    broken = tmp_path / "broken.jpeg"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"broken\.jpeg: corrupt JPEG data"):
+        load_image(broken)
+    # Other encoders' valid files (progressive, restart markers, optimised) still load.
+    image = load_image(source)
+    for name, kwargs in (("prog", {"progressive": True}), ("opt", {"optimize": True})):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, "JPEG", **kwargs)
+        (tmp_path / f"{name}.jpeg").write_bytes(buf.getvalue())
+        assert load_image(tmp_path / f"{name}.jpeg").shape == image.shape
