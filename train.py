@@ -56,7 +56,7 @@ from config import (
 )
 from data.atomic import save_torch, write_text
 from data.augment import build_transforms
-from data.cache import CachedItem, prepare_for_config
+from data.cache import CachedItem, check_masks, prepare_for_config
 from data.dataset import SegDataset
 from data.folds import Folds, load_or_make_folds
 from data.loader import (
@@ -276,6 +276,7 @@ def prepare_train_data(cfg: dict[str, Any], dist: Dist) -> TrainData:
 
     def run() -> TrainData:
         items = prepare_for_config(cfg, samples)
+        check_masks(items, {s.id: s.mask for s in samples}, data_cfg)
         folds = load_or_make_folds(
             experiment_dir(cfg) / "folds.json",
             {it.id: it.classes for it in items},

@@ -52,6 +52,7 @@ class CachedItem:
     classes: str
     image_file: Path
     mask_file: Path | None
+    ambiguous_pixels: int = 0
 
 
 def resize_pair(
@@ -106,7 +107,12 @@ def _from_cache(sample: Sample, folder: Path, key: str) -> CachedItem | None:
         return None
     h, w = meta["orig_size"]
     return CachedItem(
-        sample.id, (h, w), meta["classes"], image_file, mask_file if has_mask else None
+        sample.id,
+        (h, w),
+        meta["classes"],
+        image_file,
+        mask_file if has_mask else None,
+        int(meta.get("ambiguous_pixels", 0)),
     )
 
 
@@ -135,7 +141,12 @@ def _process(
         {"key": key, "orig_size": [h, w], "classes": classes, "ambiguous_pixels": n_ambiguous},
     )
     return CachedItem(
-        sample.id, (h, w), classes, image_file, mask_file if class_map is not None else None
+        sample.id,
+        (h, w),
+        classes,
+        image_file,
+        mask_file if class_map is not None else None,
+        n_ambiguous,
     )
 
 
@@ -188,6 +199,37 @@ def prepare(
             raise DataError("cannot cache:\n  " + "\n  ".join(errors))
     log.info("cache %s: %d reused, %d processed", folder, len(samples) - len(todo), len(todo))
     return [item for item in items if item is not None]
+
+
+def check_masks(
+    items: Sequence[CachedItem], mask_files: dict[str, Path], data_cfg: dict[str, Any]
+) -> None:
+    """Refuse masks that decode to no polyp, or mostly to colours that are neither class.
+
+    Every NeoPolyp training image shows a polyp, so an all-background mask is a wrong
+    file or wrong thresholds, and training on it silently teaches "no polyp here".
+    `data.allow_empty_masks: true` and `data.max_ambiguous_frac` (default 0.02 of the
+    image) accept them knowingly.
+    """
+    allow_empty = bool(data_cfg.get("allow_empty_masks", False))
+    limit = float(data_cfg.get("max_ambiguous_frac", 0.02))
+    problems = []
+    for it in items:
+        frac = it.ambiguous_pixels / (it.orig_size[0] * it.orig_size[1])
+        if it.classes == "none" and not allow_empty:
+            problems.append(f"{mask_files[it.id]}: no red or green polyp pixels")
+        if frac > limit:
+            problems.append(
+                f"{mask_files[it.id]}: {frac:.1%} of pixels are neither black, red nor green "
+                f"(data.max_ambiguous_frac is {limit:.1%})"
+            )
+    if problems:
+        raise DataError(
+            "masks that would train as something else:\n  "
+            + "\n  ".join(problems)
+            + "\nFix the files or the thresholds (data.mask), or accept them with "
+            "data.allow_empty_masks: true / a larger data.max_ambiguous_frac"
+        )
 
 
 def load_item(item: CachedItem) -> tuple[np.ndarray, np.ndarray | None]:

@@ -246,3 +246,25 @@ def test_a_new_split_refuses_folds_of_the_old_one(
     assert f'split_id: "{old_split}" -> "{new_split}"' in err
     assert run_main(config, "--fold", "0", "--force") == 0
     assert load_checkpoint(fold_path(tmp_path) / "best.pt")["split_id"] == new_split
+
+
+def test_masks_without_polyps_or_of_unknown_colour_stop_training(
+    tmp_path: Path, tiny_data_copy: Path, capsys
+) -> None:
+    import cv2
+
+    masks = sorted((tiny_data_copy / "train_gt").iterdir())
+    h, w = cv2.imread(str(masks[0])).shape[:2]
+    cv2.imwrite(str(masks[0]), np.zeros((h, w, 3), np.uint8))
+    blue = np.zeros((h, w, 3), np.uint8)
+    blue[:, : w // 2] = (255, 0, 0)  # BGR: blue, neither class
+    blue[h // 3 : h // 2, w // 2 + 5 : w // 2 + 30] = (0, 0, 255)  # a red polyp
+    cv2.imwrite(str(masks[1]), blue)
+    config = write_config(tmp_path, tiny_data_copy)
+    assert run_main(config, "--fold", "0") == 2
+    err = capsys.readouterr().err
+    assert f"{masks[0].name}: no red or green polyp pixels" in err
+    assert f"{masks[1].name}: " in err and "neither black, red nor green" in err
+    assert not fold_path(tmp_path).exists()
+    accept = ["--set", "+data.allow_empty_masks=true", "--set", "+data.max_ambiguous_frac=0.9"]
+    assert run_main(config, "--fold", "0", "--epochs", "1", *accept) == 0
