@@ -119,7 +119,15 @@ def reusable_oof(
     return store if same else None
 
 
-def _check_checkpoint(ckpt: dict[str, Any], path: Path, split_id: str, size: list[int]) -> None:
+def _check_checkpoint(
+    ckpt: dict[str, Any], path: Path, split_id: str, size: list[int], model_name: str, arch: str
+) -> None:
+    """Refuse a checkpoint that would give leaked, mis-sized or mislabelled maps."""
+    if (ckpt.get("model_name"), ckpt.get("arch")) != (model_name, arch):
+        raise DataError(
+            f"{path} is a checkpoint of {ckpt.get('model_name')} ({ckpt.get('arch')}), not of "
+            f"{model_name} ({arch}); it was copied into the wrong fold folder"
+        )
     if ckpt["split_id"] != split_id:
         raise DataError(
             f"{path} was trained on split {ckpt['split_id']} but folds.json is split {split_id}"
@@ -138,7 +146,7 @@ def predict_model(
     cfg: dict[str, Any], model_name: str, tta: str, batch_size: int, device: torch.device
 ) -> tuple[Path, Path]:
     """Write `<model>/oof/` and `<model>/test/`; returns their paths."""
-    model_entry(cfg, model_name)
+    entry = model_entry(cfg, model_name)
     tta_transforms(tta)
     dist = Dist(rank=0, world_size=1, device=device)
     data = prepare_train_data(cfg, dist)
@@ -159,7 +167,7 @@ def predict_model(
     test_sum = np.zeros((len(test_items), 3, *size), np.float32)
     for k, path in enumerate(checkpoints):
         ckpt = load_checkpoint(path, device)
-        _check_checkpoint(ckpt, path, split_id, size)
+        _check_checkpoint(ckpt, path, split_id, size, model_name, entry["arch"])
         model = model_from_checkpoint(ckpt, device)
         if precision.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -146,3 +146,39 @@ def test_fold_oof_is_reused_only_for_the_best_pt_that_made_it(trained: Path) -> 
     assert predict.reusable_oof(*args, best_epoch=epoch) is not None
     # best.pt rewritten by a resumed run that has not written its OOF maps yet
     assert predict.reusable_oof(*args, best_epoch=epoch + 1) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("split_id", "0123456789ab", "was trained on split 0123456789ab"),
+        ("model_name", "other", "is a checkpoint of other"),
+        ("arch", "fpn_mobilenetv3", "(fpn_mobilenetv3), not of tiny"),
+        ("config.data.img_size", [96, 96], "was trained at [96, 96]"),
+    ],
+)
+def test_a_checkpoint_of_another_split_size_or_model_is_refused(
+    trained: Path, tmp_path: Path, tiny_data: Path, field: str, value, message: str, capsys
+) -> None:
+    """OOF maps from a model that saw its validation images, or maps under the wrong name
+    or size, would all flow silently into the blend and the submission."""
+    import shutil
+
+    shutil.copytree(trained / "out", tmp_path / "out")
+    for store in ("oof", "test"):
+        shutil.rmtree(tmp_path / "out" / "tiny" / "tiny" / store, ignore_errors=True)
+    config = write_config(tmp_path, tiny_data, epochs=1)
+    path = fold_path(tmp_path, 1) / "best.pt"
+    ckpt = torch.load(path, weights_only=True)
+    node, *keys = field.split(".")
+    if keys:
+        target = ckpt[node]
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    else:
+        ckpt[node] = value
+    torch.save(ckpt, path)
+    assert predict.main(["--config", str(config), "--model", "tiny"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "tiny" / "tiny" / "test").exists()
