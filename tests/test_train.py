@@ -17,11 +17,21 @@ import torch
 
 import train
 from config import load_config
+from data.cache import load_item
+from data.dataset import to_tensor
 from data.loader import SeededSampler
 from data.probstore import load_probs
 from data.reader import list_train, load_image
 from models.inference import load_checkpoint, model_from_checkpoint
-from tests.trainkit import ROOT, fold_path, history, run_main, split_of, write_config
+from tests.trainkit import (
+    ROOT,
+    fold_path,
+    history,
+    run_main,
+    split_of,
+    train_items,
+    write_config,
+)
 
 CHECKPOINT_KEYS = {
     "model",
@@ -83,6 +93,19 @@ def test_two_epochs_write_every_artefact(trained: Path, tiny_data: Path) -> None
     assert oof.meta["folds"] == [0] * len(oof)
     orig = {s.id: load_image(s.image).shape[:2] for s in list_train(tiny_data)}
     assert oof.orig_sizes == [orig[i] for i in oof.ids]
+
+    # The maps are best.pt's softmax of the fold's validation images, not last.pt's.
+    items = train_items(write_config(trained, tiny_data))
+
+    def softmax_of(ckpt: dict) -> np.ndarray:
+        net = model_from_checkpoint(ckpt, torch.device("cpu"))
+        batch = torch.stack([to_tensor(load_item(items[i])[0]) for i in oof.ids])
+        with torch.no_grad():
+            return torch.softmax(net(batch), 1).numpy()
+
+    assert np.abs(oof.as_float() - softmax_of(best)).max() < 1.5 / 255
+    if best["epoch"] != last["epoch"]:
+        assert np.abs(oof.as_float() - softmax_of(last)).max() > 0.05
 
 
 def test_complete_fold_is_skipped(trained: Path, caplog: pytest.LogCaptureFixture) -> None:
