@@ -7,7 +7,10 @@ leaks validation images into training and its OOF score means nothing.
 Weights (one per model, normalised to sum 1) are searched with seeded optuna TPE,
 maximising the chosen OOF score of the argmax of the blend. The score is computed at the
 working resolution against the cached working-size masks (data.cache), which ranks blends
-the same way as the original size does at a fraction of the cost. Tuned weights are
+the same way as the original size does at a fraction of the cost. The study lives in an
+optuna storage (studies.py: one SQLite file per experiment by default), named after its
+inputs, so a killed or extended search continues where it stopped; every trial is
+exported to `ensemble/trials.csv`. Tuned weights are
 reported against equal weights per fold: when they win on only one fold, the gain is
 probably noise, and the table says so.
 """
@@ -15,6 +18,7 @@ probably noise, and the table says so.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import logging
 import sys
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 import optuna
 
+import studies
 from config import (
     ConfigError,
     add_config_arguments,
@@ -34,15 +39,19 @@ from config import (
     setup_logging,
 )
 from data.atomic import write_json
-from data.cache import load_item, train_items
+from data.cache import load_targets
 from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
 from data.reader import DataError
 from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
+from studies import StudyPlace, add_search_arguments, search_settings
 
 log = logging.getLogger("ensemble")
 
 # Images blended per step: bounds the float32 temporaries.
 _CHUNK = 32
+
+# Part of the study's name: change it with `_trial_score`'s space, so old trials are not mixed in.
+SPACE_VERSION = "weights-v1"
 
 
 def align_stores(stores: Sequence[ProbMaps]) -> list[ProbMaps]:
@@ -98,6 +107,23 @@ def blend_stats(
     )
 
 
+def _trial_score(
+    arrays: Sequence[np.ndarray],
+    targets: np.ndarray,
+    objective: str,
+    n_jobs: int,
+    trial: optuna.Trial,
+) -> float:
+    """One trial: sampled weights -> OOF score of the blend's argmax (module level, so it
+    pickles by reference into worker processes)."""
+    raw = [trial.suggest_float(f"w{i}", 0.0, 1.0) for i in range(len(arrays))]
+    if sum(raw) <= 0:
+        return float("-inf")
+    weights = _normalised(raw).tolist()
+    trial.set_user_attr("weights", weights)
+    return scores_from_stats(blend_stats(arrays, targets, weights, n_jobs))[objective]
+
+
 def search_weights(
     arrays: Sequence[np.ndarray],
     targets: np.ndarray,
@@ -105,24 +131,31 @@ def search_weights(
     objective: str = "competition",
     seed: int = 0,
     n_jobs: int = 1,
+    place: StudyPlace | None = None,
 ) -> tuple[list[float], optuna.Study]:
-    """Seeded TPE over blend weights; the equal-weight blend is the first trial."""
+    """Seeded TPE over blend weights; the equal-weight blend is the first trial.
+
+    `place` None: in memory; else the study of these inputs in `place.storage`, continued
+    until it has `trials` complete trials. The weights are those of the best of its first
+    `trials` complete trials.
+    """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    names = [f"w{i}" for i in range(len(arrays))]
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    study.enqueue_trial(dict.fromkeys(names, 1.0))
-
-    def score(trial: optuna.Trial) -> float:
-        raw = [trial.suggest_float(n, 0.0, 1.0) for n in names]
-        if sum(raw) <= 0:
-            return float("-inf")
-        weights = _normalised(raw).tolist()
-        trial.set_user_attr("weights", weights)
-        return scores_from_stats(blend_stats(arrays, targets, weights, n_jobs))[objective]
-
-    study.optimize(score, n_trials=trials)
-    return study.best_trial.user_attrs["weights"], study
+    n_workers = place.n_workers if place else 1
+    score = functools.partial(
+        _trial_score, arrays, targets, objective, studies.threads_per_worker(n_jobs, n_workers)
+    )
+    study = studies.run_study(
+        "ensemble",
+        score,
+        trials,
+        seed,
+        place,
+        inputs=[*arrays, targets],
+        settings={"objective": objective, "space": SPACE_VERSION},
+        start=[{f"w{i}": 1.0 for i in range(len(arrays))}],
+    )
+    return studies.best_trial(study, trials).user_attrs["weights"], study
 
 
 def fold_scores(stats: np.ndarray, folds: Sequence[int] | None) -> dict[str, dict[str, float]]:
@@ -144,25 +177,34 @@ def run_ensemble(
     objective: str = "competition",
     seed: int = 0,
     n_jobs: int = 1,
+    place: StudyPlace | None = None,
+    trials_csv: Path | None = None,
 ) -> dict[str, Any]:
-    """Scores of each model, the equal blend and the tuned blend; the weights to use."""
+    """Scores of each model, the equal blend and the tuned blend; the weights to use.
+
+    `place`: where the study is kept (None: in memory); `trials_csv`: where its trials
+    are exported.
+    """
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for i, name in enumerate(names):
         one_hot = [float(i == j) for j in range(len(names))]
         rows[name] = fold_scores(blend_stats(arrays, targets, one_hot, n_jobs), folds)
     doc: dict[str, Any] = {"models": list(names), "objective": objective}
     if len(names) == 1:
-        doc.update(weights=[1.0], trials=0, scores=rows)
+        doc.update(weights=[1.0], trials=0, scores=rows, study=None)
         return doc
     equal = [1.0 / len(names)] * len(names)
     rows["equal"] = fold_scores(blend_stats(arrays, targets, equal, n_jobs), folds)
-    weights, study = search_weights(arrays, targets, trials, objective, seed, n_jobs)
+    weights, study = search_weights(arrays, targets, trials, objective, seed, n_jobs, place)
+    if trials_csv is not None:
+        studies.export_trials(study, trials_csv)
     rows["tuned"] = fold_scores(blend_stats(arrays, targets, weights, n_jobs), folds)
     fold_keys = [k for k in rows["tuned"] if k != "all"]
     wins = sum(rows["tuned"][k][objective] > rows["equal"][k][objective] for k in fold_keys)
     doc.update(
         weights=weights,
-        trials=len(study.trials),
+        trials=len(studies.complete_trials(study, trials)),
+        study=studies.study_record(study, place, trials_csv),
         scores=rows,
         tuned_beats_equal_on_folds=wins,
         n_folds=len(fold_keys),
@@ -190,11 +232,6 @@ def format_table(doc: dict[str, Any]) -> str:
             f" of {doc['n_folds']} folds; the gain is probably noise (consider equal weights)"
         )
     return "\n".join(lines)
-
-
-def load_targets(cfg: dict[str, Any], ids: Sequence[str], size: tuple[int, int]) -> np.ndarray:
-    """Ground-truth class maps (N, H, W) at working size, from the shared data cache."""
-    return np.stack([load_item(it)[1] for it in train_items(cfg, ids, size)])
 
 
 def write_blends(
@@ -242,30 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_search_arguments(p: argparse.ArgumentParser, section: str) -> None:
-    """--trials/--objective/--jobs of the optuna stages; defaults come from `section`."""
-    p.add_argument(
-        "--trials", type=int, help=f"optuna trials (default: {section}.trials, else 100)"
-    )
-    p.add_argument(
-        "--objective",
-        choices=OBJECTIVES,
-        help=f"OOF score to maximise (default: {section}.objective, else competition)",
-    )
-    p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
-
-
-def search_settings(
-    cfg: dict[str, Any], section: str, trials: int | None = None, objective: str | None = None
-) -> tuple[int, str]:
-    """(trials, objective) from the flags, else the config's `section`, else defaults."""
-    scfg = cfg.get(section) or {}
-    objective = objective or scfg.get("objective", "competition")
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"{section}.objective must be one of {OBJECTIVES}, got {objective!r}")
-    return int(trials or scfg.get("trials", 100)), objective
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -281,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         oof = align_stores([load_probs(exp / m / "oof") for m in names])
         targets = load_targets(cfg, oof[0].ids, oof[0].size)
         arrays = [np.asarray(s.raw) for s in oof]
+        place = studies.place_from_args(args, exp, store_identity(names, oof))
+        csv_path = exp / "ensemble" / "trials.csv"
         doc = run_ensemble(
             names,
             arrays,
@@ -290,18 +305,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             objective,
             int(cfg.get("seed", 0)),
             args.jobs,
+            place,
+            csv_path,
         )
+        if doc["study"] is None:  # one model, no search: an old search's trials do not apply
+            csv_path.unlink(missing_ok=True)
         doc["split_id"] = oof[0].split_id
         doc["provenance"] = provenance(cfg, stage="ensemble", split_id=oof[0].split_id)
         write_blends(exp, names, doc["weights"], oof, cfg)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except studies.StudyIncomplete as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     write_json(exp / "ensemble" / "weights.json", doc)
     print(format_table(doc))
+    if doc["study"]:
+        print(f"optuna study {doc['study']['name']} in {doc['study']['storage']}")
     print(f"wrote {exp / 'ensemble'}")
     return 0
 
 
+def store_identity(names: Sequence[str], stores: Sequence[ProbMaps]) -> dict[str, Any]:
+    """What names the stores' study besides their content: models, split, and meta.json
+    (its provenance: a re-predicted store is a new version even with equal maps)."""
+    return {
+        "models": list(names),
+        "split_id": stores[0].split_id,
+        "meta": [studies.digest(s.meta) for s in stores],
+    }
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the importable module, so worker processes pickle its functions by reference.
+    import ensemble
+
+    sys.exit(ensemble.main())

@@ -31,6 +31,7 @@ import numpy as np
 import ensemble
 import postprocess
 import predict
+import studies
 import train
 import tune
 from config import (
@@ -89,7 +90,7 @@ def made_otherwise(path: Path, settings: dict[str, Any]) -> bool:
 
 def recorded_settings(cfg: dict[str, Any], section: str, searched: bool) -> dict[str, Any]:
     """What an optuna stage records of its settings; `trials` only when it searched."""
-    trials, objective = ensemble.search_settings(cfg, section)
+    trials, objective = studies.search_settings(cfg, section)
     return {"objective": objective, "trials": trials} if searched else {"objective": objective}
 
 
@@ -179,14 +180,22 @@ def preflight(cfg: dict[str, Any], names: Sequence[str]) -> None:
         value = (cfg.get(section) or {}).get("trials", 100)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{section}.trials must be a positive whole number, got {value!r}")
-        ensemble.search_settings(cfg, section)
+        studies.search_settings(cfg, section)
     # Unreadable or truncated test images are named now, not after training.
     for sample in list_test(Path(cfg["data_dir"])):
         check_image_file(sample.image)
 
 
-def run_stages(cfg: dict[str, Any], common: Sequence[str], parallel: int = 1) -> dict[str, float]:
-    """Every stale stage, in order; returns the seconds spent per stage."""
+def run_stages(
+    cfg: dict[str, Any],
+    common: Sequence[str],
+    parallel: int = 1,
+    search: Sequence[str] = (),
+) -> dict[str, float]:
+    """Every stale stage, in order; returns the seconds spent per stage.
+
+    `search`: extra flags of the optuna stages (ensemble, tune), e.g. `--storage URL`.
+    """
     exp = experiment_dir(cfg)
     names = model_names(cfg)
     n_folds = int(cfg["data"]["n_folds"])
@@ -213,12 +222,14 @@ def run_stages(cfg: dict[str, Any], common: Sequence[str], parallel: int = 1) ->
     blend_outputs = [exp / "ensemble" / "weights.json", exp / "ensemble" / "test" / "meta.json"]
     blend_settings = {"models": names, **recorded_settings(cfg, "ensemble", len(names) > 1)}
     if is_stale(blend_outputs, model_stores) or made_otherwise(blend_outputs[0], blend_settings):
-        timings["ensemble"] = run_stage("ensemble", ensemble.main, ["--models", *names, *common])
+        timings["ensemble"] = run_stage(
+            "ensemble", ensemble.main, ["--models", *names, *common, *search]
+        )
     tuned = exp / "postprocess.json"
     if is_stale([tuned], [exp / "ensemble" / "oof" / "meta.json"]) or made_otherwise(
         tuned, recorded_settings(cfg, "tune", True)
     ):
-        timings["tune"] = run_stage("tune", tune.main, common)
+        timings["tune"] = run_stage("tune", tune.main, [*common, *search])
     timings["submission"] = run_stage("postprocess", postprocess.main, common)
     return timings
 
@@ -332,12 +343,25 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     notes = [
         f"Blend weights: {dict(zip(blend_doc['models'], blend_doc['weights'], strict=True))}.",
         f"Post-processing kept on OOF: {steps}.",
+        *study_notes({"ensemble": blend_doc.get("study"), "tune": tuned.get("study")}),
     ]
     report = write_report(
         exp / "report.html", f"neopolyp: {cfg['experiment']}", tables, logs, best, worst, notes
     )
     write_json(exp / "scores.json", {"tables": {t: rows for t, rows in tables}})
     return {"tables": tables, "report": report}
+
+
+def study_notes(records: dict[str, dict[str, Any] | None]) -> list[str]:
+    """One report line per optuna study: its name, storage, trials CSV and dashboard command."""
+    notes = []
+    for stage, rec in records.items():
+        if rec:
+            notes.append(
+                f"Optuna study of {stage}: {rec['name']} in {rec['storage']} "
+                f"(every trial: {rec['trials_csv']}; browse: optuna-dashboard {rec['storage']})."
+            )
+    return notes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="train up to N folds at once, each its own process (one per GPU when several)",
+    )
+    p.add_argument(
+        "--storage",
+        help="optuna storage of the ensemble and tune studies, passed to both "
+        "(default: sqlite:///<out_dir>/<experiment>/optuna.db)",
     )
     return p
 
@@ -372,7 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("no data dir: give --data-dir or set data_dir in the config")
         if args.parallel < 1:
             raise ConfigError(f"--parallel must be at least 1, got {args.parallel}")
-        timings = run_stages(cfg, common, args.parallel)
+        search: list[str] = []
+        if args.storage:
+            studies.open_storage(args.storage)  # a bad URL fails now, not after training
+            search = ["--storage", args.storage]
+        timings = run_stages(cfg, common, args.parallel, search)
         summary = summarise(cfg, timings)
     except (ConfigError, DataError, StageFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,6 +7,10 @@ size). At the original 1280×~1000 each trial would process ~10× the pixels (a 
 parameters are fractions of the image (area, shorter side), so they carry over to the
 original size where postprocess.py applies them.
 
+The search's study lives in an optuna storage (studies.py: one SQLite file per
+experiment by default), named after its inputs, so a killed or extended search continues
+where it stopped; every trial is exported to `tune_trials.csv`.
+
 After a seeded TPE search, nnU-Net's rule decides what is kept: starting from the best
 trial, each active step is switched off in turn, and it stays only if it improves the
 objective AND no class (neoplastic, non-neoplastic) ends up worse than with plain argmax.
@@ -16,16 +20,19 @@ So a step is never kept on the strength of noise, or at the expense of one class
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 from joblib import effective_n_jobs
 
+import studies
 from config import (
     ConfigError,
     add_config_arguments,
@@ -35,17 +42,21 @@ from config import (
     setup_logging,
 )
 from data.atomic import write_json
+from data.cache import load_targets
 from data.probstore import load_probs
 from data.reader import DataError
-from ensemble import add_search_arguments, load_targets, search_settings
 from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
 from postprocess import (
     REGION_MODES,
     PostprocessParams,
     postprocess,
 )
+from studies import StudyPlace, add_search_arguments, search_settings
 
 log = logging.getLogger("tune")
+
+# Part of the study's name: change it with `suggest_params`, so old trials are not mixed in.
+SPACE_VERSION = "postprocess-v1"
 
 # Enqueued first so the search always measures plain argmax and the usual winner.
 START_TRIALS = (
@@ -114,6 +125,18 @@ def suggest_params(trial: optuna.Trial) -> PostprocessParams:
     )
 
 
+def _trial_score(
+    probs: np.ndarray, targets: np.ndarray, objective: str, n_jobs: int, trial: optuna.Trial
+) -> float:
+    """One trial: sampled parameters -> OOF score (module level, so it pickles by
+    reference into worker processes)."""
+    params = suggest_params(trial)
+    scores = evaluate(probs, targets, params, n_jobs)
+    trial.set_user_attr("params", params.to_dict())
+    trial.set_user_attr("scores", scores)
+    return scores[objective]
+
+
 def search(
     probs: np.ndarray,
     targets: np.ndarray,
@@ -121,23 +144,31 @@ def search(
     objective: str = "competition",
     seed: int = 0,
     n_jobs: int = 1,
+    place: StudyPlace | None = None,
 ) -> tuple[PostprocessParams, optuna.Study]:
-    """Seeded TPE over `PostprocessParams`, maximising `objective` on the given set."""
+    """Seeded TPE over `PostprocessParams`, maximising `objective` on the given set.
+
+    `place` None: in memory; else the study of these inputs in `place.storage`, continued
+    until it has `trials` complete trials; the best of its first `trials` is returned.
+    """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    for start in START_TRIALS[:trials]:
-        study.enqueue_trial(start)
-
-    def score(trial: optuna.Trial) -> float:
-        params = suggest_params(trial)
-        scores = evaluate(probs, targets, params, n_jobs)
-        trial.set_user_attr("params", params.to_dict())
-        trial.set_user_attr("scores", scores)
-        return scores[objective]
-
-    study.optimize(score, n_trials=trials)
-    return PostprocessParams.from_dict(study.best_trial.user_attrs["params"]), study
+    n_workers = place.n_workers if place else 1
+    score = functools.partial(
+        _trial_score, probs, targets, objective, studies.threads_per_worker(n_jobs, n_workers)
+    )
+    study = studies.run_study(
+        "tune",
+        score,
+        trials,
+        seed,
+        place,
+        inputs=[probs, targets],
+        settings={"objective": objective, "space": SPACE_VERSION},
+        start=START_TRIALS,
+    )
+    best = studies.best_trial(study, trials)
+    return PostprocessParams.from_dict(best.user_attrs["params"]), study
 
 
 def ablate(
@@ -190,10 +221,18 @@ def tune(
     objective: str = "competition",
     seed: int = 0,
     n_jobs: int = 1,
+    place: StudyPlace | None = None,
+    trials_csv: Path | None = None,
 ) -> dict[str, Any]:
-    """Search + ablation; returns the `postprocess.json` document (without provenance)."""
+    """Search + ablation; returns the `postprocess.json` document (without provenance).
+
+    `place`: where the study is kept (None: in memory); `trials_csv`: where its trials
+    are exported.
+    """
     baseline = evaluate(probs, targets, PostprocessParams(), n_jobs)
-    best, study = search(probs, targets, trials, objective, seed, n_jobs)
+    best, study = search(probs, targets, trials, objective, seed, n_jobs, place)
+    if trials_csv is not None:
+        studies.export_trials(study, trials_csv)
     final, ablation = ablate(probs, targets, best, objective, baseline, n_jobs)
     after = evaluate(probs, targets, final, n_jobs)
     return {
@@ -201,12 +240,13 @@ def tune(
         "objective": objective,
         "scores": {
             "argmax": baseline,
-            "best_trial": study.best_trial.user_attrs["scores"],
+            "best_trial": studies.best_trial(study, trials).user_attrs["scores"],
             "tuned": after,
         },
         "searched_params": best.to_dict(),
         "ablation": ablation,
-        "trials": len(study.trials),
+        "trials": len(studies.complete_trials(study, trials)),
+        "study": studies.study_record(study, place, trials_csv),
         "n_images": len(probs),
         "resolution": list(targets.shape[1:]),
         "seed": seed,
@@ -232,12 +272,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         exp = experiment_dir(cfg)
         store = load_probs(exp / "ensemble" / "oof")
         targets = load_targets(cfg, store.ids, store.size)
+        identity = {
+            "source": "ensemble/oof",
+            "split_id": store.split_id,
+            "meta": studies.digest(store.meta),
+        }
         doc = tune(
-            np.asarray(store.raw), targets, trials, objective, int(cfg.get("seed", 0)), args.jobs
+            np.asarray(store.raw),
+            targets,
+            trials,
+            objective,
+            int(cfg.get("seed", 0)),
+            args.jobs,
+            studies.place_from_args(args, exp, identity),
+            exp / "tune_trials.csv",
         )
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except studies.StudyIncomplete as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     doc["provenance"] = provenance(
         cfg, stage="tune", source=str(store.path), split_id=store.split_id
     )
@@ -249,8 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:10s}" + "".join(f"{doc['scores'][name][k]:18.5f}" for k in keys))
     kept = ", ".join(PostprocessParams.from_dict(doc["params"]).active_steps()) or "none"
     print(f"kept steps: {kept}; wrote {out}")
+    print(f"optuna study {doc['study']['name']} in {doc['study']['storage']}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the importable module, so worker processes pickle its functions by reference.
+    import tune
+
+    sys.exit(tune.main())

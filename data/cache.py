@@ -265,3 +265,11 @@ def train_items(
     if missing:
         raise DataError(f"{len(missing)} ids have no training image, e.g. {missing[0]}")
     return prepare_for_config(cfg, [samples[i] for i in ids], size)
+
+
+def load_targets(cfg: dict[str, Any], ids: Sequence[str], size: Sequence[int]) -> np.ndarray:
+    """Ground-truth class maps (N, H, W) of `ids` at working `size`, from the cache.
+
+    What the optuna stages (ensemble.py, tune.py) score their OOF maps against.
+    """
+    return np.stack([load_item(it)[1] for it in train_items(cfg, ids, size)])

@@ -1,6 +1,8 @@
+import csv
 import json
 
 import numpy as np
+import optuna
 import pytest
 import yaml
 
@@ -142,6 +144,50 @@ def test_cli_writes_weights_and_blended_stores(experiment, capsys):
     test = load_probs(exp / "ensemble" / "test")
     assert test.meta["kind"] == "test" and len(test) == 6
     assert "tuned" in capsys.readouterr().out
+
+
+def test_cli_continues_its_study_and_a_changed_input_starts_another(experiment):
+    root, exp, targets = experiment
+    argv = ["--config", str(root / "c.yaml"), "--models", "good", "bad"]
+    weights = exp / "ensemble" / "weights.json"
+    assert ensemble.main([*argv, "--trials", "12"]) == 0
+    first = json.loads(weights.read_text())["study"]
+    assert ensemble.main([*argv, "--trials", "20"]) == 0
+    doc = json.loads(weights.read_text())
+    storage = f"sqlite:///{exp / 'optuna.db'}"  # the default: one file per experiment
+    name = doc["study"]["name"]
+    assert name == first["name"] and name.startswith("ensemble-")
+    assert optuna.get_all_study_names(storage) == [name]
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert doc["trials"] == len(study.trials) == 20
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    with (exp / "ensemble" / "trials.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 20 and "user_attrs_weights" in rows[0]
+    assert doc["study"]["trials_csv"] == str(exp / "ensemble" / "trials.csv")
+    # 12 then 20 trials give what 20 at once give (another storage, same study name)
+    once = f"sqlite:///{root / 'once.db'}"
+    assert ensemble.main([*argv, "--trials", "20", "--storage", once]) == 0
+    assert json.loads(weights.read_text())["weights"] == doc["weights"]
+    assert optuna.get_all_study_names(once) == [name]
+
+    # another objective, then a re-predicted OOF store: each is a study of its own
+    assert ensemble.main([*argv, "--trials", "3", "--objective", "dice_neo"]) == 0
+    bad = load_probs(exp / "bad" / "oof")
+    save_probs(
+        exp / "bad" / "oof",
+        bad.ids,
+        one_hot((targets + 2) % 3),
+        bad.orig_sizes,
+        kind="oof",
+        model="bad",
+        split_id="s",
+        folds=bad.meta["folds"],
+    )
+    assert ensemble.main([*argv, "--trials", "3"]) == 0
+    names = optuna.get_all_study_names(storage)
+    assert len(set(names)) == 3 and name in names
+    assert json.loads(weights.read_text())["study"]["name"] not in {name, first["name"]}
 
 
 def test_cli_refuses_mixed_splits_before_writing(experiment, capsys):

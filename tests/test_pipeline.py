@@ -109,6 +109,33 @@ def test_a_bad_config_fails_before_any_stage(tmp_path, tiny_data, capsys):
     assert not (tmp_path / "out" / "tiny").exists()
 
 
+def test_storage_is_passed_to_the_optuna_stages_only(tmp_path, tiny_data, monkeypatch):
+    config = _config(tmp_path, tiny_data)
+    calls = []
+
+    def run_stage(name, main, argv):
+        calls.append((name, list(argv)))
+        return 0.0
+
+    monkeypatch.setattr(pipeline, "run_stage", run_stage)
+    monkeypatch.setattr(pipeline, "summarise", lambda cfg, timings: {"tables": [], "report": "-"})
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    assert pipeline.main(["--config", str(config), "--storage", url]) == 0
+    assert {"train", "ensemble", "tune", "postprocess"} <= {name for name, _ in calls}
+    for name, argv in calls:
+        searched = name in ("ensemble", "tune")
+        assert ("--storage" in argv) == searched, (name, argv)
+        assert not searched or argv[argv.index("--storage") + 1] == url
+
+
+def test_a_bad_storage_fails_before_any_stage(tmp_path, tiny_data, capsys):
+    config = _config(tmp_path, tiny_data)
+    assert pipeline.main(["--config", str(config), "--storage", "nosuchdb://u:secret@h/db"]) == 2
+    err = capsys.readouterr().err
+    assert "optuna storage" in err and "secret" not in err
+    assert not (tmp_path / "out" / "tiny").exists()
+
+
 def test_parallel_folds_match_the_sequential_run(tmp_path, tiny_data, capsys):
     """--parallel 2 trains each fold in its own process and gets the same results."""
     seq_dir, par_dir = tmp_path / "seq", tmp_path / "par"

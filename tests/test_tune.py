@@ -1,13 +1,16 @@
+import csv
 import json
 
 import numpy as np
+import optuna
+import pytest
 import yaml
 
 import tune
 from bench.postprocess_speed import synthetic_oof
+from data.cache import load_targets
 from data.probstore import save_probs
 from data.reader import list_train
-from ensemble import load_targets
 from postprocess import PostprocessParams
 from tune import ablate, evaluate
 
@@ -70,14 +73,16 @@ def test_ablation_keeps_a_step_only_if_it_helps_and_hurts_no_class():
     assert record[0]["step"] == "min_area" and not record[0]["no_class_worse_than_argmax"]
 
 
-def test_cli_writes_postprocess_json(tiny_data, tmp_path, capsys):
+@pytest.fixture
+def blended(tiny_data, tmp_path):
+    """A config and a blended OOF store with one false speck of the other class per image."""
     cfg = {"experiment": "exp", "data_dir": str(tiny_data), "out_dir": str(tmp_path), "seed": 0}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     ids = [s.id for s in list_train(tiny_data)]
     targets = load_targets(cfg, ids, (64, 64))
     rng = np.random.default_rng(0)
     noisy = targets.copy()
-    for m in noisy:  # one false speck of the other class per image
+    for m in noisy:
         y, x = rng.integers(0, 60, 2)
         m[y : y + 2, x : x + 2] = 2 if (m == 1).any() else 1
     probs = np.stack([codes(m) for m in noisy])
@@ -85,7 +90,13 @@ def test_cli_writes_postprocess_json(tiny_data, tmp_path, capsys):
     save_probs(
         store, ids, probs, [(128, 160)] * len(ids), kind="oof", model="ensemble", split_id="s"
     )
-    argv = ["--config", str(tmp_path / "c.yaml"), "--trials", "6", "--objective", "competition"]
+    return tmp_path / "c.yaml", tmp_path / "exp"
+
+
+def test_cli_writes_postprocess_json(blended, capsys):
+    config, _ = blended
+    tmp_path = config.parent
+    argv = ["--config", str(config), "--trials", "6", "--objective", "competition"]
     assert tune.main(argv) == 0
     doc = json.loads((tmp_path / "exp" / "postprocess.json").read_text())
     assert doc["trials"] == 6 and doc["objective"] == "competition"
@@ -93,6 +104,29 @@ def test_cli_writes_postprocess_json(tiny_data, tmp_path, capsys):
     assert doc["scores"]["tuned"]["competition"] > doc["scores"]["argmax"]["competition"]
     PostprocessParams.from_dict(doc["params"])
     assert "kept steps" in capsys.readouterr().out
+
+
+def test_cli_two_workers_then_a_killed_trial_is_failed_on_restart(blended):
+    config, exp = blended
+    argv = ["--config", str(config), "--objective", "competition"]
+    assert tune.main([*argv, "--trials", "8", "--n-workers", "2"]) == 0
+    doc = json.loads((exp / "postprocess.json").read_text())
+    storage, name = f"sqlite:///{exp / 'optuna.db'}", doc["study"]["name"]
+    assert name.startswith("tune-") and doc["trials"] == 8
+    study = optuna.load_study(study_name=name, storage=storage)
+    complete = optuna.trial.TrialState.COMPLETE
+    assert len(study.get_trials(states=(complete,))) == 8
+    abandoned = study.ask()  # what a kill mid-trial leaves behind
+
+    assert tune.main([*argv, "--trials", "10"]) == 0
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert study.trials[abandoned.number].state == optuna.trial.TrialState.FAIL
+    assert len(study.get_trials(states=(complete,))) == 10
+    assert json.loads((exp / "postprocess.json").read_text())["trials"] == 10
+    with (exp / "tune_trials.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["number"]) for r in rows] == [t.number for t in study.trials]
+    assert rows[abandoned.number]["state"] == "FAIL"
 
 
 def test_ablation_never_ends_with_a_class_worse_than_argmax(monkeypatch):

@@ -1,0 +1,576 @@
+"""Optuna studies that outlive a run: storage, names from the inputs, resume, workers, CSV.
+
+`ensemble.py` and `tune.py` search with optuna; a search of a few hundred trials over
+thousands of OOF maps takes an hour, so it must survive a kill, be shareable between
+processes and machines, and be viewable afterwards. Both stages go through `run_study`:
+
+- **Storage**: `sqlite:///<out_dir>/<experiment>/optuna.db` by default (one file per
+  experiment); `--storage URL` takes any RDB URL optuna accepts (`postgresql://...`,
+  `mysql://...`) or `journal:PATH` for a `JournalStorage` file (e.g. on a network drive).
+- **Name**: `<stage>-<12 hex>`, a hash of the identity of the inputs (the blended models,
+  split id, the OOF stores' meta.json and content, the targets, the objective, the seed).
+  A changed input starts a new study instead of mixing its trials with an old search.
+- **Count**: `trials` is the number of COMPLETE trials in all. A rerun continues the study
+  until it has that many; a study that already has more answers with its first `trials`
+  complete trials, i.e. exactly what a run to that count gave.
+- **Killed runs**: the stage owns its study, so a trial still RUNNING when it starts was
+  left by a killed run: it is marked FAIL (not counted) and, if it was one of the enqueued
+  starting points, enqueued again. Workers joining from other machines (`join=True`) leave
+  RUNNING trials alone, since those may be alive.
+- **Seeds**: `TrialSeededSampler` reseeds TPE before every trial from (seed, worker, number
+  of complete trials), so a study tuned in two runs samples exactly what one run would
+  (tested), and the trial replacing a killed one draws what the killed one drew.
+- **Workers**: `n_workers > 1` runs that many processes on the study through its storage
+  (joblib's loky: fresh interpreters, never a fork of a stage that has run OpenCV threads;
+  the probability maps reach them as memory maps, not copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import hashlib
+import json
+import logging
+import math
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from joblib import Parallel, delayed, effective_n_jobs
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from config import ConfigError
+from data.atomic import atomic_write
+from metrics import OBJECTIVES
+
+log = logging.getLogger("studies")
+
+# Seconds a SQLite writer waits for another one's lock before "database is locked".
+SQLITE_TIMEOUT_S = 60
+DB_NAME = "optuna.db"
+
+Objective = Callable[[optuna.Trial], float]
+
+
+class StudyIncomplete(RuntimeError):
+    """The study cannot reach its trial count: its trials were failed while running."""
+
+
+# ---------------------------------------------------------------- settings shared by the stages
+
+
+def add_search_arguments(p: argparse.ArgumentParser, section: str) -> None:
+    """The optuna stages' flags; --trials/--objective defaults come from `section`."""
+    p.add_argument(
+        "--trials",
+        type=int,
+        help=f"complete optuna trials in all; a rerun continues the study to this count "
+        f"(default: {section}.trials, else 100)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help=f"OOF score to maximise (default: {section}.objective, else competition)",
+    )
+    p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
+    p.add_argument(
+        "--storage",
+        help=f"optuna storage URL (postgresql://..., mysql://..., sqlite:///FILE) or "
+        f"journal:PATH; default sqlite:///<out_dir>/<experiment>/{DB_NAME}",
+    )
+    p.add_argument(
+        "--n-workers",
+        type=int,
+        default=1,
+        help="processes working on the study at once, through its storage",
+    )
+    p.add_argument(
+        "--join",
+        action="store_true",
+        help="join a study other machines are working on: leave its RUNNING trials alone",
+    )
+
+
+def search_settings(
+    cfg: dict[str, Any], section: str, trials: int | None = None, objective: str | None = None
+) -> tuple[int, str]:
+    """(trials, objective) from the flags, else the config's `section`, else defaults."""
+    scfg = cfg.get(section) or {}
+    objective = objective or scfg.get("objective", "competition")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"{section}.objective must be one of {OBJECTIVES}, got {objective!r}")
+    return int(trials or scfg.get("trials", 100)), objective
+
+
+@dataclass(frozen=True)
+class StudyPlace:
+    """Where a stage keeps its study, what names it, and who works on it.
+
+    `identity` holds what the caller knows of its inputs beyond the arrays the search
+    function sees (model names, split id, the stores' meta.json digests).
+    """
+
+    storage: str
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    n_workers: int = 1
+    join: bool = False
+
+
+def place_from_args(args: argparse.Namespace, exp: Path, identity: Mapping[str, Any]) -> StudyPlace:
+    """The StudyPlace of a stage's command line (--storage, --n-workers, --join)."""
+    if args.n_workers < 1:
+        raise ConfigError(f"--n-workers must be at least 1, got {args.n_workers}")
+    return StudyPlace(args.storage or default_storage(exp), identity, args.n_workers, args.join)
+
+
+def threads_per_worker(n_jobs: int, n_workers: int) -> int:
+    """Scoring threads for each of `n_workers` processes, so they share the cores."""
+    return max(1, effective_n_jobs(n_jobs) // max(1, n_workers))
+
+
+# ---------------------------------------------------------------- storage and names
+
+
+def default_storage(exp: Path) -> str:
+    """One SQLite file per experiment, beside its artefacts."""
+    return f"sqlite:///{(Path(exp) / DB_NAME).resolve()}"
+
+
+class WalConnection(sqlite3.Connection):
+    """A SQLite connection in WAL mode with synchronous=NORMAL.
+
+    optuna commits every parameter, attribute and state on its own; in SQLite's default
+    mode each commit waits for several fsyncs (130-190 ms per tune trial on this
+    project's machine against 20 ms, BENCHMARKS.md optuna_storage). In WAL mode with
+    synchronous=NORMAL a commit is a write to the log, synced at checkpoints: a killed
+    process loses nothing it committed, a power cut at most the last commits, and the
+    file is never corrupted. Readers no longer block the writer either, which helps
+    several workers. WAL needs a local disk: on a network drive use `journal:PATH` or a
+    database server.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.execute("PRAGMA journal_mode=WAL")
+        self.execute("PRAGMA synchronous=NORMAL")
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An optuna storage from a URL; `journal:PATH` gives a JournalStorage file.
+
+    SQLite gets a 60 s lock timeout: several worker processes write to one file, and the
+    default 5 s ends in "database is locked" under load.
+    """
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+        engine_kwargs: dict[str, Any] = {}
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            connect = {"timeout": SQLITE_TIMEOUT_S, "factory": WalConnection}
+            engine_kwargs = {"connect_args": connect}
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        raise ConfigError(f"optuna storage {redact(url)}: {exc}") from exc
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for artefacts and logs."""
+    if url.startswith("journal:"):
+        return url
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL has no password we could find either
+        return url
+
+
+def digest(*parts: Any) -> str:
+    """12 hex of a sha256 over arrays (dtype, shape, bytes), bytes and JSON-able values."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            a = np.ascontiguousarray(part)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.reshape(-1).view(np.uint8).data)
+        elif isinstance(part, bytes):
+            h.update(part)
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def study_name(stage: str, identity: Mapping[str, Any]) -> str:
+    """`<stage>-<hash of the identity>`: the same inputs find the same study."""
+    return f"{stage}-{digest(dict(identity))}"
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def trial_seed(seed: int, worker: int, n_complete: int) -> int:
+    """A 32-bit seed that depends on every part, so streams never overlap."""
+    return int(np.random.SeedSequence([seed, worker, n_complete]).generate_state(1)[0])
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """TPE whose randomness depends only on (seed, worker, complete trials so far).
+
+    `TPESampler(seed=s)` draws from one RNG stream for the life of the object, so a run
+    that resumes a study (a new object) would replay the stream from its start and sample
+    other points than the uninterrupted run. A fresh TPESampler per trial, seeded from the
+    number of complete trials, depends only on the study's history, which the storage
+    keeps. TPE itself reads only that history, so nothing else is lost between runs.
+
+    `constant_liar` (TPE's way of keeping concurrent workers apart) only for several
+    workers: it changes nothing without other RUNNING trials, but makes TPE re-read the
+    storage for every parameter instead of once per trial (BENCHMARKS.md).
+    """
+
+    def __init__(self, seed: int, worker: int = 0, constant_liar: bool = False) -> None:
+        self._seed = int(seed)
+        self._worker = int(worker)
+        self._constant_liar = constant_liar
+        self._by_trial: dict[int, optuna.samplers.TPESampler] = {}
+        self._next_complete: int | None = None
+
+    def expect_complete(self, n_complete: int) -> None:
+        """The number of complete trials for the next trial's seed, as its caller just
+        counted them (saves a read of the storage per trial)."""
+        self._next_complete = n_complete
+
+    def _for(self, study: optuna.Study, trial: FrozenTrial) -> optuna.samplers.TPESampler:
+        if trial.number not in self._by_trial:
+            n_complete = self._next_complete
+            if n_complete is None:
+                done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                n_complete = len(done)
+            self._next_complete = None
+            seed = trial_seed(self._seed, self._worker, n_complete)
+            self._by_trial[trial.number] = optuna.samplers.TPESampler(
+                seed=seed, constant_liar=self._constant_liar
+            )
+        return self._by_trial[trial.number]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(study, trial).before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return self._for(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self._for(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self._for(study, trial).sample_independent(
+            study, trial, param_name, param_distribution
+        )
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        # a trial failed on behalf of a killed run was never sampled here
+        sampler = self._by_trial.pop(trial.number, None)
+        if sampler is not None:
+            sampler.after_trial(study, trial, state, values)
+
+
+# ---------------------------------------------------------------- running
+
+
+def complete_trials(study: optuna.Study, n: int | None = None) -> list[FrozenTrial]:
+    """The first `n` COMPLETE trials (all when None), in trial-number order."""
+    done = sorted(
+        study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number
+    )
+    return done if n is None else done[:n]
+
+
+def best_trial(study: optuna.Study, n: int | None = None) -> FrozenTrial:
+    """The best of the first `n` complete trials; ties go to the earlier trial."""
+    done = complete_trials(study, n)
+    if not done:
+        raise RuntimeError(f"study {study.study_name} has no complete trial")
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    return max(done, key=lambda t: (sign * t.value, -t.number))
+
+
+def _fail(study: optuna.Study, trial: FrozenTrial) -> None:
+    """FAIL a trial; an enqueued starting point (e.g. the equal-weight blend) is enqueued
+    again, so a kill or Ctrl-C in it does not drop it from the search."""
+    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    fixed = trial.system_attrs.get("fixed_params")
+    if fixed:
+        study.enqueue_trial(fixed)
+
+
+def fail_abandoned(study: optuna.Study) -> list[int]:
+    """Mark every RUNNING trial FAIL (see `_fail`); returns their numbers.
+
+    Only a run that owns the study may call this: a RUNNING trial is then one a killed
+    run left behind.
+    """
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        _fail(study, trial)
+        failed.append(trial.number)
+    if failed:
+        log.warning(
+            "study %s: trials %s were left RUNNING by a killed run: failed",
+            study.study_name,
+            failed,
+        )
+    return failed
+
+
+def _claimed(study: optuna.Study, below: int | None = None) -> tuple[int, int]:
+    """(COMPLETE + RUNNING, COMPLETE) trials, numbered below `below` if given: the trials
+    counted or about to be. Lower numbers have priority, so concurrent workers agree on
+    who is surplus."""
+    states = (TrialState.COMPLETE, TrialState.RUNNING)
+    trials = [
+        t
+        for t in study.get_trials(deepcopy=False, states=states)
+        if below is None or t.number < below
+    ]
+    return len(trials), sum(t.state == TrialState.COMPLETE for t in trials)
+
+
+def optimize(study: optuna.Study, objective: Objective, trials: int, worker: str = "0") -> int:
+    """Ask/tell until the study has `trials` complete (or claimed) trials; returns how many
+    this call completed.
+
+    optuna's `n_trials` counts this call's trials and MaxTrialsCallback stops only after a
+    trial, so K workers could overshoot by K-1; here a trial asked when `trials` lower
+    numbered ones are already complete or running is failed at once, unscored ("surplus").
+    """
+    ran = 0
+    while True:
+        claimed, complete = _claimed(study)
+        if claimed >= trials:
+            break
+        if isinstance(study.sampler, TrialSeededSampler):
+            study.sampler.expect_complete(complete)
+        trial = study.ask()
+        try:
+            trial.set_user_attr("worker", worker)
+            if _claimed(study, below=trial.number)[0] >= trials:
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                break
+            value = objective(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another process finished it meanwhile: SQLite has no row locks, so two
+            # workers can pop the same enqueued trial, or a run started without --join
+            # failed it. Its result is theirs; this worker moves on.
+            log.warning("trial %d was finished by another process: left to it", trial.number)
+            continue
+        except BaseException:
+            frozen = study.get_trials(deepcopy=False)
+            _fail(study, next(t for t in frozen if t.number == trial.number))
+            raise
+        # skip_if_finished: the same race, at the very end of the trial
+        study.tell(trial, value, skip_if_finished=True)
+        ran += 1
+    return ran
+
+
+def _wait_for_others(study: optuna.Study, trials: int, poll_s: float = 2.0) -> None:
+    """Wait for trials RUNNING elsewhere (joined machines) that the count is waiting for."""
+    told = False
+    while len(complete_trials(study)) < trials:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return
+        if not told:
+            log.info(
+                "study %s: waiting for trials %s running elsewhere (if their worker was "
+                "killed, stop this run and start it again: that fails them)",
+                study.study_name,
+                [t.number for t in running],
+            )
+            told = True
+        time.sleep(poll_s)
+
+
+def _load(
+    name: str | None, storage: str | None, seed: int, worker: int, parallel: bool
+) -> optuna.Study:
+    return optuna.create_study(
+        study_name=name,
+        storage=open_storage(storage) if storage else None,
+        direction="maximize",
+        sampler=TrialSeededSampler(seed, worker, constant_liar=parallel),
+        load_if_exists=True,
+    )
+
+
+def _worker(
+    storage: str, name: str, objective: Objective, trials: int, seed: int, worker: int
+) -> int:
+    """One worker process: the study through its storage, its own seed stream."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = _load(name, storage, seed, worker, parallel=True)
+    return optimize(study, objective, trials, f"{socket.gethostname()}/{worker}")
+
+
+def run_study(
+    stage: str,
+    objective: Objective,
+    trials: int,
+    seed: int,
+    place: StudyPlace | None = None,
+    inputs: Sequence[np.ndarray] = (),
+    settings: Mapping[str, Any] | None = None,
+    start: Sequence[Mapping[str, Any]] = (),
+) -> optuna.Study:
+    """Maximise `objective` until the study has `trials` complete trials; returns the study.
+
+    `place` None: an in-memory study (library use, tests). Otherwise the study named by
+    the stage, `place.identity`, `settings`, the seed and the content of `inputs`, in
+    `place.storage`, continued if it exists. `start`: parameters enqueued as the first
+    trials when the study is created. With `place.n_workers > 1`, `objective` must pickle
+    (a module-level function or a functools.partial of one).
+    """
+    if trials < 1:
+        raise ValueError(f"trials must be at least 1, got {trials}")
+    name = None
+    if place is not None:
+        identity = {
+            **place.identity,
+            "settings": dict(settings or {}),
+            "seed": seed,
+            "inputs": [digest(a) for a in inputs],
+        }
+        name = study_name(stage, identity)
+    parallel = place is not None and (place.n_workers > 1 or place.join)
+    study = _load(name, place.storage if place else None, seed, 0, parallel)
+    if place is None or not place.join:
+        fail_abandoned(study)
+    if not study.get_trials(deepcopy=False):
+        for params in start:
+            study.enqueue_trial(dict(params))
+    n_workers = place.n_workers if place else 1
+    first = len(complete_trials(study))
+    while True:
+        before = len(complete_trials(study))
+        if n_workers == 1:
+            optimize(study, objective, trials, f"{socket.gethostname()}/0")
+        else:
+            assert place is not None and name is not None
+            Parallel(n_jobs=n_workers, backend="loky")(
+                delayed(_worker)(place.storage, name, objective, trials, seed, w)
+                for w in range(n_workers)
+            )
+        _wait_for_others(study, trials)
+        done = len(complete_trials(study))
+        if done >= trials:
+            break
+        if done == before:
+            raise StudyIncomplete(
+                f"study {study.study_name} has {done} complete trials of {trials} and made "
+                "no progress: its trials were failed while running (by a run started "
+                "without --join?)"
+            )
+    where = f" in {redact(place.storage)}" if place else ""
+    log.info("study %s%s: %d complete trials (%d new)", study.study_name, where, done, done - first)
+    return study
+
+
+def study_record(
+    study: optuna.Study, place: StudyPlace | None, trials_csv: Path | None
+) -> dict[str, Any]:
+    """What an artefact records of its study: name, storage (no password), the CSV."""
+    return {
+        "name": study.study_name,
+        "storage": redact(place.storage) if place else None,
+        "trials_csv": str(trials_csv) if trials_csv else None,
+        "n_trials_in_study": len(study.get_trials(deepcopy=False)),
+    }
+
+
+# ---------------------------------------------------------------- export
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, datetime.datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, default=str)
+    return value
+
+
+def trial_rows(study: optuna.Study) -> tuple[list[str], list[dict[str, Any]]]:
+    """`study.trials_dataframe()`'s columns and rows, without needing pandas.
+
+    Same column names (number, value, datetime_start, datetime_complete, duration,
+    params_*, user_attrs_*, state); dict and list attributes are JSON text.
+    """
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    params = sorted({k for t in trials for k in t.params})
+    attrs = sorted({k for t in trials for k in t.user_attrs})
+    columns = ["number", "value", "datetime_start", "datetime_complete", "duration"]
+    columns += [f"params_{k}" for k in params] + [f"user_attrs_{k}" for k in attrs] + ["state"]
+    rows = []
+    for t in trials:
+        row = {
+            "number": t.number,
+            "value": t.value,
+            "datetime_start": t.datetime_start,
+            "datetime_complete": t.datetime_complete,
+            "duration": t.duration,
+            **{f"params_{k}": t.params.get(k) for k in params},
+            **{f"user_attrs_{k}": t.user_attrs.get(k) for k in attrs},
+            "state": t.state.name,
+        }
+        rows.append({k: _cell(v) for k, v in row.items()})
+    return columns, rows
+
+
+def export_trials(study: optuna.Study, path: str | Path) -> Path:
+    """Every trial of the study as CSV, written atomically."""
+    columns, rows = trial_rows(study)
+    with atomic_write(path, "w") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
