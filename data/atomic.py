@@ -27,12 +27,43 @@ FILE_MODE = 0o666 & ~_umask()
 DIR_MODE = 0o777 & ~_umask()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep(path: Path) -> None:
+    """Delete the temporaries a killed writer of `path` left behind.
+
+    A SIGKILL skips every cleanup, so a temporary file or folder would stay forever. Each
+    temporary's name carries its writer's pid; those whose process is gone are removed,
+    and a live writer's (another process writing the same artefact) are left alone.
+    """
+    for leftover in path.parent.glob(f".{path.name}.p*.*"):
+        pid = leftover.name[len(path.name) + 3 :].split(".", 1)[0].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _prefix(path: Path, kind: str = "") -> str:
+    return f".{path.name}.p{os.getpid()}{kind}."
+
+
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary sibling of `path` for writing; rename it over `path` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _sweep(path)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
@@ -74,14 +105,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _sweep(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, DIR_MODE)
         old = None
         if path.exists():
             # a fresh name, so a leftover of a crashed run can never block the move
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_prefix(path, "-old"), dir=path.parent))
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:

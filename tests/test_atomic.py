@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from data.atomic import atomic_dir, atomic_write, write_json
+from data.atomic import atomic_dir, atomic_write, write_json, write_text
 
 
 def test_failed_write_leaves_the_old_file_intact(tmp_path):
@@ -47,3 +47,31 @@ def test_atomic_dir_is_not_blocked_by_a_crashed_runs_leftover(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "x").write_text("new")
     assert (target / "x").read_text() == "new"
+
+
+def test_a_killed_writers_temporaries_are_swept_and_a_live_ones_kept(tmp_path):
+    """SIGKILL skips every cleanup: the next write of the same artefact removes them."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = int(gone.stdout)
+    stale_dir = tmp_path / f".oof.p{dead}.abc123.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "probs.npy").write_bytes(b"half")
+    stale_file = tmp_path / f".oof.p{dead}.def456.tmp"
+    stale_file.write_bytes(b"half")
+    stale_old = tmp_path / f".oof.p{dead}-old.xyz"
+    stale_old.mkdir()
+    live = tmp_path / f".oof.p{os.getpid()}.live.tmp"
+    live.mkdir()
+    other = tmp_path / f".best.pt.p{dead}.zzz.tmp"
+    other.write_bytes(b"another artefact's")
+    with atomic_dir(tmp_path / "oof") as tmp:
+        (tmp / "x").write_text("new")
+    assert not stale_dir.exists() and not stale_file.exists() and not stale_old.exists()
+    assert live.exists() and other.exists()
+    write_text(tmp_path / "best.pt", "w")
+    assert not other.exists()
