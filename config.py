@@ -11,10 +11,13 @@ import argparse
 import contextlib
 import copy
 import difflib
+import errno
+import functools
 import hashlib
 import json
 import logging
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -224,3 +227,49 @@ def save_config(cfg: dict[str, Any], path: str | Path) -> None:
     from data.atomic import write_text
 
     write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+
+
+# Errors of the machine, not of the data or the config: a full disk, a read-only or
+# missing output folder, a path through a file.
+_ENVIRONMENT = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EEXIST,
+}
+
+
+def environment_error(exc: BaseException) -> str | None:
+    """One line naming the path, for an OSError of the machine anywhere in `exc`'s chain.
+
+    torch.save wraps a full disk in a RuntimeError, so the chain is searched, not just the
+    exception itself.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _ENVIRONMENT:
+            where = seen.filename or "an output file"
+            return f"cannot write {where}: {seen.strerror or seen}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def reports_environment_errors(main: Any) -> Any:
+    """Wrap a stage's `main`: a disk or permission problem is exit 1 and one line, not a
+    traceback; any other exception propagates unchanged."""
+
+    @functools.wraps(main)
+    def wrapped(argv: Any = None) -> int:
+        try:
+            return main(argv)
+        except Exception as exc:
+            problem = environment_error(exc)
+            if problem is None:
+                raise
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
+
+    return wrapped

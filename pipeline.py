@@ -39,6 +39,7 @@ from config import (
     add_config_arguments,
     experiment_dir,
     model_entry,
+    reports_environment_errors,
     resolve_cli_config,
     setup_logging,
 )
@@ -385,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()

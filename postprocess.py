@@ -47,6 +47,7 @@ from config import (
     ConfigError,
     add_config_arguments,
     experiment_dir,
+    reports_environment_errors,
     resolve_cli_config,
     setup_logging,
 )
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()

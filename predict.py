@@ -41,6 +41,7 @@ from config import (
     experiment_dir,
     model_entry,
     provenance,
+    reports_environment_errors,
     resolve_cli_config,
     setup_logging,
 )
@@ -271,6 +272,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     return resolve_cli_config(args, flags)
 
 
+@reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()

@@ -50,6 +50,7 @@ from config import (
     experiment_dir,
     model_entry,
     provenance,
+    reports_environment_errors,
     resolve_cli_config,
     save_config,
     setup_logging,
@@ -928,6 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     dist = init_dist()

@@ -291,3 +291,27 @@ def test_masks_without_polyps_or_of_unknown_colour_stop_training(
     assert not fold_path(tmp_path).exists()
     accept = ["--set", "+data.allow_empty_masks=true", "--set", "+data.max_ambiguous_frac=0.9"]
     assert run_main(config, "--fold", "0", "--epochs", "1", *accept) == 0
+
+
+def test_an_unwritable_out_dir_is_one_line_naming_it_and_exit_1(
+    tmp_path: Path, tiny_data: Path, capsys
+) -> None:
+    import errno
+
+    from config import environment_error
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    config = write_config(tmp_path, tiny_data)
+    assert run_main(config, "--fold", "0", "--out-dir", str(blocker / "out")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a_file" in err[0] and err[0].startswith("error: cannot write")
+    # A full disk reaches us wrapped by torch.save; the chain is searched.
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/runs/best.pt")
+        except OSError as inner:
+            raise RuntimeError("PytorchStreamWriter failed writing file") from inner
+    except RuntimeError as outer:
+        assert environment_error(outer) == "cannot write /runs/best.pt: No space left on device"
+    assert environment_error(ValueError("a bug")) is None
