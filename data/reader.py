@@ -138,6 +138,8 @@ def list_images(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTS:
             continue
+        if path.is_symlink() and not path.exists():
+            raise DataError(f"{path}: a broken symbolic link (to {path.readlink()})")
         if not path.is_file():
             continue
         if path.stem in found:

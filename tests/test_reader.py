@@ -225,3 +225,10 @@ def test_random_bytes_inside_a_jpeg_are_an_error_naming_it(tiny_data: Path, tmp_
         Image.fromarray(image).save(buf, "JPEG", **kwargs)
         (tmp_path / f"{name}.jpeg").write_bytes(buf.getvalue())
         assert load_image(tmp_path / f"{name}.jpeg").shape == image.shape
+
+
+def test_a_dangling_symlink_among_the_images_is_named(tiny_data_copy: Path) -> None:
+    link = tiny_data_copy / "train" / "0123456789abcdef0123456789abcdef.jpeg"
+    link.symlink_to(tiny_data_copy / "nowhere.jpeg")
+    with pytest.raises(DataError, match=r"0123456789abcdef0123456789abcdef\.jpeg: a broken"):
+        list_train(tiny_data_copy)
