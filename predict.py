@@ -57,6 +57,7 @@ from runtime import (
     add_runtime_arguments,
     choose_precision,
     configure_cpu_threads,
+    kill_point,
     runtime_flags,
 )
 from train import DEFAULT_CONFIG, eval_transform, fold_dir, prepare_train_data
@@ -199,6 +200,7 @@ def predict_model(
             f"fold {k} test",
         )
         test_sum += test_probs
+        kill_point("predict-fold")
 
     joined = concat(oof_parts)
     ids = sorted(joined.ids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,17 @@ def configure_cpu_threads(cfg: dict[str, Any]) -> None:
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) - int(cfg["data"].get("num_workers", 0)))
     torch.set_num_threads(int(threads))
+
+
+# Crash tests set NEOPOLYP_KILL_AT to one of the points below; the process then kills
+# itself there with SIGKILL, which no cleanup can intercept, exactly as a user's kill would.
+KILL_POINTS = ("epoch-saved", "store-written", "predict-fold")
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process at `name` when NEOPOLYP_KILL_AT asks for it (tests only)."""
+    if os.environ.get("NEOPOLYP_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def derive_seed(*parts: int) -> int:

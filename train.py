@@ -90,6 +90,7 @@ from runtime import (
     configure_cpu_threads,
     derive_seed,
     init_dist,
+    kill_point,
     rng_state,
     runtime_flags,
     set_rng_state,
@@ -808,6 +809,7 @@ def train_fold(
                     }
                     save_torch({**ckpt, **inference}, out / "best.pt")
                 save_torch(ckpt, out / "last.pt")
+                kill_point("epoch-saved")
                 write_log(out / "log.jsonl", history)
                 if wandb_run is not None:
                     wandb_run.log(record, step=epoch + 1)

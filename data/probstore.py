@@ -23,6 +23,7 @@ import numpy as np
 
 from data.atomic import atomic_dir, write_json
 from data.reader import DataError
+from runtime import kill_point
 
 PROBS_FILE = "probs.npy"
 META_FILE = "meta.json"
@@ -141,6 +142,7 @@ def save_probs(
         out.flush()
         del out
         write_json(tmp / META_FILE, meta)
+        kill_point("store-written")
 
 
 def load_probs(path: str | Path) -> ProbMaps:
