@@ -443,16 +443,26 @@ def evaluate(
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
+    """The fold's log records; DataError naming the file when a line is not a record."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as exc:
+        raise DataError(f"{path}: damaged log ({exc})") from exc
 
 
 def fold_complete(directory: Path, epochs: int) -> bool:
     """best.pt and oof/ exist and the log has reached the epoch count or stopped early."""
     if not ((directory / "best.pt").is_file() and (directory / "oof" / "meta.json").is_file()):
         return False
-    history = read_log(directory / "log.jsonl")
+    try:
+        history = read_log(directory / "log.jsonl")
+    except DataError as exc:
+        # The log is a copy of last.pt's history: the fold is redone from there (--resume
+        # rewrites the log and the OOF maps), not reported complete from a broken file.
+        log.warning("%s; treating the fold as unfinished", exc)
+        return False
     return bool(history) and (
         history[-1]["epoch"] >= epochs or bool(history[-1].get("stopped_early"))
     )

@@ -96,6 +96,19 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
+def _readable_npy(path: Path) -> bool:
+    """The array's header parses and the file holds all its bytes (a cheap memory map).
+
+    A damaged or truncated array is then simply processed again, instead of failing later
+    inside a loader worker.
+    """
+    try:
+        np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _from_cache(sample: Sample, folder: Path, key: str) -> CachedItem | None:
     meta_file, image_file, mask_file = _paths(folder, sample.id)
     try:
@@ -103,7 +116,9 @@ def _from_cache(sample: Sample, folder: Path, key: str) -> CachedItem | None:
     except (OSError, ValueError):
         return None
     has_mask = sample.mask is not None
-    if meta.get("key") != key or not image_file.exists() or (has_mask and not mask_file.exists()):
+    if meta.get("key") != key or not _readable_npy(image_file):
+        return None
+    if has_mask and not _readable_npy(mask_file):
         return None
     h, w = meta["orig_size"]
     return CachedItem(

@@ -315,3 +315,21 @@ def test_an_unwritable_out_dir_is_one_line_naming_it_and_exit_1(
     except RuntimeError as outer:
         assert environment_error(outer) == "cannot write /runs/best.pt: No space left on device"
     assert environment_error(ValueError("a bug")) is None
+
+
+def test_a_damaged_log_or_cache_array_is_repaired_by_a_rerun(
+    trained: Path, tmp_path: Path, tiny_data: Path
+) -> None:
+    import shutil
+
+    shutil.copytree(trained / "out", tmp_path / "out")
+    config = write_config(tmp_path, tiny_data)
+    out = fold_path(tmp_path)
+    records = history(out)
+    log_file = out / "log.jsonl"
+    log_file.write_text(log_file.read_text()[:-40])  # cut inside the last record
+    arrays = sorted((tmp_path / "out" / "cache").rglob("*.image.npy"))
+    arrays[0].write_bytes(arrays[0].read_bytes()[:100])
+    assert run_main(config, "--fold", "0", "--resume") == 0
+    assert history(out) == records
+    assert np.load(arrays[0]).shape[:2] == (64, 64)
