@@ -373,16 +373,7 @@ def train_epoch(
     for step, batch in enumerate(bar, 1):
         images, masks = to_device(batch, device, learner.precision)
         images, masks = scaled_batch(images, masks, learner.multiscale, derive_seed(seed, step))
-        loss = train_step(
-            learner.train_net,
-            images,
-            masks,
-            learner.loss_fn,
-            learner.optimizer,
-            learner.scaler,
-            learner.precision,
-            learner.grad_clip,
-        )
+        loss = learner.step(images, masks)
         learner.scheduler.step()
         if learner.ema is not None:
             learner.ema.update_parameters(learner.raw)
@@ -514,6 +505,19 @@ class Learner:
     ema: AveragedModel | None = None
     grad_clip: float = 0.0
     multiscale: Sequence[float] = (1.0,)
+
+    def step(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """One optimisation step of this learner's recipe (the schedule is the caller's)."""
+        return train_step(
+            self.train_net,
+            images,
+            masks,
+            self.loss_fn,
+            self.optimizer,
+            self.scaler,
+            self.precision,
+            self.grad_clip,
+        )
 
     @property
     def eval_net(self) -> nn.Module:

@@ -85,15 +85,7 @@ def time_train_py(
     if learner.precision.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     rate = images_per_second(
-        lambda: train.train_step(
-            learner.train_net,
-            images,
-            masks,
-            learner.loss_fn,
-            learner.optimizer,
-            learner.scaler,
-            learner.precision,
-        ),
+        lambda: learner.step(images, masks),
         batch,
         steps,
         warmup,
