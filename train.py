@@ -245,8 +245,8 @@ def check_recipes_early(cfg: dict[str, Any], model_name: str, folds: Sequence[in
             split_id = json.loads(path.read_text())["split_id"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path}: not a readable folds file ({exc}); delete it") from exc
+    recipe = fold_recipe(cfg, model_name, split_id or "")
     for k in folds:
-        recipe = fold_recipe(cfg, model_name, split_id or "")
         check_fold(fold_dir(cfg, model_name, k), recipe, str(cfg["experiment"]), bool(split_id))
 
 
@@ -339,7 +339,8 @@ def scaled_batch(
     """
     if len(scales) < 2:
         return images, masks
-    scale = scales[torch.randint(len(scales), (1,), generator=_generator(seed)).item()]
+    gen = torch.Generator().manual_seed(seed)
+    scale = scales[torch.randint(len(scales), (1,), generator=gen).item()]
     h, w = images.shape[-2:]
     size = (max(32, round(h * scale / 32) * 32), max(32, round(w * scale / 32) * 32))
     if size == (h, w):
@@ -347,10 +348,6 @@ def scaled_batch(
     images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
     masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].long()
     return images, masks
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def train_epoch(
