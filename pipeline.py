@@ -30,6 +30,7 @@ import numpy as np
 
 import ensemble
 import postprocess
+import postprocessing
 import predict
 import studies
 import train
@@ -55,7 +56,7 @@ from data.reader import (
     load_mask,
 )
 from metrics import class_stats, scores_from_stats
-from postprocess import PostprocessParams, class_maps, load_params
+from postprocessing import PostprocessParams, class_maps, load_params
 from report import Case, write_report
 from runtime import Dist
 
@@ -285,8 +286,8 @@ def oof_cases(
     cases = []
     for i, item in enumerate(items):
         image, target = load_item(item)
-        raw = postprocess.postprocess(store.raw[i], size, PostprocessParams())
-        post = postprocess.postprocess(store.raw[i], size, params)
+        raw = postprocessing.postprocess(store.raw[i], size, PostprocessParams())
+        post = postprocessing.postprocess(store.raw[i], size, params)
         stats = class_stats(np.stack([raw, post]), np.stack([target, target]))
         score, score_post = (scores_from_stats(stats[j : j + 1])["competition"] for j in (0, 1))
         cases.append(Case(item.id, image, target, raw, post, score, score_post))

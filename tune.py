@@ -47,7 +47,7 @@ from data.cache import load_targets
 from data.probstore import load_probs
 from data.reader import DataError
 from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
-from postprocess import (
+from postprocessing import (
     REGION_MODES,
     PostprocessParams,
     postprocess,

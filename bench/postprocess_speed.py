@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from data.submission import rle_encode
-from postprocess import PostprocessParams, postprocess
+from postprocessing import PostprocessParams, postprocess
 from tune import evaluate
 
 # What the reference implements (area filter + majority vote), for a like-for-like row.

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import yaml
 
-import postprocess as pp
+import postprocess as submission_stage
+import postprocessing as pp
 from data.probstore import save_probs
 from data.submission import check_submission, rle_decode
-from postprocess import PostprocessParams, postprocess
+from postprocessing import PostprocessParams, postprocess
 
 
 def probs_from(class_map, conf=0.8):
@@ -142,7 +143,7 @@ def test_cli_writes_checked_submission_with_tuned_params(experiment, capsys):
     root, sizes = experiment
     doc = {"params": PostprocessParams(min_area_frac=0.01).to_dict()}
     (root / "exp" / "postprocess.json").write_text(json.dumps(doc))
-    assert pp.main(["--config", str(root / "c.yaml"), "--jobs", "2"]) == 0
+    assert submission_stage.main(["--config", str(root / "c.yaml"), "--jobs", "2"]) == 0
     sub = root / "exp" / "submission.csv"
     assert check_submission(sub, root / "data") == []
     rows = dict(line.split(",") for line in sub.read_text().splitlines()[1:])
@@ -159,11 +160,11 @@ def test_cli_refuses_store_with_wrong_sizes_before_writing(experiment, capsys):
     probs = np.full((3, 3, 32, 32), 1 / 3, np.float32)
     wrong = [(50, 64), (41, 64), (47, 60)]
     save_probs(other, list(sizes), probs, wrong, kind="test", model="m")
-    assert pp.main(["--config", str(root / "c.yaml"), "--probs", str(other)]) == 2
+    assert submission_stage.main(["--config", str(root / "c.yaml"), "--probs", str(other)]) == 2
     assert "recorded at" in capsys.readouterr().err
     assert not (root / "exp" / "submission.csv").exists()
     save_probs(other, list(sizes)[:2], probs[:2], wrong[:2], kind="test", model="m")
-    assert pp.main(["--config", str(root / "c.yaml"), "--probs", str(other)]) == 2
+    assert submission_stage.main(["--config", str(root / "c.yaml"), "--probs", str(other)]) == 2
     assert "1 missing" in capsys.readouterr().err
 
 

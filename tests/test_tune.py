@@ -11,7 +11,7 @@ from bench.postprocess_speed import synthetic_oof
 from data.cache import load_targets
 from data.probstore import save_probs
 from data.reader import list_train
-from postprocess import PostprocessParams
+from postprocessing import PostprocessParams
 from tune import ablate, evaluate
 
 
