@@ -25,22 +25,118 @@ from typing import Any
 
 import yaml
 
+DEFAULT_CONFIG = "configs/bkai.yaml"
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used."""
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    path = Path(path)
+DEFAULTS_FILE = Path(__file__).resolve().parent / "configs" / "defaults.yaml"
+BASE_KEY = "base"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(cfg, dict):
+    if not isinstance(doc, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return apply_overrides(cfg, overrides)
+    return doc
+
+
+@functools.cache
+def defaults() -> dict[str, Any]:
+    """configs/defaults.yaml: every key a config may set, with the value the code assumes."""
+    return _read_yaml(DEFAULTS_FILE)
+
+
+def _is_open(schema: Any) -> bool:
+    """A section left null or {} in the defaults takes any keys (its reader checks them)."""
+    return not (isinstance(schema, dict) and schema)
+
+
+def merge(
+    base: dict[str, Any], over: dict[str, Any], where: str, schema: Any, prefix: str = ""
+) -> dict[str, Any]:
+    """`over` deep-merged onto `base`, each key checked against the defaults (`schema`).
+
+    A list replaces a list. A mapping with a `name` that changes (an optimizer, a
+    schedule) replaces the old one instead of merging, as its arguments belong to the old
+    name. Keys of a closed section must exist (did-you-mean otherwise) and keep their
+    type; `+key` adds a new one.
+    """
+    out = copy.deepcopy(base)
+    for raw_key, value in over.items():
+        key = str(raw_key)
+        add = key.startswith("+")
+        key = key.removeprefix("+")
+        dotted = f"{prefix}{key}"
+        sub_schema = schema.get(key) if isinstance(schema, dict) else None
+        if key in out:
+            old = out[key]
+            renamed = (
+                isinstance(old, dict)
+                and isinstance(value, dict)
+                and "name" in value
+                and value.get("name") != old.get("name")
+            )
+            if isinstance(old, dict) and isinstance(value, dict) and old and not renamed:
+                out[key] = merge(old, value, where, sub_schema, f"{dotted}.")
+            else:
+                out[key] = _checked_value(dotted, old, value, where)
+        elif add or _is_open(schema):
+            out[key] = value
+        else:
+            known = [f"{prefix}{k}" for k in (schema or {})]
+            close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{where}: unknown key {dotted!r}{hint} (a genuinely new key is written +{key})"
+            )
+    return out
+
+
+def _resolve_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file merged over its `base:` chain, which ends at configs/defaults.yaml."""
+    path = path.resolve()
+    if path in chain:
+        loop = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"config inheritance has a cycle: {loop}")
+    doc = _read_yaml(path)
+    base_name = doc.pop(BASE_KEY, None)
+    if base_name is None:
+        parent = defaults()
+    elif isinstance(base_name, str):
+        parent = _resolve_file(path.parent / base_name, (*chain, path))
+    else:
+        raise ConfigError(f"{path}: base must be a file name, got {base_name!r}")
+    cfg = merge(parent, doc, str(path), defaults())
+    if "experiment" not in doc:
+        cfg["experiment"] = path.stem
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The resolved config of a file: defaults, then its `base:` chain, then the file,
+    then `overrides`. `experiment` is never inherited: it defaults to the file's stem."""
+    return apply_overrides(_resolve_file(Path(path)), overrides)
+
+
+def model_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """The config as model `name` trains with it: `models.<name>.train` over `train`."""
+    entry = model_entry(cfg, name)
+    section = entry.get("train") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"models.{name}.train must be a mapping, got {section!r}")
+    out = copy.deepcopy(cfg)
+    out["train"] = merge(
+        cfg["train"], section, f"models.{name}.train", defaults()["train"], "train."
+    )
+    return out
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
@@ -53,7 +149,7 @@ def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _checked_value(key: str, old: Any, new: Any) -> Any:
+def _checked_value(key: str, old: Any, new: Any, where: str = "override") -> Any:
     """`new` if it has the type of `old` (None takes anything); ints widen to floats."""
     if old is None or new is None:
         return new
@@ -78,7 +174,7 @@ def _checked_value(key: str, old: Any, new: Any) -> Any:
         ok = True
     if not ok:
         raise ConfigError(
-            f"override {key}={new!r}: expected {type(old).__name__} like the config's {old!r}"
+            f"{where} {key}={new!r}: expected {type(old).__name__} like the config's {old!r}"
         )
     return new
 
@@ -132,13 +228,14 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
-    """The flags every stage shares: which config, which data, where outputs go, overrides."""
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every stage shares: which config, which data, where outputs go, overrides.
+
+    Every stage takes the same `--config` (the competition config by default) and one
+    override syntax, `--set KEY=VALUE`, so a command line moves between stages unchanged.
+    """
     parser.add_argument(
-        "--config",
-        default=default_config,
-        required=default_config is None,
-        help="experiment YAML file",
+        "--config", default=DEFAULT_CONFIG, help=f"experiment YAML file (default {DEFAULT_CONFIG})"
     )
     parser.add_argument(
         "--data-dir", help="dataset folder (train/, train_gt/, test/); overrides data_dir"
@@ -154,13 +251,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
 
 
 def resolve_cli_config(
-    args: argparse.Namespace, flags: Mapping[str, Any] | None = None
+    args: argparse.Namespace, flags: Mapping[str, Any] | None = None, model: str | None = None
 ) -> dict[str, Any]:
-    """Config file, then `--set`/positional overrides, then the stage's dedicated flags.
+    """The stage's config. Precedence, lowest first: defaults < `base:` chain < the file <
+    `models.<model>.train` (when the stage trains one model) < `--set` < dedicated flags.
 
     `flags` maps dotted keys to flag values; None means the flag was not given.
     """
-    cfg = load_config(args.config, [*args.set, *getattr(args, "overrides", [])])
+    cfg = load_config(args.config)
+    if model is not None:
+        cfg = model_config(cfg, model)
+    cfg = apply_overrides(cfg, args.set)
     given = {"data_dir": args.data_dir, "out_dir": args.out_dir, **(flags or {})}
     # JSON is valid YAML, so apply_overrides parses each value back exactly.
     cfg = apply_overrides(
@@ -172,21 +273,31 @@ def resolve_cli_config(
     return cfg
 
 
-def experiment_dir(cfg: dict[str, Any]) -> Path:
-    """Where every artefact of the experiment lives: <out_dir>/<experiment>/."""
-    return Path(cfg["out_dir"]) / str(cfg["experiment"])
+def parse_img_size(text: str) -> list[int]:
+    """`352` -> [352, 352]; `352x416` -> [352, 416] (height x width)."""
+    parts = text.lower().split("x")
+    try:
+        size = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--img-size {text!r}: expected N or HxW, e.g. 352 or 352x416") from None
+    if len(size) == 1:
+        size *= 2
+    if len(size) != 2:
+        raise ConfigError(f"--img-size {text!r}: expected N or HxW, e.g. 352 or 352x416")
+    return size
 
 
 def model_entry(cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    """The `models.<name>` entry: which zoo architecture, with which arguments."""
+    """The `models.<name>` entry: which architecture (`arch`, the name itself by default),
+    with which arguments."""
     models = cfg.get("models") or {}
     if name not in models:
         known = ", ".join(sorted(models)) or "(none)"
         raise ConfigError(f"unknown model {name!r}; this config defines: {known}")
-    entry = dict(models[name])
-    entry.setdefault("kwargs", {})
-    if "arch" not in entry:
-        raise ConfigError(f"models.{name} has no 'arch' (a name from models.build_model)")
+    entry = dict(models[name] or {})
+    entry.setdefault("arch", name)
+    if entry.get("kwargs") is None:
+        entry["kwargs"] = {}
     return entry
 
 

@@ -17,7 +17,12 @@ probably noise, and the table says so.
 
 from __future__ import annotations
 
-import argparse
+import cli
+
+if __name__ == "__main__":
+    cli.exit_if_help("ensemble")
+
+
 import functools
 import itertools
 import logging
@@ -32,8 +37,6 @@ import optuna
 import studies
 from config import (
     ConfigError,
-    add_config_arguments,
-    experiment_dir,
     provenance,
     reports_environment_errors,
     resolve_cli_config,
@@ -44,7 +47,8 @@ from data.cache import load_targets
 from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
 from data.reader import DataError
 from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
-from studies import StudyPlace, add_search_arguments, search_settings
+from paths import Layout
+from studies import StudyPlace, search_settings
 
 log = logging.getLogger("ensemble")
 
@@ -236,13 +240,17 @@ def format_table(doc: dict[str, Any]) -> str:
 
 
 def write_blends(
-    exp: Path, names: Sequence[str], weights: Sequence[float], oof: Sequence[ProbMaps], cfg: dict
+    layout: Layout,
+    names: Sequence[str],
+    weights: Sequence[float],
+    oof: Sequence[ProbMaps],
+    cfg: dict,
 ) -> None:
     """ensemble/oof and ensemble/test stores; the test blend needs every model's test store."""
     common = {"model": "ensemble", "models": list(names), "weights": list(weights)}
     first = oof[0]
     save_probs(
-        exp / "ensemble" / "oof",
+        layout.blend("oof"),
         first.ids,
         blend(oof, weights),
         first.orig_sizes,
@@ -252,13 +260,13 @@ def write_blends(
         provenance=provenance(cfg, stage="ensemble", split_id=first.split_id),
         **common,
     )
-    missing = [exp / m / "test" for m in names if not (exp / m / "test").is_dir()]
+    missing = [layout.store(m, "test") for m in names if not layout.store(m, "test").is_dir()]
     if missing:
         log.warning("no test blend: missing %s (run predict.py)", ", ".join(map(str, missing)))
         return
-    tests = align_stores([load_probs(exp / m / "test") for m in names])
+    tests = align_stores([load_probs(layout.store(m, "test")) for m in names])
     save_probs(
-        exp / "ensemble" / "test",
+        layout.blend("test"),
         tests[0].ids,
         blend(tests, weights),
         tests[0].orig_sizes,
@@ -270,19 +278,9 @@ def write_blends(
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Tune blend weights on OOF predictions and blend.")
-    add_config_arguments(p, default_config=None)
-    p.add_argument(
-        "--models", nargs="+", help="models to blend (default: ensemble.models, else all)"
-    )
-    add_search_arguments(p, "ensemble")
-    return p
-
-
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.ensemble_parser().parse_args(argv)
     setup_logging()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -292,12 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not names:
             raise ConfigError("no models to blend: give --models or set ensemble.models")
         trials, objective = search_settings(cfg, "ensemble", args.trials, args.objective)
-        exp = experiment_dir(cfg)
-        oof = align_stores([load_probs(exp / m / "oof") for m in names])
+        layout = Layout.of(cfg)
+        oof = align_stores([load_probs(layout.store(m, "oof")) for m in names])
         targets = load_targets(cfg, oof[0].ids, oof[0].size)
         arrays = [np.asarray(s.raw) for s in oof]
-        place = studies.place_from_args(args, exp, store_identity(names, oof))
-        csv_path = exp / "ensemble" / "trials.csv"
+        place = studies.place_from_args(args, layout, store_identity(names, oof))
+        csv_path = layout.weights_trials
         doc = run_ensemble(
             names,
             arrays,
@@ -314,18 +312,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             csv_path.unlink(missing_ok=True)
         doc["split_id"] = oof[0].split_id
         doc["provenance"] = provenance(cfg, stage="ensemble", split_id=oof[0].split_id)
-        write_blends(exp, names, doc["weights"], oof, cfg)
+        write_blends(layout, names, doc["weights"], oof, cfg)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except studies.StudyIncomplete as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    write_json(exp / "ensemble" / "weights.json", doc)
+    write_json(layout.weights, doc)
     print(format_table(doc))
     if doc["study"]:
         print(f"optuna study {doc['study']['name']} in {doc['study']['storage']}")
-    print(f"wrote {exp / 'ensemble'}")
+    print(f"wrote {layout.weights.parent}")
     return 0
 
 

@@ -15,7 +15,12 @@ resolution) always, and on the test set only when the data folder has a `test_gt
 
 from __future__ import annotations
 
-import argparse
+import cli
+
+if __name__ == "__main__":
+    cli.exit_if_help("pipeline")
+
+
 import json
 import logging
 import os
@@ -37,15 +42,13 @@ import train
 import tune
 from config import (
     ConfigError,
-    add_config_arguments,
-    experiment_dir,
-    model_entry,
     reports_environment_errors,
     resolve_cli_config,
     setup_logging,
 )
 from data.atomic import write_json
 from data.cache import load_item, train_items
+from data.prepare import prepare_train_data
 from data.probstore import ProbMaps, load_probs
 from data.reader import (
     DataError,
@@ -56,7 +59,9 @@ from data.reader import (
     load_mask,
 )
 from metrics import class_stats, scores_from_stats
+from paths import Layout
 from postprocessing import PostprocessParams, class_maps, load_params
+from recipe import check_config, check_recipes_early
 from report import Case, write_report
 from runtime import Dist
 
@@ -127,11 +132,10 @@ def train_in_parallel(
     """
     import torch
 
-    exp = experiment_dir(cfg)
-    logs = exp / "logs"
+    logs = Layout.of(cfg).root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     # The split is made once, before any fold starts, so no two processes race to write it.
-    train.prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
+    prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
     gpus = torch.cuda.device_count()
     extra: list[str] = []
     if not gpus and cfg["train"].get("cpu_threads") is None:
@@ -170,13 +174,13 @@ def train_in_parallel(
     return time.perf_counter() - start
 
 
-def preflight(cfg: dict[str, Any], names: Sequence[str]) -> None:
+def preflight(cfg: dict[str, Any], model_cfgs: dict[str, dict[str, Any]]) -> None:
     """Everything that can be checked before training, in one pass, so that a typo in a
     later stage's settings or a missing test folder fails in seconds, not after every fold.
+    `model_cfgs` holds each model's config as train.py resolves it (its own recipe).
     """
-    for name in names:
-        model_entry(cfg, name)
-    train.check_config(cfg)
+    for model_cfg in model_cfgs.values():
+        check_config(model_cfg)
     predict.tta_transforms(str((cfg.get("predict") or {}).get("tta", "none")))
     for section in ("ensemble", "tune"):
         value = (cfg.get(section) or {}).get("trials", 100)
@@ -190,21 +194,23 @@ def preflight(cfg: dict[str, Any], names: Sequence[str]) -> None:
 
 def run_stages(
     cfg: dict[str, Any],
+    model_cfgs: dict[str, dict[str, Any]],
     common: Sequence[str],
     parallel: int = 1,
     search: Sequence[str] = (),
 ) -> dict[str, float]:
     """Every stale stage, in order; returns the seconds spent per stage.
 
-    `search`: extra flags of the optuna stages (ensemble, tune), e.g. `--storage URL`.
+    `model_cfgs`: each model's config as train.py resolves it. `search`: extra flags of
+    the optuna stages (ensemble, tune), e.g. `--storage URL`.
     """
-    exp = experiment_dir(cfg)
-    names = model_names(cfg)
+    layout = Layout.of(cfg)
+    names = list(model_cfgs)
     n_folds = int(cfg["data"]["n_folds"])
     timings: dict[str, float] = {}
-    preflight(cfg, names)
-    for name in names:
-        train.check_recipes_early(cfg, name, range(n_folds))
+    preflight(cfg, model_cfgs)
+    for name, model_cfg in model_cfgs.items():
+        check_recipes_early(model_cfg, name, range(n_folds))
     if parallel > 1:
         timings["train (parallel)"] = train_in_parallel(cfg, common, names, parallel)
     else:
@@ -214,21 +220,21 @@ def run_stages(
             )
     tta = str((cfg.get("predict") or {}).get("tta", "none"))
     for name in names:
-        checkpoints = [exp / name / f"fold{k}" / "best.pt" for k in range(n_folds)]
-        outputs = [exp / name / kind / "meta.json" for kind in ("oof", "test")]
+        checkpoints = [layout.fold(name, k) / "best.pt" for k in range(n_folds)]
+        outputs = [layout.store(name, kind) / "meta.json" for kind in ("oof", "test")]
         if is_stale(outputs, checkpoints) or made_otherwise(outputs[0], {"tta": tta}):
             timings[f"predict {name}"] = run_stage(
                 "predict", predict.main, ["--model", name, *common]
             )
-    model_stores = [exp / n / kind / "meta.json" for n in names for kind in ("oof", "test")]
-    blend_outputs = [exp / "ensemble" / "weights.json", exp / "ensemble" / "test" / "meta.json"]
+    model_stores = [layout.store(n, kind) / "meta.json" for n in names for kind in ("oof", "test")]
+    blend_outputs = [layout.weights, layout.blend("test") / "meta.json"]
     blend_settings = {"models": names, **recorded_settings(cfg, "ensemble", len(names) > 1)}
     if is_stale(blend_outputs, model_stores) or made_otherwise(blend_outputs[0], blend_settings):
         timings["ensemble"] = run_stage(
             "ensemble", ensemble.main, ["--models", *names, *common, *search]
         )
-    tuned = exp / "postprocess.json"
-    if is_stale([tuned], [exp / "ensemble" / "oof" / "meta.json"]) or made_otherwise(
+    tuned = layout.postprocess
+    if is_stale([tuned], [layout.blend("oof") / "meta.json"]) or made_otherwise(
         tuned, recorded_settings(cfg, "tune", True)
     ):
         timings["tune"] = run_stage("tune", tune.main, [*common, *search])
@@ -311,11 +317,11 @@ def _fmt(value: Any) -> str:
 
 def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     """Score tables (OOF always, test when test_gt exists) and the HTML report."""
-    exp = experiment_dir(cfg)
+    layout = Layout.of(cfg)
     names = model_names(cfg)
-    blend_doc = read_json(exp / "ensemble" / "weights.json")
-    tuned = read_json(exp / "postprocess.json")
-    params = load_params(exp / "postprocess.json")
+    blend_doc = read_json(layout.weights)
+    tuned = read_json(layout.postprocess)
+    params = load_params(layout.postprocess)
     oof_rows = []
     for name, by_fold in blend_doc["scores"].items():
         oof_rows.append({"model": name, **{k: by_fold["all"][k] for k in SCORE_KEYS}})
@@ -328,17 +334,17 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     tables = [("Out-of-fold (working resolution)", oof_rows)]
     data_dir = Path(cfg["data_dir"])
     if list_test_gt(data_dir):
-        stores = {n: load_probs(exp / n / "test") for n in names}
-        stores["blend"] = load_probs(exp / "ensemble" / "test")
+        stores = {n: load_probs(layout.store(n, "test")) for n in names}
+        stores["blend"] = load_probs(layout.blend("test"))
         tables.append(
             ("Test set (original size, test_gt/)", test_scores(stores, params, data_dir, cfg))
         )
     timing_rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]
     if timing_rows:
         tables.append(("Stages run in this call", timing_rows))
-    best, worst = oof_cases(load_probs(exp / "ensemble" / "oof"), cfg, params)
+    best, worst = oof_cases(load_probs(layout.blend("oof")), cfg, params)
     logs = {
-        n: {k: exp / n / f"fold{k}" / "log.jsonl" for k in range(int(cfg["data"]["n_folds"]))}
+        n: {k: layout.fold(n, k) / "log.jsonl" for k in range(int(cfg["data"]["n_folds"]))}
         for n in names
     }
     steps = ", ".join(params.active_steps()) or "none"
@@ -348,9 +354,9 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
         *study_notes({"ensemble": blend_doc.get("study"), "tune": tuned.get("study")}),
     ]
     report = write_report(
-        exp / "report.html", f"neopolyp: {cfg['experiment']}", tables, logs, best, worst, notes
+        layout.report, f"neopolyp: {cfg['experiment']}", tables, logs, best, worst, notes
     )
-    write_json(exp / "scores.json", {"tables": {t: rows for t, rows in tables}})
+    write_json(layout.scores, {"tables": {t: rows for t, rows in tables}})
     return {"tables": tables, "report": report}
 
 
@@ -366,30 +372,9 @@ def study_notes(records: dict[str, dict[str, Any] | None]) -> list[str]:
     return notes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train, predict, blend, tune and submit for every model and fold of a "
-        "config, skipping what is complete; ends with a score table and report.html.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_config_arguments(p, default_config=None)
-    p.add_argument(
-        "--parallel",
-        type=int,
-        default=1,
-        help="train up to N folds at once, each its own process (one per GPU when several)",
-    )
-    p.add_argument(
-        "--storage",
-        help="optuna storage of the ensemble and tune studies, passed to both "
-        "(default: sqlite:///<out_dir>/<experiment>/optuna.db)",
-    )
-    return p
-
-
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.pipeline_parser().parse_args(argv)
     setup_logging()
     start = time.perf_counter()
     common = ["--config", args.config]
@@ -408,7 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.storage:
             studies.open_storage(args.storage)  # a bad URL fails now, not after training
             search = ["--storage", args.storage]
-        timings = run_stages(cfg, common, args.parallel, search)
+        model_cfgs = {n: resolve_cli_config(args, model=n) for n in model_names(cfg)}
+        timings = run_stages(cfg, model_cfgs, common, args.parallel, search)
         summary = summarise(cfg, timings)
     except (ConfigError, DataError, StageFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -417,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for title, rows in summary["tables"]:
         print(format_rows(title, rows), end="\n\n")
     print(f"report: {summary['report']}")
-    print(f"submission: {experiment_dir(cfg) / 'submission.csv'}")
+    print(f"submission: {Layout.of(cfg).submission}")
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s")
     return 0
 

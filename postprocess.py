@@ -6,7 +6,12 @@ blended test probabilities, and writes `submission.csv` only once it passes its 
 
 from __future__ import annotations
 
-import argparse
+import cli
+
+if __name__ == "__main__":
+    cli.exit_if_help("postprocess")
+
+
 import logging
 import os
 import sys
@@ -17,8 +22,6 @@ from tqdm import tqdm
 
 from config import (
     ConfigError,
-    add_config_arguments,
-    experiment_dir,
     reports_environment_errors,
     resolve_cli_config,
     setup_logging,
@@ -26,6 +29,7 @@ from config import (
 from data.probstore import ProbMaps, load_probs
 from data.reader import DataError, list_test
 from data.submission import check_submission, image_size, write_submission
+from paths import Layout
 from postprocessing import PostprocessParams, class_maps, load_params
 
 log = logging.getLogger("postprocess")
@@ -65,39 +69,19 @@ def make_submission(
     return []
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Post-process the blended test probabilities and write submission.csv."
-    )
-    add_config_arguments(p, default_config=None)
-    p.add_argument(
-        "--probs", type=Path, help="test probability store (default <out>/<exp>/ensemble/test)"
-    )
-    p.add_argument(
-        "--params",
-        type=Path,
-        help="tuned parameters (default <out>/<exp>/postprocess.json; missing = plain argmax)",
-    )
-    p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
-    p.add_argument(
-        "--message", default=None, help="submission message for the printed kaggle command"
-    )
-    return p
-
-
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.postprocess_parser().parse_args(argv)
     setup_logging()
     try:
         cfg = resolve_cli_config(args)
-        exp = experiment_dir(cfg)
+        layout = Layout.of(cfg)
         if not cfg.get("data_dir"):
             raise ConfigError("no data dir: give --data-dir or set data_dir in the config")
         data_dir = Path(cfg["data_dir"])
-        store = load_probs(args.probs or exp / "ensemble" / "test")
-        params = load_params(args.params or exp / "postprocess.json")
-        out = exp / "submission.csv"
+        store = load_probs(args.probs or layout.blend("test"))
+        params = load_params(args.params or layout.postprocess)
+        out = layout.submission
         problems = make_submission(store, params, data_dir, out, args.jobs)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,6 +23,12 @@ and ttach rotates each prediction back to H x W before averaging.
 
 from __future__ import annotations
 
+import cli
+
+if __name__ == "__main__":
+    cli.exit_if_help("predict")
+
+
 import argparse
 import logging
 import sys
@@ -37,8 +43,6 @@ from torch import nn
 
 from config import (
     ConfigError,
-    add_config_arguments,
-    experiment_dir,
     model_entry,
     provenance,
     reports_environment_errors,
@@ -48,23 +52,20 @@ from config import (
 from data.cache import CachedItem, prepare_for_config
 from data.dataset import SegDataset
 from data.loader import LoaderStalled, config_loader
+from data.prepare import eval_transform, prepare_train_data
 from data.probstore import ProbMaps, concat, load_probs, quantise, save_probs
 from data.reader import DataError, list_test
 from models.inference import Probabilities, load_checkpoint, model_from_checkpoint, predict_probs
+from paths import Layout
 from runtime import (
     Dist,
     Precision,
-    add_runtime_arguments,
     choose_precision,
     configure_cpu_threads,
     kill_point,
-    runtime_flags,
 )
-from train import DEFAULT_CONFIG, eval_transform, fold_dir, prepare_train_data
 
 log = logging.getLogger("predict")
-
-TTA_CHOICES = ("none", "hflip", "flip", "d4")
 
 
 def tta_transforms(name: str) -> ttach.Compose | None:
@@ -77,7 +78,7 @@ def tta_transforms(name: str) -> ttach.Compose | None:
         return ttach.Compose([ttach.HorizontalFlip(), ttach.VerticalFlip()])
     if name == "d4":
         return ttach.Compose([ttach.HorizontalFlip(), ttach.Rotate90(angles=[0, 90, 180, 270])])
-    raise ConfigError(f"unknown TTA {name!r}; choose one of {', '.join(TTA_CHOICES)}")
+    raise ConfigError(f"unknown TTA {name!r}; choose one of {', '.join(cli.TTA_CHOICES)}")
 
 
 def probability_model(model: nn.Module, tta: str) -> nn.Module:
@@ -90,7 +91,7 @@ def probability_model(model: nn.Module, tta: str) -> nn.Module:
 
 
 def fold_checkpoints(cfg: dict[str, Any], model_name: str, n_folds: int) -> list[Path]:
-    paths = [fold_dir(cfg, model_name, k) / "best.pt" for k in range(n_folds)]
+    paths = [Layout.of(cfg).fold(model_name, k) / "best.pt" for k in range(n_folds)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(
@@ -210,7 +211,7 @@ def predict_model(
             f"{model_name}: the fold OOF maps do not cover the {len(expected)} train images once"
         )
     joined = joined.subset(ids)
-    out = experiment_dir(cfg) / model_name
+    layout = Layout.of(cfg)
     common = {
         "model": model_name,
         "split_id": split_id,
@@ -220,7 +221,7 @@ def predict_model(
         ),
     }
     save_probs(
-        out / "oof",
+        layout.store(model_name, "oof"),
         ids,
         joined.raw,
         joined.orig_sizes,
@@ -229,7 +230,7 @@ def predict_model(
         **common,
     )
     save_probs(
-        out / "test",
+        layout.store(model_name, "test"),
         [it.id for it in test_items],
         test_sum / len(checkpoints),
         [it.orig_size for it in test_items],
@@ -243,40 +244,23 @@ def predict_model(
         len(ids),
         len(test_items),
         tta,
-        out,
+        layout.root / model_name,
     )
-    return out / "oof", out / "test"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Out-of-fold and test probabilities of one model's fold checkpoints, with TTA.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--model", required=True, help="name of an entry in the config's `models:`")
-    add_config_arguments(p, DEFAULT_CONFIG)
-    p.add_argument(
-        "--tta", choices=TTA_CHOICES, help="test-time augmentation; overrides predict.tta"
-    )
-    p.add_argument(
-        "--batch-size", type=int, help="images per forward pass; overrides predict.batch_size"
-    )
-    add_runtime_arguments(p)
-    return p
+    return layout.store(model_name, "oof"), layout.store(model_name, "test")
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     flags = {
         "predict.tta": args.tta,
         "predict.batch_size": args.batch_size,
-        **runtime_flags(args),
+        **cli.runtime_flags(args),
     }
     return resolve_cli_config(args, flags)
 
 
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.predict_parser().parse_args(argv)
     setup_logging()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

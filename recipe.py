@@ -13,13 +13,19 @@ threads. `train.epochs` is left out too, so a finished fold can be extended with
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from config import ConfigError, model_entry
 from data.atomic import write_json
-from data.reader import DataError
+from data.reader import DataError, MaskThresholds
+from metrics import OBJECTIVES
+from models.losses import SegLoss
+from optim import check_recipe
+from paths import Layout
 
 RECIPE_FILE = "recipe.json"
 
@@ -120,3 +126,106 @@ def check_fold(
 
 def write_recipe(fold_dir: Path, recipe: dict[str, Any]) -> None:
     write_json(fold_dir / RECIPE_FILE, {"recipe_hash": recipe_hash(recipe), "recipe": recipe})
+
+
+# ------------------------------------------------------------------ checks before any work
+
+
+def _get(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"config key {dotted!r} is missing")
+        node = node[part]
+    return node
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    """Fail before any work on values that would only break hours later."""
+    for key in ("experiment", "data_dir", "out_dir", "seed"):
+        _get(cfg, key)
+    size = _get(cfg, "data.img_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) for s in size)):
+        raise ConfigError(f"data.img_size must be [height, width], got {size!r}")
+    if any(s <= 0 or s % 32 for s in size):
+        raise ConfigError(f"data.img_size {size} must be positive multiples of 32")
+    if int(_get(cfg, "data.n_folds")) < 2:
+        raise ConfigError("data.n_folds must be at least 2")
+    for key in ("train.epochs", "train.batch_size"):
+        if int(_get(cfg, key)) < 1:
+            raise ConfigError(f"{key} must be at least 1")
+    if float(_get(cfg, "train.lr")) <= 0:
+        raise ConfigError("train.lr must be positive")
+    tcfg = cfg["train"]
+    check_recipe(tcfg)
+    check_loss_args(tcfg.get("loss") or {})
+    scales = tcfg.get("multiscale") or [1.0]
+    if not all(isinstance(x, int | float) and 0.25 <= x <= 4 for x in scales):
+        raise ConfigError(f"train.multiscale must list scales in [0.25, 4], got {scales!r}")
+    if tcfg.get("best_metric", "competition") not in OBJECTIVES:
+        raise ConfigError(
+            f"train.best_metric {tcfg['best_metric']!r}: choose one of {', '.join(OBJECTIVES)}"
+        )
+    ema = tcfg.get("ema")
+    if ema is not None and not 0 < float(ema) < 1:
+        raise ConfigError(f"train.ema is the EMA decay, in (0, 1) or null; got {ema!r}")
+    paste = cfg["data"].get("paste") or {}
+    if not isinstance(paste, dict) or set(paste) - {"p", "classes"}:
+        raise ConfigError(f"data.paste is {{p: 0..1, classes: [1, 2]}} or null; got {paste!r}")
+    if not set(paste.get("classes", [2])) <= {1, 2} or not 0 <= paste.get("p", 0.5) <= 1:
+        raise ConfigError(f"data.paste: p in [0, 1], classes from [1, 2]; got {paste!r}")
+    sampling = cfg["data"].get("sampling") or {}
+    strata = {"red", "green", "both", "none"}
+    if not isinstance(sampling, dict) or set(sampling) - strata:
+        raise ConfigError(
+            f"data.sampling maps strata ({', '.join(sorted(strata))}) to weights; got {sampling!r}"
+        )
+    if any(not isinstance(w, int | float) or w < 0 for w in sampling.values()):
+        raise ConfigError(f"data.sampling weights must be non-negative numbers: {sampling!r}")
+    MaskThresholds.from_mapping(cfg["data"].get("mask"))
+
+
+def check_loss_args(loss_cfg: dict[str, Any]) -> None:
+    """`train.loss` keys against SegLoss's arguments, before any data is read."""
+    accepted = set(inspect.signature(SegLoss).parameters)
+    unknown = sorted(set(loss_cfg) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"train.loss takes no {unknown}; it accepts " + ", ".join(sorted(accepted))
+        )
+
+
+def parse_folds(spec: str, n_folds: int) -> list[int]:
+    """`all`, `3` or `0,2` -> fold indices, each checked against the config's n_folds."""
+    if spec.strip().lower() == "all":
+        return list(range(n_folds))
+    folds: list[int] = []
+    for part in spec.split(","):
+        try:
+            k = int(part)
+        except ValueError:
+            raise ConfigError(f"--fold {spec!r}: expected 'all', K or K1,K2,...") from None
+        if not 0 <= k < n_folds:
+            raise ConfigError(f"--fold {k} is out of range: data.n_folds is {n_folds}")
+        if k not in folds:
+            folds.append(k)
+    return folds
+
+
+def check_recipes_early(cfg: dict[str, Any], model_name: str, folds: Sequence[int]) -> None:
+    """Before any data is read: refuse folds made with another recipe or split.
+
+    The split is compared when `folds.json` exists; otherwise it is compared once the
+    new split is made (train_fold), so a changed recipe still fails before any work.
+    """
+    layout = Layout.of(cfg)
+    path = layout.folds
+    split_id = None
+    if path.exists():
+        try:
+            split_id = json.loads(path.read_text())["split_id"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{path}: not a readable folds file ({exc}); delete it") from exc
+    recipe = fold_recipe(cfg, model_name, split_id or "")
+    for k in folds:
+        check_fold(layout.fold(model_name, k), recipe, str(cfg["experiment"]), bool(split_id))

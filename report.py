@@ -22,7 +22,7 @@ import numpy as np
 
 from data.atomic import write_text
 from data.synthetic import overlay
-from train import read_log
+from engine import read_log
 
 CURVE_KEYS = ("train_loss", "val_loss", "competition")
 

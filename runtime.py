@@ -6,7 +6,6 @@ precision and memory format that training used.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import signal
@@ -17,27 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as tdist
-
-
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """--workers, --amp and positional KEY=VALUE overrides of the GPU/CPU stages."""
-    parser.add_argument(
-        "--workers", type=int, help="data loader worker processes; overrides data.num_workers"
-    )
-    parser.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="mixed precision on GPU (bf16, else fp16); overrides train.amp",
-    )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="more config overrides, same as --set"
-    )
-
-
-def runtime_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The config keys that `add_runtime_arguments` flags override (None = not given)."""
-    return {"data.num_workers": args.workers, "train.amp": args.amp}
 
 
 @dataclass(frozen=True)

@@ -51,12 +51,12 @@ from optuna.trial import FrozenTrial, TrialState
 from config import ConfigError
 from data.atomic import atomic_write
 from metrics import OBJECTIVES
+from paths import Layout
 
 log = logging.getLogger("studies")
 
 # Seconds a SQLite writer waits for another one's lock before "database is locked".
 SQLITE_TIMEOUT_S = 60
-DB_NAME = "optuna.db"
 
 Objective = Callable[[optuna.Trial], float]
 
@@ -66,38 +66,6 @@ class StudyIncomplete(RuntimeError):
 
 
 # ---------------------------------------------------------------- settings shared by the stages
-
-
-def add_search_arguments(p: argparse.ArgumentParser, section: str) -> None:
-    """The optuna stages' flags; --trials/--objective defaults come from `section`."""
-    p.add_argument(
-        "--trials",
-        type=int,
-        help=f"complete optuna trials in all; a rerun continues the study to this count "
-        f"(default: {section}.trials, else 100)",
-    )
-    p.add_argument(
-        "--objective",
-        choices=OBJECTIVES,
-        help=f"OOF score to maximise (default: {section}.objective, else competition)",
-    )
-    p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
-    p.add_argument(
-        "--storage",
-        help=f"optuna storage URL (postgresql://..., mysql://..., sqlite:///FILE) or "
-        f"journal:PATH; default sqlite:///<out_dir>/<experiment>/{DB_NAME}",
-    )
-    p.add_argument(
-        "--n-workers",
-        type=int,
-        default=1,
-        help="processes working on the study at once, through its storage",
-    )
-    p.add_argument(
-        "--join",
-        action="store_true",
-        help="join a study other machines are working on: leave its RUNNING trials alone",
-    )
 
 
 def search_settings(
@@ -125,11 +93,13 @@ class StudyPlace:
     join: bool = False
 
 
-def place_from_args(args: argparse.Namespace, exp: Path, identity: Mapping[str, Any]) -> StudyPlace:
+def place_from_args(
+    args: argparse.Namespace, layout: Layout, identity: Mapping[str, Any]
+) -> StudyPlace:
     """The StudyPlace of a stage's command line (--storage, --n-workers, --join)."""
     if args.n_workers < 1:
         raise ConfigError(f"--n-workers must be at least 1, got {args.n_workers}")
-    return StudyPlace(args.storage or default_storage(exp), identity, args.n_workers, args.join)
+    return StudyPlace(args.storage or default_storage(layout), identity, args.n_workers, args.join)
 
 
 def threads_per_worker(n_jobs: int, n_workers: int) -> int:
@@ -140,9 +110,9 @@ def threads_per_worker(n_jobs: int, n_workers: int) -> int:
 # ---------------------------------------------------------------- storage and names
 
 
-def default_storage(exp: Path) -> str:
+def default_storage(layout: Layout) -> str:
     """One SQLite file per experiment, beside its artefacts."""
-    return f"sqlite:///{(Path(exp) / DB_NAME).resolve()}"
+    return f"sqlite:///{layout.optuna_db.resolve()}"
 
 
 class WalConnection(sqlite3.Connection):

@@ -19,7 +19,12 @@ So a step is never kept on the strength of noise, or at the expense of one class
 
 from __future__ import annotations
 
-import argparse
+import cli
+
+if __name__ == "__main__":
+    cli.exit_if_help("tune")
+
+
 import functools
 import logging
 import math
@@ -35,8 +40,6 @@ from joblib import effective_n_jobs
 import studies
 from config import (
     ConfigError,
-    add_config_arguments,
-    experiment_dir,
     provenance,
     reports_environment_errors,
     resolve_cli_config,
@@ -47,12 +50,13 @@ from data.cache import load_targets
 from data.probstore import load_probs
 from data.reader import DataError
 from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
+from paths import Layout
 from postprocessing import (
     REGION_MODES,
     PostprocessParams,
     postprocess,
 )
-from studies import StudyPlace, add_search_arguments, search_settings
+from studies import StudyPlace, search_settings
 
 log = logging.getLogger("tune")
 
@@ -254,25 +258,16 @@ def tune(
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Tune post-processing on the blended OOF maps; writes postprocess.json."
-    )
-    add_config_arguments(p, default_config=None)
-    add_search_arguments(p, "tune")
-    return p
-
-
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.tune_parser().parse_args(argv)
     setup_logging()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         cfg = resolve_cli_config(args)
         trials, objective = search_settings(cfg, "tune", args.trials, args.objective)
-        exp = experiment_dir(cfg)
-        store = load_probs(exp / "ensemble" / "oof")
+        layout = Layout.of(cfg)
+        store = load_probs(layout.blend("oof"))
         targets = load_targets(cfg, store.ids, store.size)
         identity = {
             "source": "ensemble/oof",
@@ -286,8 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             objective,
             int(cfg.get("seed", 0)),
             args.jobs,
-            studies.place_from_args(args, exp, identity),
-            exp / "tune_trials.csv",
+            studies.place_from_args(args, layout, identity),
+            layout.postprocess_trials,
         )
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -298,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc["provenance"] = provenance(
         cfg, stage="tune", source=str(store.path), split_id=store.split_id
     )
-    out = exp / "postprocess.json"
+    out = layout.postprocess
     write_json(out, doc)
     keys = [objective, *class_keys(objective)]
     print(f"{'':10s}" + "".join(f"{k:>18s}" for k in keys))

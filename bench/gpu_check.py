@@ -41,11 +41,12 @@ from typing import Any
 import segmentation_models_pytorch as smp
 import torch
 
-import train
+import engine
 from bench.train_throughput import images_per_second, random_batch, time_plain, time_train_py
 from config import apply_overrides, load_config, model_entry
 from data.atomic import write_json
 from data.synthetic import generate
+from paths import Layout
 from runtime import Dist, configure_cpu_threads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,10 +203,10 @@ def time_inference(
 ) -> tuple[float, float]:
     """(images/s of eval-mode inference, parameters in millions) with train.py's model.
 
-    The model comes from train.build_learner, so it has the precision (bf16 autocast on
+    The model comes from engine.build_learner, so it has the precision (bf16 autocast on
     GPU), memory format and compilation that training and predict.py use.
     """
-    learner = train.build_learner(cfg, entry, fold=0, dist=dist)
+    learner = engine.build_learner(cfg, entry, fold=0, dist=dist)
     params_m = sum(p.numel() for p in learner.raw.parameters()) / 1e6
     net = learner.net.eval()
     images, _ = random_batch(settings.batch, [settings.size] * 2, dist.device)
@@ -447,7 +448,7 @@ def section_train_fold(data_dir: str, work: Path, dist: Dist, settings: Settings
     ]
     record = run_monitored(cmd, settings.fold_timeout_s, work / "train.log", dist)
     fold_cfg = load_config(ROOT / FOLD_CONFIG, [f"out_dir={out}"])
-    epochs = train.read_log(train.fold_dir(fold_cfg, FOLD_MODEL, 0) / "log.jsonl")
+    epochs = engine.read_log(Layout.of(fold_cfg).fold(FOLD_MODEL, 0) / "log.jsonl")
     # The last epoch's rate: the first one pays for starting the loader workers.
     record["images_per_s"] = epochs[-1]["images_per_s"] if epochs else None
     record["images_per_s_epochs"] = [e["images_per_s"] for e in epochs]

@@ -26,6 +26,7 @@ import optuna
 import studies
 import tune
 from bench.postprocess_speed import synthetic_oof
+from paths import Layout
 
 # When each bookkeeping trial started: the gaps are whole trial cycles (tell, ask, sample).
 STARTS: list[float] = []
@@ -82,7 +83,9 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         memory = per_trial(None, args.trials)
-        wal = per_trial(studies.StudyPlace(studies.default_storage(Path(tmp))), args.trials)
+        wal = per_trial(
+            studies.StudyPlace(studies.default_storage(Layout(Path(tmp), Path(tmp)))), args.trials
+        )
         default_connection = studies.WalConnection  # optuna's default journal, for comparison
         studies.WalConnection = RollbackConnection
         try:

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-import train
+import engine
 from bench.report import update_section
-from config import ConfigError, apply_overrides, load_config, model_entry
+from config import ConfigError, apply_overrides, load_config, model_entry, parse_img_size
 from models import build_model
 from models.inference import NUM_CLASSES
 from models.losses import SegLoss
@@ -77,15 +77,15 @@ def random_batch(
 def time_train_py(
     cfg: dict[str, Any], entry: dict[str, Any], dist: Dist, steps: int, warmup: int
 ) -> tuple[float, Precision]:
-    """img/s of train.py's `train_step` with the model, optimizer and precision it builds."""
-    learner = train.build_learner(cfg, entry, fold=0, dist=dist)
+    """img/s of the engine's `train_step` with the model, optimizer and precision it builds."""
+    learner = engine.build_learner(cfg, entry, fold=0, dist=dist)
     learner.train_net.train()
     batch = int(cfg["train"]["batch_size"])
     images, masks = random_batch(batch, cfg["data"]["img_size"], dist.device)
     if learner.precision.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     rate = images_per_second(
-        lambda: learner.step(images, masks),
+        lambda: learner.step(images, masks)[1],
         batch,
         steps,
         warmup,
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config)
         overrides = [f"train.compile={str(args.compile).lower()}"]
         if args.img_size:
-            size = train.parse_img_size(args.img_size)
+            size = parse_img_size(args.img_size)
             overrides.append(f"data.img_size=[{size[0]}, {size[1]}]")
         if args.batch_size:
             overrides.append(f"train.batch_size={args.batch_size}")

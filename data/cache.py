@@ -37,6 +37,7 @@ from data.reader import (
     load_image,
     stratum,
 )
+from paths import Layout
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ def prepare_for_config(
     return prepare(
         samples,
         size=tuple(size or data_cfg["img_size"]),
-        cache_dir=Path(cfg["out_dir"]) / "cache",
+        cache_dir=Layout.of(cfg).cache,
         thresholds=MaskThresholds.from_mapping(data_cfg.get("mask")),
         workers=max(1, int(data_cfg.get("num_workers", 1))),
     )

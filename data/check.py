@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         help="folder with train/, train_gt/, test/ (flat or Kaggle-nested)",
     )
     parser.add_argument(
-        "--workers", type=int, default=None, help="reader threads (default: all cores)"
+        "--jobs", type=int, default=None, help="reader threads (default: all cores)"
     )
     parser.add_argument(
         "--config",
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config is not None:
             mask_cfg = (load_config(args.config).get("data") or {}).get("mask")
             thresholds = MaskThresholds.from_mapping(mask_cfg)
-        report = check_dataset(args.data_dir, thresholds, workers=args.workers)
+        report = check_dataset(args.data_dir, thresholds, workers=args.jobs)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}")
         return 2

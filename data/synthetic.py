@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         help="fixed size HxW, e.g. 256x320 (default: width 1280, heights 959-1024 as real data)",
     )
     parser.add_argument(
-        "--workers",
+        "--jobs",
         type=int,
         default=os.cpu_count() or 1,
         help="threads to render with, default all cores (output does not depend on it)",
@@ -378,9 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        generate(
-            args.out, args.n_train, args.n_test, args.seed, args.nested, args.size, args.workers
-        )
+        generate(args.out, args.n_train, args.n_test, args.seed, args.nested, args.size, args.jobs)
         if args.preview is not None:
             preview(args.out, args.preview)
     except DataError as exc:

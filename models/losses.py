@@ -144,9 +144,18 @@ class SegLoss(nn.Module):
         return weights
 
     def forward(self, output: ModelOutput, mask: torch.Tensor) -> torch.Tensor:
+        return self.terms(output, mask)[1]
+
+    def terms(self, output: ModelOutput, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(main head's loss, total with the side outputs).
+
+        The main head's loss is what validation measures (models give only the main
+        logits in eval mode), so it is the training curve comparable with validation.
+        """
         if isinstance(output, torch.Tensor):
-            return self.seg_loss(output, mask)
-        loss = self.seg_loss(output["logits"], mask)
+            loss = self.seg_loss(output, mask)
+            return loss, loss
+        main = loss = self.seg_loss(output["logits"], mask)
         aux = list(output.get("aux") or [])
         for weight, side in zip(self._weights(len(aux)), aux, strict=True):
             loss = loss + weight * self.seg_loss(side, mask)
@@ -156,4 +165,4 @@ class SegLoss(nn.Module):
             for side in binary:
                 side = resize(side, mask.shape[-2:]).float()
                 loss = loss + self.binary_weight * structure_loss(side, target)
-        return loss
+        return main, loss

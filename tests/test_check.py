@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_clean_data_passes_and_is_summarised(tiny_data: Path, capsys) -> None:
-    assert main(["--data-dir", str(tiny_data), "--workers", "2"]) == 0
+    assert main(["--data-dir", str(tiny_data), "--jobs", "2"]) == 0
     out = capsys.readouterr().out
     assert "train 24" in out and "test 6" in out and "128x160: 30" in out
     assert "no problems found" in out
@@ -95,7 +95,7 @@ def test_each_problem_fails_and_names_the_file(
     tiny_data_copy: Path, capsys, damage: Callable[[Path], Path], kind: str
 ) -> None:
     bad = damage(tiny_data_copy)
-    assert main(["--data-dir", str(tiny_data_copy), "--workers", "2"]) == 1
+    assert main(["--data-dir", str(tiny_data_copy), "--jobs", "2"]) == 1
     out = capsys.readouterr().out
     problem_lines = [line for line in out.splitlines() if kind in line]
     assert problem_lines, out

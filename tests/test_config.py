@@ -1,13 +1,23 @@
+import argparse
+
 import pytest
 
-from config import ConfigError, apply_overrides, load_config, model_entry, provenance
+from config import (
+    ConfigError,
+    apply_overrides,
+    load_config,
+    model_config,
+    model_entry,
+    provenance,
+    resolve_cli_config,
+)
 
 
 def test_overrides_parse_yaml_values_and_create_nested_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 50\n  lr: 0.0001\nmodels:\n  m: {arch: unet}\n")
     cfg = load_config(path, ["train.epochs=3", "+data.img_size=[64, 96]", "+train.amp=false"])
-    assert cfg["train"] == {"epochs": 3, "lr": 0.0001, "amp": False}
+    assert (cfg["train"]["epochs"], cfg["train"]["lr"], cfg["train"]["amp"]) == (3, 0.0001, False)
     assert cfg["data"]["img_size"] == [64, 96]
 
 
@@ -67,3 +77,92 @@ def test_strict_overrides_accept_new_keys_with_plus_and_numbers_as_yaml_writes_t
     out = apply_overrides(cfg, ["+train.grad_clip=1.0", "train.lr=1e-3", "train.ema=0.9"])
     assert out["train"] == {"epochs": 50, "lr": 1e-3, "ema": 0.9, "grad_clip": 1.0}
     assert apply_overrides(cfg, ["train.lr=3"])["train"]["lr"] == 3.0
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_base_chain_deep_merges_and_names_the_experiment_after_the_file(tmp_path):
+    _write(
+        tmp_path / "root.yaml",
+        "experiment: root\ntrain: {epochs: 9, lr: 0.1}\ndata: {img_size: [64, 64]}\n"
+        "models: {a: {kwargs: {encoder_name: resnet18}}}\n",
+    )
+    _write(tmp_path / "mid.yaml", "base: root.yaml\ntrain: {lr: 0.01}\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    leaf = _write(sub / "leaf_v2.yaml", "base: ../mid.yaml\ndata: {img_size: [96, 128]}\n")
+    cfg = load_config(leaf)
+    assert cfg["experiment"] == "leaf_v2"  # never inherited from root.yaml
+    assert (cfg["train"]["epochs"], cfg["train"]["lr"]) == (9, 0.01)
+    assert cfg["data"]["img_size"] == [96, 128]  # a list replaces a list
+    assert cfg["data"]["n_folds"] == 5  # configs/defaults.yaml under the whole chain
+    assert model_entry(cfg, "a") == {"arch": "a", "kwargs": {"encoder_name": "resnet18"}}
+
+
+def test_a_base_cycle_is_an_error_naming_the_loop(tmp_path):
+    _write(tmp_path / "a.yaml", "base: b.yaml\n")
+    _write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_a_renamed_optimizer_replaces_the_base_arguments(tmp_path):
+    _write(tmp_path / "b.yaml", "train: {optimizer: {name: sgd, momentum: 0.9}}\n")
+    leaf = _write(tmp_path / "c.yaml", "base: b.yaml\ntrain: {optimizer: {name: adamw}}\n")
+    assert load_config(leaf)["train"]["optimizer"] == {"name": "adamw"}
+    same = _write(tmp_path / "d.yaml", "base: b.yaml\ntrain: {optimizer: {nesterov: true}}\n")
+    assert load_config(same)["train"]["optimizer"] == {
+        "name": "sgd",
+        "momentum": 0.9,
+        "nesterov": True,
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train: {epocs: 3}\n", r"unknown key 'train.epocs'; did you mean 'train.epochs'"),
+        ("trian: {epochs: 3}\n", r"unknown key 'trian'; did you mean 'train'"),
+        ("train: {epochs: abc}\n", r"train.epochs='abc': expected int"),
+        ("data: {n_folds: 1.5}\n", r"data.n_folds=1.5: expected int"),
+    ],
+)
+def test_yaml_keys_are_checked_like_overrides(tmp_path, text, message):
+    path = _write(tmp_path / "typo.yaml", text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert "typo.yaml" in str(info.value)
+
+
+def test_open_sections_and_plus_keys_take_new_keys(tmp_path):
+    path = _write(
+        tmp_path / "c.yaml",
+        "data: {augment: {affine: 0.3}}\ntrain: {loss: {focal_weight: 1.0}, +my_note: x}\n"
+        "models: {unet: {kwargs: {encoder_name: resnet18}}}\n",
+    )
+    cfg = load_config(path)
+    assert cfg["data"]["augment"] == {"affine": 0.3}
+    assert cfg["train"]["my_note"] == "x"
+
+
+def test_per_model_train_section_sits_between_the_file_and_set(tmp_path):
+    path = _write(
+        tmp_path / "c.yaml",
+        "train: {lr: 0.1, batch_size: 16}\n"
+        "models: {big: {arch: unet, train: {lr: 0.01, batch_size: 4}}, small: {arch: unet}}\n",
+    )
+    cfg = load_config(path)
+    assert model_config(cfg, "big")["train"]["lr"] == 0.01
+    assert model_config(cfg, "small")["train"]["lr"] == 0.1
+    args = argparse.Namespace(config=str(path), set=["train.lr=0.5"], data_dir=None, out_dir=None)
+    resolved = resolve_cli_config(args, {"train.batch_size": 2}, model="big")
+    # --set beats the model section, a dedicated flag beats --set
+    assert (resolved["train"]["lr"], resolved["train"]["batch_size"]) == (0.5, 2)
+    bad = _write(tmp_path / "bad.yaml", "models: {big: {train: {lrr: 1}}}\n")
+    with pytest.raises(
+        ConfigError, match=r"models.big.train.*'train.lrr'; did you mean 'train.lr'"
+    ):
+        model_config(load_config(bad), "big")

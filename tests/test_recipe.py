@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import optim
-import train
 from config import ConfigError, load_config
 from data.loader import SeededSampler, stratum_weights
 from data.paste import free_space, paste_one
@@ -105,13 +105,13 @@ def test_multiscale_batches_take_each_scale_in_multiples_of_32() -> None:
     images, masks = torch.randn(2, 3, 128, 160), torch.randint(0, 3, (2, 128, 160))
     shapes = Counter()
     for seed in range(60):
-        x, y = train.scaled_batch(images, masks, (0.75, 1.0, 1.25), seed)
+        x, y = engine.scaled_batch(images, masks, (0.75, 1.0, 1.25), seed)
         assert x.shape[-2:] == y.shape[-2:] and x.shape[-2] % 32 == 0 == x.shape[-1] % 32
         assert set(y.unique().tolist()) <= {0, 1, 2} and y.dtype == torch.long
         shapes[tuple(x.shape[-2:])] += 1
     assert set(shapes) == {(96, 128), (128, 160), (160, 192)}
-    same = train.scaled_batch(images, masks, (0.75, 1.0, 1.25), 7)[0].shape
-    assert train.scaled_batch(images, masks, (0.75, 1.0, 1.25), 7)[0].shape == same
+    same = engine.scaled_batch(images, masks, (0.75, 1.0, 1.25), 7)[0].shape
+    assert engine.scaled_batch(images, masks, (0.75, 1.0, 1.25), 7)[0].shape == same
 
 
 def test_class_aware_sampling_draws_in_proportion_to_the_weights() -> None:
@@ -241,7 +241,7 @@ def test_early_stop_ends_a_flat_fold_and_counts_it_complete(
     ]
     assert improved[:-1] == [True] * (len(records) - 1) and not improved[-1]
     assert not any(r["stopped_early"] for r in records[:-1])
-    assert train.fold_complete(fold_path(tmp_path), 8)
+    assert engine.fold_complete(fold_path(tmp_path), 8)
     assert (fold_path(tmp_path) / "oof" / "meta.json").is_file()
 
 
@@ -255,10 +255,12 @@ def test_grad_clip_bounds_the_update() -> None:
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(5, 4) * 100
 
-    def loss_fn(out, _):
-        return out.square().sum()
+    class SquareLoss:
+        def terms(self, out, _):
+            loss = out.square().sum()
+            return loss, loss
 
-    train.train_step(model, x, None, loss_fn, opt, scaler, precision, grad_clip=0.5)
+    engine.train_step(model, x, None, SquareLoss(), opt, scaler, precision, grad_clip=0.5)
     moved = torch.sqrt(
         sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True))
     )

@@ -15,14 +15,17 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import train
-from config import load_config
+from config import load_config, parse_img_size
 from data.cache import load_item
 from data.dataset import to_tensor
 from data.loader import SeededSampler
 from data.probstore import load_probs
 from data.reader import list_train, load_image
 from models.inference import load_checkpoint, model_from_checkpoint
+from models.losses import SegLoss
+from recipe import parse_folds
 from tests.trainkit import (
     ROOT,
     fold_path,
@@ -127,11 +130,12 @@ def test_nan_guard_then_resume_reproduces_the_uninterrupted_run(
     assert run_main(config, "--fold", "0") == 2  # unfinished run, no --resume
     assert "--resume" in capsys.readouterr().err
 
-    class NanLoss(train.SegLoss):
-        def forward(self, output, mask):
-            return super().forward(output, mask) * float("nan")
+    class NanLoss(SegLoss):
+        def terms(self, output, mask):
+            main, total = super().terms(output, mask)
+            return main, total * float("nan")
 
-    monkeypatch.setattr(train, "SegLoss", NanLoss)
+    monkeypatch.setattr(engine, "SegLoss", NanLoss)
     assert run_main(config, "--fold", "0", "--resume") == 1
     assert "non-finite" in capsys.readouterr().err
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
@@ -221,10 +225,10 @@ def test_seeded_sampler_shards_and_reproduces() -> None:
 
 
 def test_cli_parsers() -> None:
-    assert train.parse_img_size("352") == [352, 352]
-    assert train.parse_img_size("352x416") == [352, 416]
-    assert train.parse_folds("all", 3) == [0, 1, 2]
-    assert train.parse_folds("2,0,2", 3) == [2, 0]
+    assert parse_img_size("352") == [352, 352]
+    assert parse_img_size("352x416") == [352, 416]
+    assert parse_folds("all", 3) == [0, 1, 2]
+    assert parse_folds("2,0,2", 3) == [2, 0]
 
 
 def test_a_changed_recipe_is_refused_with_its_keys_then_force_retrains(

@@ -12,6 +12,7 @@ import yaml
 import train
 from config import load_config
 from data.cache import CachedItem
+from data.prepare import prepare_train_data
 from runtime import Dist
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +62,7 @@ def fold_path(tmp_path: Path, fold: int = 0) -> Path:
 def train_items(config: Path) -> dict[str, CachedItem]:
     """The cached working-size items of a config's train set, by id."""
     dist = Dist(rank=0, world_size=1, device=torch.device("cpu"))
-    data = train.prepare_train_data(load_config(config), dist)
+    data = prepare_train_data(load_config(config), dist)
     return {it.id: it for it in data.items}
 
 

@@ -1,0 +1,204 @@
+"""Every stage's command line, in a module that imports nothing heavy.
+
+One shape for all stages: the same `--config` (the competition config by default), one
+override syntax (`--set KEY=VALUE`, plus dedicated flags where they help), `--workers` for
+loader processes and `--jobs` for threads. Parsers live here rather than in the stage
+scripts so that `--help` answers before torch, OpenCV and optuna are imported: each
+stage calls `exit_if_help` before its heavy imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from config import add_config_arguments
+from metrics import OBJECTIVES
+
+TTA_CHOICES = ("none", "hflip", "flip", "d4")
+
+
+def exit_if_help(stage: str) -> None:
+    """Print the stage's help and exit when it was asked for, before heavy imports."""
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        PARSERS[stage]().parse_args()
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workers and --amp, the flags of the stages that run a model."""
+    parser.add_argument(
+        "--workers", type=int, help="data loader worker processes; overrides data.num_workers"
+    )
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mixed precision on GPU (bf16, else fp16); overrides train.amp",
+    )
+
+
+def runtime_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys that `add_runtime_arguments` flags override (None = not given)."""
+    return {"data.num_workers": args.workers, "train.amp": args.amp}
+
+
+def add_search_arguments(p: argparse.ArgumentParser, section: str) -> None:
+    """The optuna stages' flags; --trials/--objective defaults come from `section`."""
+    p.add_argument(
+        "--trials",
+        type=int,
+        help=f"complete optuna trials in all; a rerun continues the study to this count "
+        f"(default: {section}.trials, else 100)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help=f"OOF score to maximise (default: {section}.objective, else competition)",
+    )
+    p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
+    p.add_argument(
+        "--storage",
+        help="optuna storage URL (postgresql://..., mysql://..., sqlite:///FILE) or "
+        "journal:PATH; default sqlite:///<out_dir>/<experiment>/optuna.db",
+    )
+    p.add_argument(
+        "--n-workers",
+        type=int,
+        default=1,
+        help="processes working on the study at once, through its storage",
+    )
+    p.add_argument(
+        "--join",
+        action="store_true",
+        help="join a study other machines are working on: leave its RUNNING trials alone",
+    )
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a model of the config's zoo on one or more folds of the shared split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="name of an entry in the config's `models:`")
+    p.add_argument(
+        "--fold", required=True, help="fold index, comma-separated indices, or 'all' (in sequence)"
+    )
+    add_config_arguments(p)
+    p.add_argument("--epochs", type=int, help="overrides train.epochs")
+    p.add_argument(
+        "--batch-size", type=int, help="per-process batch size; overrides train.batch_size"
+    )
+    p.add_argument(
+        "--img-size", help="working size N or HxW, e.g. 352 or 352x416; overrides data.img_size"
+    )
+    p.add_argument("--lr", type=float, help="overrides train.lr")
+    p.add_argument(
+        "--pretrained",
+        help="'none', 'imagenet' or a weights file; overrides models.<model>.pretrained",
+    )
+    p.add_argument(
+        "--seed", type=int, help="training seed (the split uses data.fold_seed); overrides seed"
+    )
+    p.add_argument("--resume", action="store_true", help="continue each fold from its last.pt")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="delete the fold folders and retrain, even complete ones",
+    )
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log to Weights & Biases (offline unless WANDB_MODE is set)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_runtime_arguments(p)
+    return p
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Out-of-fold and test probabilities of one model's fold checkpoints, with TTA.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="name of an entry in the config's `models:`")
+    add_config_arguments(p)
+    p.add_argument(
+        "--tta", choices=TTA_CHOICES, help="test-time augmentation; overrides predict.tta"
+    )
+    p.add_argument(
+        "--batch-size", type=int, help="images per forward pass; overrides predict.batch_size"
+    )
+    add_runtime_arguments(p)
+    return p
+
+
+def ensemble_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Tune blend weights on OOF predictions and blend.")
+    add_config_arguments(p)
+    p.add_argument(
+        "--models", nargs="+", help="models to blend (default: ensemble.models, else all)"
+    )
+    add_search_arguments(p, "ensemble")
+    return p
+
+
+def tune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Tune post-processing on the blended OOF maps; writes postprocess.json."
+    )
+    add_config_arguments(p)
+    add_search_arguments(p, "tune")
+    return p
+
+
+def postprocess_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Post-process the blended test probabilities and write submission.csv."
+    )
+    add_config_arguments(p)
+    p.add_argument(
+        "--probs", type=Path, help="test probability store (default <out>/<exp>/ensemble/test)"
+    )
+    p.add_argument(
+        "--params",
+        type=Path,
+        help="tuned parameters (default <out>/<exp>/postprocess.json; missing = plain argmax)",
+    )
+    p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
+    p.add_argument(
+        "--message", default=None, help="submission message for the printed kaggle command"
+    )
+    return p
+
+
+def pipeline_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train, predict, blend, tune and submit for every model and fold of a "
+        "config, skipping what is complete; ends with a score table and report.html.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(p)
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="train up to N folds at once, each its own process (one per GPU when several)",
+    )
+    p.add_argument(
+        "--storage",
+        help="optuna storage of the ensemble and tune studies, passed to both "
+        "(default: sqlite:///<out_dir>/<experiment>/optuna.db)",
+    )
+    return p
+
+
+PARSERS = {
+    "train": train_parser,
+    "predict": predict_parser,
+    "ensemble": ensemble_parser,
+    "tune": tune_parser,
+    "postprocess": postprocess_parser,
+    "pipeline": pipeline_parser,
+}

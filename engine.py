@@ -1,0 +1,418 @@
+"""The training machinery: learner, step, epoch, evaluation, checkpoint state, fold logs.
+
+train.py is the stage that drives it over folds; bench/ and hpo-style callers build the
+same learner and run the same steps, so what they measure is what training does.
+
+Design points that are easy to break:
+- Resuming must reproduce the uninterrupted run. Shuffling, augmentation and dropout are
+  seeded from (seed, fold, epoch[, sample]) rather than from a stream that runs on, so a
+  run restarted from `last.pt` draws the same batches as one that never stopped, whatever
+  the number of loader workers.
+- Under DDP, validation is sharded without padding and the per-image `class_stats` rows are
+  all-reduced (summed), so the score is exactly the single-process score.
+- The training loss that is logged is the main head's, as the validation loss is; the
+  total with side outputs (PraNet, EMCAD) is logged apart as `train_loss_total`, so the
+  two curves compare like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from config import ConfigError
+from data.atomic import write_text
+from data.augment import build_transforms
+from data.cache import CachedItem
+from data.dataset import SegDataset
+from data.loader import SeededDataset, SeededSampler, config_loader, stratum_weights
+from data.paste import PolypPaste
+from data.prepare import TrainData, eval_transform
+from data.reader import DataError
+from metrics import class_stats, scores_from_stats
+from models import build_model
+from models.inference import NUM_CLASSES
+from models.losses import SegLoss
+from optim import build_optimizer, build_scheduler
+from runtime import (
+    Dist,
+    Precision,
+    choose_precision,
+    derive_seed,
+    rng_state,
+    set_rng_state,
+    to_device,
+)
+
+log = logging.getLogger("engine")
+
+# Steps between host syncs of the running loss: one sync per step would stall the GPU queue.
+LOSS_CHECK_EVERY = 20
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    loss_fn: SegLoss,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    precision: Precision,
+    grad_clip: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns the detached (main-head, total) losses, no sync."""
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast():
+        main, loss = loss_fn.terms(model(images), masks)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return main.detach(), loss.detach()
+
+
+def scaled_batch(
+    images: torch.Tensor, masks: torch.Tensor, scales: Sequence[float], seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch at one of `scales` of its size (multiples of 32), chosen by `seed`.
+
+    Multi-scale training as in PraNet and RaBiT: images bilinearly, masks nearest, so no
+    class is invented at a boundary. The choice is a function of the seed alone, so a
+    resumed run draws the same sizes.
+    """
+    if len(scales) < 2:
+        return images, masks
+    gen = torch.Generator().manual_seed(seed)
+    scale = scales[torch.randint(len(scales), (1,), generator=gen).item()]
+    h, w = images.shape[-2:]
+    size = (max(32, round(h * scale / 32) * 32), max(32, round(w * scale / 32) * 32))
+    if size == (h, w):
+        return images, masks
+    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    return images, masks
+
+
+def train_epoch(
+    learner: Learner, loader: DataLoader, dist: Dist, desc: str, seed: int
+) -> dict[str, float]:
+    """Mean main-head and total training losses over the epoch and images/s (all ranks).
+
+    The schedule and the EMA step with every optimizer step. Raises TrainingError on a
+    non-finite loss; the caller then saves nothing for this epoch, so `last.pt` stays the
+    last good state.
+    """
+    learner.train_net.train()
+    device = dist.device
+    total = torch.zeros(2, device=device, dtype=torch.float64)  # main head, with side outputs
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(
+        loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if dist.is_main else True
+    )
+    for step, batch in enumerate(bar, 1):
+        images, masks = to_device(batch, device, learner.precision)
+        images, masks = scaled_batch(images, masks, learner.multiscale, derive_seed(seed, step))
+        losses = torch.stack(learner.step(images, masks))
+        learner.scheduler.step()
+        if learner.ema is not None:
+            learner.ema.update_parameters(learner.raw)
+        total += losses * images.shape[0]
+        seen += images.shape[0]
+        if step % LOSS_CHECK_EVERY == 0 or step == len(loader):
+            mean = total[1].item() / seen
+            # Every rank must stop together: one that raised alone would leave the others
+            # waiting in the next all-reduce.
+            bad = torch.tensor(float(not math.isfinite(mean)), device=device)
+            if dist.enabled:
+                tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
+            if bad.item():
+                raise TrainingError(
+                    f"{desc}: training loss became non-finite ({mean} on rank {dist.rank}) "
+                    f"by step {step}"
+                )
+            rate = seen * dist.world_size / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.1f}")
+    elapsed = time.perf_counter() - start
+    stats = torch.cat([total, torch.tensor([float(seen)], dtype=torch.float64, device=device)])
+    if dist.enabled:
+        tdist.all_reduce(stats)
+    n = stats[2].item()
+    return {
+        "train_loss": stats[0].item() / n,
+        "train_loss_total": stats[1].item() / n,
+        "images_per_s": n / elapsed,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    n_items: int,
+    loss_fn: SegLoss,
+    precision: Precision,
+    dist: Dist,
+) -> dict[str, float]:
+    """Validation loss and scores at working resolution, exact under DDP.
+
+    Each rank fills the `class_stats` rows of the images it saw into a zero array of all
+    validation images; the all-reduced sum is then the full per-image table.
+    """
+    model.eval()
+    device = dist.device
+    stats = torch.zeros((n_items, 3, 3), dtype=torch.int64, device=device)
+    loss = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in loader:
+        images, masks = to_device(batch, device, precision)
+        with precision.autocast():
+            logits = model(images)
+        loss[0] += loss_fn(logits.float(), masks).double() * images.shape[0]
+        loss[1] += images.shape[0]
+        rows = torch.from_numpy(class_stats(logits.argmax(1), masks)).to(device)
+        stats[batch["index"].to(device)] = rows
+    if dist.enabled:
+        tdist.all_reduce(stats)
+        tdist.all_reduce(loss)
+    scores = scores_from_stats(stats.cpu().numpy())
+    return {"val_loss": loss[0].item() / max(loss[1].item(), 1.0), **scores}
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The fold's log records; DataError naming the file when a line is not a record."""
+    if not path.exists():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as exc:
+        raise DataError(f"{path}: damaged log ({exc})") from exc
+
+
+def write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    write_text(path, "".join(json.dumps(rec) + "\n" for rec in history))
+
+
+def fold_complete(directory: Path, epochs: int) -> bool:
+    """best.pt and oof/ exist and the log has reached the epoch count or stopped early."""
+    if not ((directory / "best.pt").is_file() and (directory / "oof" / "meta.json").is_file()):
+        return False
+    try:
+        history = read_log(directory / "log.jsonl")
+    except DataError as exc:
+        # The log is a copy of last.pt's history: the fold is redone from there (--resume
+        # rewrites the log and the OOF maps), not reported complete from a broken file.
+        log.warning("%s; treating the fold as unfinished", exc)
+        return False
+    return bool(history) and (
+        history[-1]["epoch"] >= epochs or bool(history[-1].get("stopped_early"))
+    )
+
+
+@dataclass
+class Learner:
+    """The model and what steps it, built identically for a fresh and a resumed fold.
+
+    `raw` owns the weights (checkpoints save its state dict); `net` is `raw` compiled when
+    asked and is what evaluation runs; `train_net` is `net` wrapped in DDP under torchrun.
+    """
+
+    raw: nn.Module
+    net: nn.Module
+    train_net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: SegLoss
+    precision: Precision
+    ema: AveragedModel | None = None
+    grad_clip: float = 0.0
+    multiscale: Sequence[float] = (1.0,)
+
+    def step(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step of this learner's recipe (the schedule is the caller's)."""
+        return train_step(
+            self.train_net,
+            images,
+            masks,
+            self.loss_fn,
+            self.optimizer,
+            self.scaler,
+            self.precision,
+            self.grad_clip,
+        )
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """What validation, OOF maps and best.pt use: the EMA weights when EMA is on."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def inference_weights(self) -> dict[str, Any]:
+        return (self.ema.module if self.ema is not None else self.raw).state_dict()
+
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "model": self.raw.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_training_state(self, ckpt: dict[str, Any]) -> None:
+        self.raw.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+
+
+def build_learner(
+    cfg: dict[str, Any], entry: dict[str, Any], fold: int, dist: Dist, steps_per_epoch: int = 1
+) -> Learner:
+    """Model (initialised from (seed, fold)), optimizer, per-step schedule, EMA, loss."""
+    tcfg = cfg["train"]
+    precision = choose_precision(
+        dist.device, bool(tcfg.get("amp", True)), bool(tcfg.get("channels_last", True))
+    )
+    torch.manual_seed(derive_seed(int(cfg["seed"]), fold))
+    raw = build_model(
+        entry["arch"],
+        num_classes=NUM_CLASSES,
+        pretrained=entry.get("pretrained"),
+        **entry["kwargs"],
+    )
+    if dist.enabled and dist.device.type == "cuda" and tcfg.get("sync_bn", True):
+        # A few images per GPU give noisy BatchNorm statistics; SyncBatchNorm keeps the
+        # same parameter names, so its checkpoints load into the plain model for inference.
+        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    fmt = torch.channels_last if precision.channels_last else torch.preserve_format
+    raw = raw.to(dist.device, memory_format=fmt)
+    optimizer = build_optimizer(raw.parameters(), tcfg)
+    scheduler = build_scheduler(optimizer, tcfg, steps_per_epoch)
+    ema = None
+    if tcfg.get("ema"):
+        # BatchNorm statistics are averaged too (use_buffers), so the EMA model is usable
+        # as it is, without a pass over the data to recompute them.
+        ema = AveragedModel(
+            raw, multi_avg_fn=get_ema_multi_avg_fn(float(tcfg["ema"])), use_buffers=True
+        )
+    net = torch.compile(raw) if tcfg.get("compile") else raw
+    return Learner(
+        raw=raw,
+        net=net,
+        train_net=nn.parallel.DistributedDataParallel(net) if dist.enabled else net,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(precision.device_type, enabled=precision.needs_scaler),
+        loss_fn=SegLoss(**(tcfg.get("loss") or {})).to(dist.device),
+        precision=precision,
+        ema=ema,
+        grad_clip=float(tcfg.get("grad_clip") or 0.0),
+        multiscale=tuple(float(x) for x in tcfg.get("multiscale") or [1.0]),
+    )
+
+
+@dataclass
+class FoldLoaders:
+    sampler: SeededSampler
+    train: DataLoader
+    val: DataLoader
+    val_items: list[CachedItem]
+
+
+def paste_for(cfg: dict[str, Any], items: list[CachedItem]) -> PolypPaste | None:
+    """`data.paste: {p, classes}` as a PolypPaste over the fold's training items, or None."""
+    paste = cfg["data"].get("paste")
+    if not paste:
+        return None
+    return PolypPaste(items, float(paste.get("p", 0.5)), paste.get("classes", [2]))
+
+
+def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -> FoldLoaders:
+    """Train loader (seeded, sharded, drop_last) and validation loader (sharded, unpadded)."""
+    train_items = data.subset(data.folds.train_ids(fold))
+    val_items = data.subset(data.folds.val_ids(fold))
+    batch_size = int(cfg["train"]["batch_size"])
+    size = tuple(cfg["data"]["img_size"])
+    train_tf = build_transforms(size, train=True, **(cfg["data"].get("augment") or {}))
+    sampler = SeededSampler(
+        len(train_items),
+        int(cfg["seed"]),
+        dist.rank,
+        dist.world_size,
+        stratum_weights([it.classes for it in train_items], cfg["data"].get("sampling")),
+    )
+    name = f"{cfg.get('experiment')} fold {fold}"
+    train = config_loader(
+        cfg,
+        SeededDataset(SegDataset(train_items, train_tf, paste_for(cfg, train_items))),
+        batch_size,
+        dist.device,
+        sampler,
+        name=f"{name} training",
+        drop_last=True,
+    )
+    if len(train) == 0:
+        raise ConfigError(
+            f"batch size {batch_size} x {dist.world_size} process(es) exceeds the "
+            f"{len(train_items)} training images of fold {fold}"
+        )
+    val = config_loader(
+        cfg,
+        SegDataset(val_items, eval_transform(cfg)),
+        batch_size,
+        dist.device,
+        list(range(dist.rank, len(val_items), dist.world_size)),
+        name=f"{name} validation",
+    )
+    return FoldLoaders(sampler, train, val, val_items)
+
+
+def run_epoch(
+    learner: Learner, loaders: FoldLoaders, epoch: int, dist: Dist, desc: str, seed: int
+) -> dict[str, Any]:
+    """Train and validate one epoch (0-based); the log record."""
+    loaders.sampler.set_epoch(epoch)
+    lr = learner.optimizer.param_groups[0]["lr"]
+    started = time.perf_counter()
+    train = train_epoch(learner, loaders.train, dist, desc, seed)
+    scores = evaluate(
+        learner.eval_net,
+        loaders.val,
+        len(loaders.val_items),
+        learner.loss_fn,
+        learner.precision,
+        dist,
+    )
+    return {
+        "epoch": epoch + 1,
+        "train_loss": train["train_loss"],
+        "train_loss_total": train["train_loss_total"],
+        **scores,
+        "lr": lr,
+        "images_per_s": train["images_per_s"],
+        "epoch_time_s": time.perf_counter() - started,
+    }

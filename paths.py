@@ -1,0 +1,83 @@
+"""Where every artefact of an experiment lives: one place, so the stages cannot disagree.
+
+<out_dir>/cache/                        working-size images and masks (all experiments)
+<out_dir>/<experiment>/
+    folds.json                          the shared split
+    <model>/fold<k>/                    train.py: checkpoints, log, recipe, oof/
+    <model>/oof, <model>/test           predict.py: the model's probability stores
+    ensemble/oof, ensemble/test         ensemble.py: the blend
+    ensemble/weights.json, trials.csv
+    postprocess.json, tune_trials.csv   tune.py
+    submission.csv                      postprocess.py
+    report.html, scores.json            pipeline.py
+    optuna.db                           every study of the experiment
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The artefact paths of one experiment (`root` = <out_dir>/<experiment>)."""
+
+    root: Path
+    out_dir: Path
+
+    @classmethod
+    def of(cls, cfg: dict[str, Any]) -> Layout:
+        out_dir = Path(cfg["out_dir"])
+        return cls(out_dir / str(cfg["experiment"]), out_dir)
+
+    @property
+    def cache(self) -> Path:
+        return self.out_dir / "cache"
+
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds.json"
+
+    def fold(self, model: str, k: int) -> Path:
+        return self.root / model / f"fold{k}"
+
+    def store(self, model: str, kind: str) -> Path:
+        """A model's probability store of `kind` "oof" or "test" (predict.py)."""
+        return self.root / model / kind
+
+    def blend(self, kind: str) -> Path:
+        return self.root / "ensemble" / kind
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "ensemble" / "weights.json"
+
+    @property
+    def weights_trials(self) -> Path:
+        return self.root / "ensemble" / "trials.csv"
+
+    @property
+    def postprocess(self) -> Path:
+        return self.root / "postprocess.json"
+
+    @property
+    def postprocess_trials(self) -> Path:
+        return self.root / "tune_trials.csv"
+
+    @property
+    def submission(self) -> Path:
+        return self.root / "submission.csv"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores.json"
+
+    @property
+    def optuna_db(self) -> Path:
+        return self.root / "optuna.db"

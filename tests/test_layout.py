@@ -1,0 +1,75 @@
+"""The code's shape the experiments issue asked for: stage scripts are commands, not
+libraries, and every artefact path comes from one Layout."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from paths import Layout
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = {"train", "predict", "ensemble", "tune", "postprocess", "refine", "hpo"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports, at any depth of its code."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_import_check_sees_imports_inside_functions(tmp_path: Path) -> None:
+    script = tmp_path / "x.py"
+    script.write_text("def f():\n    import tune\n    from predict import main\n")
+    assert imported_modules(script) >= {"tune", "predict"}
+
+
+@pytest.mark.parametrize("stage", sorted(s for s in STAGES if (ROOT / f"{s}.py").exists()))
+def test_no_stage_script_imports_another(stage: str) -> None:
+    others = imported_modules(ROOT / f"{stage}.py") & (STAGES - {stage})
+    assert not others, f"{stage}.py imports the stage script(s) {sorted(others)}"
+
+
+def test_report_and_benchmarks_do_not_import_the_train_stage() -> None:
+    for path in [ROOT / "report.py", *sorted((ROOT / "bench").glob("*.py"))]:
+        assert "train" not in imported_modules(path), path
+
+
+def test_layout_paths_follow_the_documented_tree(tmp_path: Path) -> None:
+    layout = Layout.of({"out_dir": str(tmp_path), "experiment": "exp"})
+    root = tmp_path / "exp"
+    assert layout.fold("unet", 2) == root / "unet" / "fold2"
+    assert layout.store("unet", "test") == root / "unet" / "test"
+    assert layout.blend("oof") == root / "ensemble" / "oof"
+    assert layout.weights.parent == layout.blend("oof").parent
+    assert layout.cache == tmp_path / "cache"
+    assert {layout.postprocess.parent, layout.submission.parent, layout.report.parent} == {root}
+
+
+@pytest.mark.parametrize(
+    "stage", ["train", "predict", "ensemble", "tune", "postprocess", "pipeline"]
+)
+def test_help_answers_before_the_heavy_imports(stage: str) -> None:
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{stage!r} + '.py', '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({stage!r} + '.py', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    heavy = sorted({'torch', 'optuna', 'albumentations'} & set(sys.modules))\n"
+        "    print('EXIT', exc.code, heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "--config" in out and "--set" in out
+    assert out.strip().endswith("EXIT 0 []")
