@@ -203,14 +203,14 @@ class EMCAD(nn.Module):
     def __init__(
         self,
         num_classes: int = 3,
-        encoder: str = "pvt_v2_b2",
+        encoder_name: str = "pvt_v2_b2",
         pretrained: bool = False,
         expansion: int = 2,
         kernel_sizes: tuple[int, ...] = (1, 3, 5),
     ) -> None:
         super().__init__()
         self.encoder = timm.create_model(
-            encoder, pretrained=pretrained, features_only=True, out_indices=(0, 1, 2, 3)
+            encoder_name, pretrained=pretrained, features_only=True, out_indices=(0, 1, 2, 3)
         )
         channels = tuple(self.encoder.feature_info.channels())
         self.decoder = EMCADDecoder(channels, num_classes, expansion, tuple(kernel_sizes))

@@ -137,21 +137,21 @@ class PraNet(nn.Module):
     Train mode returns `{"logits", "aux", "aux_binary"}`: `aux` are the class logits of
     the PD, RA-32 and RA-16 side outputs (at their own strides 8, 32, 16), `aux_binary`
     the polyp logits of all four side outputs (PD, RA-32, RA-16, RA-8). Eval mode returns
-    the RA-8 class logits upsampled to the input size. `backbone` is any timm model whose
+    the RA-8 class logits upsampled to the input size. `encoder_name` is any timm model whose
     feature stages 1–4 have strides 4–32 (ResNet, Res2Net, ResNeXt families).
     """
 
     def __init__(
         self,
         num_classes: int = 3,
-        backbone: str = "res2net50_26w_4s",
+        encoder_name: str = "res2net50_26w_4s",
         pretrained: bool = False,
         rfb_channels: int = 32,
         ra_widths: tuple[int, int, int] = (256, 64, 64),
     ) -> None:
         super().__init__()
         self.encoder = timm.create_model(
-            backbone, pretrained=pretrained, features_only=True, out_indices=(1, 2, 3, 4)
+            encoder_name, pretrained=pretrained, features_only=True, out_indices=(1, 2, 3, 4)
         )
         _, c2, c3, c4 = self.encoder.feature_info.channels()
         out = 1 + num_classes

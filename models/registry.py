@@ -1,7 +1,10 @@
 """The model zoo: every architecture the pipeline can train, built by name.
 
-Configs name a zoo entry (`models.<name>.arch`) and may override any of its defaults
-(`kwargs`), so `unet` with `encoder_name: resnet18` is the same code as `unet_resnet18`.
+Configs name a zoo entry (`models.<name>.arch`, the entry's own name by default) and may
+override any of its defaults (`kwargs`), so `unet` with `encoder_name: resnet18` is the
+same code as `unet_resnet18`. Every model takes its encoder as `encoder_name`. Any
+segmentation-models-pytorch architecture also works by name, `arch: smp.MAnet`, through
+`smp.create_model`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from models.pretrained import imagenet_download, load_encoder_weights, parse_pre
 from models.smp_models import build_smp
 
 LIGHT_ENCODER = "tu-mobilenetv3_small_100"
+SMP_PREFIX = "smp."
 # The reference PraNet builds a complete Res2Net-50, ImageNet classifier (2048→1000)
 # included, and never uses it; the published 32.5M counts it, our encoder drops it.
 RES2NET_FC_M = (2048 * 1000 + 1000) / 1e6
@@ -48,9 +52,9 @@ ZOO: dict[str, ZooEntry] = {
         note="Res2Net-50 26w×4s; published 32.5M counts the unused 2.05M ImageNet fc",
         published_extra_m=RES2NET_FC_M,
     ),
-    "pranet_resnet18": ZooEntry(PraNet, {"backbone": "resnet18"}, note="PraNet on ResNet-18"),
+    "pranet_resnet18": ZooEntry(PraNet, {"encoder_name": "resnet18"}, note="PraNet on ResNet-18"),
     "emcad": ZooEntry(EMCAD, published_m=26.8, note="PVTv2-b2 (EMCAD-B)"),
-    "emcad_b0": ZooEntry(EMCAD, {"encoder": "pvt_v2_b0"}, 3.92, "PVTv2-b0 (EMCAD-T)"),
+    "emcad_b0": ZooEntry(EMCAD, {"encoder_name": "pvt_v2_b0"}, 3.92, "PVTv2-b0 (EMCAD-T)"),
     "deeplabv3plus_regnetx320": ZooEntry(
         partial(build_smp, "deeplabv3plus"),
         {"encoder_name": "tu-regnetx_320"},
@@ -104,9 +108,15 @@ def build_model(
     and `PretrainedWeightsError` (a ConfigError) when weights cannot be had, so the CLIs
     report both as a clear message.
     """
-    if name not in ZOO:
-        raise ConfigError(f"unknown model {name!r}; the zoo has: {', '.join(sorted(ZOO))}")
-    entry = ZOO[name]
+    if name.startswith(SMP_PREFIX):
+        entry = ZooEntry(partial(build_smp, name.removeprefix(SMP_PREFIX)))
+    elif name in ZOO:
+        entry = ZOO[name]
+    else:
+        raise ConfigError(
+            f"unknown model {name!r}; the zoo has: {', '.join(sorted(ZOO))}, "
+            f"or any smp architecture as {SMP_PREFIX}<Name> (e.g. {SMP_PREFIX}MAnet)"
+        )
     spec = parse_pretrained(pretrained)
     args = {**entry.defaults, **kwargs}
     try:
@@ -115,7 +125,9 @@ def build_model(
                 model = entry.builder(num_classes=num_classes, pretrained=True, **args)
         else:
             model = entry.builder(num_classes=num_classes, pretrained=False, **args)
-    except TypeError as exc:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # smp: an unknown architecture is a ValueError
         raise ConfigError(f"model {name!r}: bad arguments {args}: {exc}") from exc
     if isinstance(spec, Path):
         load_encoder_weights(model, spec)

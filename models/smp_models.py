@@ -1,4 +1,4 @@
-"""DeepLabV3+, UNet, UNet++ and FPN from segmentation-models-pytorch.
+"""Any segmentation-models-pytorch architecture, by smp's own name (`smp.create_model`).
 
 smp already implements these well; this module only maps the zoo's arguments
 (`num_classes`, `pretrained`) onto smp's and keeps the encoder at `model.encoder`, as for
@@ -14,13 +14,6 @@ from typing import Any
 import segmentation_models_pytorch as smp
 from torch import nn
 
-ARCHITECTURES = {
-    "deeplabv3plus": smp.DeepLabV3Plus,
-    "unet": smp.Unet,
-    "unetplusplus": smp.UnetPlusPlus,
-    "fpn": smp.FPN,
-}
-
 
 def _weights(encoder_name: str) -> str | bool:
     # smp wants True for timm encoders (the tag in the name picks the weights).
@@ -35,16 +28,18 @@ def build_smp(
     **kwargs: Any,
 ) -> nn.Module:
     """An smp model; `pretrained=True` asks smp for its ImageNet encoder weights."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown smp architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
-    cls = ARCHITECTURES[arch]
+    known = smp.MODEL_ARCHITECTURES_MAPPING
+    if arch.lower() not in known:
+        raise ValueError(f"unknown smp architecture {arch!r}; smp has: {sorted(known)}")
+    cls = known[arch.lower()]
     if not encoder_name.startswith("tu-"):
         # smp forwards extra arguments to timm encoders only and drops them silently for
         # its own encoders; a typo in a config must not vanish like that.
         unknown = sorted(set(kwargs) - set(inspect.signature(cls).parameters))
         if unknown:
             raise TypeError(f"{cls.__name__} with encoder {encoder_name!r} takes no {unknown}")
-    return cls(
+    return smp.create_model(
+        arch,
         encoder_name=encoder_name,
         encoder_weights=_weights(encoder_name) if pretrained else None,
         in_channels=3,

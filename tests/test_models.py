@@ -84,7 +84,7 @@ def test_num_classes_and_kwargs_override() -> None:
 
 def test_pranet_polyp_logit_drives_the_attention() -> None:
     torch.manual_seed(0)
-    model = PraNet(num_classes=3, backbone="resnet18").eval()
+    model = PraNet(num_classes=3, encoder_name="resnet18").eval()
     feat = torch.randn(1, 128, 8, 8)
     sure = torch.full((1, 4, 8, 8), 20.0)  # polyp logit ≫ 0: attention ≈ 0
     out = model.ra2(feat, sure)
@@ -122,3 +122,12 @@ def test_size_table_counts_real_parameters_and_flops(capsys: pytest.CaptureFixtu
     models_main(["--names", "emcad_b0", "--size", "64", "96"])
     table = capsys.readouterr().out
     assert "| emcad_b0 | 3.92 |" in table and "1×3×64×96" in table
+
+
+def test_any_smp_architecture_builds_by_name_with_the_shared_encoder_argument():
+    model = build_model("smp.MAnet", encoder_name="resnet18").eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    assert n_params(model.encoder) == n_params(build_model("unet_resnet18").encoder)
+    with pytest.raises(ConfigError, match=r"smp\.Nope"):
+        build_model("smp.Nope")
