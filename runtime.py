@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from data.dataset import normalise
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -143,7 +145,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def to_device(
     batch: dict[str, Any], device: torch.device, precision: Precision
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    images = batch["image"].to(device, non_blocking=True)
+    """uint8 images and masks to the device, then normalised and widened there."""
+    images = normalise(batch["image"].to(device, non_blocking=True))
     if precision.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return images, batch["mask"].to(device, non_blocking=True)
+    return images, batch["mask"].to(device, non_blocking=True).long()

@@ -15,6 +15,7 @@ from data.augment import build_transforms
 from data.cache import prepare
 from data.dataset import MEAN, STD, SegDataset, to_tensor
 from data.reader import list_test, list_train
+from runtime import choose_precision, to_device
 
 SIZE = (64, 96)
 
@@ -113,6 +114,14 @@ def test_dataset_items(tiny_data: Path, tmp_path: Path) -> None:
     for index in range(4):
         item = dataset[index]
         assert item["index"] == index
-        assert item["image"].shape == (3, *SIZE) and item["image"].dtype == torch.float32
-        assert item["mask"].shape == SIZE and item["mask"].dtype == torch.int64
+        assert item["image"].shape == (3, *SIZE) and item["image"].dtype == torch.uint8
+        assert item["mask"].shape == SIZE and item["mask"].dtype == torch.uint8
     assert dataset[0]["mask"].any() and not dataset[3]["mask"].any()
+    # uint8 through the loader, normalised on the device: the same floats as on the host
+    batch = {k: torch.stack([dataset[i][k] for i in range(2)]) for k in ("image", "mask")}
+    images, masks = to_device(
+        batch, torch.device("cpu"), choose_precision(torch.device("cpu"), False, False)
+    )
+    expected = torch.stack([to_tensor(im.permute(1, 2, 0).numpy()) for im in batch["image"]])
+    assert torch.equal(images, expected) and masks.dtype == torch.int64
+    assert torch.equal(masks, batch["mask"].long())
