@@ -228,6 +228,23 @@ def fold_complete(directory: Path, epochs: int) -> bool:
     )
 
 
+def compile_guarded(model: nn.Module, backend: Any = "inductor") -> nn.Module:
+    """`torch.compile(model)`, or the eager model with a warning when compiling fails.
+
+    A missing compiler toolchain or an unsupported operator must cost speed, not the run:
+    failures at compile time (the first forward) fall back to eager through dynamo's
+    `suppress_errors`, and a torch.compile that cannot even start returns `model`.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    try:
+        return torch.compile(model, backend=backend)
+    except Exception as exc:  # any failure to set up compilation means: run eager
+        log.warning("torch.compile is unavailable (%s); training eagerly", exc)
+        return model
+
+
 @dataclass
 class Learner:
     """The model and what steps it, built identically for a fresh and a resumed fold.
@@ -319,7 +336,7 @@ def build_learner(
         ema = AveragedModel(
             raw, multi_avg_fn=get_ema_multi_avg_fn(float(tcfg["ema"])), use_buffers=True
         )
-    net = torch.compile(raw) if tcfg.get("compile") else raw
+    net = compile_guarded(raw) if tcfg.get("compile") else raw
     return Learner(
         raw=raw,
         net=net,

@@ -283,3 +283,22 @@ def test_weighted_sampling_gives_every_rank_the_same_count_and_fresh_seeds() -> 
     assert len(draws[0]) == len(draws[1]) == len(shards[0])
     seeds = [seed for shard in draws for _, seed in shard]
     assert len(set(seeds)) == len(seeds)
+
+
+def test_a_failing_compile_falls_back_to_eager_with_the_same_outputs(monkeypatch, caplog):
+    model = torch.nn.Linear(4, 2).eval()
+    x = torch.randn(3, 4)
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    with torch.no_grad():
+        assert torch.equal(engine.compile_guarded(model, broken_backend)(x), model(x))
+
+    def no_compile(*args, **kwargs):
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    with caplog.at_level("WARNING", logger="engine"):
+        assert engine.compile_guarded(model) is model
+    assert "training eagerly" in caplog.text
