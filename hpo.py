@@ -58,6 +58,7 @@ from config import (
     setup_logging,
 )
 from data.atomic import write_text
+from data.augment import build_transforms
 from data.loader import LoaderStalled
 from data.prepare import prepare_train_data
 from data.reader import DataError
@@ -148,7 +149,11 @@ def check_space(cfg: dict[str, Any], space: Mapping[str, BaseDistribution]) -> N
         else:
             candidates = [dist.low, dist.high]
         for value in candidates:
-            check_config(trial_config(cfg, {key: value}))
+            tcfg = trial_config(cfg, {key: value})
+            check_config(tcfg)
+            # data.augment is an open section: its steps are checked where they are built.
+            data_cfg = tcfg["data"]
+            build_transforms(tuple(data_cfg["img_size"]), True, **(data_cfg.get("augment") or {}))
 
 
 def experiment_diff(values: Mapping[str, Any], model: str) -> dict[str, Any]:

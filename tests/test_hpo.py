@@ -122,6 +122,7 @@ def test_space_ranges_and_choices() -> None:
     [
         ({"train.lrr": {"low": 1e-3, "high": 1e-2}}, "train.lrr"),
         ({"train.optimizer.name": ["adam", "adamx"]}, "adamx"),
+        ({"data.augment.affinee": [0.0, 0.3]}, "affinee"),
     ],
 )
 def test_a_bad_space_exits_2_before_training(
