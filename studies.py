@@ -1,8 +1,9 @@
 """Optuna studies that outlive a run: storage, names from the inputs, resume, workers, CSV.
 
-`ensemble.py` and `tune.py` search with optuna; a search of a few hundred trials over
-thousands of OOF maps takes an hour, so it must survive a kill, be shareable between
-processes and machines, and be viewable afterwards. Both stages go through `run_study`:
+`ensemble.py`, `tune.py` and `hpo.py` search with optuna; a search of a few hundred
+trials over thousands of OOF maps, or of a few dozen trainings, takes hours, so it must
+survive a kill, be shareable between processes and machines, and be viewable afterwards.
+All three stages go through `run_study`:
 
 - **Storage**: `sqlite:///<out_dir>/<experiment>/optuna.db` by default (one file per
   experiment); `--storage URL` takes any RDB URL optuna accepts (`postgresql://...`,
