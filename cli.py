@@ -58,6 +58,11 @@ def add_search_arguments(p: argparse.ArgumentParser, section: str) -> None:
         help=f"OOF score to maximise (default: {section}.objective, else competition)",
     )
     p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
+    add_study_arguments(p)
+
+
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    """Where an optuna stage's study lives and who works on it (studies.place_from_args)."""
     p.add_argument(
         "--storage",
         help="optuna storage URL (postgresql://..., mysql://..., sqlite:///FILE) or "
@@ -153,6 +158,30 @@ def tune_parser() -> argparse.ArgumentParser:
     return p
 
 
+def hpo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Search training hyper-parameters (the config's hpo.space) on one fold "
+        "with optuna and pruning; writes the best as an experiment file inheriting the config."
+    )
+    p.add_argument("--model", required=True, help="name of an entry in the config's `models:`")
+    add_config_arguments(p)
+    p.add_argument(
+        "--trials",
+        type=int,
+        help="finished (complete or pruned) trials in all; a rerun continues the study to "
+        "this count (default: hpo.trials, else 20)",
+    )
+    p.add_argument(
+        "--fold", type=int, help="the fold each trial trains (default: hpo.fold, else 0)"
+    )
+    p.add_argument(
+        "--epochs", type=int, help="epochs per trial (default: hpo.epochs, else train.epochs)"
+    )
+    add_study_arguments(p)
+    add_runtime_arguments(p)
+    return p
+
+
 def postprocess_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Post-process the blended test probabilities and write submission.csv."
@@ -199,6 +228,7 @@ PARSERS = {
     "predict": predict_parser,
     "ensemble": ensemble_parser,
     "tune": tune_parser,
+    "hpo": hpo_parser,
     "postprocess": postprocess_parser,
     "pipeline": pipeline_parser,
 }

@@ -21,8 +21,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -433,3 +433,77 @@ def run_epoch(
         "images_per_s": train["images_per_s"],
         "epoch_time_s": time.perf_counter() - started,
     }
+
+
+@dataclass
+class FitState:
+    """A fold's training so far: what `last.pt` saves and a resumed run starts from."""
+
+    epoch: int = 0
+    best_score: float = -math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _flat_for(history: list[dict[str, Any]], patience: int) -> bool:
+    """True when the best validation score is `patience` or more epochs old."""
+    best = max(i for i, r in enumerate(history) if r["best"])
+    return len(history) - 1 - best >= patience
+
+
+def fit(
+    cfg: dict[str, Any],
+    learner: Learner,
+    loaders: FoldLoaders,
+    fold: int,
+    dist: Dist,
+    name: str,
+    state: FitState,
+) -> Iterator[dict[str, Any]]:
+    """Train the epochs after `state.epoch` up to train.epochs, yielding each epoch's record.
+
+    One loop for every caller, so a search trial trains exactly as train.py does: each
+    epoch is seeded from (seed, fold, epoch), and `state` already holds the record when it
+    is yielded, with `best` (a new best `train.best_metric`) and `stopped_early`
+    (`early_stop_patience` epochs without one; training ends after it). The caller acts
+    between epochs: train.py checkpoints, hpo.py reports to optuna and stops by raising.
+    """
+    epochs = int(cfg["train"]["epochs"])
+    patience = int(cfg["train"].get("early_stop_patience") or 0)
+    best_metric = str(cfg["train"].get("best_metric", "competition"))
+    if state.history and state.history[-1].get("stopped_early"):
+        return
+    for epoch in range(state.epoch, epochs):
+        seed = derive_seed(int(cfg["seed"]), fold, epoch)
+        torch.manual_seed(seed)
+        record = run_epoch(
+            learner, loaders, epoch, dist, f"{name} epoch {epoch + 1}/{epochs}", seed
+        )
+        record["best"] = record[best_metric] > state.best_score
+        state.best_score = max(state.best_score, record[best_metric])
+        state.history = [*state.history, record]
+        state.epoch = epoch + 1
+        record["stopped_early"] = bool(patience) and _flat_for(state.history, patience)
+        yield record
+        if record["stopped_early"]:
+            log.info("%s: no better score for %d epochs; stopped early", name, patience)
+            return
+
+
+def log_epoch(name: str, epochs: int, record: dict[str, Any]) -> None:
+    log.info(
+        "%s epoch %d/%d: loss %.4f val %.4f competition %.4f seg %.4f neo %.4f non %.4f "
+        "lr %.2e %.1f img/s %.1fs%s",
+        name,
+        record["epoch"],
+        epochs,
+        record["train_loss"],
+        record["val_loss"],
+        record["competition"],
+        record["dice_seg"],
+        record["dice_neo"],
+        record["dice_non"],
+        record["lr"],
+        record["images_per_s"],
+        record["epoch_time_s"],
+        " (best)" if record["best"] else "",
+    )

@@ -11,6 +11,8 @@
     submission.csv                      postprocess.py
     report.html, scores.json            pipeline.py
     optuna.db                           every study of the experiment
+    hpo/<study>/trial<n>/               hpo.py: each trial's config and log (never a fold's)
+    hpo/best_<model>.yaml, hpo/trials_<model>.csv
 """
 
 from __future__ import annotations
@@ -81,3 +83,18 @@ class Layout:
     @property
     def optuna_db(self) -> Path:
         return self.root / "optuna.db"
+
+    @property
+    def hpo(self) -> Path:
+        return self.root / "hpo"
+
+    def hpo_trial(self, study: str, number: int) -> Path:
+        """A search trial's folder: per study, as trial numbers restart in each study."""
+        return self.hpo / study / f"trial{number}"
+
+    def hpo_best(self, model: str) -> Path:
+        """The best trial as an experiment file with `base:` the searched config."""
+        return self.hpo / f"best_{model}.yaml"
+
+    def hpo_trials(self, model: str) -> Path:
+        return self.hpo / f"trials_{model}.csv"

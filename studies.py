@@ -1,8 +1,9 @@
 """Optuna studies that outlive a run: storage, names from the inputs, resume, workers, CSV.
 
-`ensemble.py` and `tune.py` search with optuna; a search of a few hundred trials over
-thousands of OOF maps takes an hour, so it must survive a kill, be shareable between
-processes and machines, and be viewable afterwards. Both stages go through `run_study`:
+`ensemble.py`, `tune.py` and `hpo.py` search with optuna; a search of a few hundred
+trials over thousands of OOF maps, or of a few dozen trainings, takes hours, so it must
+survive a kill, be shareable between processes and machines, and be viewable afterwards.
+All three stages go through `run_study`:
 
 - **Storage**: `sqlite:///<out_dir>/<experiment>/optuna.db` by default (one file per
   experiment); `--storage URL` takes any RDB URL optuna accepts (`postgresql://...`,
@@ -10,15 +11,17 @@ processes and machines, and be viewable afterwards. Both stages go through `run_
 - **Name**: `<stage>-<12 hex>`, a hash of the identity of the inputs (the blended models,
   split id, the OOF stores' meta.json and content, the targets, the objective, the seed).
   A changed input starts a new study instead of mixing its trials with an old search.
-- **Count**: `trials` is the number of COMPLETE trials in all. A rerun continues the study
-  until it has that many; a study that already has more answers with its first `trials`
-  complete trials, i.e. exactly what a run to that count gave.
+- **Count**: `trials` is the number of finished trials in all: COMPLETE, plus PRUNED for a
+  stage that prunes (hpo.py), since a pruned trial is a search step that ran and was
+  judged. A rerun continues the study until it has that many; a study that already has
+  more answers with its first `trials` finished trials, i.e. exactly what a run to that
+  count gave.
 - **Killed runs**: the stage owns its study, so a trial still RUNNING when it starts was
   left by a killed run: it is marked FAIL (not counted) and, if it was one of the enqueued
   starting points, enqueued again. Workers joining from other machines (`join=True`) leave
   RUNNING trials alone, since those may be alive.
 - **Seeds**: `TrialSeededSampler` reseeds TPE before every trial from (seed, worker, number
-  of complete trials), so a study tuned in two runs samples exactly what one run would
+  of finished trials), so a study tuned in two runs samples exactly what one run would
   (tested), and the trial replacing a killed one draws what the killed one drew.
 - **Workers**: `n_workers > 1` runs that many processes on the study through its storage
   (joblib's loky: fresh interpreters, never a fork of a stage that has run OpenCV threads;
@@ -59,6 +62,9 @@ log = logging.getLogger("studies")
 SQLITE_TIMEOUT_S = 60
 
 Objective = Callable[[optuna.Trial], float]
+
+# The trial states `trials` counts (see the module's docstring).
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class StudyIncomplete(RuntimeError):
@@ -203,12 +209,12 @@ def trial_seed(seed: int, worker: int, n_complete: int) -> int:
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """TPE whose randomness depends only on (seed, worker, complete trials so far).
+    """TPE whose randomness depends only on (seed, worker, finished trials so far).
 
     `TPESampler(seed=s)` draws from one RNG stream for the life of the object, so a run
     that resumes a study (a new object) would replay the stream from its start and sample
     other points than the uninterrupted run. A fresh TPESampler per trial, seeded from the
-    number of complete trials, depends only on the study's history, which the storage
+    number of finished (counted) trials, depends only on the study's history, which the storage
     keeps. TPE itself reads only that history, so nothing else is lost between runs.
 
     `constant_liar` (TPE's way of keeping concurrent workers apart) only for several
@@ -224,7 +230,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._next_complete: int | None = None
 
     def expect_complete(self, n_complete: int) -> None:
-        """The number of complete trials for the next trial's seed, as its caller just
+        """The number of finished trials for the next trial's seed, as its caller just
         counted them (saves a read of the storage per trial)."""
         self._next_complete = n_complete
 
@@ -232,8 +238,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         if trial.number not in self._by_trial:
             n_complete = self._next_complete
             if n_complete is None:
-                done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                n_complete = len(done)
+                n_complete = len(study.get_trials(deepcopy=False, states=COUNTED))
             self._next_complete = None
             seed = trial_seed(self._seed, self._worker, n_complete)
             self._by_trial[trial.number] = optuna.samplers.TPESampler(
@@ -281,16 +286,19 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 # ---------------------------------------------------------------- running
 
 
-def complete_trials(study: optuna.Study, n: int | None = None) -> list[FrozenTrial]:
-    """The first `n` COMPLETE trials (all when None), in trial-number order."""
-    done = sorted(
-        study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number
-    )
+def counted_trials(study: optuna.Study, n: int | None = None) -> list[FrozenTrial]:
+    """The first `n` finished (COUNTED) trials (all when None), in trial-number order."""
+    done = sorted(study.get_trials(deepcopy=False, states=COUNTED), key=lambda t: t.number)
     return done if n is None else done[:n]
 
 
+def complete_trials(study: optuna.Study, n: int | None = None) -> list[FrozenTrial]:
+    """The COMPLETE trials among the first `n` finished ones: those with a final value."""
+    return [t for t in counted_trials(study, n) if t.state == TrialState.COMPLETE]
+
+
 def best_trial(study: optuna.Study, n: int | None = None) -> FrozenTrial:
-    """The best of the first `n` complete trials; ties go to the earlier trial."""
+    """The best complete trial among the first `n` finished ones; ties go to the earlier trial."""
     done = complete_trials(study, n)
     if not done:
         raise RuntimeError(f"study {study.study_name} has no complete trial")
@@ -327,20 +335,20 @@ def fail_abandoned(study: optuna.Study) -> list[int]:
 
 
 def _claimed(study: optuna.Study, below: int | None = None) -> tuple[int, int]:
-    """(COMPLETE + RUNNING, COMPLETE) trials, numbered below `below` if given: the trials
+    """(COUNTED + RUNNING, COUNTED) trials, numbered below `below` if given: the trials
     counted or about to be. Lower numbers have priority, so concurrent workers agree on
     who is surplus."""
-    states = (TrialState.COMPLETE, TrialState.RUNNING)
+    states = (*COUNTED, TrialState.RUNNING)
     trials = [
         t
         for t in study.get_trials(deepcopy=False, states=states)
         if below is None or t.number < below
     ]
-    return len(trials), sum(t.state == TrialState.COMPLETE for t in trials)
+    return len(trials), sum(t.state in COUNTED for t in trials)
 
 
 def optimize(study: optuna.Study, objective: Objective, trials: int, worker: str = "0") -> int:
-    """Ask/tell until the study has `trials` complete (or claimed) trials; returns how many
+    """Ask/tell until the study has `trials` finished (or claimed) trials; returns how many
     this call completed.
 
     optuna's `n_trials` counts this call's trials and MaxTrialsCallback stops only after a
@@ -362,6 +370,11 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, worker: str
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 break
             value = objective(trial)
+        except optuna.TrialPruned:
+            # The pruner stopped it: a finished, counted trial (its last reported value).
+            study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+            ran += 1
+            continue
         except optuna.exceptions.UpdateFinishedTrialError:
             # Another process finished it meanwhile: SQLite has no row locks, so two
             # workers can pop the same enqueued trial, or a run started without --join
@@ -381,7 +394,7 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, worker: str
 def _wait_for_others(study: optuna.Study, trials: int, poll_s: float = 2.0) -> None:
     """Wait for trials RUNNING elsewhere (joined machines) that the count is waiting for."""
     told = False
-    while len(complete_trials(study)) < trials:
+    while len(counted_trials(study)) < trials:
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
             return
@@ -397,23 +410,36 @@ def _wait_for_others(study: optuna.Study, trials: int, poll_s: float = 2.0) -> N
 
 
 def _load(
-    name: str | None, storage: str | None, seed: int, worker: int, parallel: bool
+    name: str | None,
+    storage: str | None,
+    seed: int,
+    worker: int,
+    parallel: bool,
+    pruner: optuna.pruners.BasePruner | None = None,
 ) -> optuna.Study:
     return optuna.create_study(
         study_name=name,
         storage=open_storage(storage) if storage else None,
         direction="maximize",
         sampler=TrialSeededSampler(seed, worker, constant_liar=parallel),
+        pruner=pruner,
         load_if_exists=True,
     )
 
 
 def _worker(
-    storage: str, name: str, objective: Objective, trials: int, seed: int, worker: int
+    storage: str,
+    name: str,
+    objective: Objective,
+    trials: int,
+    seed: int,
+    worker: int,
+    pruner: optuna.pruners.BasePruner | None,
 ) -> int:
-    """One worker process: the study through its storage, its own seed stream."""
+    """One worker process: the study through its storage, its own seed stream. A pruner
+    is not kept in the storage, so each worker gets the stage's own."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = _load(name, storage, seed, worker, parallel=True)
+    study = _load(name, storage, seed, worker, parallel=True, pruner=pruner)
     return optimize(study, objective, trials, f"{socket.gethostname()}/{worker}")
 
 
@@ -426,14 +452,17 @@ def run_study(
     inputs: Sequence[np.ndarray] = (),
     settings: Mapping[str, Any] | None = None,
     start: Sequence[Mapping[str, Any]] = (),
+    pruner: optuna.pruners.BasePruner | None = None,
 ) -> optuna.Study:
-    """Maximise `objective` until the study has `trials` complete trials; returns the study.
+    """Maximise `objective` until the study has `trials` finished trials; returns the study.
 
     `place` None: an in-memory study (library use, tests). Otherwise the study named by
     the stage, `place.identity`, `settings`, the seed and the content of `inputs`, in
     `place.storage`, continued if it exists. `start`: parameters enqueued as the first
-    trials when the study is created. With `place.n_workers > 1`, `objective` must pickle
-    (a module-level function or a functools.partial of one).
+    trials when the study is created. `pruner`: judges the values an objective reports
+    (`trial.report`; None: optuna's median pruner); a pruned trial counts. With
+    `place.n_workers > 1`, `objective` must pickle (a module-level function or a
+    functools.partial of one).
     """
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}")
@@ -447,36 +476,36 @@ def run_study(
         }
         name = study_name(stage, identity)
     parallel = place is not None and (place.n_workers > 1 or place.join)
-    study = _load(name, place.storage if place else None, seed, 0, parallel)
+    study = _load(name, place.storage if place else None, seed, 0, parallel, pruner)
     if place is None or not place.join:
         fail_abandoned(study)
     if not study.get_trials(deepcopy=False):
         for params in start:
             study.enqueue_trial(dict(params))
     n_workers = place.n_workers if place else 1
-    first = len(complete_trials(study))
+    first = len(counted_trials(study))
     while True:
-        before = len(complete_trials(study))
+        before = len(counted_trials(study))
         if n_workers == 1:
             optimize(study, objective, trials, f"{socket.gethostname()}/0")
         else:
             assert place is not None and name is not None
             Parallel(n_jobs=n_workers, backend="loky")(
-                delayed(_worker)(place.storage, name, objective, trials, seed, w)
+                delayed(_worker)(place.storage, name, objective, trials, seed, w, pruner)
                 for w in range(n_workers)
             )
         _wait_for_others(study, trials)
-        done = len(complete_trials(study))
+        done = len(counted_trials(study))
         if done >= trials:
             break
         if done == before:
             raise StudyIncomplete(
-                f"study {study.study_name} has {done} complete trials of {trials} and made "
+                f"study {study.study_name} has {done} finished trials of {trials} and made "
                 "no progress: its trials were failed while running (by a run started "
                 "without --join?)"
             )
     where = f" in {redact(place.storage)}" if place else ""
-    log.info("study %s%s: %d complete trials (%d new)", study.study_name, where, done, done - first)
+    log.info("study %s%s: %d finished trials (%d new)", study.study_name, where, done, done - first)
     return study
 
 

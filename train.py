@@ -54,13 +54,15 @@ from data.prepare import TrainData, eval_transform, prepare_train_data
 from data.probstore import save_probs
 from data.reader import DataError
 from engine import (
+    FitState,
     Learner,
     TrainingError,
     build_learner,
     build_loaders,
+    fit,
     fold_complete,
+    log_epoch,
     read_log,
-    run_epoch,
     write_log,
 )
 from models.inference import Probabilities, load_checkpoint, predict_probs
@@ -79,7 +81,6 @@ from recipe import (
 from runtime import (
     Dist,
     configure_cpu_threads,
-    derive_seed,
     init_dist,
     kill_point,
 )
@@ -112,15 +113,6 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- data
-
-
-# --------------------------------------------------------------------------- steps
-
-
-def _flat_for(history: list[dict[str, Any]], patience: int) -> bool:
-    """True when the best validation score is `patience` or more epochs old."""
-    best = max(i for i, r in enumerate(history) if r["best"])
-    return len(history) - 1 - best >= patience
 
 
 # --------------------------------------------------------------------------- one fold
@@ -181,26 +173,6 @@ def _check_same_curve(ckpt: dict[str, Any], tcfg: dict[str, Any]) -> None:
         )
 
 
-def _log_epoch(name: str, epochs: int, record: dict[str, Any]) -> None:
-    log.info(
-        "%s epoch %d/%d: loss %.4f val %.4f competition %.4f seg %.4f neo %.4f non %.4f "
-        "lr %.2e %.1f img/s %.1fs%s",
-        name,
-        record["epoch"],
-        epochs,
-        record["train_loss"],
-        record["val_loss"],
-        record["competition"],
-        record["dice_seg"],
-        record["dice_neo"],
-        record["dice_non"],
-        record["lr"],
-        record["images_per_s"],
-        record["epoch_time_s"],
-        " (best)" if record["best"] else "",
-    )
-
-
 def train_fold(
     cfg: dict[str, Any],
     model_name: str,
@@ -233,9 +205,7 @@ def train_fold(
     split_id = data.folds.split_id
     loaders = build_loaders(cfg, data, fold, dist)
     learner = build_learner(cfg, entry, fold, dist, steps_per_epoch=len(loaders.train))
-    start_epoch, best_score, history = _resume(learner, out, split_id, resume, name, cfg["train"])
-    patience = int(cfg["train"].get("early_stop_patience") or 0)
-    best_metric = str(cfg["train"].get("best_metric", "competition"))
+    state = FitState(*_resume(learner, out, split_id, resume, name, cfg["train"]))
     meta = {
         "model_name": model_name,
         "arch": entry["arch"],
@@ -249,31 +219,21 @@ def train_fold(
         out.mkdir(parents=True, exist_ok=True)
         write_recipe(out, recipe)
         save_config(cfg, out / "config.yaml")
-        write_log(out / "log.jsonl", history)
+        write_log(out / "log.jsonl", state.history)
     wandb_run = None
     if dist.is_main and cfg["train"].get("wandb"):
         wandb_run = _start_wandb(cfg, out, f"{cfg['experiment']}-{model_name}-fold{fold}")
     try:
-        for epoch in range(start_epoch, epochs):
-            if history and history[-1].get("stopped_early"):
-                break
-            seed = derive_seed(int(cfg["seed"]), fold, epoch)
-            torch.manual_seed(seed)
-            desc = f"{name} epoch {epoch + 1}/{epochs}"
-            record = run_epoch(learner, loaders, epoch, dist, desc, seed)
-            record["best"] = record[best_metric] > best_score
-            best_score = max(best_score, record[best_metric])
-            history = [*history, record]
-            record["stopped_early"] = bool(patience) and _flat_for(history, patience)
+        for record in fit(cfg, learner, loaders, fold, dist, name, state):
             if dist.is_main:
                 ckpt = {
                     **learner.training_state(),
-                    "epoch": epoch + 1,
-                    "best_score": best_score,
-                    "history": history,
+                    "epoch": state.epoch,
+                    "best_score": state.best_score,
+                    "history": state.history,
                     **meta,
                     "provenance": provenance(
-                        cfg, model=model_name, fold=fold, split_id=split_id, epoch=epoch + 1
+                        cfg, model=model_name, fold=fold, split_id=split_id, epoch=state.epoch
                     ),
                 }
                 if record["best"]:
@@ -289,20 +249,17 @@ def train_fold(
                     save_torch({**ckpt, **inference}, out / "best.pt")
                 save_torch(ckpt, out / "last.pt")
                 kill_point("epoch-saved")
-                write_log(out / "log.jsonl", history)
+                write_log(out / "log.jsonl", state.history)
                 if wandb_run is not None:
-                    wandb_run.log(record, step=epoch + 1)
-            _log_epoch(name, epochs, record)
-            if record["stopped_early"]:
-                log.info("%s: no better score for %d epochs; stopped early", name, patience)
-                break
+                    wandb_run.log(record, step=state.epoch)
+            log_epoch(name, epochs, record)
         if dist.is_main:
             write_fold_oof(cfg, out, loaders.val_items, split_id, model_name, fold, learner)
         dist.barrier()
     finally:
         if wandb_run is not None:
             wandb_run.finish()
-    return _summary(model_name, fold, history, skipped=False)
+    return _summary(model_name, fold, state.history, skipped=False)
 
 
 def write_fold_oof(
