@@ -56,7 +56,7 @@ from data.reader import (
 )
 from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps, load_params
-from report import Case, write_report
+from report import Case, ReportInputs, write_report
 from runtime import Dist
 
 log = logging.getLogger("pipeline")
@@ -248,6 +248,12 @@ def _scores(stats: np.ndarray) -> dict[str, float]:
     return {k: scores[k] for k in SCORE_KEYS}
 
 
+def nothing_row(targets: Sequence[np.ndarray], **labels: str) -> dict[str, Any]:
+    """What an empty submission scores: every row whose class is absent counts as 1, so a
+    model must be read against this, not against 0."""
+    return {**labels, **_scores(class_stats([np.zeros_like(t) for t in targets], targets))}
+
+
 def test_scores(
     stores: dict[str, ProbMaps], params: PostprocessParams, data_dir: Path, cfg: dict[str, Any]
 ) -> list[dict[str, Any]]:
@@ -269,17 +275,11 @@ def test_scores(
         for variant, p in (("argmax", PostprocessParams()), ("post-processed", params)):
             preds = [m for _, m in class_maps(store, p)]
             rows.append({"model": label, "variant": variant, **_scores(class_stats(preds, gt))})
-    # What an empty submission scores: every row whose class is absent counts as 1, so a
-    # model must be read against this, not against 0.
-    gt = list(targets.values())
-    nothing = class_stats([np.zeros_like(t) for t in gt], gt)
-    return [{"model": "predict nothing", "variant": "baseline", **_scores(nothing)}, *rows]
+    return [nothing_row(list(targets.values()), model="predict nothing", variant="baseline"), *rows]
 
 
-def oof_cases(
-    store: ProbMaps, cfg: dict[str, Any], params: PostprocessParams, n: int = 3
-) -> tuple[list[Case], list[Case]]:
-    """The n best and n worst OOF images of the blend, by post-processed competition score."""
+def oof_cases(store: ProbMaps, cfg: dict[str, Any], params: PostprocessParams) -> list[Case]:
+    """Every OOF image of the blend, at argmax and post-processed, with both scores."""
     size = tuple(store.size)
     items = train_items(cfg, store.ids, size)
     cases = []
@@ -290,8 +290,7 @@ def oof_cases(
         stats = class_stats(np.stack([raw, post]), np.stack([target, target]))
         score, score_post = (scores_from_stats(stats[j : j + 1])["competition"] for j in (0, 1))
         cases.append(Case(item.id, image, target, raw, post, score, score_post))
-    cases.sort(key=lambda c: c.score_post)
-    return cases[::-1][:n], cases[:n]
+    return cases
 
 
 def format_rows(title: str, rows: Sequence[dict[str, Any]]) -> str:
@@ -315,7 +314,8 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     blend_doc = read_json(exp / "ensemble" / "weights.json")
     tuned = read_json(exp / "postprocess.json")
     params = load_params(exp / "postprocess.json")
-    oof_rows = []
+    cases = oof_cases(load_probs(exp / "ensemble" / "oof"), cfg, params)
+    oof_rows = [nothing_row([c.target for c in cases], model="predict nothing")]
     for name, by_fold in blend_doc["scores"].items():
         oof_rows.append({"model": name, **{k: by_fold["all"][k] for k in SCORE_KEYS}})
     oof_rows.append(
@@ -332,23 +332,32 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
         tables.append(
             ("Test set (original size, test_gt/)", test_scores(stores, params, data_dir, cfg))
         )
-    timing_rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]
-    if timing_rows:
-        tables.append(("Stages run in this call", timing_rows))
-    best, worst = oof_cases(load_probs(exp / "ensemble" / "oof"), cfg, params)
     logs = {
         n: {k: exp / n / f"fold{k}" / "log.jsonl" for k in range(int(cfg["data"]["n_folds"]))}
         for n in names
     }
     steps = ", ".join(params.active_steps()) or "none"
     notes = [
-        f"Blend weights: {dict(zip(blend_doc['models'], blend_doc['weights'], strict=True))}.",
         f"Post-processing kept on OOF: {steps}.",
         *study_notes({"ensemble": blend_doc.get("study"), "tune": tuned.get("study")}),
     ]
-    report = write_report(
-        exp / "report.html", f"neopolyp: {cfg['experiment']}", tables, logs, best, worst, notes
+    inputs = ReportInputs(
+        cfg=cfg,
+        tables=tables,
+        cases=cases,
+        folds=read_json(exp / "folds.json")["folds"],
+        blend=blend_doc,
+        tuned=tuned,
+        logs=logs,
+        timings=timings,
+        submission=exp / "submission.csv",
+        test_images={s.id: s.image for s in list_test(data_dir)},
+        notes=notes,
     )
+    report = write_report(exp / "report.html", f"neopolyp: {cfg['experiment']}", inputs)
+    timing_rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]
+    if timing_rows:
+        tables.append(("Stages run in this call", timing_rows))
     write_json(exp / "scores.json", {"tables": {t: rows for t, rows in tables}})
     return {"tables": tables, "report": report}
 
