@@ -32,6 +32,7 @@ import ensemble
 import postprocess
 import predict
 import studies
+import tracking
 import train
 import tune
 from config import (
@@ -359,6 +360,8 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     if timing_rows:
         tables.append(("Stages run in this call", timing_rows))
     write_json(exp / "scores.json", {"tables": {t: rows for t, rows in tables}})
+    if tracking.enabled(cfg):
+        tracking.log_summary(cfg, tables, blend_doc, tuned, [report, exp / "submission.csv"])
     return {"tables": tables, "report": report}
 
 
@@ -388,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train up to N folds at once, each its own process (one per GPU when several)",
     )
     p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log every fold, the scores, report.html and submission.csv to Weights & Biases "
+        "(offline runs in <out_dir>/<experiment>/wandb/ unless WANDB_MODE is set)",
+    )
+    p.add_argument(
         "--storage",
         help="optuna storage of the ensemble and tune studies, passed to both "
         "(default: sqlite:///<out_dir>/<experiment>/optuna.db)",
@@ -400,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     start = time.perf_counter()
+    if args.wandb:
+        args.set.append("+train.wandb=true")
     common = ["--config", args.config]
     for flag, value in (("--data-dir", args.data_dir), ("--out-dir", args.out_dir)):
         if value:

@@ -27,7 +27,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -44,6 +43,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import tracking
 from config import (
     ConfigError,
     add_config_arguments,
@@ -469,20 +469,6 @@ def write_log(path: Path, history: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- one fold
 
 
-def _start_wandb(cfg: dict[str, Any], directory: Path, name: str) -> Any:
-    """Offline unless WANDB_MODE says otherwise: training must never need an account."""
-    import wandb
-
-    mode = {} if "WANDB_MODE" in os.environ else {"mode": "offline"}
-    return wandb.init(
-        project=cfg["train"].get("wandb_project", "neopolyp"),
-        name=name,
-        dir=str(directory),
-        config=cfg,
-        **mode,
-    )
-
-
 @dataclass
 class Learner:
     """The model and what steps it, built identically for a fresh and a resumed fold.
@@ -782,9 +768,7 @@ def train_fold(
         write_recipe(out, recipe)
         save_config(cfg, out / "config.yaml")
         write_log(out / "log.jsonl", history)
-    wandb_run = None
-    if dist.is_main and cfg["train"].get("wandb"):
-        wandb_run = _start_wandb(cfg, out, f"{cfg['experiment']}-{model_name}-fold{fold}")
+    wandb_run = tracking.start_fold(cfg, model_name, fold) if dist.is_main else None
     try:
         for epoch in range(start_epoch, epochs):
             if history and history[-1].get("stopped_early"):
@@ -823,7 +807,9 @@ def train_fold(
                 kill_point("epoch-saved")
                 write_log(out / "log.jsonl", history)
                 if wandb_run is not None:
-                    wandb_run.log(record, step=epoch + 1)
+                    tracking.log_epoch(
+                        wandb_run, record, epochs, learner.eval_net, loaders.val_items, dist.device
+                    )
             _log_epoch(name, epochs, record)
             if record["stopped_early"]:
                 log.info("%s: no better score for %d epochs; stopped early", name, patience)
