@@ -57,7 +57,7 @@ from data.reader import (
 )
 from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps, load_params
-from report import Case, ReportInputs, write_report
+from report import BLEND_ROWS, Case, ReportInputs, write_report
 from runtime import Dist
 
 log = logging.getLogger("pipeline")
@@ -318,7 +318,8 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     cases = oof_cases(load_probs(exp / "ensemble" / "oof"), cfg, params)
     oof_rows = [nothing_row([c.target for c in cases], model="predict nothing")]
     for name, by_fold in blend_doc["scores"].items():
-        oof_rows.append({"model": name, **{k: by_fold["all"][k] for k in SCORE_KEYS}})
+        label = BLEND_ROWS.get(name, name)
+        oof_rows.append({"model": label, **{k: by_fold["all"][k] for k in SCORE_KEYS}})
     oof_rows.append(
         {
             "model": "blend + post-processing (tuned here: in-sample)",

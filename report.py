@@ -45,6 +45,9 @@ CURVES = {
     "competition": "val rows-Dice",
     "lr": "learning rate",
 }
+# The blend rows of weights.json's scores, named for a reader: tuned weights were chosen on
+# the same OOF maps they are scored on.
+BLEND_ROWS = {"equal": "blend (equal weights)", "tuned": "blend (tuned weights: in-sample)"}
 # A fold whose validation rows-Dice stays this close to predicting nothing for this many
 # epochs in a row has learnt nothing yet (e.g. a too-high learning rate).
 STUCK_TOL, STUCK_EPOCHS = 0.005, 3
@@ -194,11 +197,9 @@ def per_class_rows(inputs: ReportInputs) -> list[dict[str, object]]:
     rows = [
         row("predict nothing", scores_from_stats(nothing), _by_fold(cases, inputs.folds, nothing))
     ]
-    scores = inputs.blend.get("scores", {})
-    for name, by_fold in scores.items():
-        label = {"tuned": "blend (tuned weights: in-sample)", "equal": "blend (equal weights)"}
+    for name, by_fold in inputs.blend.get("scores", {}).items():
         folds = [s["competition"] for k, s in by_fold.items() if k != "all"]
-        rows.append(row(label.get(name, name), by_fold["all"], folds))
+        rows.append(row(BLEND_ROWS.get(name, name), by_fold["all"], folds))
     rows.append(
         row(
             "blend + post-processing (tuned here: in-sample)",
@@ -244,6 +245,24 @@ def stuck_epochs(records: Sequence[Mapping[str, Any]], baseline: float) -> list[
         else:
             run = []
     return best if len(best) >= STUCK_EPOCHS else []
+
+
+def fold_warning(records: Sequence[Mapping[str, Any]], baseline: float) -> str | None:
+    """Why a fold's curve needs a look: it never beat predicting nothing, or it sat on that
+    score for several epochs; None when neither."""
+    scores = [r["competition"] for r in records if "competition" in r]
+    if scores and max(scores) <= baseline + STUCK_TOL:
+        return (
+            f"never beat predicting nothing (best validation rows-Dice {max(scores):.3f}, "
+            f"predict-nothing {baseline:.3f})"
+        )
+    epochs = stuck_epochs(records, baseline)
+    if epochs:
+        return (
+            f"validation rows-Dice at the predict-nothing score ({baseline:.3f}) "
+            f"for epochs {epochs[0]}-{epochs[-1]}"
+        )
+    return None
 
 
 def _duration(seconds: float) -> str:
@@ -307,10 +326,9 @@ def curves_figure(
                     epochs = stuck_epochs(records, baselines[fold])
                     if epochs:
                         ax.axvspan(epochs[0] - 0.5, epochs[-1] + 0.5, color="#f33", alpha=0.15)
-                        stuck.append(
-                            f"{model} fold {fold}: validation rows-Dice at the predict-nothing "
-                            f"score ({baselines[fold]:.3f}) for epochs {epochs[0]}-{epochs[-1]}"
-                        )
+                    warning = fold_warning(records, baselines[fold])
+                    if warning:
+                        stuck.append(f"{model} fold {fold}: {warning}")
             if key == "lr":
                 if values and min(values) > 0:
                     ax.set_yscale("log")
@@ -547,7 +565,7 @@ def write_report(path: str | Path, title: str, inputs: ReportInputs) -> Path:
     parts.append(f"<h2>Per-image scores (OOF blend)</h2>{_img(histogram_figure(cases))}")
     if inputs.logs:
         png, stuck = curves_figure(inputs.logs, fold_baselines(cases, inputs.folds))
-        flags = "".join(f"<p class='flag'>Stuck: {html.escape(s)}</p>" for s in stuck)
+        flags = "".join(f"<p class='flag'>{html.escape(s)}</p>" for s in stuck)
         parts.append(
             "<h2>Training curves</h2><p>Dashed: each fold's predict-nothing rows-Dice; a red "
             f"band marks epochs stuck on it. Loss axes are clipped above spikes.</p>{flags}"

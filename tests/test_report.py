@@ -52,6 +52,14 @@ def test_a_fold_at_the_empty_score_for_several_epochs_is_flagged() -> None:
     assert report.stuck_epochs([{**r, "competition": 0.6} for r in records], base) == []
 
 
+def test_a_fold_that_never_beats_predicting_nothing_is_flagged() -> None:
+    below = [{"epoch": e + 1, "competition": s} for e, s in enumerate([0.05, 0.2, 0.35])]
+    assert "never beat predicting nothing" in report.fold_warning(below, 0.475)
+    stuck = [{"epoch": e + 1, "competition": s} for e, s in enumerate([0.45, 0.45, 0.45, 0.8])]
+    assert "for epochs 1-3" in report.fold_warning(stuck, 0.45)
+    assert report.fold_warning(below, 0.1) is None
+
+
 def test_stage_times_read_as_durations() -> None:
     assert [report._duration(s) for s in (2.6, 89.6, 3725)] == ["2.6 s", "1 min 30 s", "1 h 02 min"]
 
