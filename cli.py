@@ -216,6 +216,12 @@ def pipeline_parser() -> argparse.ArgumentParser:
         help="train up to N folds at once, each its own process (one per GPU when several)",
     )
     p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log every fold, the scores, report.html and submission.csv to Weights & Biases "
+        "(offline runs in <out_dir>/<experiment>/wandb/ unless WANDB_MODE is set)",
+    )
+    p.add_argument(
         "--storage",
         help="optuna storage of the ensemble and tune studies, passed to both "
         "(default: sqlite:///<out_dir>/<experiment>/optuna.db)",

@@ -30,10 +30,11 @@ OBJECTIVES = ("competition", "dice_seg", "dice_neo", "dice_non", "mean_micro")
 _CHUNK = 64
 
 
-def _confusion(pred: Any, target: Any) -> np.ndarray:
+def confusion(pred: Any, target: Any) -> np.ndarray:
     """(N, 3, 3) confusion counts [image, pred class, target class] of a stacked batch.
 
-    The histogram of `pred * 3 + target` per image; torch tensors are counted with one
+    Public because the report shows it summed over the OOF set: which class is taken for
+    which. The histogram of `pred * 3 + target` per image; torch tensors are counted with one
     bincount over `image * 9 + code` where they live (GPU validation never copies full
     masks to the host).
     """
@@ -102,7 +103,7 @@ def class_stats(pred: Any, target: Any) -> np.ndarray:
         raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     if len(pred.shape) != 3:
         raise ValueError(f"expected class maps (N, H, W), got shape {tuple(pred.shape)}")
-    return _stats_from_confusion(_confusion(pred, target))
+    return _stats_from_confusion(confusion(pred, target))
 
 
 def _one_confusion(pred: Any, target: Any, index: int) -> np.ndarray:
@@ -110,7 +111,7 @@ def _one_confusion(pred: Any, target: Any, index: int) -> np.ndarray:
         raise ValueError(
             f"image {index}: pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}"
         )
-    return _confusion(pred[None], target[None])
+    return confusion(pred[None], target[None])
 
 
 def _dice(inter: np.ndarray, pred: np.ndarray, target: np.ndarray) -> np.ndarray:

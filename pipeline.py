@@ -38,6 +38,7 @@ import postprocess
 import postprocessing
 import predict
 import studies
+import tracking
 import train
 import tune
 from config import (
@@ -62,7 +63,7 @@ from metrics import class_stats, scores_from_stats
 from paths import Layout
 from postprocessing import PostprocessParams, class_maps, load_params
 from recipe import check_config, check_recipes_early
-from report import Case, write_report
+from report import BLEND_ROWS, Case, ReportInputs, write_report
 from runtime import Dist
 
 log = logging.getLogger("pipeline")
@@ -255,6 +256,12 @@ def _scores(stats: np.ndarray) -> dict[str, float]:
     return {k: scores[k] for k in SCORE_KEYS}
 
 
+def nothing_row(targets: Sequence[np.ndarray], **labels: str) -> dict[str, Any]:
+    """What an empty submission scores: every row whose class is absent counts as 1, so a
+    model must be read against this, not against 0."""
+    return {**labels, **_scores(class_stats([np.zeros_like(t) for t in targets], targets))}
+
+
 def test_scores(
     stores: dict[str, ProbMaps], params: PostprocessParams, data_dir: Path, cfg: dict[str, Any]
 ) -> list[dict[str, Any]]:
@@ -276,17 +283,11 @@ def test_scores(
         for variant, p in (("argmax", PostprocessParams()), ("post-processed", params)):
             preds = [m for _, m in class_maps(store, p)]
             rows.append({"model": label, "variant": variant, **_scores(class_stats(preds, gt))})
-    # What an empty submission scores: every row whose class is absent counts as 1, so a
-    # model must be read against this, not against 0.
-    gt = list(targets.values())
-    nothing = class_stats([np.zeros_like(t) for t in gt], gt)
-    return [{"model": "predict nothing", "variant": "baseline", **_scores(nothing)}, *rows]
+    return [nothing_row(list(targets.values()), model="predict nothing", variant="baseline"), *rows]
 
 
-def oof_cases(
-    store: ProbMaps, cfg: dict[str, Any], params: PostprocessParams, n: int = 3
-) -> tuple[list[Case], list[Case]]:
-    """The n best and n worst OOF images of the blend, by post-processed competition score."""
+def oof_cases(store: ProbMaps, cfg: dict[str, Any], params: PostprocessParams) -> list[Case]:
+    """Every OOF image of the blend, at argmax and post-processed, with both scores."""
     size = tuple(store.size)
     items = train_items(cfg, store.ids, size)
     cases = []
@@ -297,8 +298,7 @@ def oof_cases(
         stats = class_stats(np.stack([raw, post]), np.stack([target, target]))
         score, score_post = (scores_from_stats(stats[j : j + 1])["competition"] for j in (0, 1))
         cases.append(Case(item.id, image, target, raw, post, score, score_post))
-    cases.sort(key=lambda c: c.score_post)
-    return cases[::-1][:n], cases[:n]
+    return cases
 
 
 def format_rows(title: str, rows: Sequence[dict[str, Any]]) -> str:
@@ -322,9 +322,11 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     blend_doc = read_json(layout.weights)
     tuned = read_json(layout.postprocess)
     params = load_params(layout.postprocess)
-    oof_rows = []
+    cases = oof_cases(load_probs(layout.blend("oof")), cfg, params)
+    oof_rows = [nothing_row([c.target for c in cases], model="predict nothing")]
     for name, by_fold in blend_doc["scores"].items():
-        oof_rows.append({"model": name, **{k: by_fold["all"][k] for k in SCORE_KEYS}})
+        label = BLEND_ROWS.get(name, name)
+        oof_rows.append({"model": label, **{k: by_fold["all"][k] for k in SCORE_KEYS}})
     oof_rows.append(
         {
             "model": "blend + post-processing (tuned here: in-sample)",
@@ -339,24 +341,35 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
         tables.append(
             ("Test set (original size, test_gt/)", test_scores(stores, params, data_dir, cfg))
         )
-    timing_rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]
-    if timing_rows:
-        tables.append(("Stages run in this call", timing_rows))
-    best, worst = oof_cases(load_probs(layout.blend("oof")), cfg, params)
     logs = {
         n: {k: layout.fold(n, k) / "log.jsonl" for k in range(int(cfg["data"]["n_folds"]))}
         for n in names
     }
     steps = ", ".join(params.active_steps()) or "none"
     notes = [
-        f"Blend weights: {dict(zip(blend_doc['models'], blend_doc['weights'], strict=True))}.",
         f"Post-processing kept on OOF: {steps}.",
         *study_notes({"ensemble": blend_doc.get("study"), "tune": tuned.get("study")}),
     ]
-    report = write_report(
-        layout.report, f"neopolyp: {cfg['experiment']}", tables, logs, best, worst, notes
+    inputs = ReportInputs(
+        cfg=cfg,
+        tables=tables,
+        cases=cases,
+        folds=read_json(layout.folds)["folds"],
+        blend=blend_doc,
+        tuned=tuned,
+        logs=logs,
+        timings=timings,
+        submission=layout.submission,
+        test_images={s.id: s.image for s in list_test(data_dir)},
+        notes=notes,
     )
+    report = write_report(layout.report, f"neopolyp: {cfg['experiment']}", inputs)
+    timing_rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]
+    if timing_rows:
+        tables.append(("Stages run in this call", timing_rows))
     write_json(layout.scores, {"tables": {t: rows for t, rows in tables}})
+    if tracking.enabled(cfg):
+        tracking.log_summary(cfg, tables, blend_doc, tuned, [report, layout.submission])
     return {"tables": tables, "report": report}
 
 
@@ -377,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = cli.pipeline_parser().parse_args(argv)
     setup_logging()
     start = time.perf_counter()
+    if args.wandb:
+        args.set.append("+train.wandb=true")
     common = ["--config", args.config]
     for flag, value in (("--data-dir", args.data_dir), ("--out-dir", args.out_dir)):
         if value:

@@ -26,7 +26,6 @@ if __name__ == "__main__":
 import argparse
 import logging
 import math
-import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+import tracking
 from config import (
     ConfigError,
     model_entry,
@@ -116,20 +116,6 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- one fold
-
-
-def _start_wandb(cfg: dict[str, Any], directory: Path, name: str) -> Any:
-    """Offline unless WANDB_MODE says otherwise: training must never need an account."""
-    import wandb
-
-    mode = {} if "WANDB_MODE" in os.environ else {"mode": "offline"}
-    return wandb.init(
-        project=cfg["train"].get("wandb_project", "neopolyp"),
-        name=name,
-        dir=str(directory),
-        config=cfg,
-        **mode,
-    )
 
 
 def _resume(
@@ -220,9 +206,7 @@ def train_fold(
         write_recipe(out, recipe)
         save_config(cfg, out / "config.yaml")
         write_log(out / "log.jsonl", state.history)
-    wandb_run = None
-    if dist.is_main and cfg["train"].get("wandb"):
-        wandb_run = _start_wandb(cfg, out, f"{cfg['experiment']}-{model_name}-fold{fold}")
+    wandb_run = tracking.start_fold(cfg, model_name, fold) if dist.is_main else None
     try:
         for record in fit(cfg, learner, loaders, fold, dist, name, state):
             if dist.is_main:
@@ -251,7 +235,9 @@ def train_fold(
                 kill_point("epoch-saved")
                 write_log(out / "log.jsonl", state.history)
                 if wandb_run is not None:
-                    wandb_run.log(record, step=state.epoch)
+                    tracking.log_epoch(
+                        wandb_run, record, epochs, learner.eval_net, loaders.val_items, dist.device
+                    )
             log_epoch(name, epochs, record)
         if dist.is_main:
             write_fold_oof(cfg, out, loaders.val_items, split_id, model_name, fold, learner)

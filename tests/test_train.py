@@ -1,5 +1,5 @@
 """train.py on tiny synthetic data: artefacts, resume (exact and after SIGKILL), folds,
-guard rails and wandb offline logging."""
+and guard rails (wandb: test_tracking.py)."""
 
 from __future__ import annotations
 
@@ -198,16 +198,6 @@ def test_bad_arguments_exit_2_before_writing(
     assert train.main(["--config", str(config), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-
-def test_wandb_logs_offline_into_the_fold_folder(
-    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    config = write_config(tmp_path, tiny_data, epochs=1)
-    assert run_main(config, "--fold", "1", "--wandb") == 0
-    runs = list((fold_path(tmp_path, 1) / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and any(runs[0].iterdir())
 
 
 def test_seeded_sampler_shards_and_reproduces() -> None:

@@ -1,0 +1,115 @@
+"""report.html on a tiny run holds what a competitor checks first, and its error analysis
+names the right failure on hand-made masks."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import yaml
+
+import pipeline
+import report
+from config import config_hash, git_hash, load_config
+from data.reader import list_test
+from data.submission import write_submission
+from tests.trainkit import write_config
+
+
+def _square(size: int, box: tuple[int, int, int, int], value: int) -> np.ndarray:
+    out = np.zeros((size, size), np.uint8)
+    y0, y1, x0, x1 = box
+    out[y0:y1, x0:x1] = value
+    return out
+
+
+NEO = _square(32, (4, 14, 4, 14), 1)
+
+
+@pytest.mark.parametrize(
+    ("pred", "expected"),
+    [
+        (NEO, set()),
+        (np.zeros_like(NEO), {"missed"}),
+        (NEO + _square(32, (20, 28, 20, 28), 1), {"false_polyp"}),
+        (NEO * 2, {"wrong_class"}),
+        (NEO + _square(32, (4, 6, 4, 6), 1), {"stray"}),  # two pixels of 2 inside the polyp
+        (np.maximum(NEO, _square(32, (20, 28, 20, 28), 2)), {"false_polyp", "stray"}),
+    ],
+    ids=["right", "missed", "false polyp", "swapped region", "stray", "false + stray"],
+)
+def test_failure_types_name_the_error(pred, expected) -> None:
+    assert report.failure_types(pred, NEO) == expected
+
+
+def test_a_fold_at_the_empty_score_for_several_epochs_is_flagged() -> None:
+    base = 0.45
+    records = [{"epoch": e + 1, "competition": s} for e, s in enumerate([0.2, base, base, 0.451])]
+    assert report.stuck_epochs(records, base) == [2, 3, 4]
+    assert report.stuck_epochs(records[:3], base) == []  # two epochs: not yet stuck
+    assert report.stuck_epochs([{**r, "competition": 0.6} for r in records], base) == []
+
+
+def test_a_fold_that_never_beats_predicting_nothing_is_flagged() -> None:
+    below = [{"epoch": e + 1, "competition": s} for e, s in enumerate([0.05, 0.2, 0.35])]
+    assert "never beat predicting nothing" in report.fold_warning(below, 0.475)
+    stuck = [{"epoch": e + 1, "competition": s} for e, s in enumerate([0.45, 0.45, 0.45, 0.8])]
+    assert "for epochs 1-3" in report.fold_warning(stuck, 0.45)
+    assert report.fold_warning(below, 0.1) is None
+
+
+def test_stage_times_read_as_durations() -> None:
+    assert [report._duration(s) for s in (2.6, 89.6, 3725)] == ["2.6 s", "1 min 30 s", "1 h 02 min"]
+
+
+def test_the_submission_decodes_to_the_written_maps(tmp_path, tiny_data) -> None:
+    images = {s.id: s.image for s in list_test(tiny_data)}
+    rng = np.random.default_rng(0)
+    h, w = 128, 160
+    maps = {i: rng.integers(0, 3, (h, w)).astype(np.uint8) for i in images}
+    write_submission(tmp_path / "s.csv", maps.items())
+    decoded = report.read_submission(tmp_path / "s.csv", images)
+    assert decoded.keys() == maps.keys()
+    assert all(np.array_equal(decoded[i], maps[i]) for i in maps)
+
+
+def test_report_of_a_tiny_run_has_every_section(tmp_path, tiny_data) -> None:
+    path = write_config(tmp_path, tiny_data, epochs=2)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["ensemble"] = {"models": ["tiny"], "trials": 2, "objective": "competition"}
+    cfg["tune"] = {"trials": 2, "objective": "competition"}
+    path.write_text(yaml.safe_dump(cfg))
+    assert pipeline.main(["--config", str(path)]) == 0
+    exp = tmp_path / "out" / "tiny"
+    page = (exp / "report.html").read_text()
+    text = re.sub(r"<[^>]+>", " ", re.sub(r"<img[^>]+>", "[img]", page))
+
+    # every score table starts with the baseline; tuned rows say they are in-sample
+    for title in ("Out-of-fold (working", "Test set", "Per class"):
+        first_row = page.split(title, 1)[1].split("<tr><td>", 1)[1]
+        assert first_row.startswith("predict nothing"), title
+    assert "blend + post-processing (tuned here: in-sample)" in text
+    assert re.search(r"in-sample\)\s+[\d.]+(\s+[\d.]+){5}\s+[\d.]+ ± [\d.]+", text)
+
+    # the confusion matrix counts every OOF pixel once (24 images at 64x64)
+    matrix = page.split("class='confusion'>", 1)[1].split("</table>", 1)[0]
+    cells = [int(c.replace(",", "")) for c in re.findall(r"<td>([\d,]+) \(", matrix)]
+    assert len(cells) == 9 and sum(cells) == 24 * 64 * 64
+
+    # the failure groups, each with its count and a gallery or "none"
+    for name, _ in report.FAILURES.values():
+        assert re.search(rf"<h3>{name} \(\d+ images\)</h3>(<img|<p>none)", page), name
+
+    # the test gallery is the submission read back: every test image counted once
+    gallery = text.split("decoded from submission.csv", 1)[1]
+    counts = re.findall(r"(?:only|both|nothing)\s+(\d+)", gallery.split("[img]", 1)[0])
+    assert sum(map(int, counts)) == len(list_test(tiny_data)) and "[img]" in gallery
+
+    # provenance: this code, this config, this split
+    split = json.loads((exp / "folds.json").read_text())["split_id"]
+    head = page.split("class='provenance'>", 1)[1].split("</p>", 1)[0]
+    assert f"<code>{git_hash()}</code>" in head and f"<code>{split}</code>" in head
+    assert f"<code>{config_hash(load_config(path))}</code>" in head
+    assert re.search(r"Training curves.*?\[img\]", text, re.S)
