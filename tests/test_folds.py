@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -98,9 +99,16 @@ def test_rare_strata_are_merged_not_fatal(tmp_path: Path) -> None:
         "both": "red",
         "none": "red",
     }
-    folds = load_or_make_folds(tmp_path / "folds.json", labels, 5, seed=0)
+    with warnings.catch_warnings():
+        # StratifiedKFold only warns when a stratum is smaller than the number of folds:
+        # splitting on the unmerged strata must fail here, not pass with a warning.
+        warnings.simplefilter("error")
+        folds = load_or_make_folds(tmp_path / "folds.json", labels, 5, seed=0)
     assert set(folds.fold_of) == set(labels)
     assert "merged_strata" in (tmp_path / "folds.json").read_text()
+    # the merged stratum (red + both + none) is spread evenly: 33 images over 5 folds
+    merged = Counter(folds.fold_of[i] for i, s in labels.items() if s != "green")
+    assert sorted(merged.values()) == [6, 6, 7, 7, 7]
     with pytest.raises(DataError, match="cannot make 5 folds"):
         load_or_make_folds(tmp_path / "small.json", {"a": "red", "b": "red"}, 5, seed=0)
 

@@ -50,11 +50,14 @@ def test_split_region_becomes_one_class_by_probability_or_by_vote():
     assert (by_vote[10:30, 10:30] == 1).all() and by_vote.sum() == 400
 
 
-def test_specks_below_min_area_disappear():
+@pytest.mark.parametrize("region_mode", pp.REGION_MODES)
+def test_specks_below_min_area_disappear(region_mode: str) -> None:
+    """In every region mode: tune.py's second starting trial combines both steps."""
     cm = np.zeros((100, 100), np.uint8)
     cm[10:12, 10:12] = 2  # 4 px
     cm[50:55, 50:55] = 1  # 25 px
-    out = postprocess(probs_from(cm), (100, 100), PostprocessParams(min_area_frac=0.001))
+    params = PostprocessParams(min_area_frac=0.001, region_mode=region_mode)
+    out = postprocess(probs_from(cm), (100, 100), params)
     assert out[10:12, 10:12].sum() == 0
     np.testing.assert_array_equal(out[50:55, 50:55], 1)
     assert (postprocess(probs_from(cm), (100, 100)) == cm).all()
