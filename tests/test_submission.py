@@ -175,13 +175,14 @@ def test_every_problem_is_reported_with_its_line(test_dir, tmp_path):
     write_submission(good, class_maps().items())
     rows = [r for r in read_rows(good) if not r[0].startswith("a" * 32)]  # image a: no rows
     rows[1:1] = [["x", "y", "z"], ["d" * 32 + "_0", ""]]  # lines 2 and 3
-    rows.append(list(rows[3]))  # line 8 repeats line 4
+    rows += [list(rows[3]), ["e" * 32 + "_1", ""]]  # line 8 repeats line 4; line 9 extra
     bad = tmp_path / "bad.csv"
     write_rows(bad, rows)
     assert check_submission(bad, test_dir) == [
         "line 2: expected 2 fields, got 3",
         f"line 3: {'d' * 32 + '_0'!r} is not a test image row (extra row)",
         f"line 8: duplicate row {rows[3][0]}",
+        f"line 9: {'e' * 32 + '_1'!r} is not a test image row (extra row)",
         f"missing row {'a' * 32}_0",
         f"missing row {'a' * 32}_1",
     ]
