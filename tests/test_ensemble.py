@@ -162,6 +162,9 @@ def test_cli_writes_weights_and_blended_stores(experiment, capsys):
         good, bad = _by_id(exp / "good" / kind), _by_id(exp / "bad" / kind)
         out = load_probs(exp / "ensemble" / kind)
         assert out.meta["kind"] == kind and out.split_id == "s"
+        assert out.meta["model"] == "ensemble" and out.meta["models"] == ["good", "bad"]
+        assert out.meta["weights"] == [w_good, w_bad]
+        assert out.meta["provenance"]["stage"] == "ensemble"
         assert sorted(out.ids) == sorted(good)
         expected = np.stack([w_good * good[i] + w_bad * bad[i] for i in out.ids])
         assert np.abs(np.asarray(out.raw, np.float64) - expected).max() <= 1.0, kind

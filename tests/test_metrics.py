@@ -74,6 +74,8 @@ def test_stats_are_additive_and_lists_of_sizes_match_stacked():
 
 
 def test_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"image 0: pred shape \(2, 2\) != target shape \(2, 3\)"):
+        class_stats([np.zeros((2, 2), np.uint8)], [np.zeros((2, 3), np.uint8)])
     with pytest.raises(ValueError, match="shape"):
         class_stats(np.zeros((1, 2, 2), np.uint8), np.zeros((1, 2, 3), np.uint8))
     with pytest.raises(ValueError, match=r"outside 0\.\.2"):
