@@ -90,6 +90,16 @@ def test_opening_removes_thin_spurs_and_closing_bridges_gaps():
     cm[44, 60:90] = 1  # one-pixel spur
     out = postprocess(probs_from(cm), (100, 100), PostprocessParams(open_frac=0.05))
     assert out[44, 62:90].sum() == 0
+    # the smallest kernel: 2 px of the side, made odd (3 px), still opens
+    out = postprocess(probs_from(cm), (100, 100), PostprocessParams(open_frac=0.02))
+    assert out[44, 62:90].sum() == 0
+    # 4 and 5 px of the side are both the odd 5 x 5 ellipse: round corners, centred
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    expected = cv2.morphologyEx((cm > 0).astype(np.uint8), cv2.MORPH_OPEN, disc)
+    for frac in (0.04, 0.05):
+        out = postprocess(probs_from(cm), (100, 100), PostprocessParams(open_frac=frac))
+        np.testing.assert_array_equal(out, expected)
+    assert out[30, 30] == 0  # a square's corner does not survive a round kernel
     np.testing.assert_array_equal(out[33:57, 33:57], 1)
 
     cm = np.zeros((100, 100), np.uint8)
