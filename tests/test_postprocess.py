@@ -109,6 +109,9 @@ def test_opening_removes_thin_spurs_and_closing_bridges_gaps():
     out = postprocess(probs_from(cm), (100, 100), params)
     np.testing.assert_array_equal(out[35:55, 49:51], 2)
     assert (postprocess(probs_from(cm), (100, 100))[:, 49:51] == 0).all()
+    cm[30:60, 47:49] = cm[30:60, 51:53] = 0  # a 6-px gap: a 7-px kernel still bridges it
+    out = postprocess(probs_from(cm), (100, 100), params)
+    np.testing.assert_array_equal(out[35:55, 47:53], 2)
 
 
 def test_foreground_threshold_turns_uncertain_polyp_into_polyp():
@@ -136,6 +139,14 @@ def test_params_serialise_validate_and_switch_steps_off():
         PostprocessParams(region_mode="vote")
     with pytest.raises(ValueError, match="fg_threshold"):
         PostprocessParams(fg_threshold=1.5)
+
+
+def test_min_area_alone_keeps_each_pixels_class():
+    """Without region_mode, a region big enough to stay keeps its two classes."""
+    cm = np.zeros((40, 40), np.uint8)
+    cm[10:20, 10:15], cm[10:20, 15:20] = 1, 2
+    out = postprocess(probs_from(cm), (40, 40), PostprocessParams(min_area_frac=0.01))
+    np.testing.assert_array_equal(out, cm)
 
 
 def test_thin_regions_ties_and_odd_votes():
