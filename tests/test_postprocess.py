@@ -168,11 +168,12 @@ def test_thin_regions_ties_and_odd_votes():
 
 def test_more_than_255_regions_keep_their_own_class():
     """Label ids above 255 do not fit the uint8 lookup table: they must not wrap around."""
-    cm = np.zeros((64, 64), np.uint8)
-    cm[::2, ::2] = 1  # 32 x 32 = 1024 separate one-pixel regions
-    cm[40::2, ::2] = 2  # the last 12 rows of specks (labels > 255) are class 2
-    out = postprocess(probs_from(cm), (64, 64), PostprocessParams(region_mode="majority"))
-    np.testing.assert_array_equal(out, cm)
+    for n_rows in (16, 32):  # 256 regions (label 256 is the last), then 1024
+        cm = np.zeros((64, 64), np.uint8)
+        cm[: 2 * n_rows : 2, :32:2] = 1  # n_rows x 16 separate one-pixel regions
+        cm[2 * n_rows - 4 : 2 * n_rows : 2, :32:2] = 2  # the last two rows of specks: class 2
+        out = postprocess(probs_from(cm), (64, 64), PostprocessParams(region_mode="majority"))
+        np.testing.assert_array_equal(out, cm)
 
 
 def test_foreground_threshold_is_strict_on_store_codes():
