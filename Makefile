@@ -32,8 +32,8 @@ demo: install
 	$(PY) pipeline.py --config configs/demo.yaml --data-dir $(DEMO_DATA) --out-dir $(DEMO_OUT) --parallel 2
 
 # Mutation check of the modules that decide the submission ([tool.mutmut] in pyproject.toml,
-# scores in docs/mutation.md). Not in `make test` or CI: it takes about half an hour on 2
-# cores, so it runs at the lowest priority, one child, and one run per machine at a time.
+# scores in docs/mutation.md). Not in `make test` or CI: it takes hours on 2 cores, so it
+# runs at the lowest priority, one child, and one run per machine at a time.
 # `$(VENV)/bin/mutmut results` then lists the survivors, `mutmut show NAME` shows one.
 mutation: install
 	nice -n 19 flock -n /tmp/neopolyp-mutmut.lock $(VENV)/bin/mutmut run --max-children 1
