@@ -6,7 +6,7 @@ DEMO_SEED ?= 0
 DEMO_DATA ?= demo_data_seed$(DEMO_SEED)
 DEMO_OUT ?= outputs
 
-.PHONY: install test lint format demo clean
+.PHONY: install test lint format demo mutation clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,5 +31,12 @@ demo: install
 	test -d $(DEMO_DATA) || $(PY) -m data.synthetic --out $(DEMO_DATA) --n-train 120 --n-test 40 --seed $(DEMO_SEED)
 	$(PY) pipeline.py --config configs/demo.yaml --data-dir $(DEMO_DATA) --out-dir $(DEMO_OUT) --parallel 2
 
+# Mutation check of the modules that decide the submission ([tool.mutmut] in pyproject.toml,
+# scores in docs/mutation.md). Not in `make test` or CI: it takes hours on 2 cores, so it
+# runs at the lowest priority, one child, and one run per machine at a time.
+# `$(VENV)/bin/mutmut results` then lists the survivors, `mutmut show NAME` shows one.
+mutation: install
+	nice -n 19 flock -n /tmp/neopolyp-mutmut.lock $(VENV)/bin/mutmut run --max-children 1
+
 clean:
-	rm -rf outputs demo_data_seed*
+	rm -rf outputs demo_data_seed* mutants

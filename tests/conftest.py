@@ -25,6 +25,12 @@ def tiny_data_nested(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(out, 24, 6, seed=0, nested=True, size=TINY_SIZE)
 
 
+@pytest.fixture(scope="session")
+def full_size_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 train + 2 test frames at the real set's size (1280 wide, 959-1024 high). Read-only."""
+    return generate(tmp_path_factory.mktemp("full") / "data", 6, 2, seed=3)
+
+
 @pytest.fixture
 def tiny_data_copy(tiny_data: Path, tmp_path: Path) -> Path:
     """A private copy of `tiny_data` that a test may damage."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import predict
 from config import load_config, model_entry
 from models import ZOO, build_model
 from recipe import check_config
@@ -30,7 +31,7 @@ def test_shipped_config_is_consistent(path: Path) -> None:
         assert entry["arch"] in ZOO
         with torch.device("meta"):  # arguments checked without allocating 100M parameters
             build_model(entry["arch"], pretrained=None, **entry["kwargs"])
-    assert cfg["predict"]["tta"] in ("none", "hflip", "flip", "d4")
+    predict.tta_transforms(cfg["predict"]["tta"])  # ConfigError for an unknown TTA
 
 
 def test_demo_config_trains_two_architectures_on_three_folds() -> None:

@@ -40,6 +40,11 @@ def test_blend_is_the_weighted_mean_of_the_codes():
     np.testing.assert_array_equal(blend([a, b], [1, 0]), a)
     with pytest.raises(ValueError, match="positive sum"):
         blend([a, b], [0, 0])
+    # a negative weight could cancel a model out, even when the weights sum to 1
+    with pytest.raises(ValueError, match="non-negative"):
+        blend([a, b], [2, -1])
+    with pytest.raises(ValueError, match="non-negative"):
+        blend_stats([a, b], np.zeros((3, 4, 5), np.uint8), [1.5, -0.5])
 
 
 def test_search_gives_the_right_model_most_of_the_weight():
@@ -99,29 +104,34 @@ def test_mixed_splits_and_different_images_are_refused(tmp_path):
 
 @pytest.fixture
 def experiment(tiny_data, tmp_path):
+    """Two models' OOF and test stores, each model's in its own image order: "good" OOF maps
+    are right, "bad" ones wrong; test maps are random and differ between the models."""
     cfg = {"experiment": "exp", "data_dir": str(tiny_data), "out_dir": str(tmp_path), "seed": 0}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     train_ids = [s.id for s in list_train(tiny_data)]
     test_ids = [s.id for s in list_test(tiny_data)]
     targets = ensemble.load_targets(cfg, train_ids, WORK)
     folds = [i % 3 for i in range(len(train_ids))]
+    rng = np.random.default_rng(0)
     exp = tmp_path / "exp"
-    for name, probs in (("good", one_hot(targets, 0.6)), ("bad", one_hot((targets + 1) % 3))):
+    oof = {"good": one_hot(targets, 0.6), "bad": one_hot((targets + 1) % 3)}
+    for name, order in (("good", slice(None)), ("bad", slice(None, None, -1))):
         save_probs(
             exp / name / "oof",
-            train_ids,
-            probs,
+            train_ids[order],
+            oof[name][order],
             [(128, 160)] * len(train_ids),
             kind="oof",
             model=name,
             split_id="s",
-            folds=folds,
+            folds=folds[order],
         )
-        test = np.full((len(test_ids), 3, *WORK), 85, np.uint8)
+    test_orders = {"good": test_ids[::-1], "bad": list(np.roll(test_ids, 2))}
+    for name, order in test_orders.items():
         save_probs(
             exp / name / "test",
-            test_ids[::-1],
-            test,
+            order,
+            rng.integers(0, 256, (len(test_ids), 3, *WORK), dtype=np.uint8),
             [(128, 160)] * len(test_ids),
             kind="test",
             model=name,
@@ -130,20 +140,37 @@ def experiment(tiny_data, tmp_path):
     return tmp_path, exp, targets
 
 
+def _by_id(path) -> dict[str, np.ndarray]:
+    store = load_probs(path)
+    return {i: np.asarray(store.raw[k], np.float64) for k, i in enumerate(store.ids)}
+
+
 def test_cli_writes_weights_and_blended_stores(experiment, capsys):
     root, exp, _ = experiment
     argv = ["--config", str(root / "c.yaml"), "--models", "good", "bad", "--trials", "10"]
     assert ensemble.main(argv) == 0
     doc = json.loads((exp / "ensemble" / "weights.json").read_text())
     assert doc["models"] == ["good", "bad"] and doc["split_id"] == "s"
-    assert doc["weights"][0] > doc["weights"][1]
+    w_good, w_bad = doc["weights"]
+    assert w_good > w_bad > 0.01  # both models count, so a one-model blend would show
     assert doc["scores"]["tuned"]["all"]["competition"] == 1.0
     assert "provenance" in doc and doc["trials"] == 10
-    oof = load_probs(exp / "ensemble" / "oof")
-    assert oof.meta["kind"] == "oof" and oof.split_id == "s" and len(oof.meta["folds"]) == 24
-    test = load_probs(exp / "ensemble" / "test")
-    assert test.meta["kind"] == "test" and len(test) == 6
     assert "tuned" in capsys.readouterr().out
+    # every blended map is the weighted mean of the two models' maps of the same image id,
+    # whatever order each model's store holds its images in
+    for kind in ("oof", "test"):
+        good, bad = _by_id(exp / "good" / kind), _by_id(exp / "bad" / kind)
+        out = load_probs(exp / "ensemble" / kind)
+        assert out.meta["kind"] == kind and out.split_id == "s"
+        assert out.meta["model"] == "ensemble" and out.meta["models"] == ["good", "bad"]
+        assert out.meta["weights"] == [w_good, w_bad]
+        assert out.meta["provenance"]["stage"] == "ensemble"
+        assert sorted(out.ids) == sorted(good)
+        expected = np.stack([w_good * good[i] + w_bad * bad[i] for i in out.ids])
+        assert np.abs(np.asarray(out.raw, np.float64) - expected).max() <= 1.0, kind
+    oof = load_probs(exp / "ensemble" / "oof")
+    good_oof = load_probs(exp / "good" / "oof")
+    assert oof.ids == good_oof.ids and oof.meta["folds"] == good_oof.meta["folds"]
 
 
 def test_cli_continues_its_study_and_a_changed_input_starts_another(experiment):
@@ -177,7 +204,7 @@ def test_cli_continues_its_study_and_a_changed_input_starts_another(experiment):
     save_probs(
         exp / "bad" / "oof",
         bad.ids,
-        one_hot((targets + 2) % 3),
+        one_hot((targets[::-1] + 2) % 3),  # the "bad" store holds its images reversed
         bad.orig_sizes,
         kind="oof",
         model="bad",

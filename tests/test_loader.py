@@ -13,17 +13,10 @@ import torch
 from data.cache import CachedItem
 from data.dataset import SegDataset
 from data.loader import LoaderStalled, make_loader
-from data.synthetic import generate
 from tests.trainkit import ROOT, write_config
 
 # Generous: the run takes ~20 s; the limit only turns a deadlock into a failure.
 HANG_LIMIT_S = 300
-
-
-@pytest.fixture(scope="module")
-def full_size_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 train + 2 test frames at the real set's size (1280 wide, 959-1024 high)."""
-    return generate(tmp_path_factory.mktemp("full") / "data", 6, 2, seed=3)
 
 
 def test_full_size_train_and_predict_with_a_worker_finish(

@@ -55,6 +55,16 @@ def test_stats_are_additive_and_lists_of_sizes_match_stacked():
     pred = rng.integers(0, 3, (5, 7, 9), dtype=np.uint8)
     target = rng.integers(0, 3, (5, 7, 9), dtype=np.uint8)
     stacked = class_stats(pred, target)
+    # per-fold stats summed give the whole set's counts, hence its micro Dice
+    folds = ([0, 2, 4], [1, 3])
+    per_fold = [class_stats(pred[f], target[f]) for f in folds]
+    summed = sum(s.sum(axis=0) for s in per_fold)
+    np.testing.assert_array_equal(summed, stacked.sum(axis=0))
+    whole = scores_from_stats(stacked)
+    for row, key in enumerate(("dice_neo", "dice_non", "dice_seg")):
+        inter, n_pred, n_true = summed[row]
+        assert whole[key] == pytest.approx(2 * inter / (n_pred + n_true))
+    assert scores_from_stats(np.concatenate(per_fold)) == pytest.approx(whole)
     listed = class_stats(list(pred), list(target))
     np.testing.assert_array_equal(stacked, listed)
     np.testing.assert_array_equal(class_stats(torch.from_numpy(pred), target), stacked)
@@ -64,6 +74,8 @@ def test_stats_are_additive_and_lists_of_sizes_match_stacked():
 
 
 def test_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"image 0: pred shape \(2, 2\) != target shape \(2, 3\)"):
+        class_stats([np.zeros((2, 2), np.uint8)], [np.zeros((2, 3), np.uint8)])
     with pytest.raises(ValueError, match="shape"):
         class_stats(np.zeros((1, 2, 2), np.uint8), np.zeros((1, 2, 3), np.uint8))
     with pytest.raises(ValueError, match=r"outside 0\.\.2"):

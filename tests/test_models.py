@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 from config import ConfigError
@@ -69,10 +70,15 @@ def test_sized_models_have_published_figures() -> None:
 
 
 def test_pranet_published_count_includes_the_unused_classifier() -> None:
-    # 32.5M is the reference model with Res2Net's ImageNet fc (2048→1000) left in.
+    """The published figure is the reference model with Res2Net-50's ImageNet classifier
+    left in; PraNet never uses it, so the comparable count leaves it out."""
+    with torch.device("meta"):
+        res2net = timm.create_model("res2net50_26w_4s")
     entry = ZOO["pranet"]
-    assert entry.published_m == 32.5
-    assert entry.comparable_m == pytest.approx(32.5 - 2.049, abs=1e-3)
+    assert entry.comparable_m == pytest.approx(entry.published_m - n_params(res2net.fc) / 1e6)
+    with torch.device("meta"):
+        pranet = build_model("pranet")
+    assert not any(m.out_features == 1000 for m in pranet.modules() if hasattr(m, "out_features"))
 
 
 def test_num_classes_and_kwargs_override() -> None:
@@ -121,7 +127,10 @@ def test_size_table_counts_real_parameters_and_flops(capsys: pytest.CaptureFixtu
     )
     models_main(["--names", "emcad_b0", "--size", "64", "96"])
     table = capsys.readouterr().out
-    assert "| emcad_b0 | 3.92 |" in table and "1×3×64×96" in table
+    row = measure("emcad_b0", (64, 96))
+    line = next(x for x in table.splitlines() if x.startswith("| emcad_b0 |"))
+    assert line.startswith(f"| emcad_b0 | {row['params_m']:.2f} | {row['encoder_m']:.2f} |")
+    assert f"| {ZOO['emcad_b0'].published_m:.2f} |" in line and "1×3×64×96" in table
 
 
 def test_any_smp_architecture_builds_by_name_with_the_shared_encoder_argument():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,7 +15,11 @@ import pipeline
 from data.probstore import load_probs
 from data.reader import list_test_gt, load_mask
 from data.submission import check_submission
+from metrics import class_stats, scores_from_stats
+from postprocess import PostprocessParams, class_maps
 from tests.trainkit import write_config
+
+TEST_TABLE = "Test set (original size, test_gt/)"
 
 
 def _config(tmp_path, tiny_data):
@@ -51,7 +56,7 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     assert "Training curves" in html and "Worst out-of-fold cases" in html
     assert "data:image/png;base64," in html
     tables = json.loads((exp / "scores.json").read_text())["tables"]
-    test_rows = tables["Test set (original size, test_gt/)"]
+    test_rows = tables[TEST_TABLE]
     assert {r["model"] for r in test_rows} == {"predict nothing", "tiny", "tiny2", "blend"}
     assert all(0.0 <= r["competition"] <= 1.0 for r in test_rows)
     # The baseline row, recomputed by hand: a row (image x class) scores 1 when its class
@@ -71,6 +76,20 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     ran = _stages_run(out)
     assert not any(s.startswith(("predict", "ensemble", "tune")) for s in ran), ran
 
+    # The test set's "post-processed" rows use the tuned parameters: here, hand-set ones
+    # in a postprocess.json that is still up to date, so tune.py does not rerun.
+    tuned_file = exp / "postprocess.json"
+    tuned = json.loads(tuned_file.read_text())
+    tuned["params"] = PostprocessParams(fg_threshold=0.05, min_area_frac=0.01).to_dict()
+    tuned_file.write_text(json.dumps(tuned))
+    assert pipeline.main(["--config", str(config)]) == 0
+    assert "tune" not in _stages_run(capsys.readouterr().out)
+    rows = json.loads((exp / "scores.json").read_text())["tables"][TEST_TABLE]
+    blend = {r["variant"]: r for r in rows if r["model"] == "blend"}
+    by_hand = _competition_by_hand(exp / "ensemble" / "test", tiny_data, tuned["params"])
+    assert blend["post-processed"]["competition"] == pytest.approx(by_hand)
+    assert blend["argmax"]["competition"] != pytest.approx(by_hand)
+
     # a changed setting reruns the stage that depends on it, and what follows, not training
     assert pipeline.main(["--config", str(config), "--set", "tune.trials=4"]) == 0
     ran = _stages_run(capsys.readouterr().out)
@@ -80,13 +99,31 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     assert {"predict tiny", "predict tiny2", "ensemble", "tune"} <= ran
     assert load_probs(exp / "tiny" / "oof").meta["tta"] == "hflip"
     assert all(p.stat().st_mtime_ns == before[p] for p in exp.glob("*/fold*/*.pt"))
+    # another model list reruns the blend, although every model store is older than it
+    hflip_tiny = ["--set", "predict.tta=hflip", "--set", "ensemble.models=[tiny]"]
+    assert pipeline.main(["--config", str(config), *hflip_tiny]) == 0
+    ran = _stages_run(capsys.readouterr().out)
+    assert "ensemble" in ran and not any(s.startswith("predict") for s in ran), ran
+    assert json.loads((exp / "ensemble" / "weights.json").read_text())["models"] == ["tiny"]
+    assert load_probs(exp / "ensemble" / "test").meta["models"] == ["tiny"]
+
+
+def _competition_by_hand(store_dir: Path, data_dir: Path, params: dict) -> float:
+    """Competition score of a test store post-processed with `params`, from `metrics`."""
+    gt = {s.id: load_mask(s.mask) for s in list_test_gt(data_dir)}
+    ids, preds = zip(*class_maps(load_probs(store_dir), PostprocessParams(**params)), strict=True)
+    return scores_from_stats(class_stats(list(preds), [gt[i] for i in ids]))["competition"]
 
 
 def _stages_run(out: str) -> set[str]:
-    """The rows of the "Stages run in this call" table that took any time."""
+    """The stages after training in the "Stages run in this call" table.
+
+    Training is always called (it skips complete folds itself), so its rows say nothing;
+    every other stage has a row only when the pipeline found it stale, however fast it was.
+    """
     table = out.split("Stages run in this call")[1].split("report:")[0]
-    rows = [line.rsplit(None, 1) for line in table.strip().splitlines()[1:]]
-    return {name.strip() for name, seconds in rows if float(seconds) > 0}
+    rows = [line.rsplit(None, 1)[0].strip() for line in table.strip().splitlines()[1:]]
+    return {name for name in rows if not name.startswith("train")}
 
 
 def test_stale_outputs_follow_their_inputs(tmp_path):

@@ -11,6 +11,9 @@ from data.probstore import save_probs
 from data.submission import check_submission, rle_decode
 from postprocessing import PostprocessParams, postprocess
 
+# numpy's divide-by-zero and invalid-cast warnings mean a wrong array operation, not noise
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 
 def probs_from(class_map, conf=0.8):
     """Soft probabilities whose argmax is `class_map` (confidence `conf`)."""
@@ -51,11 +54,19 @@ def test_split_region_becomes_one_class_by_probability_or_by_vote():
     assert (by_vote[10:30, 10:30] == 1).all() and by_vote.sum() == 400
 
 
-def test_specks_below_min_area_disappear():
+@pytest.mark.parametrize("region_mode", pp.REGION_MODES)
+def test_specks_below_min_area_disappear(region_mode: str) -> None:
+    """In every region mode: tune.py's second starting trial combines both steps."""
     cm = np.zeros((100, 100), np.uint8)
     cm[10:12, 10:12] = 2  # 4 px
     cm[50:55, 50:55] = 1  # 25 px
-    out = postprocess(probs_from(cm), (100, 100), PostprocessParams(min_area_frac=0.001))
+    params = PostprocessParams(min_area_frac=0.001, region_mode=region_mode)
+    out = postprocess(probs_from(cm), (100, 100), params)
+    # a region of exactly the minimum area stays
+    at_limit = PostprocessParams(min_area_frac=0.0025, region_mode=region_mode)
+    np.testing.assert_array_equal(
+        postprocess(probs_from(cm), (100, 100), at_limit)[50:55, 50:55], 1
+    )
     assert out[10:12, 10:12].sum() == 0
     np.testing.assert_array_equal(out[50:55, 50:55], 1)
     assert (postprocess(probs_from(cm), (100, 100)) == cm).all()
@@ -80,6 +91,16 @@ def test_opening_removes_thin_spurs_and_closing_bridges_gaps():
     cm[44, 60:90] = 1  # one-pixel spur
     out = postprocess(probs_from(cm), (100, 100), PostprocessParams(open_frac=0.05))
     assert out[44, 62:90].sum() == 0
+    # the smallest kernel: 2 px of the side, made odd (3 px), still opens
+    out = postprocess(probs_from(cm), (100, 100), PostprocessParams(open_frac=0.02))
+    assert out[44, 62:90].sum() == 0
+    # 4 and 5 px of the side are both the odd 5 x 5 ellipse: round corners, centred
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    expected = cv2.morphologyEx((cm > 0).astype(np.uint8), cv2.MORPH_OPEN, disc)
+    for frac in (0.04, 0.05):
+        out = postprocess(probs_from(cm), (100, 100), PostprocessParams(open_frac=frac))
+        np.testing.assert_array_equal(out, expected)
+    assert out[30, 30] == 0  # a square's corner does not survive a round kernel
     np.testing.assert_array_equal(out[33:57, 33:57], 1)
 
     cm = np.zeros((100, 100), np.uint8)
@@ -89,6 +110,9 @@ def test_opening_removes_thin_spurs_and_closing_bridges_gaps():
     out = postprocess(probs_from(cm), (100, 100), params)
     np.testing.assert_array_equal(out[35:55, 49:51], 2)
     assert (postprocess(probs_from(cm), (100, 100))[:, 49:51] == 0).all()
+    cm[30:60, 47:49] = cm[30:60, 51:53] = 0  # a 6-px gap: a 7-px kernel still bridges it
+    out = postprocess(probs_from(cm), (100, 100), params)
+    np.testing.assert_array_equal(out[35:55, 47:53], 2)
 
 
 def test_foreground_threshold_turns_uncertain_polyp_into_polyp():
@@ -116,6 +140,78 @@ def test_params_serialise_validate_and_switch_steps_off():
         PostprocessParams(region_mode="vote")
     with pytest.raises(ValueError, match="fg_threshold"):
         PostprocessParams(fg_threshold=1.5)
+
+
+def test_min_area_alone_keeps_each_pixels_class():
+    """Without region_mode, a region big enough to stay keeps its two classes."""
+    cm = np.zeros((40, 40), np.uint8)
+    cm[10:20, 10:15], cm[10:20, 15:20] = 1, 2
+    out = postprocess(probs_from(cm), (40, 40), PostprocessParams(min_area_frac=0.01))
+    np.testing.assert_array_equal(out, cm)
+
+
+def test_thin_regions_ties_and_odd_votes():
+    # a polyp one pixel wide is still a polyp (its bounding box is 1 pixel wide)
+    cm = np.zeros((20, 20), np.uint8)
+    cm[3:15, 7] = 2
+    np.testing.assert_array_equal(postprocess(probs_from(cm), (20, 20)), cm)
+    # one region, 2 pixels of each class: a tie goes to class 1, by vote and by probability
+    cm = np.zeros((10, 10), np.uint8)
+    cm[4, 3:5], cm[4, 5:7] = 1, 2
+    for mode in ("majority", "prob"):
+        out = postprocess(probs_from(cm), (10, 10), PostprocessParams(region_mode=mode))
+        np.testing.assert_array_equal(out[4, 3:7], 1)
+    # 3 pixels, 2 of class 2: a majority of one vote wins
+    cm[4, 3:4], cm[4, 4:6], cm[4, 6] = 1, 2, 0
+    out = postprocess(probs_from(cm), (10, 10), PostprocessParams(region_mode="majority"))
+    np.testing.assert_array_equal(out[4, 3:6], 2)
+
+
+def test_more_than_255_regions_keep_their_own_class():
+    """Label ids above 255 do not fit the uint8 lookup table: they must not wrap around."""
+    for n_rows in (16, 32):  # 256 regions (label 256 is the last), then 1024
+        cm = np.zeros((64, 64), np.uint8)
+        cm[: 2 * n_rows : 2, :32:2] = 1  # n_rows x 16 separate one-pixel regions
+        cm[2 * n_rows - 4 : 2 * n_rows : 2, :32:2] = 2  # the last two rows of specks: class 2
+        out = postprocess(probs_from(cm), (64, 64), PostprocessParams(region_mode="majority"))
+        np.testing.assert_array_equal(out, cm)
+
+
+def test_foreground_threshold_is_strict_on_store_codes():
+    """Polyp where 1 - p_bg > t: a background code of exactly (1 - t) * 255 stays background."""
+    codes = np.zeros((3, 4, 4), np.uint8)
+    codes[0], codes[1], codes[2] = 153, 51, 51  # p_bg = 0.6
+    assert postprocess(codes, (4, 4), PostprocessParams(fg_threshold=0.4)).sum() == 0
+    codes[0] = 152
+    np.testing.assert_array_equal(postprocess(codes, (4, 4), PostprocessParams(0.4)), 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"fg_threshold": 0.0}, "fg_threshold must be in (0, 1)"),
+        ({"fg_threshold": 1.0}, "fg_threshold must be in (0, 1)"),
+        ({"min_area_frac": 1.0}, "min_area_frac must be in [0, 1), got 1.0"),
+        ({"open_frac": 1.5}, "open_frac must be in [0, 1), got 1.5"),
+        ({"close_frac": -0.1}, "close_frac must be in [0, 1), got -0.1"),
+    ],
+)
+def test_out_of_range_params_are_refused(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        PostprocessParams(**kwargs)
+    assert message in str(info.value)
+
+
+def test_bad_maps_and_unknown_params_are_named(tmp_path):
+    for shape in ((4, 5, 5), (3, 5)):
+        with pytest.raises(ValueError, match="probs must be"):
+            postprocess(np.zeros(shape, np.float32), (5, 5))
+    with pytest.raises(ValueError, match="unknown post-processing parameters: foo, zed"):
+        PostprocessParams.from_dict({"zed": 1, "foo": 2})
+    # postprocess.json of tune.py ({"params": ...}) or the bare parameters both load
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"min_area_frac": 0.01}))
+    assert pp.load_params(flat) == PostprocessParams(min_area_frac=0.01)
 
 
 @pytest.fixture
@@ -166,6 +262,19 @@ def test_cli_refuses_store_with_wrong_sizes_before_writing(experiment, capsys):
     save_probs(other, list(sizes)[:2], probs[:2], wrong[:2], kind="test", model="m")
     assert submission_stage.main(["--config", str(root / "c.yaml"), "--probs", str(other)]) == 2
     assert "1 missing" in capsys.readouterr().err
+
+
+def test_a_submission_that_fails_its_check_is_not_written(experiment, monkeypatch):
+    """The last guard before upload: check_submission's verdict decides, whatever wrote it."""
+    root, _ = experiment
+    monkeypatch.setattr(
+        submission_stage, "check_submission", lambda path, data_dir: ["line 2: broken"]
+    )
+    out = root / "exp" / "submission.csv"
+    store = submission_stage.load_probs(root / "exp" / "ensemble" / "test")
+    made = submission_stage.make_submission(store, PostprocessParams(), root / "data", out)
+    assert made == ["line 2: broken"]
+    assert not out.exists() and list((root / "exp").glob(".submission*")) == []
 
 
 def test_working_on_the_foreground_window_equals_the_whole_image():

@@ -82,13 +82,20 @@ def test_concat_joins_and_refuses_mixed_splits(tmp_path):
     save(tmp_path / "c", n=2, prefix="c", split_id="other")
     a, b = load_probs(tmp_path / "a"), load_probs(tmp_path / "b")
     joined = concat([a, b])
-    assert joined.ids == ["a0", "a1", "b0", "b1", "b2"]
-    assert joined.meta["folds"] == [0, 0, 1, 1, 1]
+    assert joined.ids == joined.meta["ids"] == ["a0", "a1", "b0", "b1", "b2"]
+    assert joined.orig_sizes == [(100, 200), (101, 200), (100, 200), (101, 200), (102, 200)]
+    assert joined.meta["orig_sizes"] == [list(s) for s in joined.orig_sizes]
+    assert joined.meta["folds"] == [0, 0, 1, 1, 1] and joined.split_id == "s1"
     np.testing.assert_array_equal(joined.raw[2:], b.raw)
-    with pytest.raises(DataError, match="different fold splits"):
+    # a store without per-image folds: no fold list can line up with the joined ids
+    save(tmp_path / "d", n=1, prefix="d")
+    assert concat([a, load_probs(tmp_path / "d")]).meta["folds"] is None
+    with pytest.raises(DataError, match="different fold splits cannot be joined"):
         concat([a, load_probs(tmp_path / "c")])
     with pytest.raises(DataError, match="duplicate ids"):
         concat([a, a])
+    with pytest.raises(ValueError, match="concat needs at least one store"):
+        concat([])
 
 
 def test_failed_save_leaves_existing_store_untouched(tmp_path):

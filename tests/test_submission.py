@@ -64,12 +64,20 @@ def test_rle_edge_cases():
         ("1 0", "non-positive"),
         ("1 3 2 2", "overlap"),
         ("5 1 1 1", "overlap"),
+        ("1 1 5 3 6 1", "overlap"),  # the third run overlaps the second, not the first
         ("10 4", "beyond"),
     ],
 )
 def test_rle_decode_rejects_malformed(text, reason):
     with pytest.raises(ValueError, match=reason):
         rle_decode(text, (3, 4))
+
+
+def test_rle_decode_accepts_touching_runs_as_uint8():
+    """Another encoder may split one run in two touching ones: that is still valid."""
+    mask = rle_decode("1 2 3 2", (1, 5))
+    assert mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 1, 0]])
 
 
 @pytest.fixture
@@ -108,6 +116,7 @@ def test_written_submission_is_valid_and_decodes_back(test_dir, tmp_path):
     assert check_submission(path, test_dir) == []
     rows = read_rows(path)
     assert rows[0] == ["Id", "Expected"] and len(rows) == 7
+    assert b"\r" not in path.read_bytes()  # plain "\n" line ends, as Kaggle's sample file
     by_id = dict(rows[1:])
     for image_id, m in maps.items():
         np.testing.assert_array_equal(rle_decode(by_id[f"{image_id}_0"], m.shape), m == 1)
@@ -159,6 +168,31 @@ def test_checker_names_each_kind_of_broken_file(test_dir, tmp_path, kind, reason
     problems = check_submission(bad, test_dir)
     assert len(problems) == 1, problems
     assert reason in problems[0]
+
+
+def test_every_problem_is_reported_with_its_line(test_dir, tmp_path):
+    good = tmp_path / "good.csv"
+    write_submission(good, class_maps().items())
+    rows = [r for r in read_rows(good) if not r[0].startswith("a" * 32)]  # image a: no rows
+    rows[1:1] = [["x", "y", "z"], ["d" * 32 + "_0", ""]]  # lines 2 and 3
+    rows += [list(rows[3]), ["e" * 32 + "_1", ""]]  # line 8 repeats line 4; line 9 extra
+    bad = tmp_path / "bad.csv"
+    write_rows(bad, rows)
+    assert check_submission(bad, test_dir) == [
+        "line 2: expected 2 fields, got 3",
+        f"line 3: {'d' * 32 + '_0'!r} is not a test image row (extra row)",
+        f"line 8: duplicate row {rows[3][0]}",
+        f"line 9: {'e' * 32 + '_1'!r} is not a test image row (extra row)",
+        f"missing row {'a' * 32}_0",
+        f"missing row {'a' * 32}_1",
+    ]
+
+
+@pytest.mark.parametrize("rows, got", [([], "an empty file"), ([["id", "rle"]], "['id', 'rle']")])
+def test_a_wrong_header_is_named(tmp_path, test_dir, rows, got):
+    path = tmp_path / "sub.csv"
+    write_rows(path, rows)
+    assert check_submission(path, test_dir) == [f"{path}: header must be Id,Expected, got {got}"]
 
 
 def test_cli_exit_codes(test_dir, tmp_path):
