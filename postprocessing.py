@@ -40,12 +40,15 @@ import cv2
 import numpy as np
 from joblib import Parallel, delayed
 
-from config import ConfigError
+from config import ConfigError, experiment_dir
 from data.probstore import ProbMaps
+from data.reader import DataError
 
 log = logging.getLogger("postprocessing")
 
 REGION_MODES = ("none", "prob", "majority")
+# refine.py's outputs, under the experiment folder: refine.json and the oof/test stores.
+REFINE_DIR = "refine"
 
 
 @dataclass
@@ -242,3 +245,30 @@ def class_maps(
         delayed(postprocess)(store.raw[i], store.orig_sizes[i], params) for i in range(len(store))
     )
     return zip(store.ids, maps, strict=True)
+
+
+def input_store(cfg: dict[str, Any], kind: str) -> tuple[Path, str]:
+    """The probability store that tune.py and postprocess.py work on, and why that one.
+
+    `refine/<kind>` when the config enables refinement and `refine/refine.json` kept it
+    (and is not older than the blend it refined); otherwise the blend, `ensemble/<kind>`.
+    The one place that decides it, so tuning and submission never read different stores.
+    """
+    exp = experiment_dir(cfg)
+    blend = exp / "ensemble" / kind
+    if not (cfg.get("refine") or {}).get("enabled"):
+        return blend, "refinement not enabled"
+    record = exp / REFINE_DIR / "refine.json"
+    if not record.is_file():
+        return blend, f"no {record} (run refine.py)"
+    try:
+        doc = json.loads(record.read_text())
+        kept, reason = bool(doc["kept"]), str(doc.get("reason", ""))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{record}: unreadable ({exc}); delete it to rerun refine.py") from exc
+    if not kept:
+        return blend, f"refinement not kept: {reason}"
+    blend_meta = blend / "meta.json"
+    if blend_meta.is_file() and blend_meta.stat().st_mtime > record.stat().st_mtime:
+        return blend, f"{record} is older than the blend (rerun refine.py)"
+    return exp / REFINE_DIR / kind, f"refinement kept: {reason}"
