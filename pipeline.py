@@ -16,6 +16,7 @@ resolution) always, and on the test set only when the data folder has a `test_gt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import ensemble
 import postprocess
 import postprocessing
 import predict
+import refine
 import studies
 import train
 import tune
@@ -56,7 +58,7 @@ from data.reader import (
     load_mask,
 )
 from metrics import class_stats, scores_from_stats
-from postprocessing import PostprocessParams, class_maps, load_params
+from postprocessing import REFINE_DIR, PostprocessParams, class_maps, input_store, load_params
 from report import Case, write_report
 from runtime import Dist
 
@@ -183,6 +185,7 @@ def preflight(cfg: dict[str, Any], names: Sequence[str]) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{section}.trials must be a positive whole number, got {value!r}")
         studies.search_settings(cfg, section)
+    refine.RefineSettings.from_config(cfg)
     # Unreadable or truncated test images are named now, not after training.
     for sample in list_test(Path(cfg["data_dir"])):
         check_image_file(sample.image)
@@ -227,10 +230,20 @@ def run_stages(
         timings["ensemble"] = run_stage(
             "ensemble", ensemble.main, ["--models", *names, *common, *search]
         )
+    if (cfg.get("refine") or {}).get("enabled"):
+        refined = [exp / REFINE_DIR / "refine.json"]
+        refined += [exp / REFINE_DIR / kind / "meta.json" for kind in ("oof", "test")]
+        blends = [exp / "ensemble" / kind / "meta.json" for kind in ("oof", "test")]
+        settings = {"settings": dataclasses.asdict(refine.RefineSettings.from_config(cfg))}
+        if is_stale(refined, blends) or made_otherwise(refined[0], settings):
+            timings["refine"] = run_stage("refine", refine.main, common)
     tuned = exp / "postprocess.json"
-    if is_stale([tuned], [exp / "ensemble" / "oof" / "meta.json"]) or made_otherwise(
-        tuned, recorded_settings(cfg, "tune", True)
-    ):
+    source = input_store(cfg, "oof")[0]
+    tune_settings = {
+        **recorded_settings(cfg, "tune", True),
+        "source": source.relative_to(exp).as_posix(),
+    }
+    if is_stale([tuned], [source / "meta.json"]) or made_otherwise(tuned, tune_settings):
         timings["tune"] = run_stage("tune", tune.main, [*common, *search])
     timings["submission"] = run_stage("postprocess", postprocess.main, common)
     return timings
@@ -295,6 +308,37 @@ def oof_cases(
     return cases[::-1][:n], cases[:n]
 
 
+def refine_record(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """refine.py's `refine.json` when the config enables refinement, else None."""
+    if not (cfg.get("refine") or {}).get("enabled"):
+        return None
+    return read_json(experiment_dir(cfg) / REFINE_DIR / "refine.json")
+
+
+def refine_cases(cfg: dict[str, Any], doc: dict[str, Any]) -> list[Case]:
+    """The regions the refiner changed most, in their windows: blend and refined argmax,
+    with each whole image's competition score before and after."""
+    exp = experiment_dir(cfg)
+    rows = doc.get("most_changed") or []
+    if not rows:
+        return []
+    blend, refined = (load_probs(exp / d / "oof") for d in ("ensemble", REFINE_DIR))
+    ids = sorted({r["id"] for r in rows})
+    items = dict(zip(ids, train_items(cfg, ids, blend.size), strict=True))
+    row_of = {image_id: i for i, image_id in enumerate(blend.ids)}
+    cases = []
+    for r in rows:
+        image, target = load_item(items[r["id"]])
+        i = row_of[r["id"]]
+        before, after = (s.raw[i].argmax(axis=0).astype(np.uint8) for s in (blend, refined))
+        stats = class_stats(np.stack([before, after]), np.stack([target, target]))
+        score, score_after = (scores_from_stats(stats[j : j + 1])["competition"] for j in (0, 1))
+        y0, y1, x0, x1 = r["box"]
+        w = np.s_[y0:y1, x0:x1]
+        cases.append(Case(r["id"], image[w], target[w], before[w], after[w], score, score_after))
+    return cases
+
+
 def format_rows(title: str, rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return ""
@@ -319,6 +363,10 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     oof_rows = []
     for name, by_fold in blend_doc["scores"].items():
         oof_rows.append({"model": name, **{k: by_fold["all"][k] for k in SCORE_KEYS}})
+    refined = refine_record(cfg)
+    if refined is not None:
+        label = "refined" if refined["kept"] else "refined (not kept)"
+        oof_rows.append({"model": label, **{k: refined["oof_after"][k] for k in SCORE_KEYS}})
     oof_rows.append(
         {
             "model": "blend + post-processing (tuned here: in-sample)",
@@ -330,13 +378,16 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     if list_test_gt(data_dir):
         stores = {n: load_probs(exp / n / "test") for n in names}
         stores["blend"] = load_probs(exp / "ensemble" / "test")
+        if refined is not None:
+            stores["refined"] = load_probs(exp / REFINE_DIR / "test")
         tables.append(
             ("Test set (original size, test_gt/)", test_scores(stores, params, data_dir, cfg))
         )
     timing_rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]
     if timing_rows:
         tables.append(("Stages run in this call", timing_rows))
-    best, worst = oof_cases(load_probs(exp / "ensemble" / "oof"), cfg, params)
+    source, why = input_store(cfg, "oof")
+    best, worst = oof_cases(load_probs(source), cfg, params)
     logs = {
         n: {k: exp / n / f"fold{k}" / "log.jsonl" for k in range(int(cfg["data"]["n_folds"]))}
         for n in names
@@ -347,8 +398,17 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
         f"Post-processing kept on OOF: {steps}.",
         *study_notes({"ensemble": blend_doc.get("study"), "tune": tuned.get("study")}),
     ]
+    if refined is not None:
+        notes.append(f"Region refinement: {why}; tuned and submitted from {source.parent.name}.")
     report = write_report(
-        exp / "report.html", f"neopolyp: {cfg['experiment']}", tables, logs, best, worst, notes
+        exp / "report.html",
+        f"neopolyp: {cfg['experiment']}",
+        tables,
+        logs,
+        best,
+        worst,
+        notes,
+        refine_cases(cfg, refined) if refined is not None else (),
     )
     write_json(exp / "scores.json", {"tables": {t: rows for t, rows in tables}})
     return {"tables": tables, "report": report}

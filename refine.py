@@ -278,6 +278,9 @@ def cross_refine(
         model = train_refiner(data.take(train_rows), settings, derive_seed(seed, k))
         classes[val_rows], polyp[val_rows] = predict_regions([model], data.take(val_rows))
         models.append(model)
+        log.info(
+            "fold %d: trained on %d regions, refined %d", k, len(train_rows), len(val_rows)
+        )
         records.append(
             {
                 "fold": int(k),

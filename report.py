@@ -70,9 +70,12 @@ def curves_figure(logs: Mapping[str, Mapping[int, Path]]) -> str:
     return _png(fig)
 
 
-def cases_figure(cases: Sequence[Case]) -> str:
-    """Image, ground truth, prediction, post-processed prediction for each case."""
-    titles = ("image", "ground truth", "prediction", "post-processed")
+CASE_TITLES = ("image", "ground truth", "prediction", "post-processed")
+REFINED_TITLES = ("region window", "ground truth", "blend", "refined")
+
+
+def cases_figure(cases: Sequence[Case], titles: Sequence[str] = CASE_TITLES) -> str:
+    """Image, ground truth, prediction, post-processed (or refined) prediction per case."""
     fig, axes = plt.subplots(len(cases), 4, figsize=(11, 2.4 * len(cases)), squeeze=False)
     for row, case in zip(axes, cases, strict=True):
         panels = (
@@ -127,8 +130,12 @@ def write_report(
     best: Sequence[Case],
     worst: Sequence[Case],
     notes: Sequence[str] = (),
+    refined: Sequence[Case] = (),
 ) -> Path:
-    """Write the report atomically and return its path."""
+    """Write the report atomically and return its path.
+
+    `refined`: the regions refine.py changed most, drawn blend against refined.
+    """
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"]
     parts.append(f"<style>{STYLE}</style><h1>{html.escape(title)}</h1>")
     parts.extend(f"<p>{html.escape(n)}</p>" for n in notes)
@@ -145,6 +152,12 @@ def write_report(
         if cases:
             img = cases_figure(cases)
             parts.append(f"<h2>{heading}</h2><img src='data:image/png;base64,{img}'>")
+    if refined:
+        img = cases_figure(refined, REFINED_TITLES)
+        parts.append(
+            "<h2>Regions the refinement changed most (out-of-fold; scores are the whole "
+            f"image's)</h2><img src='data:image/png;base64,{img}'>"
+        )
     path = Path(path)
     write_text(path, "\n".join(parts))
     return path
