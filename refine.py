@@ -52,7 +52,7 @@ from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
 from data.reader import DataError, list_test
 from metrics import class_stats, scores_from_stats
 from models.refiner import RegionRefiner
-from postprocessing import REFINE_DIR
+from postprocessing import REFINE_DIR, PostprocessParams, postprocess
 from regions import (
     CROP_CHANNELS,
     FALSE_POSITIVE,
@@ -278,9 +278,7 @@ def cross_refine(
         model = train_refiner(data.take(train_rows), settings, derive_seed(seed, k))
         classes[val_rows], polyp[val_rows] = predict_regions([model], data.take(val_rows))
         models.append(model)
-        log.info(
-            "fold %d: trained on %d regions, refined %d", k, len(train_rows), len(val_rows)
-        )
+        log.info("fold %d: trained on %d regions, refined %d", k, len(train_rows), len(val_rows))
         records.append(
             {
                 "fold": int(k),
@@ -297,6 +295,17 @@ def cross_refine(
 def argmax_stats(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Per-image class stats (N, 3, 3) of the argmax of uint8 maps."""
     return class_stats(probs.argmax(axis=1).astype(np.uint8), targets)
+
+
+def region_vote_stats(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-image class stats after post-processing's one-class-per-region vote alone.
+
+    Recorded beside the argmax scores: the refiner also gives each region one class, so
+    this says how much it adds beyond what tune.py's region vote would do anyway.
+    """
+    params = PostprocessParams(region_mode="prob")
+    size = targets.shape[1:]
+    return class_stats(np.stack([postprocess(p, size, params) for p in probs]), targets)
 
 
 def pick(stats: np.ndarray) -> dict[str, float]:
@@ -395,6 +404,10 @@ def refine_oof(
         "oof_before": before,
         "oof_after": after,
         "per_fold": per_fold,
+        "region_vote": {
+            "before": pick(region_vote_stats(probs, targets)),
+            "after": pick(region_vote_stats(refined, targets)),
+        },
         "regions": region_summary(data, classes),
         "most_changed": most_changed(ids, data, probs, refined, N_MOST_CHANGED),
         "settings": dataclasses.asdict(settings),
@@ -515,9 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def format_summary(doc: dict[str, Any]) -> str:
     keys = ("competition", *CLASS_KEYS, "dice_seg")
-    lines = [f"{'':8s}" + "".join(f"{k:>18s}" for k in keys)]
-    for name in ("before", "after"):
-        lines.append(f"{name:8s}" + "".join(f"{doc['oof_' + name][k]:18.5f}" for k in keys))
+    rows = {
+        "blend": doc["oof_before"],
+        "refined": doc["oof_after"],
+        "blend + region vote": doc["region_vote"]["before"],
+        "refined + region vote": doc["region_vote"]["after"],
+    }
+    lines = [f"{'OOF argmax':22s}" + "".join(f"{k:>18s}" for k in keys)]
+    for name, row in rows.items():
+        lines.append(f"{name:22s}" + "".join(f"{row[k]:18.5f}" for k in keys))
     lines.append(f"{'kept' if doc['kept'] else 'not kept'}: {doc['reason']}")
     return "\n".join(lines)
 
