@@ -8,6 +8,10 @@ import pytest
 import torch
 
 import refine
+from data.atomic import write_json
+from data.probstore import load_probs, save_probs
+from data.reader import DataError
+from postprocessing import input_store
 from regions import (
     FALSE_POSITIVE,
     crop_box,
@@ -191,3 +195,44 @@ def test_decide_refuses_a_gain_that_costs_a_class():
     assert not kept and "competition_non" in reason
     kept, _ = refine.decide(before, {**before, "competition": 0.81, "competition_neo": 0.82})
     assert kept
+
+
+def _store(path, split_id, kind="oof", folds=(0, 1)):
+    probs = np.stack([codes(np.zeros((8, 8), np.uint8))] * 2)
+    save_probs(
+        path,
+        ["a", "b"],
+        probs,
+        [(8, 8)] * 2,
+        kind=kind,
+        model="m",
+        split_id=split_id,
+        folds=list(folds),
+    )
+    return load_probs(path)
+
+
+def test_inputs_from_another_split_are_refused(tmp_path):
+    oof = _store(tmp_path / "ensemble" / "oof", "s1")
+    assert refine.check_split(tmp_path, oof, _store(tmp_path / "t1", "s1", "test")) == [0, 1]
+    with pytest.raises(DataError, match="different fold splits"):
+        refine.check_split(tmp_path, oof, _store(tmp_path / "t2", "s2", "test"))
+    write_json(tmp_path / "folds.json", {"split_id": "s0"})
+    with pytest.raises(DataError, match=r"folds\.json has 's0'"):
+        refine.check_split(tmp_path, oof, _store(tmp_path / "t1", "s1", "test"))
+
+
+def test_tune_and_submission_read_the_refined_store_only_when_kept(tmp_path):
+    cfg = {"experiment": "e", "out_dir": str(tmp_path), "refine": {"enabled": True}}
+    exp = tmp_path / "e"
+    _store(exp / "ensemble" / "oof", "s1")
+    assert input_store(cfg, "oof")[0] == exp / "ensemble" / "oof"  # no refine.json yet
+    write_json(exp / "refine" / "refine.json", {"kept": False, "reason": "no gain"})
+    path, why = input_store(cfg, "oof")
+    assert path == exp / "ensemble" / "oof" and "no gain" in why
+    write_json(exp / "refine" / "refine.json", {"kept": True, "reason": "better"})
+    assert input_store(cfg, "test")[0] == exp / "refine" / "test"
+    assert input_store({**cfg, "refine": {"enabled": False}}, "oof")[0] == exp / "ensemble" / "oof"
+    (exp / "refine" / "refine.json").write_text("{")
+    with pytest.raises(DataError, match=r"refine\.json"):
+        input_store(cfg, "oof")
