@@ -179,16 +179,22 @@ def _dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
     return torch.rot90(x, code & 3, dims=(-2, -1))
 
 
+def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(a.astype(np.float32)).to(device)
+
+
 def train_refiner(data: RegionSet, settings: RefineSettings, seed: int) -> RegionRefiner:
     """Train one refiner on `data` (with labels): class cross-entropy + mask BCE.
 
-    Each batch is turned by a random flip/rotation: polyps have no orientation.
+    Each batch is turned by a random flip/rotation: polyps have no orientation. On the
+    GPU when there is one (1,000 images give a few thousand regions per fold).
     """
     if data.labels is None or data.masks is None:
         raise ValueError("train_refiner needs regions with their ground truth")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = RegionRefiner(CROP_CHANNELS, settings.width)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = RegionRefiner(CROP_CHANNELS, settings.width).to(device)
     if len(data) == 0:
         return model.eval()  # no region to learn from: the refiner stays the identity
     steps = settings.epochs * max(1, -(-len(data) // settings.batch_size))
@@ -202,9 +208,9 @@ def train_refiner(data: RegionSet, settings: RefineSettings, seed: int) -> Regio
             if len(rows) < 2:
                 continue  # BatchNorm needs two samples
             code = int(rng.integers(8))
-            x = _dihedral(torch.from_numpy(data.crops[rows].astype(np.float32)), code)
-            y_mask = _dihedral(torch.from_numpy(data.masks[rows].astype(np.float32)), code)
-            y_class = torch.from_numpy(data.labels[rows])
+            x = _dihedral(_tensor(data.crops[rows], device), code)
+            y_mask = _dihedral(_tensor(data.masks[rows], device), code)
+            y_class = torch.from_numpy(data.labels[rows]).to(device)
             class_logits, mask_logits = model(x)
             loss = F.cross_entropy(class_logits, y_class) + F.binary_cross_entropy_with_logits(
                 mask_logits, y_mask
@@ -225,16 +231,19 @@ def predict_regions(
     classes = np.zeros((len(data), 3), np.float32)
     polyp = np.zeros((len(data), side, side), np.float32)
     for lo in range(0, len(data), batch_size):
-        x = torch.from_numpy(data.crops[lo : lo + batch_size].astype(np.float32))
         for model in models:
+            x = _tensor(data.crops[lo : lo + batch_size], next(model.parameters()).device)
             class_logits, mask_logits = model(x)
-            classes[lo : lo + len(x)] += class_logits.softmax(1).numpy() / len(models)
-            polyp[lo : lo + len(x)] += torch.sigmoid(mask_logits).numpy() / len(models)
+            classes[lo : lo + len(x)] += class_logits.softmax(1).cpu().numpy() / len(models)
+            polyp[lo : lo + len(x)] += torch.sigmoid(mask_logits).cpu().numpy() / len(models)
     return classes, polyp
 
 
-def paste(probs: np.ndarray, data: RegionSet, classes: np.ndarray, polyp: np.ndarray) -> np.ndarray:
-    """Refined uint8 maps: `probs` (uint8 codes) with every region of `data` rewritten."""
+def paste(
+    probs: np.ndarray, data: RegionSet, classes: np.ndarray, polyp: np.ndarray | None
+) -> np.ndarray:
+    """Refined uint8 maps: `probs` (uint8 codes) with every region of `data` rewritten;
+    `polyp` None keeps the first stage's masks and refines only the regions' classes."""
     out = probs.copy()
     by_image: dict[int, list[int]] = {}
     for row, i in enumerate(data.image_index.tolist()):
@@ -243,7 +252,8 @@ def paste(probs: np.ndarray, data: RegionSet, classes: np.ndarray, polyp: np.nda
         labels, _, _ = predicted_regions(probs[i])
         refined = probs[i].astype(np.float32) / 255.0
         for row in rows:
-            paste_region(refined, labels, data.regions[row], classes[row], polyp[row])
+            mask = None if polyp is None else polyp[row]
+            paste_region(refined, labels, data.regions[row], classes[row], mask)
         out[i] = np.rint(np.clip(refined, 0.0, 1.0) * 255.0).astype(np.uint8)
     return out
 
@@ -256,9 +266,9 @@ def cross_refine(
     folds: Sequence[int],
     settings: RefineSettings,
     seed: int = 0,
-) -> tuple[np.ndarray, list[RegionRefiner], list[dict[str, Any]], RegionSet, np.ndarray]:
-    """Refined OOF maps (uint8, like `probs`), the fold refiners, per-fold records, the
-    regions and their predicted class probabilities.
+) -> tuple[list[RegionRefiner], list[dict[str, Any]], RegionSet, np.ndarray, np.ndarray]:
+    """The fold refiners, per-fold records, the regions, and each region's out-of-fold
+    class probabilities (M, 3) and refined polyp probabilities (M, side, side).
 
     The refiner of fold k sees only regions of images outside fold k and refines only
     fold k's images; a region that would break this raises, it is never silently used.
@@ -289,7 +299,7 @@ def cross_refine(
                 "seconds": round(time.perf_counter() - start, 1),
             }
         )
-    return paste(probs, data, classes, polyp), models, records, data, classes
+    return models, records, data, classes, polyp
 
 
 def argmax_stats(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -313,16 +323,18 @@ def pick(stats: np.ndarray) -> dict[str, float]:
     return {k: s[k] for k in SCORE_KEYS}
 
 
-def decide(before: dict[str, float], after: dict[str, float]) -> tuple[bool, str]:
+def decide(
+    before: dict[str, float], after: dict[str, float], reference: str = "the blend"
+) -> tuple[bool, str]:
     """nnU-Net's rule: kept only if the competition score improves and no class is worse."""
     if after["competition"] <= before["competition"]:
         return False, (
-            f"OOF competition {after['competition']:.4f} does not beat the blend's "
+            f"OOF competition {after['competition']:.4f} does not beat {reference}'s "
             f"{before['competition']:.4f}"
         )
     worse = [k for k in CLASS_KEYS if after[k] < before[k]]
     if worse:
-        return False, f"{', '.join(worse)} worse than the blend's"
+        return False, f"{', '.join(worse)} worse than {reference}'s"
     return True, (
         f"OOF competition {before['competition']:.4f} -> {after['competition']:.4f}, no class worse"
     )
@@ -387,10 +399,21 @@ def refine_oof(
 ) -> tuple[np.ndarray, list[RegionRefiner], dict[str, Any]]:
     """Cross-validated refinement and its decision: (refined maps, fold refiners, record)."""
     start = time.perf_counter()
-    refined, models, per_fold, data, classes = cross_refine(
+    models, per_fold, data, classes, polyp = cross_refine(
         ids, images, probs, targets, folds, settings, seed
     )
-    before_stats, after_stats = argmax_stats(probs, targets), argmax_stats(refined, targets)
+    # The refined mask is a choice like any other: used only if it beats the first
+    # stage's mask under the refined classes (measured worse on the demo's data).
+    class_only = paste(probs, data, classes, None)
+    with_mask = paste(probs, data, classes, polyp)
+    class_only_stats = argmax_stats(class_only, targets)
+    with_mask_stats = argmax_stats(with_mask, targets)
+    use_mask, mask_reason = decide(
+        pick(class_only_stats), pick(with_mask_stats), "the first stage's mask"
+    )
+    refined = with_mask if use_mask else class_only
+    after_stats = with_mask_stats if use_mask else class_only_stats
+    before_stats = argmax_stats(probs, targets)
     folds_arr = np.asarray(folds)
     for record in per_fold:
         on = folds_arr == record["fold"]
@@ -404,6 +427,12 @@ def refine_oof(
         "oof_before": before,
         "oof_after": after,
         "per_fold": per_fold,
+        "refined_mask": {
+            "kept": use_mask,
+            "reason": mask_reason,
+            "with_mask": pick(with_mask_stats),
+            "class_only": pick(class_only_stats),
+        },
         "region_vote": {
             "before": pick(region_vote_stats(probs, targets)),
             "after": pick(region_vote_stats(refined, targets)),
@@ -422,11 +451,13 @@ def refine_test(
     images: Sequence[np.ndarray],
     probs: np.ndarray,
     settings: RefineSettings,
+    use_mask: bool,
 ) -> np.ndarray:
-    """Test maps refined with the mean of the fold refiners' outputs."""
+    """Test maps refined with the mean of the fold refiners' outputs (their masks too
+    only when `use_mask`, the OOF decision in refine.json's `refined_mask`)."""
     data = collect_regions(ids, images, probs, None, settings)
     classes, polyp = predict_regions(models, data)
-    return paste(probs, data, classes, polyp)
+    return paste(probs, data, classes, polyp if use_mask else None)
 
 
 def check_split(exp: Path, oof: ProbMaps, test: ProbMaps) -> list[int]:
@@ -480,7 +511,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         oof.ids, _images(items), probs, targets, folds, settings, int(cfg.get("seed", 0))
     )
     refined_test = refine_test(
-        models, test.ids, load_test_images(cfg, test), np.asarray(test.raw), settings
+        models,
+        test.ids,
+        load_test_images(cfg, test),
+        np.asarray(test.raw),
+        settings,
+        doc["refined_mask"]["kept"],
     )
     record = provenance(cfg, stage="refine", split_id=oof.split_id)
     common = {

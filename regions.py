@@ -127,23 +127,31 @@ def _resize(a: np.ndarray, side: int) -> np.ndarray:
 
 
 def paste_region(
-    out: np.ndarray, labels: np.ndarray, region: Region, class_probs: np.ndarray, polyp: np.ndarray
+    out: np.ndarray,
+    labels: np.ndarray,
+    region: Region,
+    class_probs: np.ndarray,
+    polyp: np.ndarray | None,
 ) -> None:
     """Write one refined region into `out` (3, H, W) float probabilities, in place.
 
     `class_probs`: (3,) over (false positive, neoplastic, non-neoplastic); `polyp`:
-    (side, side) refined polyp probability in the crop. The region gets one class, so
+    (side, side) refined polyp probability in the crop, or None to keep the current
+    polyp probability (only the class is refined). The region gets one class, so
     p_polyp = polyp × (1 − p_fp) is split between the two classes in the region's
     proportion. Pixels of the region are always rewritten; background pixels in the
     window only where the refined polyp probability exceeds the current one (the most
     confident claim wins where windows overlap); other regions' pixels never.
     """
     y0, y1, x0, x1 = region.box
-    p = cv2.resize(polyp.astype(np.float32), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-    p_polyp = p * (1.0 - float(class_probs[0]))
-    share = float(class_probs[1]) / max(float(class_probs[1] + class_probs[2]), 1e-6)
     window = out[:, y0:y1, x0:x1]
     lab = labels[y0:y1, x0:x1]
+    if polyp is None:
+        p = 1.0 - window[0]
+    else:
+        p = cv2.resize(polyp.astype(np.float32), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    p_polyp = p * (1.0 - float(class_probs[0]))
+    share = float(class_probs[1]) / max(float(class_probs[1] + class_probs[2]), 1e-6)
     write = (lab == region.label) | ((lab == 0) & (p_polyp > 1.0 - window[0]))
     window[0][write] = 1.0 - p_polyp[write]
     window[1][write] = p_polyp[write] * share

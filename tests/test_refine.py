@@ -104,6 +104,11 @@ def test_crop_channels_and_paste_back_give_one_class_and_spare_other_regions():
     paste_region(out, labels, first, np.array([0.9, 0.05, 0.05]), polyp)
     assert (out.argmax(axis=0)[labels == first.label] == 0).all()  # a false positive goes
 
+    out = probs.copy()  # class only: the first stage's mask stays as it was
+    paste_region(out, labels, first, np.array([0.1, 0.7, 0.2]), None)
+    np.testing.assert_array_equal(out.argmax(axis=0) > 0, pred > 0)
+    assert (out.argmax(axis=0)[labels == first.label] == 1).all()
+
 
 def cue_set(n=36, flip_rate=0.4, seed=0):
     """Images whose polyps' colour tells their class; predicted maps with the right shapes
@@ -149,6 +154,10 @@ def test_the_refiner_fixes_wrongly_classed_regions_and_is_kept():
     stats = refine.argmax_stats(refined, targets)
     assert refine.pick(stats) == after
     assert doc["most_changed"] and doc["most_changed"][0]["changed_pixels"] > 0
+    # the refined mask is used only where it beat the first stage's mask
+    mask = doc["refined_mask"]
+    assert mask["with_mask" if mask["kept"] else "class_only"] == after
+    assert mask["kept"] == refine.decide(mask["class_only"], mask["with_mask"])[0]
 
 
 def test_a_first_stage_that_is_already_right_is_not_kept():
