@@ -502,22 +502,26 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     oof = load_probs(exp / "ensemble" / "oof")
     test = load_probs(exp / "ensemble" / "test")
     folds = check_split(exp, oof, test)
-    torch.set_num_threads(settings.cpu_threads)
     items = train_items(cfg, oof.ids, oof.size)
     targets = np.stack([load_item(it)[1] for it in items])
     probs = np.asarray(oof.raw)
     start = time.perf_counter()
-    refined, models, doc = refine_oof(
-        oof.ids, _images(items), probs, targets, folds, settings, int(cfg.get("seed", 0))
-    )
-    refined_test = refine_test(
-        models,
-        test.ids,
-        load_test_images(cfg, test),
-        np.asarray(test.raw),
-        settings,
-        doc["refined_mask"]["kept"],
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.cpu_threads)
+    try:  # the pipeline calls this stage in-process: its thread count is given back
+        refined, models, doc = refine_oof(
+            oof.ids, _images(items), probs, targets, folds, settings, int(cfg.get("seed", 0))
+        )
+        refined_test = refine_test(
+            models,
+            test.ids,
+            load_test_images(cfg, test),
+            np.asarray(test.raw),
+            settings,
+            doc["refined_mask"]["kept"],
+        )
+    finally:
+        torch.set_num_threads(threads)
     record = provenance(cfg, stage="refine", split_id=oof.split_id)
     common = {
         "model": "refine",
