@@ -188,7 +188,10 @@ def postprocess_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(p)
     p.add_argument(
-        "--probs", type=Path, help="test probability store (default <out>/<exp>/ensemble/test)"
+        "--probs",
+        type=Path,
+        help="test probability store (default: <out>/<exp>/refine/test when refine.py kept "
+        "the refinement, else <out>/<exp>/ensemble/test)",
     )
     p.add_argument(
         "--params",
@@ -229,6 +232,16 @@ def pipeline_parser() -> argparse.ArgumentParser:
     return p
 
 
+def refine_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Refine the blend's regions with a second-stage network trained on its "
+        "out-of-fold predictions; writes refine/{oof,test} and refine/refine.json (kept only "
+        "if the OOF competition score improves and no class gets worse)."
+    )
+    add_config_arguments(p)
+    return p
+
+
 PARSERS = {
     "train": train_parser,
     "predict": predict_parser,
@@ -237,4 +250,5 @@ PARSERS = {
     "hpo": hpo_parser,
     "postprocess": postprocess_parser,
     "pipeline": pipeline_parser,
+    "refine": refine_parser,
 }

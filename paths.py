@@ -6,11 +6,13 @@
     <model>/fold<k>/                    train.py: checkpoints, log, recipe, oof/
     <model>/oof, <model>/test           predict.py: the model's probability stores
     ensemble/oof, ensemble/test         ensemble.py: the blend
+    refine/oof, refine/test             refine.py: the region-refined blend, and refine.json
     ensemble/weights.json, trials.csv
     postprocess.json, tune_trials.csv   tune.py
     submission.csv                      postprocess.py
     report.html, scores.json            pipeline.py
     optuna.db                           every study of the experiment
+    wandb/                              offline W&B runs (outside the fold folders)
     hpo/<study>/trial<n>/               hpo.py: each trial's config and log (never a fold's)
     hpo/best_<model>.yaml, hpo/trials_<model>.csv
 """
@@ -51,6 +53,14 @@ class Layout:
 
     def blend(self, kind: str) -> Path:
         return self.root / "ensemble" / kind
+
+    def refined(self, kind: str) -> Path:
+        """refine.py's store of `kind` "oof" or "test"."""
+        return self.root / "refine" / kind
+
+    @property
+    def refine_record(self) -> Path:
+        return self.root / "refine" / "refine.json"
 
     @property
     def weights(self) -> Path:

@@ -21,6 +21,7 @@ if __name__ == "__main__":
     cli.exit_if_help("pipeline")
 
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ import ensemble
 import postprocess
 import postprocessing
 import predict
+import refine
 import studies
 import tracking
 import train
@@ -61,7 +63,7 @@ from data.reader import (
 )
 from metrics import class_stats, scores_from_stats
 from paths import Layout
-from postprocessing import PostprocessParams, class_maps, load_params
+from postprocessing import PostprocessParams, class_maps, input_store, load_params
 from recipe import check_config, check_recipes_early
 from report import BLEND_ROWS, Case, ReportInputs, write_report
 from runtime import Dist
@@ -188,6 +190,7 @@ def preflight(cfg: dict[str, Any], model_cfgs: dict[str, dict[str, Any]]) -> Non
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{section}.trials must be a positive whole number, got {value!r}")
         studies.search_settings(cfg, section)
+    refine.RefineSettings.from_config(cfg)
     # Unreadable or truncated test images are named now, not after training.
     for sample in list_test(Path(cfg["data_dir"])):
         check_image_file(sample.image)
@@ -234,10 +237,20 @@ def run_stages(
         timings["ensemble"] = run_stage(
             "ensemble", ensemble.main, ["--models", *names, *common, *search]
         )
+    if (cfg.get("refine") or {}).get("enabled"):
+        refined = [layout.refine_record]
+        refined += [layout.refined(kind) / "meta.json" for kind in ("oof", "test")]
+        blends = [layout.blend(kind) / "meta.json" for kind in ("oof", "test")]
+        settings = {"settings": dataclasses.asdict(refine.RefineSettings.from_config(cfg))}
+        if is_stale(refined, blends) or made_otherwise(refined[0], settings):
+            timings["refine"] = run_stage("refine", refine.main, common)
     tuned = layout.postprocess
-    if is_stale([tuned], [layout.blend("oof") / "meta.json"]) or made_otherwise(
-        tuned, recorded_settings(cfg, "tune", True)
-    ):
+    source = input_store(cfg, "oof")[0]
+    tune_settings = {
+        **recorded_settings(cfg, "tune", True),
+        "source": source.relative_to(layout.root).as_posix(),
+    }
+    if is_stale([tuned], [source / "meta.json"]) or made_otherwise(tuned, tune_settings):
         timings["tune"] = run_stage("tune", tune.main, [*common, *search])
     timings["submission"] = run_stage("postprocess", postprocess.main, common)
     return timings
@@ -301,6 +314,37 @@ def oof_cases(store: ProbMaps, cfg: dict[str, Any], params: PostprocessParams) -
     return cases
 
 
+def refine_record(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """refine.py's `refine.json` when the config enables refinement, else None."""
+    if not (cfg.get("refine") or {}).get("enabled"):
+        return None
+    return read_json(Layout.of(cfg).refine_record)
+
+
+def refine_cases(cfg: dict[str, Any], doc: dict[str, Any]) -> list[Case]:
+    """The regions the refiner changed most, in their windows: blend and refined argmax,
+    with each whole image's competition score before and after."""
+    layout = Layout.of(cfg)
+    rows = doc.get("most_changed") or []
+    if not rows:
+        return []
+    blend, refined = (load_probs(path) for path in (layout.blend("oof"), layout.refined("oof")))
+    ids = sorted({r["id"] for r in rows})
+    items = dict(zip(ids, train_items(cfg, ids, blend.size), strict=True))
+    row_of = {image_id: i for i, image_id in enumerate(blend.ids)}
+    cases = []
+    for r in rows:
+        image, target = load_item(items[r["id"]])
+        i = row_of[r["id"]]
+        before, after = (s.raw[i].argmax(axis=0).astype(np.uint8) for s in (blend, refined))
+        stats = class_stats(np.stack([before, after]), np.stack([target, target]))
+        score, score_after = (scores_from_stats(stats[j : j + 1])["competition"] for j in (0, 1))
+        y0, y1, x0, x1 = r["box"]
+        w = np.s_[y0:y1, x0:x1]
+        cases.append(Case(r["id"], image[w], target[w], before[w], after[w], score, score_after))
+    return cases
+
+
 def format_rows(title: str, rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return ""
@@ -322,14 +366,20 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     blend_doc = read_json(layout.weights)
     tuned = read_json(layout.postprocess)
     params = load_params(layout.postprocess)
-    cases = oof_cases(load_probs(layout.blend("oof")), cfg, params)
+    # the maps tune.py and the submission used: the refined ones when refinement was kept
+    source, why = input_store(cfg, "oof")
+    cases = oof_cases(load_probs(source), cfg, params)
     oof_rows = [nothing_row([c.target for c in cases], model="predict nothing")]
     for name, by_fold in blend_doc["scores"].items():
         label = BLEND_ROWS.get(name, name)
         oof_rows.append({"model": label, **{k: by_fold["all"][k] for k in SCORE_KEYS}})
+    refined = refine_record(cfg)
+    if refined is not None:
+        label = "refined" if refined["kept"] else "refined (not kept)"
+        oof_rows.append({"model": label, **{k: refined["oof_after"][k] for k in SCORE_KEYS}})
     oof_rows.append(
         {
-            "model": "blend + post-processing (tuned here: in-sample)",
+            "model": f"{source.parent.name} + post-processing (tuned here: in-sample)",
             **{k: tuned["scores"]["tuned"][k] for k in SCORE_KEYS},
         }
     )
@@ -338,6 +388,8 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     if list_test_gt(data_dir):
         stores = {n: load_probs(layout.store(n, "test")) for n in names}
         stores["blend"] = load_probs(layout.blend("test"))
+        if refined is not None:
+            stores["refined"] = load_probs(layout.refined("test"))
         tables.append(
             ("Test set (original size, test_gt/)", test_scores(stores, params, data_dir, cfg))
         )
@@ -350,6 +402,8 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
         f"Post-processing kept on OOF: {steps}.",
         *study_notes({"ensemble": blend_doc.get("study"), "tune": tuned.get("study")}),
     ]
+    if refined is not None:
+        notes.append(f"Region refinement: {why}; tuned and submitted from {source.parent.name}.")
     inputs = ReportInputs(
         cfg=cfg,
         tables=tables,
@@ -362,6 +416,7 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
         submission=layout.submission,
         test_images={s.id: s.image for s in list_test(data_dir)},
         notes=notes,
+        refined=refine_cases(cfg, refined) if refined is not None else [],
     )
     report = write_report(layout.report, f"neopolyp: {cfg['experiment']}", inputs)
     timing_rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]

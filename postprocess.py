@@ -1,7 +1,9 @@
 """The submission stage: tuned post-processing of the blended test maps → submission.csv.
 
 It applies `postprocess.json` (tune.py) with the operations of `postprocessing.py` to the
-blended test probabilities, and writes `submission.csv` only once it passes its check.
+blended test probabilities (refined ones when refine.py's refinement was kept: the same
+`postprocessing.input_store` choice as tune.py's), and writes `submission.csv` only once
+it passes its check.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from data.probstore import ProbMaps, load_probs
 from data.reader import DataError, list_test
 from data.submission import check_submission, image_size, write_submission
 from paths import Layout
-from postprocessing import PostprocessParams, class_maps, load_params
+from postprocessing import PostprocessParams, class_maps, input_store, load_params
 
 log = logging.getLogger("postprocess")
 
@@ -79,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not cfg.get("data_dir"):
             raise ConfigError("no data dir: give --data-dir or set data_dir in the config")
         data_dir = Path(cfg["data_dir"])
-        store = load_probs(args.probs or layout.blend("test"))
+        store = load_probs(args.probs or input_store(cfg, "test")[0])
         params = load_params(args.params or layout.postprocess)
         out = layout.submission
         problems = make_submission(store, params, data_dir, out, args.jobs)

@@ -9,7 +9,9 @@ resolution into a uint8 class map at the image's original size. Steps, each swit
 2. foreground: plain argmax, or `fg_threshold` (polyp where 1 − p_bg > t) with the class
    then chosen between the two polyp classes;
 3. morphological opening / closing of the polyp foreground, kernel sizes a fraction of
-   the image's shorter side so that they mean the same at every resolution;
+   the image's shorter side so that they mean the same at every resolution; with
+   `adaptive`, each region's kernels are scaled by its own size, and the minimum area of
+   step 5 is relative to the image's largest region (`adaptive_morphology`);
 4. hole filling (pixels that closing or filling add take the local polyp argmax, or their
    region's class when `region_mode` is on, the combination tune.py usually picks);
 5. connected components (`find_regions`, shared with the refinement stage): regions
@@ -31,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +45,13 @@ from joblib import Parallel, delayed
 
 from config import ConfigError
 from data.probstore import ProbMaps
+from data.reader import DataError
+from paths import Layout
 
 log = logging.getLogger("postprocessing")
 
 REGION_MODES = ("none", "prob", "majority")
+# refine.py's outputs, under the experiment folder: refine.json and the oof/test stores.
 
 
 @dataclass
@@ -58,6 +64,8 @@ class PostprocessParams:
     open_frac: float = 0.0  # opening kernel, fraction of the shorter image side (0 = off)
     close_frac: float = 0.0  # closing kernel, same scale (0 = off)
     fill_holes: bool = False
+    # Kernels and minimum area follow each region's size (see `adaptive_morphology`).
+    adaptive: bool = False
 
     # Step name -> the field values that switch it off (used by tune.py's ablation).
     STEPS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -67,6 +75,7 @@ class PostprocessParams:
         "open": {"open_frac": 0.0},
         "close": {"close_frac": 0.0},
         "fill_holes": {"fill_holes": False},
+        "adaptive": {"adaptive": False},
     }
 
     def __post_init__(self) -> None:
@@ -181,19 +190,26 @@ def apply_steps(
     Kernel sizes and the minimum area are relative to the whole image (`image_size`).
     """
     h, w = image_size
-    kernel = _kernel(params.open_frac, h, w)
-    if kernel is not None:
-        fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, kernel)
-    kernel = _kernel(params.close_frac, h, w)
-    if kernel is not None:
-        fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, kernel)
+    if params.adaptive:
+        fg = adaptive_morphology(fg, params.open_frac, params.close_frac, min(h, w))
+    else:
+        kernel = _kernel(params.open_frac, h, w)
+        if kernel is not None:
+            fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, kernel)
+        kernel = _kernel(params.close_frac, h, w)
+        if kernel is not None:
+            fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, kernel)
     if params.fill_holes:
         fg = _fill_holes(fg)
     is_cls2 = p2 > p1  # argmax of the two polyp classes (class 1 wins ties)
     if params.region_mode == "none" and params.min_area_frac <= 0:
         return (is_cls2.view(np.uint8) + 1) * fg
     n, labels, stats = find_regions(fg)
-    keep = stats[:, cv2.CC_STAT_AREA] >= params.min_area_frac * h * w
+    areas = stats[:, cv2.CC_STAT_AREA]
+    # adaptive: a fraction of the image's largest region (a speck beside a large lesion
+    # goes, a lone small polyp stays); else a fraction of the image
+    reference = (areas[1:].max() if n > 1 else 0) if params.adaptive else h * w
+    keep = areas >= params.min_area_frac * reference
     keep[0] = False  # label 0 is the background
     if params.region_mode == "none":
         return (is_cls2.view(np.uint8) + 1) * _lookup(keep.view(np.uint8), labels)
@@ -207,6 +223,39 @@ def apply_steps(
         margin = 2 * votes2 - stats[:, cv2.CC_STAT_AREA]
     region_cls = np.where(margin > 0, np.uint8(2), np.uint8(1)) * keep
     return _lookup(region_cls.astype(np.uint8), labels)
+
+
+def adaptive_morphology(
+    fg: np.ndarray, open_frac: float, close_frac: float, short: int
+) -> np.ndarray:
+    """Opening then closing of each region alone, its kernels scaled by its own size.
+
+    A region's kernel is the image-scale one (fraction × shorter side) times
+    √(its area / the largest region's area): the main lesion gets the full kernel, a small
+    polyp beside it a proportionally smaller one, which smooths it instead of erasing it
+    as a kernel sized for the image would. Regions are treated one by one, in a window
+    around each wider than its kernels, so closing never merges two of them.
+    """
+    n, labels, stats = find_regions(fg)
+    if n <= 1 or (open_frac <= 0 and close_frac <= 0):
+        return fg
+    h, w = fg.shape
+    largest = stats[1:, cv2.CC_STAT_AREA].max()
+    out = np.zeros_like(fg)
+    for r in range(1, n):
+        x, y, bw, bh, area = (int(v) for v in stats[r, :5])
+        scale = math.sqrt(area / largest)
+        kernels = [_kernel(f * scale, short, short) for f in (open_frac, close_frac)]
+        pad = 1 + sum(k.shape[0] for k in kernels if k is not None)
+        window = np.s_[
+            max(0, y - pad) : min(h, y + bh + pad), max(0, x - pad) : min(w, x + bw + pad)
+        ]
+        region = (labels[window] == r).view(np.uint8)
+        for op, kernel in zip((cv2.MORPH_OPEN, cv2.MORPH_CLOSE), kernels, strict=True):
+            if kernel is not None:
+                region = cv2.morphologyEx(region, op, kernel)
+        out[window] |= region
+    return out
 
 
 def _lookup(table: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -242,3 +291,30 @@ def class_maps(
         delayed(postprocess)(store.raw[i], store.orig_sizes[i], params) for i in range(len(store))
     )
     return zip(store.ids, maps, strict=True)
+
+
+def input_store(cfg: dict[str, Any], kind: str) -> tuple[Path, str]:
+    """The probability store that tune.py and postprocess.py work on, and why that one.
+
+    `refine/<kind>` when the config enables refinement and `refine/refine.json` kept it
+    (and is not older than the blend it refined); otherwise the blend, `ensemble/<kind>`.
+    The one place that decides it, so tuning and submission never read different stores.
+    """
+    layout = Layout.of(cfg)
+    blend = layout.blend(kind)
+    if not (cfg.get("refine") or {}).get("enabled"):
+        return blend, "refinement not enabled"
+    record = layout.refine_record
+    if not record.is_file():
+        return blend, f"no {record} (run refine.py)"
+    try:
+        doc = json.loads(record.read_text())
+        kept, reason = bool(doc["kept"]), str(doc.get("reason", ""))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{record}: unreadable ({exc}); delete it to rerun refine.py") from exc
+    if not kept:
+        return blend, f"refinement not kept: {reason}"
+    blend_meta = blend / "meta.json"
+    if blend_meta.is_file() and blend_meta.stat().st_mtime > record.stat().st_mtime:
+        return blend, f"{record} is older than the blend (rerun refine.py)"
+    return layout.refined(kind), f"refinement kept: {reason}"

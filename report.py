@@ -107,6 +107,7 @@ class ReportInputs:
     submission: Path | None = None
     test_images: Mapping[str, Path] = field(default_factory=dict)
     notes: Sequence[str] = ()
+    refined: Sequence[Case] = ()  # the regions refine.py changed most: blend vs refined
 
 
 def _png(fig: plt.Figure) -> str:
@@ -343,9 +344,12 @@ def curves_figure(
     return _png(fig), stuck
 
 
-def cases_figure(cases: Sequence[Case]) -> str:
-    """Image, ground truth, prediction, post-processed prediction for each case."""
-    titles = ("image", "ground truth", "prediction", "post-processed")
+CASE_TITLES = ("image", "ground truth", "prediction", "post-processed")
+REFINED_TITLES = ("region window", "ground truth", "blend", "refined")
+
+
+def cases_figure(cases: Sequence[Case], titles: Sequence[str] = CASE_TITLES) -> str:
+    """Image, ground truth, prediction, post-processed (or refined) prediction per case."""
     fig, axes = plt.subplots(len(cases), 4, figsize=(11, 2.4 * len(cases)), squeeze=False)
     for row, case in zip(axes, cases, strict=True):
         panels = (
@@ -586,6 +590,11 @@ def write_report(path: str | Path, title: str, inputs: ReportInputs) -> Path:
         )
         parts.append(_img(test_gallery(maps, inputs.test_images)))
     times = [{"stage": k, "time": _duration(v)} for k, v in inputs.timings.items()]
+    if inputs.refined:
+        parts.append(
+            "<h2>Regions the refinement changed most (out-of-fold; scores are the whole "
+            f"image's)</h2>{_img(cases_figure(inputs.refined, REFINED_TITLES))}"
+        )
     parts.append(table_html("Stages run in this call", times))
     path = Path(path)
     write_text(path, "\n".join(parts))

@@ -1,6 +1,7 @@
 """Choose post-processing on out-of-fold predictions: optuna search, then ablation.
 
-The search runs on the blended OOF probabilities (`ensemble/oof/`) against the ground
+The search runs on the blended OOF probabilities (`ensemble/oof/`, or `refine/oof/` when
+refine.py's refinement was kept: `postprocessing.input_store`) against the ground
 truth at the *working* resolution (each map post-processed with orig_size = working
 size). At the original 1280×~1000 each trial would process ~10× the pixels (a trial at
 352×352 takes a few seconds per 1,000 images, see BENCHMARKS.md); all size-dependent
@@ -54,6 +55,7 @@ from paths import Layout
 from postprocessing import (
     REGION_MODES,
     PostprocessParams,
+    input_store,
     postprocess,
 )
 from studies import StudyPlace, search_settings
@@ -61,7 +63,7 @@ from studies import StudyPlace, search_settings
 log = logging.getLogger("tune")
 
 # Part of the study's name: change it with `suggest_params`, so old trials are not mixed in.
-SPACE_VERSION = "postprocess-v1"
+SPACE_VERSION = "postprocess-v2"
 
 # Enqueued first so the search always measures plain argmax and the usual winner.
 START_TRIALS = (
@@ -72,6 +74,7 @@ START_TRIALS = (
         "use_open": False,
         "use_close": False,
         "fill_holes": False,
+        "adaptive": False,
     },
     {
         "use_fg_threshold": False,
@@ -81,6 +84,7 @@ START_TRIALS = (
         "use_open": False,
         "use_close": False,
         "fill_holes": True,
+        "adaptive": False,
     },
 )
 
@@ -127,6 +131,7 @@ def suggest_params(trial: optuna.Trial) -> PostprocessParams:
         open_frac=maybe("use_open", "open_frac", 0.003, 0.05, 0.0, True),
         close_frac=maybe("use_close", "close_frac", 0.003, 0.05, 0.0, True),
         fill_holes=trial.suggest_categorical("fill_holes", [False, True]),
+        adaptive=trial.suggest_categorical("adaptive", [False, True]),
     )
 
 
@@ -267,10 +272,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = resolve_cli_config(args)
         trials, objective = search_settings(cfg, "tune", args.trials, args.objective)
         layout = Layout.of(cfg)
-        store = load_probs(layout.blend("oof"))
+        path, why = input_store(cfg, "oof")
+        source = path.relative_to(layout.root).as_posix()
+        log.info("tuning on %s: %s", source, why)
+        store = load_probs(path)
         targets = load_targets(cfg, store.ids, store.size)
         identity = {
-            "source": "ensemble/oof",
+            "source": source,
             "split_id": store.split_id,
             "meta": studies.digest(store.meta),
         }
@@ -290,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except studies.StudyIncomplete as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    doc["source"] = source
     doc["provenance"] = provenance(
         cfg, stage="tune", source=str(store.path), split_id=store.split_id
     )

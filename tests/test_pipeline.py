@@ -28,6 +28,7 @@ def _config(tmp_path, tiny_data):
     cfg["models"]["tiny2"] = {"arch": "unet_mobilenetv3", "kwargs": {}, "pretrained": None}
     cfg["ensemble"] = {"models": ["tiny", "tiny2"], "trials": 3, "objective": "competition"}
     cfg["tune"] = {"trials": 3, "objective": "competition"}
+    cfg["refine"] = {"enabled": True, "crop": 16, "epochs": 2, "batch_size": 8, "width": 4}
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -40,6 +41,7 @@ def _artefacts(exp):
             *exp.glob("*/oof/meta.json"),
             *exp.glob("*/test/meta.json"),
             exp / "ensemble" / "weights.json",
+            exp / "refine" / "refine.json",
             exp / "postprocess.json",
         ]
     )
@@ -57,7 +59,8 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     assert "data:image/png;base64," in html
     tables = json.loads((exp / "scores.json").read_text())["tables"]
     test_rows = tables[TEST_TABLE]
-    assert {r["model"] for r in test_rows} == {"predict nothing", "tiny", "tiny2", "blend"}
+    expected = {"predict nothing", "tiny", "tiny2", "blend", "refined"}
+    assert {r["model"] for r in test_rows} == expected
     assert all(0.0 <= r["competition"] <= 1.0 for r in test_rows)
     # The baseline row, recomputed by hand: a row (image x class) scores 1 when its class
     # is absent from the ground truth and 0 otherwise.
@@ -67,14 +70,24 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     assert test_rows[0]["competition"] == pytest.approx(empty_rows / (2 * len(masks)))
 
     artefacts = _artefacts(exp)
-    # 2 models x 2 folds x 2 checkpoints, 3 x (oof, test) stores, weights, postprocess.json
-    assert len(artefacts) == 8 + 6 + 2
+    # 2 models x 2 folds x 2 checkpoints, 4 x (oof, test) stores (models, blend, refined),
+    # weights, refine.json, postprocess.json
+    assert len(artefacts) == 8 + 8 + 3
+    refined = json.loads((exp / "refine" / "refine.json").read_text())
+    assert refined["split_id"] == load_probs(exp / "ensemble" / "oof").split_id
+    assert {"kept", "oof_before", "oof_after", "per_fold", "reason"} <= set(refined)
+    tuned = json.loads((exp / "postprocess.json").read_text())
+    assert tuned["source"] == ("refine/oof" if refined["kept"] else "ensemble/oof")
+    assert {r["model"] for r in tables["Out-of-fold (working resolution)"]} >= {
+        "refined" if refined["kept"] else "refined (not kept)"
+    }
+    assert "Region refinement: " in html
     before = {p: p.stat().st_mtime_ns for p in artefacts}
     assert pipeline.main(["--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in artefacts} == before
     ran = _stages_run(out)
-    assert not any(s.startswith(("predict", "ensemble", "tune")) for s in ran), ran
+    assert not any(s.startswith(("predict", "ensemble", "refine", "tune")) for s in ran), ran
 
     # The test set's "post-processed" rows use the tuned parameters: here, hand-set ones
     # in a postprocess.json that is still up to date, so tune.py does not rerun.
@@ -96,7 +109,7 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     assert "tune" in ran and not any(s.startswith(("predict", "ensemble")) for s in ran)
     assert pipeline.main(["--config", str(config), "--set", "predict.tta=hflip"]) == 0
     ran = _stages_run(capsys.readouterr().out)
-    assert {"predict tiny", "predict tiny2", "ensemble", "tune"} <= ran
+    assert {"predict tiny", "predict tiny2", "ensemble", "refine", "tune"} <= ran
     assert load_probs(exp / "tiny" / "oof").meta["tta"] == "hflip"
     assert all(p.stat().st_mtime_ns == before[p] for p in exp.glob("*/fold*/*.pt"))
     # another model list reruns the blend, although every model store is older than it

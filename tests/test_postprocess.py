@@ -1,3 +1,5 @@
+import dataclasses
+import itertools
 import json
 
 import cv2
@@ -115,6 +117,41 @@ def test_opening_removes_thin_spurs_and_closing_bridges_gaps():
     np.testing.assert_array_equal(out[35:55, 47:53], 2)
 
 
+def disc(cm, cy, cx, r, cls):
+    yy, xx = np.ogrid[: cm.shape[0], : cm.shape[1]]
+    cm[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = cls
+
+
+def test_adaptive_kernels_and_min_area_follow_each_regions_size():
+    cm = np.zeros((200, 200), np.uint8)
+    disc(cm, 60, 60, 40, 1)  # the main lesion, ~5000 px
+    cm[58:61, 100:140] = 1  # a 3-px spur on it
+    disc(cm, 150, 150, 5, 2)  # a small polyp, ~80 px
+    cm[20:23, 180:183] = 2  # a 9-px speck
+    probs = probs_from(cm)
+    # an 11-px opening (0.055 x 200) erases the small polyp along with the spur ...
+    fixed = postprocess(probs, (200, 200), PostprocessParams(open_frac=0.055))
+    assert fixed[150, 150] == 0 and fixed[59, 110:140].sum() == 0
+    # ... the small polyp's own kernel is 11 x sqrt(80/5000) ~ 1 px: it stays whole (and so
+    # does the speck), while the main lesion still loses its spur
+    adaptive = postprocess(probs, (200, 200), PostprocessParams(open_frac=0.055, adaptive=True))
+    assert (adaptive[cm == 2] == 2).all() and adaptive[59, 110:140].sum() == 0
+    np.testing.assert_array_equal(adaptive[40:80, 40:80], 1)
+    # min area 1%: of the image (400 px) drops the small polyp too; of the largest
+    # region (~50 px) only the speck
+    by_image = postprocess(probs, (200, 200), PostprocessParams(min_area_frac=0.01))
+    assert by_image[150, 150] == 0 and by_image[21, 181] == 0
+    by_region = postprocess(probs, (200, 200), PostprocessParams(min_area_frac=0.01, adaptive=True))
+    assert by_region[150, 150] == 2 and by_region[21, 181] == 0 and by_region[60, 60] == 1
+    # a lone small polyp is its image's largest region: kept
+    lone = np.zeros((200, 200), np.uint8)
+    disc(lone, 150, 150, 5, 2)
+    out = postprocess(
+        probs_from(lone), (200, 200), PostprocessParams(min_area_frac=0.01, adaptive=True)
+    )
+    np.testing.assert_array_equal(out, lone)
+
+
 def test_foreground_threshold_turns_uncertain_polyp_into_polyp():
     probs = np.zeros((3, 10, 10), np.float32)
     probs[:] = np.array([0.5, 0.2, 0.3])[:, None, None]
@@ -127,12 +164,14 @@ def test_foreground_threshold_turns_uncertain_polyp_into_polyp():
 
 
 def test_params_serialise_validate_and_switch_steps_off():
-    params = PostprocessParams(0.45, 0.002, "prob", 0.01, 0.02, True)
+    params = PostprocessParams(0.45, 0.002, "prob", 0.01, 0.02, True, True)
     again = PostprocessParams.from_dict(json.loads(json.dumps(params.to_dict())))
     assert again == params
     assert params.active_steps() == list(PostprocessParams.STEPS)
     assert params.without("region").region_mode == "none"
-    assert params.without("fill_holes").active_steps() == list(PostprocessParams.STEPS)[:-1]
+    steps = list(PostprocessParams.STEPS)
+    assert params.without("adaptive").active_steps() == steps[:-1]
+    assert params.without("fill_holes").active_steps() == [s for s in steps if s != "fill_holes"]
     assert PostprocessParams().active_steps() == []
     with pytest.raises(ValueError, match="unknown"):
         PostprocessParams.from_dict({"fg_thresh": 0.5})
@@ -282,7 +321,8 @@ def test_working_on_the_foreground_window_equals_the_whole_image():
 
     probs, _ = synthetic_oof(6, (48, 64), seed=3)
     params = PostprocessParams(0.5, 0.002, "prob", 0.03, 0.05, True)
-    for p in probs:
+    for p, adaptive in itertools.product(probs, (False, True)):
+        params = dataclasses.replace(params, adaptive=adaptive)
         for size in ((48, 64), (95, 130)):
             p_full = cv2.resize(p.transpose(1, 2, 0), size[::-1], interpolation=cv2.INTER_LINEAR)
             fg = (p_full[..., 0] < 0.5 * 255).view(np.uint8)
