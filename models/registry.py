@@ -1,10 +1,11 @@
 """The model zoo: every architecture the pipeline can train, built by name.
 
 Configs name a zoo entry (`models.<name>.arch`, the entry's own name by default) and may
-override any of its defaults (`kwargs`), so `unet` with `encoder_name: resnet18` is the
-same code as `unet_resnet18`. Every model takes its encoder as `encoder_name`. Any
-segmentation-models-pytorch architecture also works by name, `arch: smp.MAnet`, through
-`smp.create_model`.
+override any of its defaults (`kwargs`). The zoo holds the six architectures of the
+competition recipe, with their published sizes; lighter variants are config entries
+(`configs/demo.yaml`: `arch: smp.Unet` with a MobileNetV3 encoder), not code. Every
+model takes its encoder as `encoder_name`. Any segmentation-models-pytorch architecture
+also works by name, `arch: smp.MAnet`, through `smp.create_model`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from models.pranet import PraNet
 from models.pretrained import imagenet_download, load_encoder_weights, parse_pretrained
 from models.smp_models import build_smp
 
-LIGHT_ENCODER = "tu-mobilenetv3_small_100"
 SMP_PREFIX = "smp."
 # The reference PraNet builds a complete Res2Net-50, ImageNet classifier (2048→1000)
 # included, and never uses it; the published 32.5M counts it, our encoder drops it.
@@ -52,9 +52,7 @@ ZOO: dict[str, ZooEntry] = {
         note="Res2Net-50 26w×4s; published 32.5M counts the unused 2.05M ImageNet fc",
         published_extra_m=RES2NET_FC_M,
     ),
-    "pranet_resnet18": ZooEntry(PraNet, {"encoder_name": "resnet18"}, note="PraNet on ResNet-18"),
     "emcad": ZooEntry(EMCAD, published_m=26.8, note="PVTv2-b2 (EMCAD-B)"),
-    "emcad_b0": ZooEntry(EMCAD, {"encoder_name": "pvt_v2_b0"}, 3.92, "PVTv2-b0 (EMCAD-T)"),
     "deeplabv3plus_regnetx320": ZooEntry(
         partial(build_smp, "deeplabv3plus"),
         {"encoder_name": "tu-regnetx_320"},
@@ -67,31 +65,9 @@ ZOO: dict[str, ZooEntry] = {
         26.7,
         "timm ResNet-50, OS 16",
     ),
-    "deeplabv3plus_mobilenetv3": ZooEntry(
-        partial(build_smp, "deeplabv3plus"),
-        {"encoder_name": LIGHT_ENCODER, "decoder_channels": 64},
-        note="light, MobileNetV3-small",
-    ),
     "unet": ZooEntry(partial(build_smp, "unet"), {"encoder_name": "resnet34"}, note="ResNet-34"),
     "unetplusplus": ZooEntry(
         partial(build_smp, "unetplusplus"), {"encoder_name": "resnet34"}, note="ResNet-34"
-    ),
-    "unet_resnet18": ZooEntry(
-        partial(build_smp, "unet"), {"encoder_name": "resnet18"}, note="ResNet-18"
-    ),
-    "unet_mobilenetv3": ZooEntry(
-        partial(build_smp, "unet"),
-        {"encoder_name": LIGHT_ENCODER, "decoder_channels": (64, 32, 24, 16, 8)},
-        note="light, MobileNetV3-small",
-    ),
-    "fpn_mobilenetv3": ZooEntry(
-        partial(build_smp, "fpn"),
-        {
-            "encoder_name": LIGHT_ENCODER,
-            "decoder_pyramid_channels": 64,
-            "decoder_segmentation_channels": 32,
-        },
-        note="light, MobileNetV3-small",
     ),
 }
 

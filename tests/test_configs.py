@@ -28,7 +28,7 @@ def test_shipped_config_is_consistent(path: Path) -> None:
     assert set(cfg["ensemble"]["models"]) <= set(names)
     for name in names:
         entry = model_entry(cfg, name)
-        assert entry["arch"] in ZOO
+        assert entry["arch"] in ZOO or entry["arch"].startswith("smp.")
         with torch.device("meta"):  # arguments checked without allocating 100M parameters
             build_model(entry["arch"], pretrained=None, **entry["kwargs"])
     predict.tta_transforms(cfg["predict"]["tta"])  # ConfigError for an unknown TTA

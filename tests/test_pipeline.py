@@ -17,7 +17,7 @@ from data.reader import list_test_gt, load_mask
 from data.submission import check_submission
 from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps
-from tests.trainkit import write_config
+from tests.trainkit import demo_model, write_config
 
 TEST_TABLE = "Test set (original size, test_gt/)"
 
@@ -25,7 +25,7 @@ TEST_TABLE = "Test set (original size, test_gt/)"
 def _config(tmp_path, tiny_data):
     path = write_config(tmp_path, tiny_data, epochs=1)
     cfg = yaml.safe_load(path.read_text())
-    cfg["models"]["tiny2"] = {"arch": "unet_mobilenetv3", "kwargs": {}, "pretrained": None}
+    cfg["models"]["tiny2"] = demo_model()
     cfg["ensemble"] = {"models": ["tiny", "tiny2"], "trials": 3, "objective": "competition"}
     cfg["tune"] = {"trials": 3, "objective": "competition"}
     cfg["refine"] = {"enabled": True, "crop": 16, "epochs": 2, "batch_size": 8, "width": 4}

@@ -153,7 +153,7 @@ def test_fold_oof_is_reused_only_for_the_best_pt_that_made_it(trained: Path) -> 
     [
         ("split_id", "0123456789ab", "was trained on split 0123456789ab"),
         ("model_name", "other", "is a checkpoint of other"),
-        ("arch", "fpn_mobilenetv3", "(fpn_mobilenetv3), not of tiny"),
+        ("arch", "smp.FPN", "(smp.FPN), not of tiny"),
         ("config.data.img_size", [96, 96], "was trained at [96, 96]"),
     ],
 )

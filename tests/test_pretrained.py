@@ -13,6 +13,20 @@ import torch
 from safetensors.torch import save_file
 
 from models import PretrainedWeightsError, build_model, export_encoder, read_state_dict
+from tests.trainkit import demo_model
+
+# Light variants as configs spell them: the demo's UNet, and zoo models on ResNet-18.
+VARIANTS = {
+    "unet_mobilenetv3": demo_model(),
+    "pranet_resnet18": {"arch": "pranet", "kwargs": {"encoder_name": "resnet18"}},
+    "unet_resnet18": {"arch": "unet", "kwargs": {"encoder_name": "resnet18"}},
+}
+
+
+def variant(name: str, **kwargs) -> torch.nn.Module:
+    entry = VARIANTS[name]
+    return build_model(entry["arch"], **{**entry["kwargs"], **kwargs})
+
 
 torch.set_num_threads(1)
 
@@ -26,13 +40,13 @@ def encoder_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 @pytest.mark.parametrize("name", ["unet_mobilenetv3", "pranet_resnet18", "unet_resnet18"])
 def test_encoder_round_trip(tmp_path: Path, name: str, suffix: str) -> None:
     torch.manual_seed(0)
-    a = build_model(name)
+    a = variant(name)
     path = export_encoder(a, tmp_path / f"encoder{suffix}")
     torch.manual_seed(1)
-    fresh = build_model(name)
+    fresh = variant(name)
     assert not encoder_equal(a, fresh)  # different seeds, so the load below is what matters
     torch.manual_seed(1)
-    b = build_model(name, pretrained=str(path))
+    b = variant(name, pretrained=str(path))
     assert encoder_equal(a, b)
     # only the encoder comes from the file: the rest keeps b's own initialisation
     decoder_a = {k: v for k, v in a.state_dict().items() if not k.startswith("encoder.")}
@@ -50,7 +64,7 @@ def test_plain_timm_checkpoint_loads_into_smp_timm_encoder(
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(path))
     with caplog.at_level(logging.WARNING, logger="models.pretrained"):
-        model = build_model("unet_mobilenetv3", pretrained=path)
+        model = variant("unet_mobilenetv3", pretrained=path)
     loaded = model.encoder.state_dict()
     for key, value in backbone.state_dict().items():
         if f"model.{key}" in loaded:
@@ -60,38 +74,38 @@ def test_plain_timm_checkpoint_loads_into_smp_timm_encoder(
 
 def test_training_checkpoint_wrapper_is_unwrapped(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    a = build_model("pranet_resnet18")
+    a = variant("pranet_resnet18")
     path = tmp_path / "best.pt"
     torch.save({"model": a.state_dict(), "epoch": 3}, path)
-    assert encoder_equal(a, build_model("pranet_resnet18", pretrained=path))
+    assert encoder_equal(a, variant("pranet_resnet18", pretrained=path))
 
 
 def test_shape_mismatch_is_refused_naming_the_keys(tmp_path: Path) -> None:
-    narrow = build_model("unet_mobilenetv3", encoder_name="tu-mobilenetv3_small_050")
+    narrow = variant("unet_mobilenetv3", encoder_name="tu-mobilenetv3_small_050")
     path = export_encoder(narrow, tmp_path / "narrow.safetensors")
     with pytest.raises(
         PretrainedWeightsError,
         match=r"wrong shape.*model\.blocks\.0\.0\.bn2\.bias: file \(8,\) vs encoder \(16,\)",
     ):
-        build_model("unet_mobilenetv3", pretrained=path)
+        variant("unet_mobilenetv3", pretrained=path)
 
 
 def test_file_matching_nothing_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.pth"
     torch.save({"head.fc.weight": torch.zeros(3, 3)}, path)
     with pytest.raises(PretrainedWeightsError, match="none of its 1 keys"):
-        build_model("unet_mobilenetv3", pretrained=path)
+        variant("unet_mobilenetv3", pretrained=path)
 
 
 def test_missing_keys_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    a = build_model("pranet_resnet18")
+    a = variant("pranet_resnet18")
     state = a.encoder.state_dict()
     dropped = "layer4.1.conv2.weight"
     del state[dropped]
     path = tmp_path / "partial.pth"
     torch.save(state, path)
     with caplog.at_level(logging.WARNING, logger="models.pretrained"):
-        build_model("pranet_resnet18", pretrained=path)
+        variant("pranet_resnet18", pretrained=path)
     assert "1 encoder keys not in the file" in caplog.text and dropped in caplog.text
 
 
@@ -105,15 +119,15 @@ def test_unreadable_file_is_a_clear_error(tmp_path: Path, content: bytes) -> Non
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PretrainedWeightsError, match=r"not found.*--pretrained none"):
-        build_model("unet_mobilenetv3", pretrained=tmp_path / "nope.pth")
+        variant("unet_mobilenetv3", pretrained=tmp_path / "nope.pth")
 
 
 @pytest.mark.parametrize("spec", [None, "none", "None", ""])
 def test_none_means_random_init(spec: str | None) -> None:
     torch.manual_seed(0)
-    a = build_model("unet_mobilenetv3", pretrained=spec)
+    a = variant("unet_mobilenetv3", pretrained=spec)
     torch.manual_seed(0)
-    assert encoder_equal(a, build_model("unet_mobilenetv3"))
+    assert encoder_equal(a, variant("unet_mobilenetv3"))
 
 
 @pytest.mark.parametrize("name", ["pranet_resnet18", "unet_resnet18", "unet_mobilenetv3"])
@@ -136,7 +150,8 @@ def test_imagenet_offline_fails_fast_and_says_what_to_do(
     monkeypatch.setattr(socket, "getaddrinfo", refuse)  # name lookup comes first
     monkeypatch.setattr(socket.socket, "connect", refuse)
     with pytest.raises(PretrainedWeightsError) as info:
-        build_model(name, pretrained="imagenet")
+        variant(name, pretrained="imagenet")
     assert attempts == []
     message = str(info.value)
-    assert name in message and "--pretrained none" in message and "local file" in message
+    arch = VARIANTS[name]["arch"]
+    assert arch in message and "--pretrained none" in message and "local file" in message

@@ -10,12 +10,19 @@ import torch
 import yaml
 
 import train
-from config import load_config
+from config import load_config, model_entry
 from data.cache import CachedItem
 from data.prepare import prepare_train_data
 from runtime import Dist
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+
+
+def demo_model(name: str = "unet_mobilenetv3") -> dict:
+    """A light model as configs/demo.yaml declares it ({"arch", "kwargs", "pretrained"})."""
+    entry = model_entry(load_config(DEMO_CONFIG), name)
+    return {"arch": entry["arch"], "kwargs": entry["kwargs"], "pretrained": None}
 
 
 def write_config(tmp_path: Path, data_dir: Path, **train_cfg) -> Path:
@@ -47,7 +54,7 @@ def write_config(tmp_path: Path, data_dir: Path, **train_cfg) -> Path:
             "cpu_threads": 1,  # 2 threads on a busy 2-core machine thrash
             **train_cfg,
         },
-        "models": {"tiny": {"arch": "unet_mobilenetv3", "kwargs": {}, "pretrained": None}},
+        "models": {"tiny": demo_model()},
         "predict": {"tta": "none", "batch_size": 4},
     }
     path = tmp_path / "tiny.yaml"
