@@ -368,6 +368,7 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     params = load_params(layout.postprocess)
     # the maps tune.py and the submission used: the refined ones when refinement was kept
     source, why = input_store(cfg, "oof")
+    source_name = "refined" if source == layout.refined("oof") else "blend"
     cases = oof_cases(load_probs(source), cfg, params)
     oof_rows = [nothing_row([c.target for c in cases], model="predict nothing")]
     for name, by_fold in blend_doc["scores"].items():
@@ -379,7 +380,7 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
         oof_rows.append({"model": label, **{k: refined["oof_after"][k] for k in SCORE_KEYS}})
     oof_rows.append(
         {
-            "model": f"{source.parent.name} + post-processing (tuned here: in-sample)",
+            "model": f"{source_name} + post-processing (tuned here: in-sample)",
             **{k: tuned["scores"]["tuned"][k] for k in SCORE_KEYS},
         }
     )
@@ -403,7 +404,7 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
         *study_notes({"ensemble": blend_doc.get("study"), "tune": tuned.get("study")}),
     ]
     if refined is not None:
-        notes.append(f"Region refinement: {why}; tuned and submitted from {source.parent.name}.")
+        notes.append(f"Region refinement: {why}; tuned and submitted from the {source_name} maps.")
     inputs = ReportInputs(
         cfg=cfg,
         tables=tables,
@@ -417,6 +418,7 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
         test_images={s.id: s.image for s in list_test(data_dir)},
         notes=notes,
         refined=refine_cases(cfg, refined) if refined is not None else [],
+        source=source_name,
     )
     report = write_report(layout.report, f"neopolyp: {cfg['experiment']}", inputs)
     timing_rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]

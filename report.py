@@ -40,7 +40,7 @@ from metrics import class_stats, confusion, scores_from_stats
 CLASS_NAMES = ("background", "neoplastic", "non-neoplastic")
 # Curves per model; the two losses are computed differently, so each panel says how.
 CURVES = {
-    "train_loss": "train loss (main head, augmented batches, training mode)",
+    "train_loss": "train loss (main head, train mode)",
     "val_loss": "val loss (validation images, eval mode)",
     "competition": "val rows-Dice",
     "lr": "learning rate",
@@ -108,6 +108,7 @@ class ReportInputs:
     test_images: Mapping[str, Path] = field(default_factory=dict)
     notes: Sequence[str] = ()
     refined: Sequence[Case] = ()  # the regions refine.py changed most: blend vs refined
+    source: str = "blend"  # the OOF maps of `cases`, tuned and submitted: blend or refined
 
 
 def _png(fig: plt.Figure) -> str:
@@ -194,16 +195,20 @@ def per_class_rows(inputs: ReportInputs) -> list[dict[str, object]]:
         }
 
     nothing = _nothing(cases)
-    post = class_stats([c.pred_post for c in cases], [c.target for c in cases])
+    targets = [c.target for c in cases]
+    post = class_stats([c.pred_post for c in cases], targets)
     rows = [
         row("predict nothing", scores_from_stats(nothing), _by_fold(cases, inputs.folds, nothing))
     ]
     for name, by_fold in inputs.blend.get("scores", {}).items():
         folds = [s["competition"] for k, s in by_fold.items() if k != "all"]
         rows.append(row(BLEND_ROWS.get(name, name), by_fold["all"], folds))
+    if inputs.source != "blend":
+        raw = class_stats([c.pred for c in cases], targets)
+        rows.append(row(inputs.source, scores_from_stats(raw), _by_fold(cases, inputs.folds, raw)))
     rows.append(
         row(
-            "blend + post-processing (tuned here: in-sample)",
+            f"{inputs.source} + post-processing (tuned here: in-sample)",
             scores_from_stats(post),
             _by_fold(cases, inputs.folds, post),
         )
@@ -426,7 +431,7 @@ def test_gallery(maps: Mapping[str, np.ndarray], images: Mapping[str, Path], n: 
     return _png(fig)
 
 
-def confusion_html(cases: Sequence[Case]) -> str:
+def confusion_html(cases: Sequence[Case], source: str = "blend") -> str:
     """Pixels of each true class (rows) by predicted class (columns), post-processed OOF."""
     total = (
         confusion(np.stack([c.pred_post for c in cases]), np.stack([c.target for c in cases]))
@@ -442,7 +447,7 @@ def confusion_html(cases: Sequence[Case]) -> str:
         for t, name in enumerate(CLASS_NAMES)
     )
     return (
-        "<h2>Pixel confusion matrix (OOF blend, post-processed)</h2>"
+        f"<h2>Pixel confusion matrix (OOF {source}, post-processed)</h2>"
         "<p>Pixels at working resolution; each row's shares sum to 100%.</p>"
         f"<table class='confusion'><tr><th></th>{head}</tr>{body}</table>"
     )
@@ -549,14 +554,15 @@ def write_report(path: str | Path, title: str, inputs: ReportInputs) -> Path:
             "A step is kept only if it raises the objective and leaves no class below argmax.",
         )
     )
-    parts.append(confusion_html(cases))
+    parts.append(confusion_html(cases, inputs.source))
     post = [failure_types(c.pred_post, c.target) for c in cases]
     raw = [failure_types(c.pred, c.target) for c in cases]
     parts.append(
         table_html(
             "Failure types",
             failure_rows(raw, post),
-            "OOF images of the blend showing each kind of error; an image may show several.",
+            f"OOF images of the {inputs.source} maps showing each kind of error; an image may "
+            "show several.",
         )
     )
     parts.append(
@@ -566,7 +572,7 @@ def write_report(path: str | Path, title: str, inputs: ReportInputs) -> Path:
         )
         + "</ul>"
     )
-    parts.append(f"<h2>Per-image scores (OOF blend)</h2>{_img(histogram_figure(cases))}")
+    parts.append(f"<h2>Per-image scores (OOF {inputs.source})</h2>{_img(histogram_figure(cases))}")
     if inputs.logs:
         png, stuck = curves_figure(inputs.logs, fold_baselines(cases, inputs.folds))
         flags = "".join(f"<p class='flag'>{html.escape(s)}</p>" for s in stuck)
