@@ -92,7 +92,7 @@ log = logging.getLogger("train")
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Config file, then `key=value` overrides, then the dedicated flags, then checks."""
+    """Config file, the model's own recipe, `--set`, then the dedicated flags; checked."""
     flags: dict[str, Any] = {
         "seed": args.seed,
         "train.epochs": args.epochs,
@@ -110,9 +110,6 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     # A missing pretrained file is an error now, not after the data has been cached.
     parse_pretrained(model_entry(cfg, args.model).get("pretrained"))
     return cfg
-
-
-# --------------------------------------------------------------------------- data
 
 
 # --------------------------------------------------------------------------- one fold
