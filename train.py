@@ -173,6 +173,7 @@ def train_fold(
     `--resume` continues correctly.
     """
     epochs = int(cfg["train"]["epochs"])
+    best_metric = str(cfg["train"].get("best_metric", "competition"))
     out = Layout.of(cfg).fold(model_name, fold)
     name = f"{model_name} fold {fold}"
     recipe = fold_recipe(cfg, model_name, data.folds.split_id)
@@ -182,7 +183,7 @@ def train_fold(
     check_fold(out, recipe, str(cfg["experiment"]))
     if fold_complete(out, epochs):
         log.info("%s already complete (%s); skipping (--force retrains)", name, out)
-        return _summary(model_name, fold, read_log(out / "log.jsonl"), skipped=True)
+        return _summary(model_name, fold, read_log(out / "log.jsonl"), True, best_metric)
 
     entry = model_entry(cfg, model_name)
     split_id = data.folds.split_id
@@ -242,7 +243,7 @@ def train_fold(
     finally:
         if wandb_run is not None:
             wandb_run.finish()
-    return _summary(model_name, fold, state.history, skipped=False)
+    return _summary(model_name, fold, state.history, False, best_metric)
 
 
 def write_fold_oof(
@@ -293,15 +294,17 @@ def write_fold_oof(
 
 
 def _summary(
-    model_name: str, fold: int, history: list[dict[str, Any]], skipped: bool
+    model_name: str, fold: int, history: list[dict[str, Any]], skipped: bool, metric: str
 ) -> dict[str, Any]:
-    best = max(history, key=lambda r: r["competition"]) if history else {}
+    """The epoch best.pt holds (the last one flagged best by `train.best_metric`)."""
+    best = next((r for r in reversed(history) if r.get("best")), {})
     return {
         "model": model_name,
         "fold": fold,
         "epochs": len(history),
         "best_epoch": best.get("epoch"),
-        "best_competition": best.get("competition"),
+        "metric": metric,
+        "best_score": best.get(metric, math.nan),
         "skipped": skipped,
     }
 
@@ -340,8 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s in summaries:
             state = "skipped (complete)" if s["skipped"] else f"{s['epochs']} epochs"
             print(
-                f"{s['model']} fold {s['fold']}: best competition Dice "
-                f"{s['best_competition']:.4f} at epoch {s['best_epoch']} ({state})"
+                f"{s['model']} fold {s['fold']}: best {s['metric']} {s['best_score']:.4f} "
+                f"at epoch {s['best_epoch']} ({state})"
             )
     return 0
 
