@@ -8,6 +8,7 @@ per-image min–max, so a picture is scaled the same way in training, validation
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,8 +21,14 @@ from data.cache import CachedItem, load_item
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
-_MEAN = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1) * 255
-_INV_STD = 1 / (torch.tensor(STD, dtype=torch.float32).view(3, 1, 1) * 255)
+
+@functools.cache
+def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and inverse std (0..255 scale) on `device`, copied there once: a copy per batch
+    would be a blocking host-to-device transfer in every training step."""
+    mean = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1) * 255
+    std = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1) * 255
+    return mean.to(device), (1 / std).to(device)
 
 
 def chw_uint8(image: np.ndarray) -> torch.Tensor:
@@ -31,8 +38,8 @@ def chw_uint8(image: np.ndarray) -> torch.Tensor:
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) on any device -> float32 with the ImageNet statistics."""
-    device = images.device
-    return (images.float() - _MEAN.to(device)) * _INV_STD.to(device)
+    mean, inv_std = _statistics(images.device)
+    return (images.float() - mean) * inv_std
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
