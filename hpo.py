@@ -13,10 +13,10 @@ is its best validation score.
 Trials train in `<exp>/hpo/<study>/trial<n>/` (their config and log, no checkpoint: the
 search keeps scores, not weights), on the experiment's split (its folds.json), never in
 a fold folder of the experiment. The study lives with the others (studies.py: resumable,
-`--n-workers`, `--join`, `--storage`), named after the model, fold, split, space, epochs
-and the config; `--trials N` counts complete and pruned trials. The best trial is written
-as `<exp>/hpo/best_<model>.yaml`, an experiment file whose `base:` is the searched config,
-ready for `python pipeline.py --config <exp>/hpo/best_<model>.yaml`.
+`--n-workers`, `--join`, `--storage`), named after the model, fold, space, epochs and the
+fold's recipe (recipe.py); `--trials N` counts complete and pruned trials. The best trial
+is written as `<exp>/hpo/best_<model>.yaml`, an experiment file whose `base:` is the
+searched config, ready for `python pipeline.py --config <exp>/hpo/best_<model>.yaml`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ import studies
 from config import (
     ConfigError,
     apply_overrides,
-    config_hash,
     defaults,
     merge,
     model_entry,
@@ -64,18 +63,12 @@ from data.prepare import prepare_train_data
 from data.reader import DataError
 from engine import FitState, TrainingError, build_learner, build_loaders, fit, log_epoch, write_log
 from paths import Layout
-from recipe import check_config
+from recipe import check_config, fold_recipe, recipe_hash
 from runtime import Dist, configure_cpu_threads, init_dist
 
 log = logging.getLogger("hpo")
 
 PRUNERS = ("median", "hyperband", "threshold", "none")
-
-# Settings that change how fast a trial runs, not what it learns: a rerun with other
-# values continues the same study.
-NOT_IDENTITY = ("experiment", "out_dir", "data_dir", "hpo")
-NOT_IDENTITY_DATA = ("num_workers", "loader_timeout_s")
-NOT_IDENTITY_TRAIN = ("cpu_threads", "wandb", "wandb_project")
 
 
 # ---------------------------------------------------------------- the search space
@@ -188,14 +181,6 @@ def build_pruner(spec: Any, epochs: int) -> optuna.pruners.BasePruner:
         raise ConfigError(f"hpo.pruner ({name}): {exc}") from exc
 
 
-def config_identity(cfg: dict[str, Any]) -> str:
-    """The hash of what a trial learns from, without paths and speed settings."""
-    kept = {k: v for k, v in cfg.items() if k not in NOT_IDENTITY}
-    kept["data"] = {k: v for k, v in cfg["data"].items() if k not in NOT_IDENTITY_DATA}
-    kept["train"] = {k: v for k, v in cfg["train"].items() if k not in NOT_IDENTITY_TRAIN}
-    return config_hash(kept)
-
-
 # ---------------------------------------------------------------- one trial
 
 
@@ -298,11 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         layout = Layout.of(cfg)
         # Creates the experiment's split if it is the first stage to run: trials share it.
         split_id = prepare_train_data(cfg, dist).folds.split_id
+        # What shapes a trial's weights is a fold's recipe (recipe.py: model, train, data,
+        # seed, split; not paths or speed settings); epochs and space are the settings.
         identity = {
             "model": args.model,
             "fold": fold,
-            "split_id": split_id,
-            "config": config_identity(cfg),
+            "recipe": recipe_hash(fold_recipe(cfg, args.model, split_id)),
         }
         place = studies.place_from_args(args, layout, identity)
         study = studies.run_study(
