@@ -106,6 +106,12 @@ def class_stats(pred: Any, target: Any) -> np.ndarray:
     return _stats_from_confusion(confusion(pred, target))
 
 
+def nothing_stats(targets: Sequence[Any]) -> np.ndarray:
+    """`class_stats` of an empty prediction for each target: the "predict nothing" baseline
+    every score is read against (a row whose class is absent scores 1, not 0)."""
+    return class_stats([np.zeros_like(t) for t in targets], targets)
+
+
 def _one_confusion(pred: Any, target: Any, index: int) -> np.ndarray:
     if tuple(pred.shape) != tuple(target.shape):
         raise ValueError(

@@ -61,7 +61,7 @@ from data.reader import (
     list_test_gt,
     load_mask,
 )
-from metrics import class_stats, scores_from_stats
+from metrics import class_stats, nothing_stats, scores_from_stats
 from paths import Layout
 from postprocessing import PostprocessParams, class_maps, input_store, load_params
 from recipe import check_config, check_recipes_early
@@ -272,7 +272,7 @@ def _scores(stats: np.ndarray) -> dict[str, float]:
 def nothing_row(targets: Sequence[np.ndarray], **labels: str) -> dict[str, Any]:
     """What an empty submission scores: every row whose class is absent counts as 1, so a
     model must be read against this, not against 0."""
-    return {**labels, **_scores(class_stats([np.zeros_like(t) for t in targets], targets))}
+    return {**labels, **_scores(nothing_stats(targets))}
 
 
 def test_scores(

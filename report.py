@@ -35,7 +35,7 @@ from data.reader import load_image
 from data.submission import ROW_CLASSES, image_size, rle_decode
 from data.synthetic import overlay
 from engine import read_log
-from metrics import class_stats, confusion, scores_from_stats
+from metrics import class_stats, confusion, nothing_stats, scores_from_stats
 
 CLASS_NAMES = ("background", "neoplastic", "non-neoplastic")
 # Curves per model; the two losses are computed differently, so each panel says how.
@@ -155,7 +155,7 @@ def failure_types(pred: np.ndarray, target: np.ndarray) -> set[str]:
 
 
 def _nothing(cases: Sequence[Case]) -> np.ndarray:
-    return class_stats([np.zeros_like(c.target) for c in cases], [c.target for c in cases])
+    return nothing_stats([c.target for c in cases])
 
 
 def _mean_std(values: Sequence[float]) -> str:
