@@ -242,6 +242,20 @@ def refine_parser() -> argparse.ArgumentParser:
     return p
 
 
+def compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Compare finished experiments: config differences, out-of-fold scores, "
+        "the decisions and submitted chains, test scores and wall time, and for each pair "
+        "the paired per-image difference of the submitted chains with a bootstrap interval."
+    )
+    p.add_argument(
+        "experiments", nargs="+", help="experiment folders (<out_dir>/<experiment>), first = base"
+    )
+    p.add_argument("--confidence", type=float, default=0.9, help="two-sided level of the intervals")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    return p
+
+
 PARSERS = {
     "train": train_parser,
     "predict": predict_parser,
@@ -251,4 +265,5 @@ PARSERS = {
     "postprocess": postprocess_parser,
     "pipeline": pipeline_parser,
     "refine": refine_parser,
+    "compare": compare_parser,
 }

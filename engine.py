@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import ConfigError
-from data.atomic import write_text
+from data.atomic import write_json, write_text
 from data.augment import build_transforms
 from data.cache import CachedItem
 from data.dataset import SegDataset
@@ -43,16 +45,19 @@ from data.loader import SeededDataset, SeededSampler, config_loader, stratum_wei
 from data.paste import PolypPaste
 from data.prepare import TrainData, eval_transform
 from data.reader import DataError
-from metrics import class_stats, scores_from_stats
+from metrics import class_stats, predict_nothing, scores_from_stats
 from models import build_model
 from models.inference import NUM_CLASSES
 from models.losses import SegLoss
 from optim import build_optimizer, build_scheduler
+from paths import Layout
+from recipe import RetryPolicy
 from runtime import (
     Dist,
     Precision,
     choose_precision,
     derive_seed,
+    forced_fold_failure,
     rng_state,
     set_rng_state,
     to_device,
@@ -66,6 +71,10 @@ LOSS_CHECK_EVERY = 20
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class FoldFailed(RuntimeError):
+    """A fold still fails after every retrain the `retry:` policy allows."""
 
 
 def train_step(
@@ -194,8 +203,12 @@ def evaluate(
     if dist.enabled:
         tdist.all_reduce(stats)
         tdist.all_reduce(loss)
-    scores = scores_from_stats(stats.cpu().numpy())
-    return {"val_loss": loss[0].item() / max(loss[1].item(), 1.0), **scores}
+    stats_np = stats.cpu().numpy()
+    return {
+        "val_loss": loss[0].item() / max(loss[1].item(), 1.0),
+        **scores_from_stats(stats_np),
+        "nothing": scores_from_stats(predict_nothing(stats_np)),
+    }
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -507,3 +520,109 @@ def log_epoch(name: str, epochs: int, record: dict[str, Any]) -> None:
         record["epoch_time_s"],
         " (best)" if record["best"] else "",
     )
+
+
+# --------------------------------------------------------------------------- failed folds
+
+
+def fold_verdict(
+    history: Sequence[dict[str, Any]],
+    metric: str,
+    others: Sequence[Sequence[dict[str, Any]]],
+    margin: float | None,
+) -> str | None:
+    """Why a trained fold counts as failed, or None when it does not.
+
+    Failed: its best validation `metric` never beat predicting nothing on its own
+    validation images, or (`margin` not None, at least two other complete folds) its gain
+    over predicting nothing is more than `margin` below the median gain of `others`.
+    Logs written before the predict-nothing score was recorded are never judged.
+    """
+    if not history or "nothing" not in history[-1]:
+        return None
+    best = max(r[metric] for r in history)
+    nothing = history[-1]["nothing"][metric]
+    if best <= nothing:
+        return f"best validation {metric} {best:.4f} never beat predicting nothing ({nothing:.4f})"
+    gains = [
+        max(r[metric] for r in h) - h[-1]["nothing"][metric]
+        for h in others
+        if h and "nothing" in h[-1]
+    ]
+    if margin is not None and len(gains) >= 2:
+        median = float(np.median(gains))
+        if best - nothing < median - margin:
+            return (
+                f"gain over predicting nothing {best - nothing:.4f} trails the median of its "
+                f"model's other folds ({median:.4f}) by more than {margin}"
+            )
+    return None
+
+
+def judge_fold(cfg: dict[str, Any], model_name: str, fold: int) -> str | None:
+    """`fold_verdict` of a complete fold against its model's other complete folds, on
+    `train.best_metric`; None for a fold that is fine or not complete yet."""
+    layout = Layout.of(cfg)
+    forced = forced_fold_failure(model_name, fold, len(failed_attempts(layout, model_name, fold)))
+    if forced is not None:
+        return "forced to fail by NEOPOLYP_FAIL_FOLD (a test hook)" if forced else None
+    epochs = int(cfg["train"]["epochs"])
+    if not fold_complete(layout.fold(model_name, fold), epochs):
+        return None
+    others = [
+        read_log(layout.fold(model_name, j) / "log.jsonl")
+        for j in range(int(cfg["data"]["n_folds"]))
+        if j != fold and fold_complete(layout.fold(model_name, j), epochs)
+    ]
+    return fold_verdict(
+        read_log(layout.fold(model_name, fold) / "log.jsonl"),
+        str(cfg["train"].get("best_metric", "competition")),
+        others,
+        RetryPolicy.from_config(cfg).margin,
+    )
+
+
+def failed_attempts(layout: Layout, model_name: str, fold: int) -> list[dict[str, Any]]:
+    """The fold's failed attempts so far (its `retries.json`); the next attempt's number
+    is their count."""
+    path = layout.fold_retries(model_name, fold)
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text())["failed"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); retrain the fold with --force") from exc
+
+
+def retire_attempt(cfg: dict[str, Any], model_name: str, fold: int, reason: str) -> int:
+    """Record a failed attempt and clear the fold for the next one; returns its number.
+
+    The log is kept as `failed_attempt<n>.jsonl`, the checkpoints and OOF maps go (a
+    Kaggle session has ~20 GB of disk), and `retries.json` is written last: a kill before
+    it leaves the attempt unrecorded, and the rerun trains the same attempt again.
+    """
+    layout = Layout.of(cfg)
+    out = layout.fold(model_name, fold)
+    failed = failed_attempts(layout, model_name, fold)
+    attempt = len(failed)
+    history = read_log(out / "log.jsonl")
+    write_log(layout.failed_log(model_name, fold, attempt), history)
+    for name in ("best.pt", "last.pt", "log.jsonl"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "oof", ignore_errors=True)
+    policy = RetryPolicy.from_config(cfg)
+    tried = policy.remedy(cfg, attempt)
+    failed.append(
+        {
+            "attempt": attempt,
+            "reason": reason,
+            "seed": tried["seed"],
+            "lr": tried["train"]["lr"],
+            "epochs": len(history),
+            "log": layout.failed_log(model_name, fold, attempt).name,
+        }
+    )
+    write_json(
+        layout.fold_retries(model_name, fold), {"failed": failed, "policy": policy.to_dict()}
+    )
+    return attempt

@@ -1,18 +1,24 @@
-"""Blend the models' probability maps with weights tuned on their out-of-fold predictions.
+"""Blend the models' probability maps: equal weights, the best model, or tuned weights.
 
 OOF stores are only comparable when they come from the same fold split and cover the same
 images; anything else is refused, because a blend of predictions made on different splits
 leaks validation images into training and its OOF score means nothing.
 
-Weights (one per model, normalised to sum 1) are searched with seeded optuna TPE,
-maximising the chosen OOF score of the argmax of the blend. The score is computed at the
-working resolution against the cached working-size masks (data.cache), which ranks blends
-the same way as the original size does at a fraction of the cost. The study lives in an
-optuna storage (studies.py: one SQLite file per experiment by default), named after its
-inputs, so a killed or extended search continues where it stopped; every trial is
-exported to `ensemble/trials.csv`. Tuned weights are
-reported against equal weights per fold: when they win on only one fold, the gain is
-probably noise, and the table says so.
+Three candidates, judged out of sample (decisions.py): equal weights, the best single
+model, and weights (one per model, normalised to sum 1) searched with seeded optuna TPE
+to maximise the chosen OOF score of the blend's maps. The best model and the tuned
+weights are fitted per fold on the other folds' images and scored on the fold's own
+(nested cross-validation); the tuned weights are kept only when they beat the better
+simple candidate by more than the paired bootstrap noise. The OOF blend written for the
+later stages holds each fold blended with the weights fitted without it; the test blend
+uses the weights fitted on all folds.
+
+Scores are computed at the working resolution against the cached working-size masks
+(data.cache), after the decision's lens (plain argmax or the region vote). The studies
+live in an optuna storage (studies.py: one SQLite file per experiment by default), named
+after their inputs and their fit ("all", "fold 0", ...), so a killed or extended search
+continues where it stopped; the all-folds study's trials are exported to
+`ensemble/trials.csv`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ if __name__ == "__main__":
 
 
 import functools
-import itertools
 import logging
 import sys
 from collections.abc import Sequence
@@ -44,72 +49,53 @@ from config import (
 )
 from data.atomic import write_json
 from data.cache import load_targets
-from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
+from data.probstore import (
+    ProbMaps,
+    align_stores,
+    blend,
+    blend_by_fold,
+    blend_rows,
+    load_probs,
+    normalised,
+    save_probs,
+)
 from data.reader import DataError
+from decisions import LENSES, Candidate, Rule, choose, cross_fit, fold_rows, format_decision
 from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
 from paths import Layout
+from postprocessing import PostprocessParams, postprocess
 from studies import StudyPlace, search_settings
 
 log = logging.getLogger("ensemble")
 
-# Images blended per step: bounds the float32 temporaries.
+# Images blended and scored per step: bounds the float32 temporaries.
 _CHUNK = 32
 
 # Part of the study's name: change it with `_trial_score`'s space, so old trials are not mixed in.
-SPACE_VERSION = "weights-v1"
-
-
-def align_stores(stores: Sequence[ProbMaps]) -> list[ProbMaps]:
-    """The stores in the first one's image order; DataError if they cannot be blended."""
-    check_compatible(stores, "blended")
-    first = stores[0]
-    for s in stores[1:]:
-        if set(s.ids) != set(first.ids):
-            only = sorted(set(s.ids) ^ set(first.ids))
-            raise DataError(
-                f"{s.where} and {first.where} hold different images "
-                f"({len(only)} in only one of them, e.g. {only[0]})"
-            )
-    return [first] + [s if s.ids == first.ids else s.subset(first.ids) for s in stores[1:]]
-
-
-def _normalised(weights: Sequence[float]) -> np.ndarray:
-    w = np.asarray(weights, np.float64)
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {list(w)}")
-    return w / w.sum()
-
-
-def _blend_chunk(arrays: Sequence[np.ndarray], w: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    out = np.zeros((hi - lo, *arrays[0].shape[1:]), np.float32)
-    for a, wi in zip(arrays, w, strict=True):
-        if wi > 0:
-            out += np.float32(wi) * a[lo:hi]
-    return out
-
-
-def _chunks(n: int) -> list[tuple[int, int]]:
-    return list(itertools.pairwise([*range(0, n, _CHUNK), n]))
-
-
-def blend(stores: Sequence[ProbMaps | np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Weighted mean of uint8 probability maps (stores or raw arrays), as uint8 codes."""
-    arrays = [s.raw if isinstance(s, ProbMaps) else s for s in stores]
-    w = _normalised(weights)
-    out = np.empty(arrays[0].shape, np.uint8)
-    for lo, hi in _chunks(len(out)):
-        out[lo:hi] = np.rint(_blend_chunk(arrays, w, lo, hi)).clip(0, 255).astype(np.uint8)
-    return out
+SPACE_VERSION = "weights-v2"
 
 
 def blend_stats(
-    arrays: Sequence[np.ndarray], targets: np.ndarray, weights: Sequence[float], n_jobs: int = 1
+    arrays: Sequence[np.ndarray],
+    targets: np.ndarray,
+    weights: Sequence[float],
+    n_jobs: int = 1,
+    rows: np.ndarray | None = None,
+    params: PostprocessParams | None = None,
 ) -> np.ndarray:
-    """Per-image class stats (N, 3, 3) of the argmax of the blend, threads over chunks."""
-    w = _normalised(weights)
-    return stats_in_chunks(
-        lambda lo, hi: _blend_chunk(arrays, w, lo, hi).argmax(axis=1), targets, _CHUNK, n_jobs
-    )
+    """Per-image class stats (len(rows), 3, 3) of the blend's maps, plain argmax or after
+    `params` (at working size), for `rows` (default all); threads over chunks."""
+    w = normalised(weights)
+    rows = np.arange(len(targets)) if rows is None else np.asarray(rows)
+    size = targets.shape[1:]
+
+    def maps(lo: int, hi: int) -> np.ndarray:
+        codes = blend_rows(arrays, w, rows[lo:hi])
+        if params is None or not params.active_steps():
+            return codes.argmax(axis=1).astype(np.uint8)
+        return np.stack([postprocess(p, size, params) for p in codes])
+
+    return stats_in_chunks(maps, targets[rows], _CHUNK, n_jobs)
 
 
 def _trial_score(
@@ -117,16 +103,19 @@ def _trial_score(
     targets: np.ndarray,
     objective: str,
     n_jobs: int,
+    rows: np.ndarray | None,
+    params: PostprocessParams | None,
     trial: optuna.Trial,
 ) -> float:
-    """One trial: sampled weights -> OOF score of the blend's argmax (module level, so it
-    pickles by reference into worker processes)."""
+    """One trial: sampled weights -> score of the blend's maps on `rows` (module level, so
+    it pickles by reference into worker processes)."""
     raw = [trial.suggest_float(f"w{i}", 0.0, 1.0) for i in range(len(arrays))]
     if sum(raw) <= 0:
         return float("-inf")
-    weights = _normalised(raw).tolist()
+    weights = normalised(raw).tolist()
     trial.set_user_attr("weights", weights)
-    return scores_from_stats(blend_stats(arrays, targets, weights, n_jobs))[objective]
+    stats = blend_stats(arrays, targets, weights, n_jobs, rows, params)
+    return scores_from_stats(stats)[objective]
 
 
 def search_weights(
@@ -137,18 +126,28 @@ def search_weights(
     seed: int = 0,
     n_jobs: int = 1,
     place: StudyPlace | None = None,
+    rows: np.ndarray | None = None,
+    lens: str = "argmax",
+    fit: str = "all",
 ) -> tuple[list[float], optuna.Study]:
-    """Seeded TPE over blend weights; the equal-weight blend is the first trial.
+    """Seeded TPE over blend weights on `rows` (default all); the equal blend is the first
+    trial. Maps are scored after the `lens` (decisions.LENSES).
 
-    `place` None: in memory; else the study of these inputs in `place.storage`, continued
-    until it has `trials` complete trials. The weights are those of the best of its first
-    `trials` complete trials.
+    `place` None: in memory; else the study of these inputs in `place.storage` (one per
+    `fit`: "all", "fold 0", ...), continued until it has `trials` complete trials. The
+    weights are those of the best of its first `trials` complete trials.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     n_workers = place.n_workers if place else 1
     score = functools.partial(
-        _trial_score, arrays, targets, objective, studies.threads_per_worker(n_jobs, n_workers)
+        _trial_score,
+        arrays,
+        targets,
+        objective,
+        studies.threads_per_worker(n_jobs, n_workers),
+        rows,
+        LENSES[lens],
     )
     study = studies.run_study(
         "ensemble",
@@ -157,7 +156,7 @@ def search_weights(
         seed,
         place,
         inputs=[*arrays, targets],
-        settings={"objective": objective, "space": SPACE_VERSION},
+        settings={"objective": objective, "space": SPACE_VERSION, "lens": lens, "fit": fit},
         start=[{f"w{i}": 1.0 for i in range(len(arrays))}],
     )
     return studies.best_trial(study, trials).user_attrs["weights"], study
@@ -173,90 +172,161 @@ def fold_scores(stats: np.ndarray, folds: Sequence[int] | None) -> dict[str, dic
     return out
 
 
+def _one_hot(i: int, n: int) -> list[float]:
+    return [float(i == j) for j in range(n)]
+
+
 def run_ensemble(
     names: Sequence[str],
     arrays: Sequence[np.ndarray],
     targets: np.ndarray,
-    folds: Sequence[int] | None,
+    folds: Sequence[int],
     trials: int,
     objective: str = "competition",
     seed: int = 0,
     n_jobs: int = 1,
     place: StudyPlace | None = None,
     trials_csv: Path | None = None,
+    rule: Rule | None = None,
 ) -> dict[str, Any]:
-    """Scores of each model, the equal blend and the tuned blend; the weights to use.
+    """The blend decision: equal weights, the best single model, or tuned weights.
 
-    `place`: where the study is kept (None: in memory); `trials_csv`: where its trials
-    are exported.
+    Each candidate is fitted per fold on the other folds' images and scored on the fold
+    (decisions.cross_fit), then fitted on all folds; `decisions.choose` keeps the tuned
+    weights only when they beat the better simple candidate by more than the noise. The
+    document holds the chosen weights, every candidate's per-fold weights (the OOF blend
+    uses the chosen one's), and the scores. `place`: where the studies are kept (None:
+    in memory); `trials_csv`: where the all-folds study's trials are exported.
     """
-    rows: dict[str, dict[str, dict[str, float]]] = {}
-    for i, name in enumerate(names):
-        one_hot = [float(i == j) for j in range(len(names))]
-        rows[name] = fold_scores(blend_stats(arrays, targets, one_hot, n_jobs), folds)
-    doc: dict[str, Any] = {"models": list(names), "objective": objective}
-    if len(names) == 1:
-        doc.update(weights=[1.0], trials=0, scores=rows, study=None)
+    rule = rule or Rule()
+    lens = rule.params
+    n = len(names)
+    per_model = [
+        blend_stats(arrays, targets, _one_hot(i, n), n_jobs, params=lens) for i in range(n)
+    ]
+
+    def argmax_scores(weights: Sequence[float]) -> dict[str, dict[str, float]]:
+        return fold_scores(blend_stats(arrays, targets, weights, n_jobs), folds)
+
+    # `scores`: plain argmax by fold, of each model and of the all-folds blends (in-sample)
+    rows = {name: argmax_scores(_one_hot(i, n)) for i, name in enumerate(names)}
+    doc: dict[str, Any] = {"models": list(names), "objective": objective, "decide": rule.to_dict()}
+    ks = [k for k, _, _ in fold_rows(folds)]
+    if n == 1:
+        doc.update(
+            weights=[1.0],
+            fold_weights={str(k): [1.0] for k in ks},
+            chosen="single model",
+            trials=0,
+            scores=rows,
+            study=None,
+            decision=None,
+        )
         return doc
-    equal = [1.0 / len(names)] * len(names)
-    rows["equal"] = fold_scores(blend_stats(arrays, targets, equal, n_jobs), folds)
-    weights, study = search_weights(arrays, targets, trials, objective, seed, n_jobs, place)
+
+    def best_model(fit_rows: np.ndarray) -> int:
+        values = [scores_from_stats(s[fit_rows])[rule.metric] for s in per_model]
+        return int(np.argmax(values))  # ties to the model listed first
+
+    def tuned_fit(k: int, fit_rows: np.ndarray) -> list[float]:
+        label = f"fold {k}"
+        return search_weights(
+            arrays, targets, trials, objective, seed, n_jobs, place, fit_rows, rule.lens, label
+        )[0]
+
+    def tuned_stats(weights: list[float], held: np.ndarray) -> np.ndarray:
+        return blend_stats(arrays, targets, weights, n_jobs, held, lens)
+
+    equal = [1.0 / n] * n
+    equal_stats = blend_stats(arrays, targets, equal, n_jobs, params=lens)
+    best_oos, best_fits = cross_fit(folds, lambda k, r: best_model(r), lambda i, r: per_model[i][r])
+    tuned_oos, tuned_fits = cross_fit(folds, tuned_fit, tuned_stats)
+    all_rows = np.arange(len(targets))
+    weights, study = search_weights(
+        arrays, targets, trials, objective, seed, n_jobs, place, None, rule.lens, "all"
+    )
     if trials_csv is not None:
         studies.export_trials(study, trials_csv)
-    rows["tuned"] = fold_scores(blend_stats(arrays, targets, weights, n_jobs), folds)
-    fold_keys = [k for k in rows["tuned"] if k != "all"]
-    wins = sum(rows["tuned"][k][objective] > rows["equal"][k][objective] for k in fold_keys)
+    tuned_in = blend_stats(arrays, targets, weights, n_jobs, params=lens)
+    best_all = best_model(all_rows)
+    decision = choose(
+        [
+            Candidate("equal", equal_stats),
+            Candidate("best single", best_oos, insample=per_model[best_all]),
+            Candidate("tuned", tuned_oos, level=1, insample=tuned_in),
+        ],
+        rule,
+    )
+    candidates = {
+        "equal": {"weights": equal, "fold_weights": {str(k): equal for k in ks}},
+        "best single": {
+            "weights": _one_hot(best_all, n),
+            "fold_weights": {str(k): _one_hot(i, n) for k, i in best_fits.items()},
+            "model": names[best_all],
+        },
+        "tuned": {
+            "weights": list(weights),
+            "fold_weights": {str(k): list(w) for k, w in tuned_fits.items()},
+        },
+    }
+    chosen = candidates[decision["chosen"]]
+    rows["equal"] = argmax_scores(equal)
+    rows["tuned"] = argmax_scores(weights)
     doc.update(
-        weights=weights,
+        weights=chosen["weights"],
+        fold_weights=chosen["fold_weights"],
+        chosen=decision["chosen"],
+        candidates=candidates,
+        decision=decision,
+        out_of_sample={
+            "equal": fold_scores(equal_stats, folds),
+            "best single": fold_scores(best_oos, folds),
+            "tuned": fold_scores(tuned_oos, folds),
+        },
         trials=len(studies.complete_trials(study, trials)),
         study=studies.study_record(study, place, trials_csv),
         scores=rows,
-        tuned_beats_equal_on_folds=wins,
-        n_folds=len(fold_keys),
-        # a gain overall that only one fold supports is most likely fitted noise
-        unstable=rows["tuned"]["all"][objective] > rows["equal"]["all"][objective]
-        and wins <= 1 < len(fold_keys),
     )
     return doc
 
 
 def format_table(doc: dict[str, Any]) -> str:
-    objective = doc["objective"]
+    metric = (doc.get("decide") or {}).get("metric", "competition")
     rows = doc["scores"]
     cols = list(next(iter(rows.values())))
-    lines = [
-        f"{objective:>16s}" + "".join(f"{'fold ' + c if c != 'all' else 'all':>10s}" for c in cols)
-    ]
+    head = f"{metric + ', argmax':>24s}"
+    lines = [head + "".join(f"{'fold ' + c if c != 'all' else 'all':>10s}" for c in cols)]
     for name, by in rows.items():
-        lines.append(f"{name:>16s}" + "".join(f"{by[c][objective]:10.4f}" for c in cols))
+        lines.append(f"{name:>24s}" + "".join(f"{by[c][metric]:10.4f}" for c in cols))
+    if doc.get("decision"):
+        lines.append(format_decision("blend", doc["decision"]))
     weights = ", ".join(f"{m}={w:.3f}" for m, w in zip(doc["models"], doc["weights"], strict=True))
-    lines.append(f"weights: {weights}")
-    if doc.get("unstable"):
-        lines.append(
-            f"WARNING: tuned weights beat equal weights on only {doc['tuned_beats_equal_on_folds']}"
-            f" of {doc['n_folds']} folds; the gain is probably noise (consider equal weights)"
-        )
+    lines.append(f"weights ({doc['chosen']}): {weights}")
     return "\n".join(lines)
 
 
 def write_blends(
     layout: Layout,
-    names: Sequence[str],
-    weights: Sequence[float],
+    doc: dict[str, Any],
     oof: Sequence[ProbMaps],
-    cfg: dict,
+    folds: Sequence[int],
+    cfg: dict[str, Any],
 ) -> None:
-    """ensemble/oof and ensemble/test stores; the test blend needs every model's test store."""
+    """ensemble/oof (each fold blended with the weights fitted without it) and
+    ensemble/test (the all-folds weights); the test blend needs every model's test store."""
+    names, weights = doc["models"], doc["weights"]
     common = {"model": "ensemble", "models": list(names), "weights": list(weights)}
     first = oof[0]
+    fold_weights = {int(k): w for k, w in doc["fold_weights"].items()}
     save_probs(
         layout.blend("oof"),
         first.ids,
-        blend(oof, weights),
+        blend_by_fold(oof, fold_weights, folds),
         first.orig_sizes,
         kind="oof",
         split_id=first.split_id,
-        folds=first.meta.get("folds"),
+        folds=list(folds),
+        fold_weights=doc["fold_weights"],
         provenance=provenance(cfg, stage="ensemble", split_id=first.split_id),
         **common,
     )
@@ -292,6 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         trials, objective = search_settings(cfg, "ensemble", args.trials, args.objective)
         layout = Layout.of(cfg)
         oof = align_stores([load_probs(layout.store(m, "oof")) for m in names])
+        rule = Rule.from_config(cfg)
+        folds = oof[0].meta.get("folds")
+        if not isinstance(folds, list) or len(folds) != len(oof[0]):
+            raise DataError(f"{oof[0].where}: no per-image folds recorded; rerun predict.py")
         targets = load_targets(cfg, oof[0].ids, oof[0].size)
         arrays = [np.asarray(s.raw) for s in oof]
         place = studies.place_from_args(args, layout, store_identity(names, oof))
@@ -300,19 +374,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             names,
             arrays,
             targets,
-            oof[0].meta.get("folds"),
+            folds,
             trials,
             objective,
             int(cfg.get("seed", 0)),
             args.jobs,
             place,
             csv_path,
+            rule,
         )
         if doc["study"] is None:  # one model, no search: an old search's trials do not apply
             csv_path.unlink(missing_ok=True)
         doc["split_id"] = oof[0].split_id
         doc["provenance"] = provenance(cfg, stage="ensemble", split_id=oof[0].split_id)
-        write_blends(layout, names, doc["weights"], oof, cfg)
+        write_blends(layout, doc, oof, folds, cfg)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -106,6 +106,14 @@ def class_stats(pred: Any, target: Any) -> np.ndarray:
     return _stats_from_confusion(confusion(pred, target))
 
 
+def predict_nothing(stats: np.ndarray) -> np.ndarray:
+    """The stats an empty prediction would have on the images of `stats` (the same
+    targets, nothing predicted): what a fold's validation scores are read against."""
+    out = np.zeros_like(stats)
+    out[..., 2] = stats[..., 2]
+    return out
+
+
 def nothing_stats(targets: Sequence[Any]) -> np.ndarray:
     """`class_stats` of an empty prediction for each target: the "predict nothing" baseline
     every score is read against (a row whose class is absent scores 1, not 0)."""

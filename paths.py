@@ -3,7 +3,8 @@
 <out_dir>/cache/                        working-size images and masks (all experiments)
 <out_dir>/<experiment>/
     folds.json                          the shared split
-    <model>/fold<k>/                    train.py: checkpoints, log, recipe, oof/
+    <model>/fold<k>/                    train.py: checkpoints, log, recipe, oof/, and
+                                        retries.json + failed_attempt<n>.jsonl if retrained
     <model>/oof, <model>/test           predict.py: the model's probability stores
     ensemble/oof, ensemble/test         ensemble.py: the blend
     refine/oof, refine/test             refine.py: the region-refined blend, and refine.json
@@ -11,6 +12,7 @@
     postprocess.json, tune_trials.csv   tune.py
     submission.csv                      postprocess.py
     report.html, scores.json            pipeline.py
+    config.yaml, timings.json           pipeline.py: the resolved config, stage times
     optuna.db                           every study of the experiment
     wandb/                              offline W&B runs (outside the fold folders)
     hpo/<study>/trial<n>/               hpo.py: each trial's config and log (never a fold's)
@@ -46,6 +48,14 @@ class Layout:
 
     def fold(self, model: str, k: int) -> Path:
         return self.root / model / f"fold{k}"
+
+    def fold_retries(self, model: str, k: int) -> Path:
+        """The failed attempts of a fold that was retrained (train.py, recipe.RetryPolicy)."""
+        return self.fold(model, k) / "retries.json"
+
+    def failed_log(self, model: str, k: int, attempt: int) -> Path:
+        """The epoch log of a fold's failed attempt, kept when it is retrained."""
+        return self.fold(model, k) / f"failed_attempt{attempt}.jsonl"
 
     def store(self, model: str, kind: str) -> Path:
         """A model's probability store of `kind` "oof" or "test" (predict.py)."""
@@ -89,6 +99,16 @@ class Layout:
     @property
     def scores(self) -> Path:
         return self.root / "scores.json"
+
+    @property
+    def config(self) -> Path:
+        """The experiment's resolved config, as pipeline.py last ran it (compare.py)."""
+        return self.root / "config.yaml"
+
+    @property
+    def timings(self) -> Path:
+        """Seconds each stage took when it last ran (pipeline.py), summed by compare.py."""
+        return self.root / "timings.json"
 
     @property
     def optuna_db(self) -> Path:

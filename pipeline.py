@@ -22,7 +22,6 @@ if __name__ == "__main__":
 
 
 import dataclasses
-import json
 import logging
 import os
 import subprocess
@@ -47,6 +46,7 @@ from config import (
     ConfigError,
     reports_environment_errors,
     resolve_cli_config,
+    save_config,
     setup_logging,
 )
 from data.atomic import write_json
@@ -55,22 +55,30 @@ from data.prepare import prepare_train_data
 from data.probstore import ProbMaps, load_probs
 from data.reader import (
     DataError,
-    MaskThresholds,
     check_image_file,
     list_test,
     list_test_gt,
-    load_mask,
 )
-from metrics import class_stats, nothing_stats, scores_from_stats
+from decisions import Rule
+from engine import failed_attempts, judge_fold
+from evaluation import (
+    DECISIONS_TABLE,
+    OOF_TABLE,
+    TEST_TABLE,
+    decision_rows,
+    format_rows,
+    oof_rows,
+    read_json,
+    test_rows,
+)
+from metrics import class_stats, scores_from_stats
 from paths import Layout
-from postprocessing import PostprocessParams, class_maps, input_store, load_params
-from recipe import check_config, check_recipes_early
-from report import BLEND_ROWS, Case, ReportInputs, write_report
+from postprocessing import PostprocessParams, input_store, load_params
+from recipe import RetryPolicy, check_config, check_recipes_early
+from report import Case, ReportInputs, write_report
 from runtime import Dist
 
 log = logging.getLogger("pipeline")
-
-SCORE_KEYS = ("competition", "dice_seg", "dice_neo", "dice_non")
 
 
 class StageFailed(RuntimeError):
@@ -123,9 +131,9 @@ def model_names(cfg: dict[str, Any]) -> list[str]:
 
 
 def train_in_parallel(
-    cfg: dict[str, Any], common: Sequence[str], names: Sequence[str], parallel: int
+    cfg: dict[str, Any], common: Sequence[str], jobs: Sequence[tuple[str, int]], parallel: int
 ) -> float:
-    """Every (model, fold) as its own `train.py` process, up to `parallel` at once.
+    """Every (model, fold) of `jobs` as its own `train.py` process, up to `parallel` at once.
 
     Folds are independent and seeded by (seed, fold), so the result is the sequential
     one. With several GPUs each process is pinned to one (nnU-Net's way of using several
@@ -145,7 +153,7 @@ def train_in_parallel(
         workers = int(cfg["data"].get("num_workers", 0))
         threads = max(1, (os.cpu_count() or 1) // parallel - workers)
         extra = ["--set", f"+train.cpu_threads={threads}"]
-    jobs = [(m, k) for m in names for k in range(int(cfg["data"]["n_folds"]))]
+    jobs = list(jobs)
     running: list[tuple[str, int, subprocess.Popen, Any]] = []
     failed: list[str] = []
     start = time.perf_counter()
@@ -191,6 +199,8 @@ def preflight(cfg: dict[str, Any], model_cfgs: dict[str, dict[str, Any]]) -> Non
             raise ConfigError(f"{section}.trials must be a positive whole number, got {value!r}")
         studies.search_settings(cfg, section)
     refine.RefineSettings.from_config(cfg)
+    Rule.from_config(cfg)
+    RetryPolicy.from_config(cfg)
     # Unreadable or truncated test images are named now, not after training.
     for sample in list_test(Path(cfg["data_dir"])):
         check_image_file(sample.image)
@@ -216,7 +226,18 @@ def run_stages(
     for name, model_cfg in model_cfgs.items():
         check_recipes_early(model_cfg, name, range(n_folds))
     if parallel > 1:
-        timings["train (parallel)"] = train_in_parallel(cfg, common, names, parallel)
+        jobs = [(m, k) for m in names for k in range(n_folds)]
+        timings["train (parallel)"] = train_in_parallel(cfg, common, jobs, parallel)
+        # A fold is judged against its model's other folds, which finish in other
+        # processes: judge them all now, and retrain the failed ones (train.py applies the
+        # retry policy and stops when its attempts are spent).
+        for _ in range(RetryPolicy.from_config(cfg).attempts):
+            failed = [(m, k) for m, k in jobs if judge_fold(model_cfgs[m], m, k)]
+            if not failed:
+                break
+            log.warning("failed folds to retrain: %s", ", ".join(f"{m} {k}" for m, k in failed))
+            seconds = train_in_parallel(cfg, common, failed, parallel)
+            timings["train (retrain)"] = timings.get("train (retrain)", 0.0) + seconds
     else:
         for name in names:
             timings[f"train {name}"] = run_stage(
@@ -232,71 +253,36 @@ def run_stages(
             )
     model_stores = [layout.store(n, kind) / "meta.json" for n in names for kind in ("oof", "test")]
     blend_outputs = [layout.weights, layout.blend("test") / "meta.json"]
-    blend_settings = {"models": names, **recorded_settings(cfg, "ensemble", len(names) > 1)}
+    decide = {"decide": Rule.from_config(cfg).to_dict()}
+    blend_settings = {
+        "models": names,
+        **recorded_settings(cfg, "ensemble", len(names) > 1),
+        **decide,
+    }
     if is_stale(blend_outputs, model_stores) or made_otherwise(blend_outputs[0], blend_settings):
         timings["ensemble"] = run_stage(
             "ensemble", ensemble.main, ["--models", *names, *common, *search]
         )
-    if (cfg.get("refine") or {}).get("enabled"):
+    refining = bool((cfg.get("refine") or {}).get("enabled"))
+    if refining:
         refined = [layout.refine_record]
         refined += [layout.refined(kind) / "meta.json" for kind in ("oof", "test")]
         blends = [layout.blend(kind) / "meta.json" for kind in ("oof", "test")]
-        settings = {"settings": dataclasses.asdict(refine.RefineSettings.from_config(cfg))}
+        settings = {
+            "settings": dataclasses.asdict(refine.RefineSettings.from_config(cfg)),
+            **decide,
+        }
         if is_stale(refined, blends) or made_otherwise(refined[0], settings):
             timings["refine"] = run_stage("refine", refine.main, common)
     tuned = layout.postprocess
-    source = input_store(cfg, "oof")[0]
-    tune_settings = {
-        **recorded_settings(cfg, "tune", True),
-        "source": source.relative_to(layout.root).as_posix(),
-    }
-    if is_stale([tuned], [source / "meta.json"]) or made_otherwise(tuned, tune_settings):
+    sources = ["blend", "refined"] if refining else ["blend"]
+    tune_inputs = [layout.blend("oof") / "meta.json"]
+    tune_inputs += [layout.refined("oof") / "meta.json"] if refining else []
+    tune_settings = {**recorded_settings(cfg, "tune", True), **decide, "sources": sources}
+    if is_stale([tuned], tune_inputs) or made_otherwise(tuned, tune_settings):
         timings["tune"] = run_stage("tune", tune.main, [*common, *search])
     timings["submission"] = run_stage("postprocess", postprocess.main, common)
     return timings
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A stage's JSON artefact, or DataError naming it (e.g. edited by hand and broken)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable ({exc}); delete it to rerun its stage") from exc
-
-
-def _scores(stats: np.ndarray) -> dict[str, float]:
-    scores = scores_from_stats(stats)
-    return {k: scores[k] for k in SCORE_KEYS}
-
-
-def nothing_row(targets: Sequence[np.ndarray], **labels: str) -> dict[str, Any]:
-    """What an empty submission scores: every row whose class is absent counts as 1, so a
-    model must be read against this, not against 0."""
-    return {**labels, **_scores(nothing_stats(targets))}
-
-
-def test_scores(
-    stores: dict[str, ProbMaps], params: PostprocessParams, data_dir: Path, cfg: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """Each store scored at original size against `test_gt/`, without and with post-processing."""
-    gt_samples = {s.id: s for s in list_test_gt(data_dir) or []}
-    thresholds = MaskThresholds.from_mapping((cfg.get("data") or {}).get("mask") or {})
-    rows: list[dict[str, Any]] = []
-    targets: dict[str, np.ndarray] = {}
-    for label, store in stores.items():
-        missing = [i for i in store.ids if i not in gt_samples]
-        if missing:
-            raise DataError(
-                f"test_gt has no mask for {len(missing)} test images, e.g. {missing[0]}"
-            )
-        for i in store.ids:
-            if i not in targets:
-                targets[i] = load_mask(gt_samples[i].mask, thresholds)
-        gt = [targets[i] for i in store.ids]
-        for variant, p in (("argmax", PostprocessParams()), ("post-processed", params)):
-            preds = [m for _, m in class_maps(store, p)]
-            rows.append({"model": label, "variant": variant, **_scores(class_stats(preds, gt))})
-    return [nothing_row(list(targets.values()), model="predict nothing", variant="baseline"), *rows]
 
 
 def oof_cases(store: ProbMaps, cfg: dict[str, Any], params: PostprocessParams) -> list[Case]:
@@ -345,22 +331,14 @@ def refine_cases(cfg: dict[str, Any], doc: dict[str, Any]) -> list[Case]:
     return cases
 
 
-def format_rows(title: str, rows: Sequence[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    widths = [max(len(k), *(len(_fmt(r[k])) for r in rows)) for k in keys]
-    line = "  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True))
-    body = ["  ".join(_fmt(r[k]).rjust(w) for k, w in zip(keys, widths, strict=True)) for r in rows]
-    return "\n".join([title, line, *body])
+def summarise(
+    cfg: dict[str, Any], timings: dict[str, float], started: float | None = None
+) -> dict[str, Any]:
+    """Score tables (decisions and OOF always, test when test_gt exists) and the report.
 
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
-    """Score tables (OOF always, test when test_gt exists) and the HTML report."""
+    `started` (epoch seconds): when this call began; training timings count as the
+    experiment's only when a fold was trained since then.
+    """
     layout = Layout.of(cfg)
     names = model_names(cfg)
     blend_doc = read_json(layout.weights)
@@ -370,41 +348,33 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     source, why = input_store(cfg, "oof")
     source_name = "refined" if source == layout.refined("oof") else "blend"
     cases = oof_cases(load_probs(source), cfg, params)
-    oof_rows = [nothing_row([c.target for c in cases], model="predict nothing")]
-    for name, by_fold in blend_doc["scores"].items():
-        label = BLEND_ROWS.get(name, name)
-        oof_rows.append({"model": label, **{k: by_fold["all"][k] for k in SCORE_KEYS}})
     refined = refine_record(cfg)
-    if refined is not None:
-        label = "refined" if refined["kept"] else "refined (not kept)"
-        oof_rows.append({"model": label, **{k: refined["oof_after"][k] for k in SCORE_KEYS}})
-    oof_rows.append(
-        {
-            "model": f"{source_name} + post-processing (tuned here: in-sample)",
-            **{k: tuned["scores"]["tuned"][k] for k in SCORE_KEYS},
-        }
-    )
-    tables = [("Out-of-fold (working resolution)", oof_rows)]
+    records = {
+        "blend": blend_doc.get("decision"),
+        "refined mask": refined["refined_mask"]["decision"] if refined else None,
+        "refinement and post-processing": tuned["decision"],
+    }
+    tables = [
+        (DECISIONS_TABLE, decision_rows(records)),
+        (OOF_TABLE, oof_rows(cfg, [c.target for c in cases], blend_doc, refined, tuned)),
+    ]
+    notes = [f"Submitted chain: {decision_note(records)}.", *retrain_notes(cfg, names)]
     data_dir = Path(cfg["data_dir"])
     if list_test_gt(data_dir):
-        stores = {n: load_probs(layout.store(n, "test")) for n in names}
-        stores["blend"] = load_probs(layout.blend("test"))
-        if refined is not None:
-            stores["refined"] = load_probs(layout.refined("test"))
-        tables.append(
-            ("Test set (original size, test_gt/)", test_scores(stores, params, data_dir, cfg))
-        )
+        rows, verdict = test_rows(cfg, names, blend_doc, tuned)
+        tables.append((TEST_TABLE, rows))
+        notes.append(verdict)
     logs = {
         n: {k: layout.fold(n, k) / "log.jsonl" for k in range(int(cfg["data"]["n_folds"]))}
         for n in names
     }
     steps = ", ".join(params.active_steps()) or "none"
-    notes = [
-        f"Post-processing kept on OOF: {steps}.",
+    notes += [
+        f"Post-processing used: {steps} ({tuned['decision']['reason']}).",
         *study_notes({"ensemble": blend_doc.get("study"), "tune": tuned.get("study")}),
     ]
     if refined is not None:
-        notes.append(f"Region refinement: {why}; tuned and submitted from the {source_name} maps.")
+        notes.append(f"Region refinement: {why}; submitted from the {source_name} maps.")
     inputs = ReportInputs(
         cfg=cfg,
         tables=tables,
@@ -424,10 +394,39 @@ def summarise(cfg: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     timing_rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]
     if timing_rows:
         tables.append(("Stages run in this call", timing_rows))
-    write_json(layout.scores, {"tables": {t: rows for t, rows in tables}})
+    save_config(cfg, layout.config)
+    # A stage skipped in this call keeps the time it took when it ran.
+    previous = read_json(layout.timings) if layout.timings.is_file() else {}
+    trained = started is None or any(
+        p.is_file() and p.stat().st_mtime >= started for by in logs.values() for p in by.values()
+    )
+    ran = {k: round(v, 1) for k, v in timings.items() if trained or not k.startswith("train")}
+    write_json(layout.timings, {**previous, **ran})
+    write_json(layout.scores, {"tables": {t: rows for t, rows in tables}, "notes": notes})
     if tracking.enabled(cfg):
         tracking.log_summary(cfg, tables, blend_doc, tuned, [report, layout.submission])
-    return {"tables": tables, "report": report}
+    return {"tables": tables, "report": report, "notes": notes}
+
+
+def retrain_notes(cfg: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """One line per fold that was retrained after failing (its `retries.json`)."""
+    layout = Layout.of(cfg)
+    notes = []
+    for name in names:
+        for k in range(int(cfg["data"]["n_folds"])):
+            failed = failed_attempts(layout, name, k)
+            if failed:
+                why = "; ".join(f"attempt {f['attempt']}: {f['reason']}" for f in failed)
+                notes.append(
+                    f"{name} fold {k} was retrained {len(failed)} time(s) after failing ({why}); "
+                    f"its failed logs are kept in {layout.fold(name, k)}."
+                )
+    return notes
+
+
+def decision_note(records: dict[str, dict[str, Any] | None]) -> str:
+    """The decisions in a line: what each stage chose."""
+    return "; ".join(f"{stage}: {rec['chosen']}" for stage, rec in records.items() if rec)
 
 
 def study_notes(records: dict[str, dict[str, Any] | None]) -> list[str]:
@@ -447,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = cli.pipeline_parser().parse_args(argv)
     setup_logging()
     start = time.perf_counter()
+    started = time.time()
     if args.wandb:
         args.set.append("+train.wandb=true")
     common = ["--config", args.config]
@@ -467,13 +467,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             search = ["--storage", args.storage]
         model_cfgs = {n: resolve_cli_config(args, model=n) for n in model_names(cfg)}
         timings = run_stages(cfg, model_cfgs, common, args.parallel, search)
-        summary = summarise(cfg, timings)
+        summary = summarise(cfg, timings, started)
     except (ConfigError, DataError, StageFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print()
     for title, rows in summary["tables"]:
         print(format_rows(title, rows), end="\n\n")
+    print("\n".join(summary["notes"]), end="\n\n")
     print(f"report: {summary['report']}")
     print(f"submission: {Layout.of(cfg).submission}")
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s")

@@ -51,7 +51,6 @@ from paths import Layout
 log = logging.getLogger("postprocessing")
 
 REGION_MODES = ("none", "prob", "majority")
-# refine.py's outputs, under the experiment folder: refine.json and the oof/test stores.
 
 
 @dataclass
@@ -294,27 +293,23 @@ def class_maps(
 
 
 def input_store(cfg: dict[str, Any], kind: str) -> tuple[Path, str]:
-    """The probability store that tune.py and postprocess.py work on, and why that one.
+    """The probability store the submission chain starts from, and why that one.
 
-    `refine/<kind>` when the config enables refinement and `refine/refine.json` kept it
-    (and is not older than the blend it refined); otherwise the blend, `ensemble/<kind>`.
-    The one place that decides it, so tuning and submission never read different stores.
+    tune.py decides between the blend and the refined blend (judged out of sample after
+    each one's own post-processing) and records it in `postprocess.json` (`source`): the
+    one place that decides, so the tuned parameters and the submission never read
+    different stores. Before tune.py has run, the blend.
     """
     layout = Layout.of(cfg)
-    blend = layout.blend(kind)
-    if not (cfg.get("refine") or {}).get("enabled"):
-        return blend, "refinement not enabled"
-    record = layout.refine_record
-    if not record.is_file():
-        return blend, f"no {record} (run refine.py)"
+    path = layout.postprocess
+    if not path.is_file():
+        return layout.blend(kind), f"no {path.name} yet (run tune.py)"
     try:
-        doc = json.loads(record.read_text())
-        kept, reason = bool(doc["kept"]), str(doc.get("reason", ""))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{record}: unreadable ({exc}); delete it to rerun refine.py") from exc
-    if not kept:
-        return blend, f"refinement not kept: {reason}"
-    blend_meta = blend / "meta.json"
-    if blend_meta.is_file() and blend_meta.stat().st_mtime > record.stat().st_mtime:
-        return blend, f"{record} is older than the blend (rerun refine.py)"
-    return layout.refined(kind), f"refinement kept: {reason}"
+        doc = json.loads(path.read_text())
+        source, chosen = str(doc.get("source", "blend")), str(doc.get("chosen", ""))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); delete it to rerun tune.py") from exc
+    stores = {"blend": layout.blend(kind), "refined": layout.refined(kind)}
+    if source not in stores:
+        raise DataError(f"{path}: unknown source {source!r}; delete it to rerun tune.py")
+    return stores[source], f"tune.py chose {chosen or source}"

@@ -12,10 +12,13 @@ threads. `train.epochs` is left out too, so a finished fold can be extended with
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import inspect
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,11 @@ from metrics import OBJECTIVES
 from models.losses import SegLoss
 from optim import check_recipe
 from paths import Layout
+from runtime import derive_seed
 
 RECIPE_FILE = "recipe.json"
+# Mixed into a retrained fold's seed, so its stream differs from every ordinary seed's.
+_RETRY_SALT = 7919
 
 IGNORED = {
     "data.num_workers",
@@ -40,19 +46,19 @@ IGNORED = {
 }
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """Dotted leaves; null and `{}` are dropped, since both mean "the default", as absent does."""
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {} if node is None else {prefix[:-1]: node}
 
 
 def fold_recipe(cfg: dict[str, Any], model_name: str, split_id: str) -> dict[str, Any]:
     """The flat {dotted key: value} of everything that shapes a fold's weights."""
-    flat = _flatten(
+    flat = flatten(
         {
             "model": model_entry(cfg, model_name),
             "train": cfg.get("train") or {},
@@ -229,3 +235,56 @@ def check_recipes_early(cfg: dict[str, Any], model_name: str, folds: Sequence[in
     recipe = fold_recipe(cfg, model_name, split_id or "")
     for k in folds:
         check_fold(layout.fold(model_name, k), recipe, str(cfg["experiment"]), bool(split_id))
+
+
+# ------------------------------------------------------------------ failed folds
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The config's `retry:` section: when a trained fold counts as failed, and the remedy.
+
+    A fold fails when its best validation score never beats predicting nothing, or when
+    its gain over predicting nothing trails the median of its model's other folds by more
+    than `margin`. It is then retrained, up to `attempts` times, each time with a new seed
+    (`reseed`) and the peak learning rate times `lr_scale`; `attempts: 0` only warns. The
+    remedy is a function of the config and the attempt, so a retrained fold is as
+    reproducible as any other, and it is not part of the fold's recipe identity.
+    """
+
+    attempts: int = 2
+    margin: float | None = 0.15
+    lr_scale: float = 1.0
+    reseed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.attempts < 0:
+            raise ConfigError(f"retry.attempts must be 0 or more, got {self.attempts}")
+        if self.margin is not None and self.margin < 0:
+            raise ConfigError(f"retry.margin must be non-negative or null, got {self.margin}")
+        if not 0 < self.lr_scale <= 1:
+            raise ConfigError(f"retry.lr_scale must be in (0, 1], got {self.lr_scale}")
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> RetryPolicy:
+        section = cfg.get("retry")
+        if section is None:
+            return cls(attempts=0)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ConfigError(f"unknown retry settings: {', '.join(unknown)} (known: {known})")
+        return cls(**section)
+
+    def remedy(self, cfg: dict[str, Any], attempt: int) -> dict[str, Any]:
+        """The config attempt `attempt` trains with (attempt 0: `cfg` itself)."""
+        if attempt == 0:
+            return cfg
+        out = copy.deepcopy(cfg)
+        if self.reseed:
+            out["seed"] = derive_seed(int(cfg["seed"]), _RETRY_SALT, attempt)
+        out["train"]["lr"] = float(cfg["train"]["lr"]) * self.lr_scale**attempt
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

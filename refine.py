@@ -14,10 +14,13 @@ training image gets a refined OOF map from a refiner that never saw it; the test
 refined with the mean of the fold refiners' outputs. The stores and `refine.json` record
 the split id, and inputs from another split are refused.
 
-Kept by nnU-Net's rule: `refine.json` says `kept` only when the refined OOF maps beat the
-blend on the competition score and neither class's score gets worse (argmax of both, at
-working resolution). tune.py and postprocess.py then read `refine/oof` and `refine/test`
-instead of the blend (postprocessing.input_store decides, in one place).
+Whether the refined maps are used is decided by tune.py: the blend and the refined blend
+are each judged out of sample after their own post-processing, and the refined maps win
+only by more than the noise (decisions.py); `postprocess.json` records the source and
+postprocessing.input_store reads it. `refine.json` holds this stage's own choice (the
+refined mask or the first stage's, under the refined classes) and, for information, the
+refined maps against the blend after the `decide.lens`. The blend's OOF maps are
+themselves out of sample (ensemble.py blends each fold with the weights fitted without it).
 """
 
 from __future__ import annotations
@@ -52,10 +55,10 @@ from data.atomic import write_json
 from data.cache import load_item, prepare_for_config, train_items
 from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
 from data.reader import DataError, list_test
-from metrics import class_stats, scores_from_stats
+from decisions import Candidate, Rule, choose, format_decision, map_stats, pick
+from metrics import class_stats
 from models.refiner import RegionRefiner
 from paths import Layout
-from postprocessing import PostprocessParams, postprocess
 from regions import (
     CROP_CHANNELS,
     FALSE_POSITIVE,
@@ -70,15 +73,6 @@ from runtime import derive_seed
 
 log = logging.getLogger("refine")
 
-SCORE_KEYS = (
-    "competition",
-    "competition_neo",
-    "competition_non",
-    "dice_seg",
-    "dice_neo",
-    "dice_non",
-)
-CLASS_KEYS = ("competition_neo", "competition_non")
 # Regions listed in refine.json (and drawn in the report) as the ones changed most.
 N_MOST_CHANGED = 6
 
@@ -310,39 +304,6 @@ def argmax_stats(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return class_stats(probs.argmax(axis=1).astype(np.uint8), targets)
 
 
-def region_vote_stats(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Per-image class stats after post-processing's one-class-per-region vote alone.
-
-    Recorded beside the argmax scores: the refiner also gives each region one class, so
-    this says how much it adds beyond what tune.py's region vote would do anyway.
-    """
-    params = PostprocessParams(region_mode="prob")
-    size = targets.shape[1:]
-    return class_stats(np.stack([postprocess(p, size, params) for p in probs]), targets)
-
-
-def pick(stats: np.ndarray) -> dict[str, float]:
-    s = scores_from_stats(stats)
-    return {k: s[k] for k in SCORE_KEYS}
-
-
-def decide(
-    before: dict[str, float], after: dict[str, float], reference: str = "the blend"
-) -> tuple[bool, str]:
-    """nnU-Net's rule: kept only if the competition score improves and no class is worse."""
-    if after["competition"] <= before["competition"]:
-        return False, (
-            f"OOF competition {after['competition']:.4f} does not beat {reference}'s "
-            f"{before['competition']:.4f}"
-        )
-    worse = [k for k in CLASS_KEYS if after[k] < before[k]]
-    if worse:
-        return False, f"{', '.join(worse)} worse than {reference}'s"
-    return True, (
-        f"OOF competition {before['competition']:.4f} -> {after['competition']:.4f}, no class worse"
-    )
-
-
 def region_summary(data: RegionSet, classes: np.ndarray) -> dict[str, Any]:
     """How many regions of each true label there were, and how the refiner relabelled them."""
     before = blend_classes(data)
@@ -399,46 +360,61 @@ def refine_oof(
     folds: Sequence[int],
     settings: RefineSettings,
     seed: int = 0,
+    rule: Rule | None = None,
 ) -> tuple[np.ndarray, list[RegionRefiner], dict[str, Any]]:
-    """Cross-validated refinement and its decision: (refined maps, fold refiners, record)."""
+    """Cross-validated refinement and its decision: (refined maps, fold refiners, record).
+
+    The refiners are fitted per fold (`cross_refine`), so the refined maps are out of
+    sample; the decisions compare them with the blend (and the refined mask with the
+    first stage's) after the rule's lens, by `decisions.choose`.
+    """
+    rule = rule or Rule()
     start = time.perf_counter()
     models, per_fold, data, classes, polyp = cross_refine(
         ids, images, probs, targets, folds, settings, seed
     )
     # The refined mask is a choice like any other: used only if it beats the first
-    # stage's mask under the refined classes (measured worse on the demo's data).
+    # stage's mask under the refined classes by more than the noise.
     class_only = paste(probs, data, classes, None)
     with_mask = paste(probs, data, classes, polyp)
-    class_only_stats = argmax_stats(class_only, targets)
-    with_mask_stats = argmax_stats(with_mask, targets)
-    use_mask, mask_reason = decide(
-        pick(class_only_stats), pick(with_mask_stats), "the first stage's mask"
+    lens = rule.params
+    class_only_stats = map_stats(class_only, targets, lens)
+    with_mask_stats = map_stats(with_mask, targets, lens)
+    mask_decision = choose(
+        [
+            Candidate("class only", class_only_stats),
+            Candidate("refined mask", with_mask_stats, level=1),
+        ],
+        rule,
     )
+    use_mask = mask_decision["chosen"] == "refined mask"
     refined = with_mask if use_mask else class_only
     after_stats = with_mask_stats if use_mask else class_only_stats
-    before_stats = argmax_stats(probs, targets)
+    before_stats = map_stats(probs, targets, lens)
     folds_arr = np.asarray(folds)
     for record in per_fold:
         on = folds_arr == record["fold"]
         record["before"] = pick(before_stats[on])
         record["after"] = pick(after_stats[on])
-    before, after = pick(before_stats), pick(after_stats)
-    kept, reason = decide(before, after)
+    # Diagnostic only: whether the refined maps are used is decided by tune.py, after the
+    # post-processing each would get.
+    comparison = choose(
+        [
+            Candidate("blend", before_stats),
+            Candidate("refined", after_stats, level=1),
+        ],
+        rule,
+    )
     doc = {
-        "kept": kept,
-        "reason": reason,
-        "oof_before": before,
-        "oof_after": after,
+        "vs_blend": comparison,
+        "decide": rule.to_dict(),
+        "oof_before": pick(argmax_stats(probs, targets)),
+        "oof_after": pick(argmax_stats(refined, targets)),
         "per_fold": per_fold,
         "refined_mask": {
             "kept": use_mask,
-            "reason": mask_reason,
-            "with_mask": pick(with_mask_stats),
-            "class_only": pick(class_only_stats),
-        },
-        "region_vote": {
-            "before": pick(region_vote_stats(probs, targets)),
-            "after": pick(region_vote_stats(refined, targets)),
+            "reason": mask_decision["reason"],
+            "decision": mask_decision,
         },
         "regions": region_summary(data, classes),
         "most_changed": most_changed(ids, data, probs, refined, N_MOST_CHANGED),
@@ -512,7 +488,14 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(settings.cpu_threads)
     try:  # the pipeline calls this stage in-process: its thread count is given back
         refined, models, doc = refine_oof(
-            oof.ids, _images(items), probs, targets, folds, settings, int(cfg.get("seed", 0))
+            oof.ids,
+            _images(items),
+            probs,
+            targets,
+            folds,
+            settings,
+            int(cfg.get("seed", 0)),
+            Rule.from_config(cfg),
         )
         refined_test = refine_test(
             models,
@@ -525,12 +508,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     record = provenance(cfg, stage="refine", split_id=oof.split_id)
-    common = {
-        "model": "refine",
-        "split_id": oof.split_id,
-        "provenance": record,
-        "kept": doc["kept"],
-    }
+    common = {"model": "refine", "split_id": oof.split_id, "provenance": record}
     save_probs(
         layout.refined("oof"),
         oof.ids,
@@ -559,17 +537,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_summary(doc: dict[str, Any]) -> str:
-    keys = ("competition", *CLASS_KEYS, "dice_seg")
-    rows = {
-        "blend": doc["oof_before"],
-        "refined": doc["oof_after"],
-        "blend + region vote": doc["region_vote"]["before"],
-        "refined + region vote": doc["region_vote"]["after"],
-    }
+    keys = ("competition", "competition_neo", "competition_non", "dice_seg")
+    rows = {"blend": doc["oof_before"], "refined": doc["oof_after"]}
     lines = [f"{'OOF argmax':22s}" + "".join(f"{k:>18s}" for k in keys)]
     for name, row in rows.items():
         lines.append(f"{name:22s}" + "".join(f"{row[k]:18.5f}" for k in keys))
-    lines.append(f"{'kept' if doc['kept'] else 'not kept'}: {doc['reason']}")
+    lines.append(format_decision("refined mask", doc["refined_mask"]["decision"]))
+    lines.append(format_decision("refined vs blend (tune.py decides)", doc["vs_blend"]))
     return "\n".join(lines)
 
 

@@ -463,6 +463,8 @@ def table_html(title: str, rows: Sequence[Mapping[str, object]], note: str = "")
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
 
     def cell(value: object) -> str:
+        if value is None:
+            return "<td>-</td>"
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
         return f"<td>{html.escape(text)}</td>"
 
@@ -537,14 +539,13 @@ def write_report(path: str | Path, title: str, inputs: ReportInputs) -> Path:
         {"model": m, "blend weight": float(w)}
         for m, w in zip(inputs.blend["models"], inputs.blend["weights"], strict=True)
     ]
-    unstable = " Unstable: the tuned weights beat equal ones on at most one fold." * bool(
-        inputs.blend.get("unstable")
-    )
+    decision = inputs.blend.get("decision") or {"reason": "one model, nothing to blend"}
     parts.append(
         table_html(
-            "Blend weights",
+            f"Blend weights ({inputs.blend.get('chosen', '')})",
             weights,
-            f"Tuned on {inputs.blend.get('objective')} over the OOF maps.{unstable}",
+            f"Chosen out of sample: {decision['reason']}. Weights are searched on "
+            f"{inputs.blend.get('objective')} over the OOF maps.",
         )
     )
     parts.append(

@@ -108,6 +108,17 @@ def kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def forced_fold_failure(model: str, fold: int, attempt: int) -> bool | None:
+    """Test hook: NEOPOLYP_FAIL_FOLD="model:fold:n[,model:fold:n...]" makes each listed
+    fold's first n attempts count as failed and the later ones as passed, whatever they
+    scored; None for a fold it does not list (judged on its scores)."""
+    for part in filter(None, os.environ.get("NEOPOLYP_FAIL_FOLD", "").split(",")):
+        name, k, n = part.rsplit(":", 2)
+        if name == model and int(k) == fold:
+            return attempt < int(n)
+    return None
+
+
 def derive_seed(*parts: int) -> int:
     """A 32-bit seed that depends on every part, so streams never overlap."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])

@@ -55,14 +55,18 @@ from data.probstore import save_probs
 from data.reader import DataError
 from engine import (
     FitState,
+    FoldFailed,
     Learner,
     TrainingError,
     build_learner,
     build_loaders,
+    failed_attempts,
     fit,
     fold_complete,
+    judge_fold,
     log_epoch,
     read_log,
+    retire_attempt,
     write_log,
 )
 from models.inference import Probabilities, load_checkpoint, predict_probs
@@ -70,6 +74,7 @@ from models.pretrained import parse_pretrained
 from optim import scheduler_cfg
 from paths import Layout
 from recipe import (
+    RetryPolicy,
     check_config,
     check_fold,
     check_recipes_early,
@@ -174,7 +179,8 @@ def train_fold(
     """
     epochs = int(cfg["train"]["epochs"])
     best_metric = str(cfg["train"].get("best_metric", "competition"))
-    out = Layout.of(cfg).fold(model_name, fold)
+    layout = Layout.of(cfg)
+    out = layout.fold(model_name, fold)
     name = f"{model_name} fold {fold}"
     recipe = fold_recipe(cfg, model_name, data.folds.split_id)
     if force and dist.is_main and out.exists():
@@ -184,6 +190,12 @@ def train_fold(
     if fold_complete(out, epochs):
         log.info("%s already complete (%s); skipping (--force retrains)", name, out)
         return _summary(model_name, fold, read_log(out / "log.jsonl"), True, best_metric)
+    # A retrained fold trains with its attempt's remedy; its recipe identity stays the
+    # config's, so the pipeline still recognises it.
+    attempt = len(failed_attempts(layout, model_name, fold))
+    cfg = RetryPolicy.from_config(cfg).remedy(cfg, attempt)
+    if attempt:
+        log.info("%s: attempt %d, seed %s, lr %g", name, attempt, cfg["seed"], cfg["train"]["lr"])
 
     entry = model_entry(cfg, model_name)
     split_id = data.folds.split_id
@@ -198,6 +210,7 @@ def train_fold(
         "fold": fold,
         "config": cfg,
         "recipe_hash": recipe_hash(recipe),
+        "attempt": attempt,
     }
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -244,6 +257,44 @@ def train_fold(
         if wandb_run is not None:
             wandb_run.finish()
     return _summary(model_name, fold, state.history, False, best_metric)
+
+
+def train_fold_retrying(
+    cfg: dict[str, Any],
+    model_name: str,
+    fold: int,
+    data: TrainData,
+    dist: Dist,
+    *,
+    resume: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """`train_fold`, then the `retry:` policy: a fold that failed (engine.judge_fold) is
+    retrained with the policy's remedy until it passes, or FoldFailed once the attempts
+    are spent. A failed fold must not be blended: it drags the ensemble below its models."""
+    policy = RetryPolicy.from_config(cfg)
+    layout = Layout.of(cfg)
+    name = f"{model_name} fold {fold}"
+    while True:
+        summary = train_fold(cfg, model_name, fold, data, dist, resume=resume, force=force)
+        force = False
+        reason = judge_fold(cfg, model_name, fold)
+        if reason is None:
+            return summary
+        if policy.attempts == 0:
+            log.warning("%s failed: %s (kept: retry.attempts is 0)", name, reason)
+            return summary
+        attempt = len(failed_attempts(layout, model_name, fold))
+        if attempt >= policy.attempts:
+            raise FoldFailed(
+                f"{name} failed after {attempt} retrain(s): {reason}; its attempts are in "
+                f"{layout.fold_retries(model_name, fold)}. Check the recipe, or raise "
+                "retry.attempts"
+            )
+        if dist.is_main:
+            retire_attempt(cfg, model_name, fold, reason)
+        dist.barrier()
+        log.warning("%s failed (%s); retraining it, attempt %d", name, reason, attempt + 1)
 
 
 def write_fold_oof(
@@ -327,12 +378,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.backends.cudnn.benchmark = True
         data = prepare_train_data(cfg, dist)
         summaries = [
-            train_fold(cfg, args.model, k, data, dist, resume=args.resume, force=args.force)
+            train_fold_retrying(
+                cfg, args.model, k, data, dist, resume=args.resume, force=args.force
+            )
             for k in folds
         ]
+        if len(folds) > 1 and RetryPolicy.from_config(cfg).attempts:
+            # The first folds were judged before the later ones existed: judge them again.
+            for i, k in enumerate(folds):
+                if judge_fold(cfg, args.model, k) is not None:
+                    summaries[i] = train_fold_retrying(cfg, args.model, k, data, dist)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except FoldFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (TrainingError, LoaderStalled) as exc:
         print(f"error: {exc}; the last good checkpoint is kept", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Choose post-processing on out-of-fold predictions: optuna search, then ablation.
+"""Choose post-processing on out-of-fold predictions, judged out of sample.
 
 The search runs on the blended OOF probabilities (`ensemble/oof/`, or `refine/oof/` when
 refine.py's refinement was kept: `postprocessing.input_store`) against the ground
@@ -8,14 +8,17 @@ size). At the original 1280×~1000 each trial would process ~10× the pixels (a 
 parameters are fractions of the image (area, shorter side), so they carry over to the
 original size where postprocess.py applies them.
 
-The search's study lives in an optuna storage (studies.py: one SQLite file per
-experiment by default), named after its inputs, so a killed or extended search continues
-where it stopped; every trial is exported to `tune_trials.csv`.
+Fitting the parameters is a seeded TPE search, then nnU-Net's rule: starting from the
+best trial, each active step is switched off in turn, and it stays only if it improves
+the objective AND no class (neoplastic, non-neoplastic) ends up worse than with plain
+argmax. That fit is done per fold on the other folds' images and scored on the fold's own
+(decisions.py), so the score that decides is never the score that was tuned; the tuned
+parameters (fitted again on all folds) are used only if they beat plain argmax and the
+region vote alone by more than the noise out of sample.
 
-After a seeded TPE search, nnU-Net's rule decides what is kept: starting from the best
-trial, each active step is switched off in turn, and it stays only if it improves the
-objective AND no class (neoplastic, non-neoplastic) ends up worse than with plain argmax.
-So a step is never kept on the strength of noise, or at the expense of one class.
+The studies live in an optuna storage (studies.py: one SQLite file per experiment by
+default), named after their inputs and fit, so a killed or extended search continues
+where it stopped; the all-folds study's trials are exported to `tune_trials.csv`.
 """
 
 from __future__ import annotations
@@ -28,15 +31,14 @@ if __name__ == "__main__":
 
 import functools
 import logging
-import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
-from joblib import effective_n_jobs
 
 import studies
 from config import (
@@ -48,16 +50,12 @@ from config import (
 )
 from data.atomic import write_json
 from data.cache import load_targets
-from data.probstore import load_probs
+from data.probstore import META_FILE, ProbMaps, load_probs
 from data.reader import DataError
-from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
+from decisions import LENSES, Candidate, Rule, choose, cross_fit, format_decision, map_stats
+from metrics import OBJECTIVES, scores_from_stats
 from paths import Layout
-from postprocessing import (
-    REGION_MODES,
-    PostprocessParams,
-    input_store,
-    postprocess,
-)
+from postprocessing import REGION_MODES, PostprocessParams
 from studies import StudyPlace, search_settings
 
 log = logging.getLogger("tune")
@@ -97,23 +95,14 @@ def class_keys(objective: str) -> tuple[str, str]:
 
 
 def evaluate(
-    probs: np.ndarray, targets: np.ndarray, params: PostprocessParams, n_jobs: int = 1
+    probs: np.ndarray,
+    targets: np.ndarray,
+    params: PostprocessParams,
+    n_jobs: int = 1,
+    rows: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Scores of post-processed (N, 3, H, W) maps against (N, H, W) class maps, same size.
-
-    Images are split into one chunk per thread; OpenCV and numpy release the GIL.
-    """
-    if probs.shape[0] != targets.shape[0] or probs.shape[2:] != targets.shape[1:]:
-        raise ValueError(f"probs {probs.shape} do not match targets {targets.shape}")
-    size = targets.shape[1:]
-    chunk = math.ceil(len(probs) / (4 * effective_n_jobs(n_jobs)))
-    stats = stats_in_chunks(
-        lambda lo, hi: np.stack([postprocess(p, size, params) for p in probs[lo:hi]]),
-        targets,
-        chunk,
-        n_jobs,
-    )
-    return scores_from_stats(stats)
+    """Scores of post-processed maps (`decisions.map_stats`) over `rows` (default all)."""
+    return scores_from_stats(map_stats(probs, targets, params, n_jobs, rows))
 
 
 def suggest_params(trial: optuna.Trial) -> PostprocessParams:
@@ -136,12 +125,17 @@ def suggest_params(trial: optuna.Trial) -> PostprocessParams:
 
 
 def _trial_score(
-    probs: np.ndarray, targets: np.ndarray, objective: str, n_jobs: int, trial: optuna.Trial
+    probs: np.ndarray,
+    targets: np.ndarray,
+    objective: str,
+    n_jobs: int,
+    rows: np.ndarray | None,
+    trial: optuna.Trial,
 ) -> float:
-    """One trial: sampled parameters -> OOF score (module level, so it pickles by
-    reference into worker processes)."""
+    """One trial: sampled parameters -> OOF score on `rows` (module level, so it pickles
+    by reference into worker processes)."""
     params = suggest_params(trial)
-    scores = evaluate(probs, targets, params, n_jobs)
+    scores = evaluate(probs, targets, params, n_jobs, rows)
     trial.set_user_attr("params", params.to_dict())
     trial.set_user_attr("scores", scores)
     return scores[objective]
@@ -155,18 +149,20 @@ def search(
     seed: int = 0,
     n_jobs: int = 1,
     place: StudyPlace | None = None,
+    rows: np.ndarray | None = None,
+    fit: str = "all",
 ) -> tuple[PostprocessParams, optuna.Study]:
-    """Seeded TPE over `PostprocessParams`, maximising `objective` on the given set.
+    """Seeded TPE over `PostprocessParams`, maximising `objective` on `rows` (default all).
 
-    `place` None: in memory; else the study of these inputs in `place.storage`, continued
-    until it has `trials` complete trials; the best of its first `trials` is returned.
+    `place` None: in memory; else the study of these inputs in `place.storage` (one per
+    `fit`: "all", "fold 0", ...), continued until it has `trials` complete trials; the
+    best of its first `trials` is returned.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     n_workers = place.n_workers if place else 1
-    score = functools.partial(
-        _trial_score, probs, targets, objective, studies.threads_per_worker(n_jobs, n_workers)
-    )
+    threads = studies.threads_per_worker(n_jobs, n_workers)
+    score = functools.partial(_trial_score, probs, targets, objective, threads, rows)
     study = studies.run_study(
         "tune",
         score,
@@ -174,7 +170,7 @@ def search(
         seed,
         place,
         inputs=[probs, targets],
-        settings={"objective": objective, "space": SPACE_VERSION},
+        settings={"objective": objective, "space": SPACE_VERSION, "fit": fit},
         start=START_TRIALS,
     )
     best = studies.best_trial(study, trials)
@@ -188,13 +184,15 @@ def ablate(
     objective: str,
     baseline: dict[str, float],
     n_jobs: int = 1,
+    rows: np.ndarray | None = None,
 ) -> tuple[PostprocessParams, list[dict[str, Any]]]:
-    """nnU-Net's rule: keep a step only if it helps the objective and hurts no class."""
-    current, scores = params, evaluate(probs, targets, params, n_jobs)
+    """nnU-Net's rule: keep a step only if it helps the objective and hurts no class
+    (judged on `rows`, default all)."""
+    current, scores = params, evaluate(probs, targets, params, n_jobs, rows)
     record = []
     for step in params.active_steps():
         without = current.without(step)
-        scores_without = evaluate(probs, targets, without, n_jobs)
+        scores_without = evaluate(probs, targets, without, n_jobs, rows)
         helps = scores[objective] > scores_without[objective]
         harmless = all(scores[k] >= baseline[k] for k in class_keys(objective))
         keep = helps and harmless
@@ -207,7 +205,7 @@ def ablate(
                 "kept": keep,
             }
         )
-        log.info(
+        log.debug(
             "step %-12s with %.5f without %.5f -> %s",
             step,
             scores[objective],
@@ -218,49 +216,175 @@ def ablate(
             current, scores = without, scores_without
     # Dropping a later step can leave an earlier kept one harming a class on its own.
     if not all(scores[k] >= baseline[k] for k in class_keys(objective)):
-        log.info("kept steps %s make a class worse than argmax: none kept", current.active_steps())
+        log.debug("kept steps %s make a class worse than argmax: none kept", current.active_steps())
         record.append({"step": "all", "kept": False, "no_class_worse_than_argmax": False})
         current = PostprocessParams()
     return current, record
 
 
-def tune(
+@dataclass
+class Fit:
+    """One fit of the post-processing on some images: search, then nnU-Net's ablation."""
+
+    params: PostprocessParams
+    searched: PostprocessParams
+    ablation: list[dict[str, Any]]
+    baseline: dict[str, float]
+    best_trial: dict[str, float]
+    study: optuna.Study
+
+
+def fit_postprocessing(
     probs: np.ndarray,
     targets: np.ndarray,
+    trials: int,
+    objective: str,
+    seed: int,
+    n_jobs: int,
+    place: StudyPlace | None,
+    rows: np.ndarray | None = None,
+    fit: str = "all",
+) -> Fit:
+    """Search and ablation on `rows` (default all): the tuned parameters of those images."""
+    baseline = evaluate(probs, targets, PostprocessParams(), n_jobs, rows)
+    searched, study = search(probs, targets, trials, objective, seed, n_jobs, place, rows, fit)
+    params, ablation = ablate(probs, targets, searched, objective, baseline, n_jobs, rows)
+    best = studies.best_trial(study, trials).user_attrs["scores"]
+    return Fit(params, searched, ablation, baseline, best, study)
+
+
+@dataclass
+class Source:
+    """Maps the post-processing may start from: the blend, or the refined blend."""
+
+    name: str  # "blend" or "refined"
+    probs: np.ndarray  # uint8 (N, 3, H, W), the OOF store's maps
+    place: StudyPlace | None = None  # where its studies are kept (None: in memory)
+
+
+def tune(
+    sources: Sequence[Source],
+    targets: np.ndarray,
+    folds: Sequence[int],
     trials: int,
     objective: str = "competition",
     seed: int = 0,
     n_jobs: int = 1,
-    place: StudyPlace | None = None,
     trials_csv: Path | None = None,
+    rule: Rule | None = None,
 ) -> dict[str, Any]:
-    """Search + ablation; returns the `postprocess.json` document (without provenance).
+    """The chain's last decision; returns the `postprocess.json` document (without
+    provenance).
 
-    `place`: where the study is kept (None: in memory); `trials_csv`: where its trials
-    are exported.
+    For each source (the blend first, then the refined blend when refine.py made one):
+    plain argmax, the region vote alone, and tuned parameters (search + ablation), the
+    last fitted per fold on the other folds' images and scored on the fold's own
+    (decisions.cross_fit), then fitted on all folds for the test set. The blend at argmax
+    or with the region vote is the simple chain; any other candidate (tuned parameters,
+    the refined maps) is used only when it beats the better simple one out of sample by
+    more than the noise. So refinement is judged after the post-processing it would get,
+    not at argmax, where the region vote already does part of its work. `trials_csv`:
+    where the chosen source's all-folds study's trials are exported.
     """
-    baseline = evaluate(probs, targets, PostprocessParams(), n_jobs)
-    best, study = search(probs, targets, trials, objective, seed, n_jobs, place)
+    rule = rule or Rule()
+    region = LENSES["region"]
+    candidates: list[Candidate] = []
+    chains: dict[str, tuple[Source, PostprocessParams]] = {}
+    fits: dict[str, tuple[Fit, dict[int, PostprocessParams]]] = {}
+    for i, src in enumerate(sources):
+
+        def fit_fold(k: int, rows: np.ndarray, src: Source = src) -> PostprocessParams:
+            return fit_postprocessing(
+                src.probs, targets, trials, objective, seed, n_jobs, src.place, rows, f"fold {k}"
+            ).params
+
+        def held_stats(
+            params: PostprocessParams, rows: np.ndarray, src: Source = src
+        ) -> np.ndarray:
+            return map_stats(src.probs, targets, params, n_jobs, rows)
+
+        tuned_oos, fold_params = cross_fit(folds, fit_fold, held_stats)
+        final = fit_postprocessing(src.probs, targets, trials, objective, seed, n_jobs, src.place)
+        fits[src.name] = (final, fold_params)
+        for variant, params, oos, insample in (
+            ("argmax", PostprocessParams(), None, None),
+            ("region vote", region, None, None),
+            ("tuned", final.params, tuned_oos, map_stats(src.probs, targets, final.params, n_jobs)),
+        ):
+            name = f"{src.name}, {variant}"
+            if oos is None:  # nothing fitted: the score is the same in and out of sample
+                oos = map_stats(src.probs, targets, params, n_jobs)
+            # one level per fitted component: the refiner, the tuned parameters
+            level = i + (variant == "tuned")
+            candidates.append(Candidate(name, oos, level=level, insample=insample))
+            chains[name] = (src, params)
+    decision = choose(candidates, rule)
+    source, params = chains[decision["chosen"]]
+    final, fold_params = fits[source.name]
     if trials_csv is not None:
-        studies.export_trials(study, trials_csv)
-    final, ablation = ablate(probs, targets, best, objective, baseline, n_jobs)
-    after = evaluate(probs, targets, final, n_jobs)
+        studies.export_trials(final.study, trials_csv)
+    by_name = {c.name: c for c in candidates}
+    oos = by_name[decision["chosen"]].oos
+    tuned_in = by_name[f"{source.name}, tuned"].insample
     return {
-        "params": final.to_dict(),
+        "params": params.to_dict(),
+        "source": source.name,
+        "sources": [s.name for s in sources],
+        "chosen": decision["chosen"],
+        "decision": decision,
         "objective": objective,
+        "decide": rule.to_dict(),
         "scores": {
-            "argmax": baseline,
-            "best_trial": studies.best_trial(study, trials).user_attrs["scores"],
-            "tuned": after,
+            "argmax": final.baseline,
+            "best_trial": final.best_trial,
+            "tuned": scores_from_stats(tuned_in),
         },
-        "searched_params": best.to_dict(),
-        "ablation": ablation,
-        "trials": len(studies.complete_trials(study, trials)),
-        "study": studies.study_record(study, place, trials_csv),
-        "n_images": len(probs),
+        "out_of_sample": {c.name: scores_from_stats(c.oos) for c in candidates},
+        "oos_image_stats": oos.reshape(len(oos), -1).tolist(),
+        "tuned_params": final.params.to_dict(),
+        "fold_params": {str(k): p.to_dict() for k, p in fold_params.items()},
+        "tuned_params_by_source": {name: f.params.to_dict() for name, (f, _) in fits.items()},
+        "searched_params": final.searched.to_dict(),
+        "ablation": final.ablation,
+        "trials": len(studies.complete_trials(final.study, trials)),
+        "study": studies.study_record(final.study, source.place, trials_csv),
+        "n_images": len(targets),
         "resolution": list(targets.shape[1:]),
         "seed": seed,
     }
+
+
+def load_sources(
+    cfg: dict[str, Any], args: Any, layout: Layout
+) -> tuple[list[Source], list[str], Sequence[int], ProbMaps]:
+    """The blend's OOF maps, and the refined ones when refinement is on and up to date;
+    with the image ids, their folds and the blend's store."""
+    blend = load_probs(layout.blend("oof"))
+    folds = blend.meta.get("folds")
+    if not isinstance(folds, list) or len(folds) != len(blend):
+        raise DataError(f"{blend.where}: no per-image folds recorded; rerun ensemble.py")
+    stores = {"blend": blend}
+    refined_path = layout.refined("oof")
+    if (cfg.get("refine") or {}).get("enabled"):
+        if not refined_path.is_dir():
+            log.warning("refinement is enabled but %s is missing (run refine.py)", refined_path)
+        elif _meta_time(refined_path) < _meta_time(layout.blend("oof")):
+            log.warning("%s is older than the blend: not used (rerun refine.py)", refined_path)
+        else:
+            refined = load_probs(refined_path)
+            if refined.ids != blend.ids or refined.split_id != blend.split_id:
+                raise DataError(f"{refined.where}: other images or split than {blend.where}")
+            stores["refined"] = refined
+    sources = []
+    for name, store in stores.items():
+        identity = {"source": name, "split_id": store.split_id, "meta": studies.digest(store.meta)}
+        place = studies.place_from_args(args, layout, identity)
+        sources.append(Source(name, np.asarray(store.raw), place))
+    return sources, list(blend.ids), folds, blend
+
+
+def _meta_time(store: Path) -> float:
+    return (store / META_FILE).stat().st_mtime
 
 
 @reports_environment_errors
@@ -272,25 +396,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = resolve_cli_config(args)
         trials, objective = search_settings(cfg, "tune", args.trials, args.objective)
         layout = Layout.of(cfg)
-        path, why = input_store(cfg, "oof")
-        source = path.relative_to(layout.root).as_posix()
-        log.info("tuning on %s: %s", source, why)
-        store = load_probs(path)
-        targets = load_targets(cfg, store.ids, store.size)
-        identity = {
-            "source": source,
-            "split_id": store.split_id,
-            "meta": studies.digest(store.meta),
-        }
+        sources, ids, folds, blend = load_sources(cfg, args, layout)
+        log.info("tuning on %s", ", ".join(s.name for s in sources))
+        targets = load_targets(cfg, ids, blend.size)
         doc = tune(
-            np.asarray(store.raw),
+            sources,
             targets,
+            folds,
             trials,
             objective,
             int(cfg.get("seed", 0)),
             args.jobs,
-            studies.place_from_args(args, layout, identity),
             layout.postprocess_trials,
+            Rule.from_config(cfg),
         )
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -298,18 +416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except studies.StudyIncomplete as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    doc["source"] = source
-    doc["provenance"] = provenance(
-        cfg, stage="tune", source=str(store.path), split_id=store.split_id
-    )
+    doc["image_ids"] = ids
+    doc["provenance"] = provenance(cfg, stage="tune", split_id=blend.split_id)
     out = layout.postprocess
     write_json(out, doc)
-    keys = [objective, *class_keys(objective)]
-    print(f"{'':10s}" + "".join(f"{k:>18s}" for k in keys))
-    for name in ("argmax", "tuned"):
-        print(f"{name:10s}" + "".join(f"{doc['scores'][name][k]:18.5f}" for k in keys))
+    print(format_decision("post-processing and refinement", doc["decision"]))
     kept = ", ".join(PostprocessParams.from_dict(doc["params"]).active_steps()) or "none"
-    print(f"kept steps: {kept}; wrote {out}")
+    print(f"submitted chain: {doc['chosen']} (steps: {kept}); wrote {out}")
     print(f"optuna study {doc['study']['name']} in {doc['study']['storage']}")
     return 0
 

@@ -444,6 +444,9 @@ def section_train_fold(data_dir: str, work: Path, dist: Dist, settings: Settings
         str(settings.fold_workers),
         "--pretrained",
         "none",
+        # a speed check of one short fold: a fold that has not learnt yet is not retrained
+        "--set",
+        "retry.attempts=0",
         *_thread_flags(settings),
     ]
     record = run_monitored(cmd, settings.fold_timeout_s, work / "train.log", dist)
@@ -465,6 +468,7 @@ def section_pipeline(data_dir: str, work: Path, dist: Dist, settings: Settings) 
         f"data.num_workers={settings.pipeline_workers}",
         "ensemble.trials=2",
         "tune.trials=2",
+        "retry.attempts=0",
     ]
     cmd = [
         sys.executable,

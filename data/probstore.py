@@ -218,3 +218,64 @@ def concat(stores: Sequence[ProbMaps]) -> ProbMaps:
     meta["orig_sizes"] = [list(sz) for sz in sizes]
     raw = np.concatenate([np.asarray(s.raw) for s in stores])
     return ProbMaps(ids, sizes, meta, raw)
+
+
+def align_stores(stores: Sequence[ProbMaps]) -> list[ProbMaps]:
+    """The stores in the first one's image order; DataError if they cannot be blended."""
+    check_compatible(stores, "blended")
+    first = stores[0]
+    for s in stores[1:]:
+        if set(s.ids) != set(first.ids):
+            only = sorted(set(s.ids) ^ set(first.ids))
+            raise DataError(
+                f"{s.where} and {first.where} hold different images "
+                f"({len(only)} in only one of them, e.g. {only[0]})"
+            )
+    return [first] + [s if s.ids == first.ids else s.subset(first.ids) for s in stores[1:]]
+
+
+def normalised(weights: Sequence[float]) -> np.ndarray:
+    """Blend weights scaled to sum 1; ValueError for negative ones or a zero sum."""
+    w = np.asarray(weights, np.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {list(w)}")
+    return w / w.sum()
+
+
+def blend_rows(arrays: Sequence[np.ndarray], w: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """uint8 codes of the weighted mean (normalised `w`) of `rows` of uint8 maps.
+
+    Every blend, stored or scored, is rounded here in the same way, so a score computed on
+    a blend in memory is the score of the maps a later stage reads from disk.
+    """
+    out = np.zeros((len(rows), *arrays[0].shape[1:]), np.float32)
+    for a, wi in zip(arrays, w, strict=True):
+        if wi > 0:
+            out += np.float32(wi) * a[rows]
+    return np.rint(out).clip(0, 255).astype(np.uint8)
+
+
+def blend(stores: Sequence[ProbMaps | np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Weighted mean of uint8 probability maps (stores or raw arrays), as uint8 codes."""
+    arrays = [s.raw if isinstance(s, ProbMaps) else s for s in stores]
+    w = normalised(weights)
+    out = np.empty(arrays[0].shape, np.uint8)
+    for lo in range(0, len(out), _CHUNK):
+        out[lo : lo + _CHUNK] = blend_rows(arrays, w, np.arange(lo, min(lo + _CHUNK, len(out))))
+    return out
+
+
+def blend_by_fold(
+    stores: Sequence[ProbMaps], fold_weights: dict[int, Sequence[float]], folds: Sequence[int]
+) -> np.ndarray:
+    """The out-of-sample blend: each fold's images blended with the weights fitted
+    without them (`fold_weights[k]`), so the stages after the blend see honest maps."""
+    arrays = [s.raw for s in stores]
+    out = np.empty(arrays[0].shape, np.uint8)
+    f = np.asarray(folds)
+    for k in np.unique(f):
+        w = normalised(fold_weights[int(k)])
+        held = np.flatnonzero(f == k)
+        for lo in range(0, len(held), _CHUNK):
+            out[held[lo : lo + _CHUNK]] = blend_rows(arrays, w, held[lo : lo + _CHUNK])
+    return out

@@ -8,15 +8,18 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 import pipeline
-from data.probstore import load_probs
-from data.reader import list_test_gt, load_mask
+from data.probstore import blend as blend_maps
+from data.probstore import load_probs, save_probs
+from data.reader import list_test, list_test_gt, load_mask
 from data.submission import check_submission
 from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps
+from report import read_submission
 from tests.trainkit import demo_model, write_config
 
 TEST_TABLE = "Test set (original size, test_gt/)"
@@ -59,7 +62,16 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     assert "data:image/png;base64," in html
     tables = json.loads((exp / "scores.json").read_text())["tables"]
     test_rows = tables[TEST_TABLE]
-    expected = {"predict nothing", "tiny", "tiny2", "blend", "refined"}
+    tuned = json.loads((exp / "postprocess.json").read_text())
+    expected = {
+        "predict nothing",
+        "tiny",
+        "tiny2",
+        "blend, equal weights",
+        "blend, tuned weights",
+        "refined",
+        f"submission ({tuned['source']} maps)",
+    }
     assert {r["model"] for r in test_rows} == expected
     assert all(0.0 <= r["competition"] <= 1.0 for r in test_rows)
     # The baseline row, recomputed by hand: a row (image x class) scores 1 when its class
@@ -75,13 +87,24 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     assert len(artefacts) == 8 + 8 + 3
     refined = json.loads((exp / "refine" / "refine.json").read_text())
     assert refined["split_id"] == load_probs(exp / "ensemble" / "oof").split_id
-    assert {"kept", "oof_before", "oof_after", "per_fold", "reason"} <= set(refined)
-    tuned = json.loads((exp / "postprocess.json").read_text())
-    assert tuned["source"] == ("refine/oof" if refined["kept"] else "ensemble/oof")
+    assert {"vs_blend", "oof_before", "oof_after", "per_fold", "refined_mask"} <= set(refined)
+    assert tuned["sources"] == ["blend", "refined"] and tuned["source"] in tuned["sources"]
+    assert tuned["chosen"].startswith(tuned["source"] + ", ")
     assert {r["model"] for r in tables["Out-of-fold (working resolution)"]} >= {
-        "refined" if refined["kept"] else "refined (not kept)"
+        "refined" if tuned["source"] == "refined" else "refined (not used)"
     }
     assert "Region refinement: " in html
+    # the submission holds exactly the chain the decisions recorded: the chosen store's
+    # test maps with the chosen parameters
+    store = exp / ("refine" if tuned["source"] == "refined" else "ensemble") / "test"
+    chain = dict(class_maps(load_probs(store), PostprocessParams.from_dict(tuned["params"])))
+    assert read_submission(exp / "submission.csv", sizes_of(tiny_data)).keys() == chain.keys()
+    for image_id, maps in read_submission(exp / "submission.csv", sizes_of(tiny_data)).items():
+        np.testing.assert_array_equal(maps, chain[image_id])
+    submitted = next(r for r in test_rows if r["role"] == "submission")
+    assert submitted["competition"] == pytest.approx(
+        _competition_by_hand(store, tiny_data, tuned["params"])
+    )
     before = {p: p.stat().st_mtime_ns for p in artefacts}
     assert pipeline.main(["--config", str(config)]) == 0
     out = capsys.readouterr().out
@@ -98,9 +121,20 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     assert pipeline.main(["--config", str(config)]) == 0
     assert "tune" not in _stages_run(capsys.readouterr().out)
     rows = json.loads((exp / "scores.json").read_text())["tables"][TEST_TABLE]
-    blend = {r["variant"]: r for r in rows if r["model"] == "blend"}
-    by_hand = _competition_by_hand(exp / "ensemble" / "test", tiny_data, tuned["params"])
-    assert blend["post-processed"]["competition"] == pytest.approx(by_hand)
+    blend = {r["variant"]: r for r in rows if r["model"] == "blend, equal weights"}
+    equal = exp / "equal_test"
+    weights = json.loads((exp / "ensemble" / "weights.json").read_text())["candidates"]
+    test_stores = [load_probs(exp / m / "test") for m in ("tiny", "tiny2")]
+    save_probs(
+        equal,
+        test_stores[0].ids,
+        blend_maps(test_stores, weights["equal"]["weights"]),
+        test_stores[0].orig_sizes,
+        kind="test",
+        model="equal",
+    )
+    by_hand = _competition_by_hand(equal, tiny_data, tuned["params"])
+    assert blend["submitted post-processing"]["competition"] == pytest.approx(by_hand)
     assert blend["argmax"]["competition"] != pytest.approx(by_hand)
 
     # a changed setting reruns the stage that depends on it, and what follows, not training
@@ -128,14 +162,19 @@ def _competition_by_hand(store_dir: Path, data_dir: Path, params: dict) -> float
     return scores_from_stats(class_stats(list(preds), [gt[i] for i in ids]))["competition"]
 
 
+def sizes_of(data_dir: Path) -> dict[str, Path]:
+    """Test id -> image file, what `report.read_submission` decodes sizes from."""
+    return {s.id: s.image for s in list_test(data_dir)}
+
+
 def _stages_run(out: str) -> set[str]:
     """The stages after training in the "Stages run in this call" table.
 
     Training is always called (it skips complete folds itself), so its rows say nothing;
     every other stage has a row only when the pipeline found it stale, however fast it was.
     """
-    table = out.split("Stages run in this call")[1].split("report:")[0]
-    rows = [line.rsplit(None, 1)[0].strip() for line in table.strip().splitlines()[1:]]
+    table = out.split("Stages run in this call")[1].strip().split("\n\n")[0]
+    rows = [line.rsplit(None, 1)[0].strip() for line in table.splitlines()[1:]]
     return {name for name in rows if not name.startswith("train")}
 
 
@@ -168,7 +207,11 @@ def test_storage_is_passed_to_the_optuna_stages_only(tmp_path, tiny_data, monkey
         return 0.0
 
     monkeypatch.setattr(pipeline, "run_stage", run_stage)
-    monkeypatch.setattr(pipeline, "summarise", lambda cfg, timings: {"tables": [], "report": "-"})
+    monkeypatch.setattr(
+        pipeline,
+        "summarise",
+        lambda cfg, timings, started: {"tables": [], "report": "-", "notes": []},
+    )
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     assert pipeline.main(["--config", str(config), "--storage", url]) == 0
     assert {"train", "ensemble", "tune", "postprocess"} <= {name for name, _ in calls}

@@ -9,8 +9,10 @@ import yaml
 import tune
 from bench.postprocess_speed import synthetic_oof
 from data.cache import load_targets
-from data.probstore import save_probs
+from data.probstore import load_probs, save_probs
 from data.reader import list_train
+from decisions import map_stats
+from metrics import scores_from_stats
 from postprocessing import PostprocessParams
 from tune import ablate, evaluate
 
@@ -21,10 +23,13 @@ def codes(class_map, on=0.8):
     return np.rint(p * 255).astype(np.uint8)
 
 
-def test_tuning_beats_argmax_on_noisy_predictions():
+FOLDS = [0, 1, 2, 3] * 10
+
+
+def test_tuning_beats_argmax_out_of_sample_on_noisy_predictions():
     # blurred truth plus specks of either class and split-class patches inside lesions
     probs, targets = synthetic_oof(40, (64, 64), seed=0)
-    doc = tune.tune(probs, targets, trials=25, objective="competition", seed=0)
+    doc = tune.tune([tune.Source("blend", probs)], targets, FOLDS, trials=25, seed=0)
     before, after = doc["scores"]["argmax"], doc["scores"]["tuned"]
     assert after["competition"] > before["competition"] + 0.02
     assert after["competition_neo"] >= before["competition_neo"]
@@ -32,9 +37,51 @@ def test_tuning_beats_argmax_on_noisy_predictions():
     kept = PostprocessParams.from_dict(doc["params"]).active_steps()
     assert kept and {r["step"] for r in doc["ablation"] if r["kept"]} == set(kept)
     assert doc["trials"] == 25 and doc["n_images"] == 40 and doc["resolution"] == [64, 64]
-    # the reported score is what the kept parameters really give
+    assert doc["chosen"] == "blend, tuned" and doc["source"] == "blend"
+    # the in-sample score is what the kept parameters really give on all images ...
     params = PostprocessParams.from_dict(doc["params"])
     assert evaluate(probs, targets, params, n_jobs=2) == after
+    # ... and the out-of-sample one is each fold scored with the parameters fitted on the
+    # other folds, recomputed here from the recorded per-fold parameters
+    folds = np.asarray(FOLDS)
+    stats = np.zeros((40, 3, 3), np.int64)
+    for k, p in doc["fold_params"].items():
+        held = np.flatnonzero(folds == int(k))
+        stats[held] = map_stats(probs, targets, PostprocessParams.from_dict(p), rows=held)
+    assert scores_from_stats(stats) == doc["out_of_sample"]["blend, tuned"]
+    np.testing.assert_array_equal(np.reshape(doc["oos_image_stats"], (40, 3, 3)), stats)
+    oos = doc["out_of_sample"]
+    assert oos["blend, tuned"]["competition"] > oos["blend, region vote"]["competition"]
+    assert oos["blend, tuned"]["competition"] <= after["competition"]  # honest <= in-sample
+
+
+def test_a_fit_that_only_wins_in_sample_is_not_used():
+    """Specks on a few images of one fold: removing them is what the search learns, but
+    with every other image already right, the out-of-sample gain is within the noise."""
+    targets = np.zeros((24, 32, 32), np.uint8)
+    targets[:, 8:20, 8:20] = 1
+    noisy = targets.copy()
+    noisy[0, 26:28, 26:28] = 2  # one stray speck, on one image
+    probs = np.stack([codes(m) for m in noisy])
+    doc = tune.tune([tune.Source("blend", probs)], targets, [0, 1, 2] * 8, trials=12, seed=0)
+    oos = doc["out_of_sample"]
+    assert doc["chosen"] in ("blend, argmax", "blend, region vote")
+    assert PostprocessParams.from_dict(doc["params"]).active_steps() in ([], ["region"])
+    assert "within the noise" in doc["decision"]["reason"]
+    assert oos["blend, tuned"]["competition"] <= doc["scores"]["tuned"]["competition"]
+
+
+def test_refined_maps_are_used_only_when_they_beat_the_blend_after_post_processing():
+    probs, targets = synthetic_oof(40, (64, 64), seed=1)
+    right = np.stack([codes(t) for t in targets])  # a refiner that fixed everything
+    sources = [tune.Source("blend", probs), tune.Source("refined", right)]
+    doc = tune.tune(sources, targets, FOLDS, trials=6, seed=0)
+    assert doc["source"] == "refined" and doc["chosen"] == "refined, argmax"
+    assert doc["sources"] == ["blend", "refined"]
+    assert doc["out_of_sample"]["refined, argmax"]["competition"] == 1.0
+    # refined maps no better than the blend: the blend chain stays
+    doc = tune.tune([tune.Source("blend", right), tune.Source("refined", right)], targets, FOLDS, 6)
+    assert doc["source"] == "blend" and doc["chosen"] == "blend, argmax"
 
 
 def speck_case(with_tiny_true_polyp):
@@ -87,14 +134,22 @@ def blended(tiny_data, tmp_path):
         m[y : y + 2, x : x + 2] = 2 if (m == 1).any() else 1
     probs = np.stack([codes(m) for m in noisy])
     store = tmp_path / "exp" / "ensemble" / "oof"
+    folds = [i % 3 for i in range(len(ids))]
     save_probs(
-        store, ids, probs, [(128, 160)] * len(ids), kind="oof", model="ensemble", split_id="s"
+        store,
+        ids,
+        probs,
+        [(128, 160)] * len(ids),
+        kind="oof",
+        model="ensemble",
+        split_id="s",
+        folds=folds,
     )
     return tmp_path / "c.yaml", tmp_path / "exp"
 
 
 def test_cli_writes_postprocess_json(blended, capsys):
-    config, _ = blended
+    config, exp = blended
     tmp_path = config.parent
     argv = ["--config", str(config), "--trials", "6", "--objective", "competition"]
     assert tune.main(argv) == 0
@@ -103,7 +158,11 @@ def test_cli_writes_postprocess_json(blended, capsys):
     assert doc["provenance"]["split_id"] == "s"
     assert doc["scores"]["tuned"]["competition"] > doc["scores"]["argmax"]["competition"]
     PostprocessParams.from_dict(doc["params"])
-    assert "kept steps" in capsys.readouterr().out
+    assert (
+        doc["sources"] == ["blend"] and doc["image_ids"] == load_probs(exp / "ensemble" / "oof").ids
+    )
+    out = capsys.readouterr().out
+    assert "submitted chain: blend" in out and "out of sample" in out
 
 
 def test_cli_two_workers_then_a_killed_trial_is_failed_on_restart(blended):
@@ -139,7 +198,7 @@ def test_ablation_never_ends_with_a_class_worse_than_argmax(monkeypatch):
         (): (0.70, 0.70, 0.70),
     }
 
-    def fake_evaluate(probs, targets, params, n_jobs=1):
+    def fake_evaluate(probs, targets, params, n_jobs=1, rows=None):
         comp, neo, non = table[tuple(params.active_steps())]
         return {"competition": comp, "competition_neo": neo, "competition_non": non}
 

@@ -1,0 +1,157 @@
+"""Is my change real? One table over finished experiments, and the paired intervals.
+
+    python compare.py outputs/demo outputs/demo_epochs32 outputs/demo_3models
+
+Each argument is an experiment folder (`<out_dir>/<experiment>`, as pipeline.py leaves
+it). For each: what its config changes against the first one's, each model's out-of-fold
+score, what the blend, refinement and post-processing decisions chose and what the
+submitted chain scores out of sample (and in sample where it was tuned), the test score
+when the data had a `test_gt/`, and the wall time of its stages. Then, for every pair, the
+paired per-image difference of the submitted chains' out-of-sample scores with its
+bootstrap interval: on 120 images a +0.004 is usually noise, and the interval says so.
+Out-of-fold images are compared only when both experiments hold the same images.
+"""
+
+from __future__ import annotations
+
+import cli
+
+if __name__ == "__main__":
+    cli.exit_if_help("compare")
+
+import itertools
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from data.reader import DataError
+from decisions import Rule, bootstrap_gain
+from evaluation import SUBMITTED, TEST_TABLE, format_rows, read_json
+from recipe import flatten
+
+# Keys that name where an experiment lives, not what it does.
+WHERE = {"experiment", "data_dir", "out_dir"}
+
+
+def config_of(exp: Path) -> dict[str, Any]:
+    """The experiment's resolved config (pipeline.py writes it beside the report)."""
+    path = exp / "config.yaml"
+    if not path.is_file():
+        raise DataError(f"{exp}: no config.yaml; run pipeline.py on it first")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from exc
+
+
+def config_diff(base: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every setting that differs (paths and names left out)."""
+    a, b = flatten(base), flatten(other)
+    keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] not in WHERE)
+    return [
+        f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in keys if a.get(k) != b.get(k)
+    ]
+
+
+class Experiment:
+    """What a finished experiment folder says about itself."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        for name in ("ensemble/weights.json", "postprocess.json"):
+            if not (path / name).is_file():
+                raise DataError(f"{path}: no {name}; is it a finished experiment?")
+        self.config = config_of(path)
+        self.blend = read_json(path / "ensemble" / "weights.json")
+        self.tuned = read_json(path / "postprocess.json")
+        refine = path / "refine" / "refine.json"
+        self.refine = read_json(refine) if refine.is_file() else None
+        scores = path / "scores.json"
+        self.tables = read_json(scores)["tables"] if scores.is_file() else {}
+        timings = path / "timings.json"
+        self.seconds = sum(read_json(timings).values()) if timings.is_file() else None
+        self.metric = (self.tuned.get("decide") or {}).get("metric", "competition")
+        if "oos_image_stats" not in self.tuned:
+            raise DataError(f"{path}/postprocess.json: no per-image scores; rerun tune.py")
+        self.ids = list(self.tuned["image_ids"])
+        self.stats = np.asarray(self.tuned["oos_image_stats"], np.int64).reshape(-1, 3, 3)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def row(self, base: Experiment) -> dict[str, Any]:
+        m = self.metric
+        models = self.blend["models"]
+        oof = ", ".join(f"{n} {self.blend['scores'][n]['all'][m]:.3f}" for n in models)
+        blend = self.blend.get("decision")
+        chain = self.tuned["out_of_sample"][self.tuned["chosen"]][m]
+        test = next(
+            (
+                r["competition"]
+                for r in self.tables.get(TEST_TABLE, [])
+                if r.get("role") == SUBMITTED
+            ),
+            None,
+        )
+        diff = config_diff(base.config, self.config) if self is not base else []
+        return {
+            "experiment": self.name,
+            "config vs first": "; ".join(diff) if diff else "-",
+            f"models OOF {m} (argmax)": oof,
+            "blend": self.blend["chosen"]
+            + (f" {blend['candidates'][blend['chosen']]['out_of_sample'][m]:.4f}" if blend else ""),
+            "refine": "-"
+            if self.refine is None
+            else ("used" if self.tuned.get("source") == "refined" else "not used"),
+            "chain": self.tuned["chosen"],
+            "chain out of sample": chain,
+            "tuned in sample": self.tuned["scores"]["tuned"][m],
+            "test": "-" if test is None else test,
+            "wall": "-" if self.seconds is None else f"{self.seconds / 60:.1f} min",
+        }
+
+
+def paired_rows(experiments: Sequence[Experiment], rule: Rule) -> list[dict[str, Any]]:
+    """Every pair's paired out-of-sample difference (second minus first) with its interval."""
+    rows = []
+    for a, b in itertools.combinations(experiments, 2):
+        if sorted(a.ids) != sorted(b.ids):
+            rows.append({"pair": f"{b.name} - {a.name}", "difference": "different images"})
+            continue
+        order = [b.ids.index(i) for i in a.ids]
+        g = bootstrap_gain(a.stats, b.stats[order], rule)
+        verdict = "real" if g["low"] > 0 or g["high"] < 0 else "within the noise"
+        rows.append(
+            {
+                "pair": f"{b.name} - {a.name}",
+                "difference": g["gain"],
+                f"{rule.confidence:.0%} interval": f"[{g['low']:+.4f}, {g['high']:+.4f}]",
+                "images": len(a.ids),
+                "verdict": verdict,
+            }
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = cli.compare_parser().parse_args(argv)
+    try:
+        experiments = [Experiment(Path(p)) for p in args.experiments]
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metric = experiments[0].metric
+    rule = Rule(metric=metric, confidence=args.confidence, n_boot=args.n_boot)
+    print(format_rows("Experiments", [e.row(experiments[0]) for e in experiments]), end="\n\n")
+    title = f"Submitted chains, paired per-image {metric} out of sample (second - first)"
+    print(format_rows(title, paired_rows(experiments, rule)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

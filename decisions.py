@@ -1,0 +1,263 @@
+"""Every tuned choice judged out of sample, and kept only when it beats the simple ones.
+
+A choice fitted on the out-of-fold maps (blend weights, the refiner, post-processing
+parameters) always scores well on the maps it was fitted on; that score says nothing about
+new images. So each choice is made by nested cross-validation on the shared split: for
+fold k it is fitted on the other folds' images and scored on fold k's, which gives every
+image a score from parameters that never saw it (`cross_fit`). The final parameters are
+then fitted on all folds, and their in-sample score is reported beside the honest one.
+
+The decision itself (`choose`) prefers the simple alternatives (equal weights, the best
+single model, no refinement, plain argmax or the region vote alone): the best of them on
+the out-of-sample metric is the default, and each more complex candidate (one more fitted
+component per level) replaces the current choice only if the paired per-image bootstrap
+interval of its gain over it lies above zero. With 100-odd images the difference between
+two reasonable choices is mostly noise, and a coin toss must not decide the submission.
+
+`Rule` is the config's `decide:` section; `lens` is what a map is judged after: plain
+argmax, or the one-class-per-region vote that post-processing almost always applies (a
+stray pixel of the other class inside a polyp is then not held against a blend that
+post-processing would fix anyway).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from joblib import effective_n_jobs
+
+from config import ConfigError
+from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
+from postprocessing import PostprocessParams, postprocess
+
+P = TypeVar("P")
+
+# What a map is judged after (Rule.lens).
+LENSES = {
+    "argmax": PostprocessParams(),
+    "region": PostprocessParams(region_mode="prob"),
+}
+SCORE_KEYS = (
+    "competition",
+    "competition_neo",
+    "competition_non",
+    "dice_seg",
+    "dice_neo",
+    "dice_non",
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a decision is made: the metric, the lens, and the bootstrap that measures noise."""
+
+    metric: str = "competition"
+    lens: str = "region"
+    confidence: float = 0.9  # two-sided level of the gain's interval
+    n_boot: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.metric not in OBJECTIVES:
+            raise ConfigError(f"decide.metric must be one of {OBJECTIVES}, got {self.metric!r}")
+        if self.lens not in LENSES:
+            raise ConfigError(f"decide.lens must be one of {tuple(LENSES)}, got {self.lens!r}")
+        if not 0.0 < self.confidence < 1.0:
+            raise ConfigError(f"decide.confidence must be in (0, 1), got {self.confidence}")
+        if self.n_boot < 100:
+            raise ConfigError(f"decide.n_boot must be at least 100, got {self.n_boot}")
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> Rule:
+        section = dict(cfg.get("decide") or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ConfigError(f"unknown decide settings: {', '.join(unknown)} (known: {known})")
+        return cls(**section)
+
+    @property
+    def params(self) -> PostprocessParams:
+        """The post-processing a map is judged after."""
+        return LENSES[self.lens]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def map_stats(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    params: PostprocessParams,
+    n_jobs: int = 1,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-image class stats of post-processed (N, 3, H, W) maps against (N, H, W) class
+    maps of the same size, for `rows` (default all).
+
+    Images are split into one chunk per thread; OpenCV and numpy release the GIL.
+    """
+    if probs.shape[0] != targets.shape[0] or probs.shape[2:] != targets.shape[1:]:
+        raise ValueError(f"probs {probs.shape} do not match targets {targets.shape}")
+    rows = np.arange(len(probs)) if rows is None else np.asarray(rows)
+    size = targets.shape[1:]
+    chunk = math.ceil(len(rows) / (4 * effective_n_jobs(n_jobs)))
+    return stats_in_chunks(
+        lambda lo, hi: np.stack([postprocess(probs[i], size, params) for i in rows[lo:hi]]),
+        targets[rows],
+        chunk,
+        n_jobs,
+    )
+
+
+def pick(stats: np.ndarray) -> dict[str, float]:
+    scores = scores_from_stats(stats)
+    return {k: scores[k] for k in SCORE_KEYS}
+
+
+def fold_rows(folds: Sequence[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(k, rows outside fold k, rows of fold k) for every fold, in fold order."""
+    f = np.asarray(folds)
+    return [(int(k), np.flatnonzero(f != k), np.flatnonzero(f == k)) for k in np.unique(f)]
+
+
+def cross_fit(
+    folds: Sequence[int],
+    fit: Callable[[int | None, np.ndarray], P],
+    stats: Callable[[P, np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, dict[int, P]]:
+    """Out-of-sample per-image stats (N, 3, 3) and the parameters fitted for each fold.
+
+    `fit(k, rows)` fits on `rows` (every image outside fold k); `stats(params, rows)`
+    scores `rows` (fold k's images) with them. No image is scored by parameters whose
+    fit saw it.
+    """
+    out = np.zeros((len(folds), 3, 3), np.int64)
+    fitted: dict[int, P] = {}
+    for k, train, held in fold_rows(folds):
+        if np.intersect1d(train, held).size:
+            raise RuntimeError(f"fold {k}: an image is both fitted on and scored")
+        fitted[k] = fit(k, train)
+        out[held] = stats(fitted[k], held)
+    return out, fitted
+
+
+def bootstrap_gain(base: np.ndarray, other: np.ndarray, rule: Rule) -> dict[str, float]:
+    """`other`'s gain over `base` on the rule's metric, with its paired bootstrap interval.
+
+    Both are per-image stats of the same images; each resample draws images with
+    replacement and scores both systems on the same draw, so what the images have in
+    common (hard ones, easy ones) cancels. Seeded: the same inputs give the same interval.
+    """
+    if base.shape != other.shape:
+        raise ValueError(f"stats of different image sets: {base.shape} vs {other.shape}")
+    n = len(base)
+    rng = np.random.default_rng(rule.seed)
+    gain = _metric(other, rule.metric) - _metric(base, rule.metric)
+    draws = np.empty(rule.n_boot)
+    for b in range(rule.n_boot):
+        idx = rng.integers(0, n, n)
+        draws[b] = _metric(other[idx], rule.metric) - _metric(base[idx], rule.metric)
+    tail = (1.0 - rule.confidence) / 2.0 * 100.0
+    low, high = np.percentile(draws, [tail, 100.0 - tail])
+    return {"gain": float(gain), "low": float(low), "high": float(high)}
+
+
+def _metric(stats: np.ndarray, metric: str) -> float:
+    return scores_from_stats(stats)[metric]
+
+
+@dataclass
+class Candidate:
+    """One way to make a choice: its out-of-sample stats and how much it fits.
+
+    `level` 0 is a simple alternative (nothing fitted, or a pick between a few
+    things); each level above adds a fitted component, and has to pay for it.
+    `insample` holds the stats of the all-folds fit on the same images (None for a
+    candidate with nothing to fit, whose two scores are the same).
+    """
+
+    name: str
+    oos: np.ndarray
+    level: int = 0
+    insample: np.ndarray | None = None
+
+
+def _best(candidates: Sequence[Candidate], pool: Sequence[Candidate], metric: str) -> Candidate:
+    """The best of `pool` on the metric; ties to the one listed first in `candidates`."""
+    return max(pool, key=lambda c: (_metric(c.oos, metric), -candidates.index(c)))
+
+
+def choose(candidates: Sequence[Candidate], rule: Rule) -> dict[str, Any]:
+    """The decision record: every candidate's scores, the steps taken, the choice and why.
+
+    The best simple candidate (level 0) is the default. Then, level by level, the best
+    candidate of the level replaces the current choice only when the lower end of the
+    interval of its gain over it is above zero: every added fitted component must beat
+    what it adds to by more than the noise.
+    """
+    metric = rule.metric
+    simple = [c for c in candidates if c.level == 0]
+    if not simple:
+        raise ValueError("a decision needs at least one simple candidate")
+    default = _best(candidates, simple, metric)
+    rows: dict[str, dict[str, Any]] = {}
+    for c in candidates:
+        row: dict[str, Any] = {"level": c.level, "out_of_sample": pick(c.oos)}
+        if c.insample is not None:
+            row["in_sample"] = pick(c.insample)
+        if c is not default:
+            row["gain_over_simple"] = bootstrap_gain(default.oos, c.oos, rule)
+        rows[c.name] = row
+    chosen, steps = default, []
+    reason = f"{default.name}: the best simple choice out of sample"
+    for level in sorted({c.level for c in candidates} - {0}):
+        best = _best(candidates, [c for c in candidates if c.level == level], metric)
+        g = bootstrap_gain(chosen.oos, best.oos, rule)
+        interval = f"{g['gain']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}]"
+        taken = g["low"] > 0
+        steps.append({"from": chosen.name, "to": best.name, **g, "taken": taken})
+        if taken:
+            reason = f"{best.name} beats {chosen.name} out of sample by {interval}"
+            chosen = best
+        else:
+            reason = (
+                f"{chosen.name}: {best.name}'s out-of-sample gain over it, {interval} "
+                f"({rule.confidence:.0%} interval), is within the noise"
+            )
+    return {
+        "metric": metric,
+        "lens": rule.lens,
+        "confidence": rule.confidence,
+        "candidates": rows,
+        "steps": steps,
+        "chosen": chosen.name,
+        "reason": reason,
+    }
+
+
+def format_decision(title: str, record: dict[str, Any]) -> str:
+    """The decision as a console table: out-of-sample and in-sample scores, gain, choice."""
+    metric = record["metric"]
+    lines = [f"{title} (judged on out-of-sample {metric}, {record['lens']} maps)"]
+    width = max(len(n) for n in record["candidates"]) + 2
+    lines.append(
+        f"{'':{width}s}{'level':>6s}{'out of sample':>15s}{'in sample':>12s}"
+        "  gain over the best simple [interval]"
+    )
+    for name, row in record["candidates"].items():
+        ins = row.get("in_sample", {}).get(metric)
+        gain = row.get("gain_over_simple")
+        text = f"{gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]" if gain else ""
+        mark = " <- chosen" if name == record["chosen"] else ""
+        lines.append(
+            f"{name:{width}s}{row['level']:6d}{row['out_of_sample'][metric]:15.4f}"
+            f"{'' if ins is None else f'{ins:.4f}':>12s}  {text}{mark}"
+        )
+    lines.append(f"decision: {record['reason']}")
+    return "\n".join(lines)

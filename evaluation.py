@@ -1,0 +1,220 @@
+"""The score tables of a finished experiment: decisions, out of fold, and the test set.
+
+Every table is read against predicting nothing (an empty row scores 1 under the
+competition metric), out-of-sample scores stand beside in-sample ones, and on the test set
+(only when the data has a `test_gt/`, as the synthetic demo does) the submission stands
+beside the simple chains it had to beat: the equal-weight blend and the best single model,
+each at plain argmax and with the region vote alone. No stage reads `test_gt/`; only
+this final scoring does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.probstore import ProbMaps, align_stores, blend, load_probs
+from data.reader import DataError, MaskThresholds, list_test_gt, load_mask
+from decisions import LENSES
+from metrics import class_stats, nothing_stats, scores_from_stats
+from paths import Layout
+from postprocessing import PostprocessParams, class_maps, input_store
+
+SCORE_KEYS = ("competition", "dice_seg", "dice_neo", "dice_non")
+OOF_TABLE = "Out-of-fold (working resolution)"
+DECISIONS_TABLE = "Decisions (out of sample, each fold scored by what was fitted without it)"
+TEST_TABLE = "Test set (original size, test_gt/)"
+SUBMITTED = "submission"
+SIMPLE = "simple alternative"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A stage's JSON artefact, or DataError naming it (e.g. edited by hand and broken)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); delete it to rerun its stage") from exc
+
+
+def pick_scores(scores: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(scores[k]) for k in SCORE_KEYS}
+
+
+def nothing_row(targets: Sequence[np.ndarray], **labels: str) -> dict[str, Any]:
+    """What an empty submission scores: every row whose class is absent counts as 1, so a
+    model must be read against this, not against 0."""
+    return {**labels, **pick_scores(scores_from_stats(nothing_stats(targets)))}
+
+
+def decision_rows(records: Mapping[str, Mapping[str, Any] | None]) -> list[dict[str, Any]]:
+    """One row per candidate of every decision: its level (0: simple; each level adds a
+    fitted component), out-of-sample and in-sample score on the decision's metric, its
+    gain over the best simple candidate with the interval, and the choice."""
+    rows = []
+    for stage, rec in records.items():
+        if not rec:
+            continue
+        metric = rec["metric"]
+        for name, row in rec["candidates"].items():
+            gain = row.get("gain_over_simple")
+            rows.append(
+                {
+                    "decision": stage,
+                    "candidate": name,
+                    "level": row["level"],
+                    f"{metric} out of sample": row["out_of_sample"][metric],
+                    "in sample": row.get("in_sample", {}).get(metric),
+                    "gain [interval]": None
+                    if gain is None
+                    else f"{gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]",
+                    "chosen": "chosen" if name == rec["chosen"] else "",
+                }
+            )
+    return rows
+
+
+def oof_rows(
+    cfg: dict[str, Any],
+    targets: Sequence[np.ndarray],
+    blend_doc: Mapping[str, Any],
+    refined: Mapping[str, Any] | None,
+    tuned: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """Out-of-fold scores at working resolution, each row saying whether it is honest."""
+    labels = {"equal": "blend, equal weights", "tuned": "blend, tuned weights (in-sample)"}
+    rows = [nothing_row(targets, model="predict nothing", variant="baseline")]
+    for name, by_fold in blend_doc["scores"].items():
+        rows.append(
+            {"model": labels.get(name, name), "variant": "argmax", **pick_scores(by_fold["all"])}
+        )
+    source = tuned.get("source", "blend")
+    if refined is not None:
+        label = "refined" if source == "refined" else "refined (not used)"
+        rows.append({"model": label, "variant": "argmax", **pick_scores(refined["oof_after"])})
+    rows.append(
+        {
+            "model": f"{source}, tuned post-processing",
+            "variant": "in-sample (fitted on these images)",
+            **pick_scores(tuned["scores"]["tuned"]),
+        }
+    )
+    rows.append(
+        {
+            "model": f"submitted chain ({tuned['chosen']})",
+            "variant": "out of sample",
+            **pick_scores(tuned["out_of_sample"][tuned["chosen"]]),
+        }
+    )
+    return rows
+
+
+def _score_maps(
+    store: ProbMaps, params: PostprocessParams, truth: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    preds = [m for _, m in class_maps(store, params)]
+    return pick_scores(scores_from_stats(class_stats(preds, [truth[i] for i in store.ids])))
+
+
+def test_truth(cfg: dict[str, Any], ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """The test masks at original size, by id; DataError when one is missing."""
+    data_dir = Path(cfg["data_dir"])
+    samples = {s.id: s for s in list_test_gt(data_dir) or []}
+    missing = [i for i in ids if i not in samples]
+    if missing:
+        raise DataError(f"test_gt has no mask for {len(missing)} test images, e.g. {missing[0]}")
+    thresholds = MaskThresholds.from_mapping((cfg.get("data") or {}).get("mask") or {})
+    return {i: load_mask(samples[i].mask, thresholds) for i in ids}
+
+
+def test_rows(
+    cfg: dict[str, Any],
+    names: Sequence[str],
+    blend_doc: Mapping[str, Any],
+    tuned: Mapping[str, Any],
+) -> tuple[list[dict[str, Any]], str]:
+    """The test table and a one-line verdict: the submission against its simple chains.
+
+    Rows: each model, each blend candidate and the refined maps at argmax, with the region
+    vote, and with the submitted post-processing; the simple chains are marked; the last
+    row is exactly what `submission.csv` holds.
+    """
+    layout = Layout.of(cfg)
+    submitted = PostprocessParams.from_dict(tuned["params"])
+    variants = {
+        "argmax": PostprocessParams(),
+        "region vote": LENSES["region"],
+        "submitted post-processing": submitted,
+    }
+    models = align_stores([load_probs(layout.store(n, "test")) for n in names])
+    first = models[0]
+    truth = test_truth(cfg, first.ids)
+    maps: dict[str, ProbMaps] = dict(zip(names, models, strict=True))
+    best = names[0]
+    if len(names) > 1:
+        for cand in ("equal", "tuned"):
+            weights = blend_doc["candidates"][cand]["weights"]
+            maps[f"blend, {cand} weights"] = ProbMaps(
+                first.ids, first.orig_sizes, {}, blend(models, weights)
+            )
+        best = blend_doc["candidates"]["best single"]["model"]
+    refined_store = layout.refined("test")
+    if (cfg.get("refine") or {}).get("enabled") and refined_store.is_dir():
+        maps["refined"] = load_probs(refined_store)
+    simple = {(best, "argmax"), (best, "region vote")}
+    if len(names) > 1:
+        simple |= {("blend, equal weights", "argmax"), ("blend, equal weights", "region vote")}
+    rows = [
+        {
+            **nothing_row(list(truth.values()), model="predict nothing", variant="baseline"),
+            "role": "",
+        }
+    ]
+    for label, store in maps.items():
+        for variant, params in variants.items():
+            role = SIMPLE if (label, variant) in simple else ""
+            rows.append(
+                {
+                    "model": label,
+                    "variant": variant,
+                    **_score_maps(store, params, truth),
+                    "role": role,
+                }
+            )
+    source = load_probs(input_store(cfg, "test")[0])
+    rows.append(
+        {
+            "model": f"{SUBMITTED} ({tuned.get('source', 'blend')} maps)",
+            "variant": tuned["chosen"],
+            **_score_maps(source, submitted, truth),
+            "role": SUBMITTED,
+        }
+    )
+    best_simple = max((r for r in rows if r["role"] == SIMPLE), key=lambda r: r["competition"])
+    gap = rows[-1]["competition"] - best_simple["competition"]
+    verdict = (
+        f"On the test set the submission scores rows-Dice {rows[-1]['competition']:.4f}, "
+        f"{gap:+.4f} against the best simple chain ({best_simple['model']}, "
+        f"{best_simple['variant']}: {best_simple['competition']:.4f})."
+    )
+    return rows, verdict
+
+
+def format_rows(title: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """A console table: right-aligned columns, floats to 4 places."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    widths = [max(len(k), *(len(_fmt(r[k])) for r in rows)) for k in keys]
+    line = "  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True))
+    body = ["  ".join(_fmt(r[k]).rjust(w) for k, w in zip(keys, widths, strict=True)) for r in rows]
+    return "\n".join([title, line, *body])
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

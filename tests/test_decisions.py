@@ -1,0 +1,166 @@
+"""decisions.py: nested fits that never score an image with parameters fitted on it, the
+paired bootstrap, and the rule that keeps a complex choice only when it clearly wins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from config import ConfigError
+from decisions import (
+    Candidate,
+    Rule,
+    bootstrap_gain,
+    choose,
+    cross_fit,
+    fold_rows,
+    format_decision,
+    map_stats,
+)
+from metrics import class_stats, scores_from_stats
+from postprocessing import PostprocessParams
+
+
+def stats_of(scores: list[float]) -> np.ndarray:
+    """Per-image stats whose competition score per image is exactly `scores[i]`: the
+    neoplastic row has Dice s (intersection s*50 of 50 + 50 pixels), the other row is
+    empty in both (scores 1), so the image scores (s + 1) / 2; s = 2x - 1."""
+    out = np.zeros((len(scores), 3, 3), np.int64)
+    for i, x in enumerate(scores):
+        s = 2 * x - 1
+        out[i, 0] = [round(50 * s), 50, 50]
+        out[i, 2] = out[i, 0]
+    return out
+
+
+def test_stats_helper_scores_what_it_says():
+    values = [0.5, 0.75, 1.0]
+    per_image = [scores_from_stats(stats_of([v]))["competition"] for v in values]
+    assert per_image == pytest.approx(values)
+
+
+def test_cross_fit_scores_each_image_with_parameters_that_never_saw_it():
+    folds = [0, 1, 2, 0, 1, 2, 0, 1]
+    seen: dict[int, set[int]] = {}
+
+    def fit(k, rows):
+        seen[k] = set(rows.tolist())
+        return k
+
+    def stats(k, rows):
+        assert not seen[k] & set(rows.tolist())
+        assert all(folds[r] == k for r in rows)
+        return stats_of([0.5 + 0.1 * k] * len(rows))
+
+    oos, fitted = cross_fit(folds, fit, stats)
+    assert fitted == {0: 0, 1: 1, 2: 2}
+    assert seen[0] == {1, 2, 4, 5, 7}
+    expected = stats_of([0.5 + 0.1 * f for f in folds])
+    np.testing.assert_array_equal(oos, expected)
+    assert [k for k, _, _ in fold_rows(folds)] == [0, 1, 2]
+
+
+def test_bootstrap_gain_is_zero_for_equal_systems_and_clear_for_a_consistent_winner():
+    rule = Rule(n_boot=500)
+    a = stats_of(list(np.linspace(0.5, 1.0, 40)))
+    same = bootstrap_gain(a, a, rule)
+    assert same == {"gain": 0.0, "low": 0.0, "high": 0.0}
+    better = stats_of(list(np.linspace(0.5, 1.0, 40) * 0.9 + 0.1))  # every image better
+    g = bootstrap_gain(a, better, rule)
+    assert g["gain"] > 0 and g["low"] > 0 and g["low"] <= g["gain"] <= g["high"]
+    assert bootstrap_gain(a, better, rule) == g  # seeded
+    # one image much better, the rest a little worse: positive mean, interval spans zero
+    mixed = stats_of([1.0, *(np.linspace(0.5, 1.0, 40)[1:] - 0.005)])
+    m = bootstrap_gain(a, mixed, rule)
+    assert m["low"] < 0 < m["high"]
+    with pytest.raises(ValueError, match="different image sets"):
+        bootstrap_gain(a, a[:5], rule)
+
+
+def test_choose_keeps_the_complex_candidate_only_when_it_clearly_wins():
+    rule = Rule(n_boot=500)
+    base = list(np.linspace(0.5, 0.9, 30))
+    equal = Candidate("equal", stats_of(base))
+    weaker = Candidate("best single", stats_of([b - 0.05 for b in base]))
+    clear = Candidate("tuned", stats_of([b + 0.05 for b in base]), level=1)
+    record = choose([equal, weaker, clear], rule)
+    assert record["chosen"] == "tuned" and "beats equal" in record["reason"]
+    assert record["candidates"]["tuned"]["gain_over_simple"]["low"] > 0
+    assert record["steps"] == [
+        {
+            "from": "equal",
+            "to": "tuned",
+            **bootstrap_gain(equal.oos, clear.oos, rule),
+            "taken": True,
+        }
+    ]
+
+    lucky = [b - 0.01 for b in base]
+    lucky[0] = 1.0  # one image explains the whole gain
+    noisy = Candidate("tuned", stats_of(lucky), level=1, insample=stats_of([1.0] * 30))
+    record = choose([equal, weaker, noisy], rule)
+    assert scores_from_stats(noisy.oos)["competition"] > scores_from_stats(equal.oos)["competition"]
+    assert record["chosen"] == "equal" and "within the noise" in record["reason"]
+    assert record["candidates"]["tuned"]["in_sample"]["competition"] == 1.0
+    text = format_decision("blend", record)
+    assert "<- chosen" in text.splitlines()[2] and "within the noise" in text
+
+    # the best simple candidate is the default; a tie goes to the one listed first
+    record = choose([weaker, equal], rule)
+    assert record["chosen"] == "equal" and record["steps"] == []
+    twin = Candidate("twin", stats_of(base))
+    assert choose([equal, twin], rule)["chosen"] == "equal"
+    assert choose([twin, equal], rule)["chosen"] == "twin"
+    with pytest.raises(ValueError, match="simple"):
+        choose([clear], rule)
+
+
+def test_each_level_must_beat_the_choice_below_it():
+    rule = Rule(n_boot=500)
+    base = list(np.linspace(0.5, 0.85, 40))
+    simple = Candidate("blend, region vote", stats_of(base))
+    tuned = Candidate("blend, tuned", stats_of([b + 0.05 for b in base]), level=1)
+    # level 2 is the best of all, but only by a hair over level 1: not worth its refiner
+    tie = [b + 0.05 for b in base]
+    tie[0] += 0.02
+    refined = Candidate("refined, tuned", stats_of(tie), level=2)
+    record = choose([simple, tuned, refined], rule)
+    assert record["chosen"] == "blend, tuned"
+    assert [s["taken"] for s in record["steps"]] == [True, False]
+    assert record["steps"][1]["from"] == "blend, tuned"
+    # ... while a clear gain at level 2 is taken even when level 1 brought nothing
+    flat = Candidate("blend, tuned", stats_of(base), level=1)
+    clear = Candidate("refined, tuned", stats_of([b + 0.1 for b in base]), level=2)
+    record = choose([simple, flat, clear], rule)
+    assert record["chosen"] == "refined, tuned"
+    assert [s["taken"] for s in record["steps"]] == [False, True]
+
+
+def test_rule_is_checked_like_any_config_section():
+    assert Rule.from_config({}) == Rule()
+    assert Rule.from_config({"decide": {"lens": "argmax"}}).params == PostprocessParams()
+    assert Rule().params.region_mode == "prob"
+    for bad, named in (
+        ({"lense": "argmax"}, "lense"),
+        ({"lens": "median"}, "decide.lens"),
+        ({"metric": "dice"}, "decide.metric"),
+        ({"confidence": 1.0}, "decide.confidence"),
+        ({"n_boot": 10}, "decide.n_boot"),
+    ):
+        with pytest.raises(ConfigError, match=named):
+            Rule.from_config({"decide": bad})
+
+
+def test_map_stats_scores_the_post_processed_maps_of_the_rows_asked_for():
+    targets = np.zeros((3, 16, 16), np.uint8)
+    targets[:, 4:12, 4:12] = 1
+    probs = np.zeros((3, 3, 16, 16), np.uint8)
+    probs[:, 0] = 255
+    probs[:, :, 4:12, 4:12] = [[[0]], [[150]], [[105]]]  # class 1 wins the region
+    probs[1, :, 5, 5] = [0, 100, 155]  # a stray class-2 pixel inside the polyp of image 1
+    stats = map_stats(probs, targets, PostprocessParams(), rows=np.array([1, 2]))
+    expected = class_stats(probs[[1, 2]].argmax(axis=1).astype(np.uint8), targets[[1, 2]])
+    np.testing.assert_array_equal(stats, expected)
+    assert scores_from_stats(stats[:1])["competition"] < 1.0
+    region = map_stats(probs, targets, Rule().params, n_jobs=2)
+    assert scores_from_stats(region)["competition"] == 1.0  # the vote removes the stray pixel
