@@ -269,10 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         fold = int(args.fold if args.fold is not None else hcfg.get("fold", 0))
         trials = int(args.trials or hcfg.get("trials", 20))
         cfg = apply_overrides(cfg, [f"train.epochs={epochs}"])
-        if args.n_workers > 1 and cfg["train"].get("cpu_threads") is None:
-            # K training processes share the cores instead of each taking them all.
-            threads = studies.threads_per_worker(-1, args.n_workers)
-            cfg = apply_overrides(cfg, [f"train.cpu_threads={threads}"])
         check_config(cfg)
         model_entry(cfg, args.model)
         if not 0 <= fold < int(cfg["data"]["n_folds"]):

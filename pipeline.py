@@ -137,8 +137,8 @@ def train_in_parallel(
 
     Folds are independent and seeded by (seed, fold), so the result is the sequential
     one. With several GPUs each process is pinned to one (nnU-Net's way of using several
-    GPUs for cross-validation); on one GPU they share it; on the CPU the cores are shared
-    out, one compute thread per process unless `train.cpu_threads` says otherwise. Each
+    GPUs for cross-validation); on one GPU they share it; on the CPU each process computes
+    on `train.cpu_threads` (one by default, as a sequential run does: runtime.py). Each
     fold's full log goes to `<exp>/logs/`; the console gets one line per fold.
     """
     import torch
@@ -148,11 +148,6 @@ def train_in_parallel(
     # The split is made once, before any fold starts, so no two processes race to write it.
     prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
     gpus = torch.cuda.device_count()
-    extra: list[str] = []
-    if not gpus and cfg["train"].get("cpu_threads") is None:
-        workers = int(cfg["data"].get("num_workers", 0))
-        threads = max(1, (os.cpu_count() or 1) // parallel - workers)
-        extra = ["--set", f"+train.cpu_threads={threads}"]
     jobs = list(jobs)
     running: list[tuple[str, int, subprocess.Popen, Any]] = []
     failed: list[str] = []
@@ -165,7 +160,7 @@ def train_in_parallel(
                 env["CUDA_VISIBLE_DEVICES"] = str(fold % gpus)
             log_file = (logs / f"train_{model}_fold{fold}.log").open("w")
             cmd = [sys.executable, str(Path(train.__file__).resolve()), "--model", model]
-            cmd += ["--fold", str(fold), "--resume", *common, *extra]
+            cmd += ["--fold", str(fold), "--resume", *common]
             proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
             running.append((model, fold, proc, log_file))
             log.info("train %s fold %d: started (log %s)", model, fold, log_file.name)

@@ -62,6 +62,7 @@ from runtime import (
     Precision,
     choose_precision,
     configure_cpu_threads,
+    configure_determinism,
     kill_point,
 )
 
@@ -266,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = resolve_config(args)
         configure_cpu_threads(cfg)
+        configure_determinism(cfg, device)
         pcfg = cfg.get("predict") or {}
         oof, test = predict_model(
             cfg, args.model, str(pcfg.get("tta", "none")), int(pcfg.get("batch_size", 16)), device

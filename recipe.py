@@ -42,6 +42,7 @@ IGNORED = {
     "train.wandb_project",
     "train.compile",
     "train.cpu_threads",
+    "train.deterministic",
     "train.epochs",
 }
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -484,9 +485,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     targets = np.stack([load_item(it)[1] for it in items])
     probs = np.asarray(oof.raw)
     start = time.perf_counter()
-    threads = torch.get_num_threads()
+    threads, optimized = torch.get_num_threads(), cv2.useOptimized()
     torch.set_num_threads(settings.cpu_threads)
-    try:  # the pipeline calls this stage in-process: its thread count is given back
+    # The crops are resized in float, where OpenCV's AVX2 and AVX-512 code paths round
+    # differently (1e-5, enough to move a trained refiner): the portable path everywhere.
+    cv2.setUseOptimized(False)
+    try:  # the pipeline calls this stage in-process: its settings are given back
         refined, models, doc = refine_oof(
             oof.ids,
             _images(items),
@@ -507,6 +511,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     finally:
         torch.set_num_threads(threads)
+        cv2.setUseOptimized(optimized)
     record = provenance(cfg, stage="refine", split_id=oof.split_id)
     common = {"model": "refine", "split_id": oof.split_id, "provenance": record}
     save_probs(

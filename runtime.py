@@ -19,6 +19,19 @@ import torch.distributed as tdist
 
 from data.dataset import normalise
 
+# Same inputs, same weights, on any x86 machine with AVX2: oneDNN (convolutions) and MKL
+# (matrix products) pick their kernels by the CPU's widest instructions, and an AVX-512
+# kernel sums in another order than an AVX2 one (measured here: logits 0.16 apart after 5
+# training steps of the demo UNet). Pinned to AVX2 before torch runs its first operation
+# (both read these on first use, not at import); no slower on this project's CPU. cuBLAS
+# needs a fixed workspace for deterministic GPU matrix products. A user's setting wins.
+for _key, _value in (
+    ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+    ("MKL_CBWR", "AVX2"),
+    ("CUBLAS_WORKSPACE_CONFIG", ":4096:8"),
+):
+    os.environ.setdefault(_key, _value)
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -86,20 +99,37 @@ def choose_precision(device: torch.device, amp: bool, channels_last: bool) -> Pr
 
 
 def configure_cpu_threads(cfg: dict[str, Any]) -> None:
-    """Intra-op threads for the training process; loader workers need the other cores.
+    """Intra-op threads of a training or prediction process: `train.cpu_threads`, else 1.
 
-    `train.cpu_threads` wins when set; otherwise all cores minus one per loader worker,
-    and at least one.
+    On the CPU the thread count is part of the numerics: convolutions and batch norm
+    split their sums by thread, so 1 and 2 threads train different weights (measured: the
+    first epoch's loss differs). One thread per process, whatever `--parallel` or the
+    machine's core count, keeps the same command giving the same submission; cores are
+    used by training folds side by side (`pipeline.py --parallel N`), which these small
+    models gain more from anyway. A larger `train.cpu_threads` is faster for one big CPU
+    run and changes the weights with it. On a GPU the CPU threads change nothing.
     """
-    threads = cfg["train"].get("cpu_threads")
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) - int(cfg["data"].get("num_workers", 0)))
-    torch.set_num_threads(int(threads))
+    torch.set_num_threads(int(cfg["train"].get("cpu_threads") or 1))
+
+
+def configure_determinism(cfg: dict[str, Any], device: torch.device) -> None:
+    """`train.deterministic` (default on): cuDNN's deterministic algorithms, no autotuning.
+
+    cuDNN's benchmark mode picks the fastest algorithm by timing it, and the winner can
+    change between runs, with different sums; some backward kernels add with atomics in
+    any order. Off trades reproducibility for speed on the GPU; the CPU path is already
+    deterministic for a fixed thread count.
+    """
+    exact = bool(cfg["train"].get("deterministic", True))
+    torch.use_deterministic_algorithms(exact, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not exact
+        torch.backends.cudnn.deterministic = exact
 
 
 # Crash tests set NEOPOLYP_KILL_AT to one of the points below; the process then kills
 # itself there with SIGKILL, which no cleanup can intercept, exactly as a user's kill would.
-KILL_POINTS = ("epoch-saved", "store-written", "predict-fold")
+KILL_POINTS = ("epoch-saved", "store-written", "predict-fold", "study-trial")
 
 
 def kill_point(name: str) -> None:

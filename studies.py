@@ -55,6 +55,7 @@ from config import ConfigError
 from data.atomic import atomic_write
 from metrics import OBJECTIVES
 from paths import Layout
+from runtime import kill_point
 
 log = logging.getLogger("studies")
 
@@ -370,6 +371,7 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, worker: str
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 break
             value = objective(trial)
+            kill_point("study-trial")
         except optuna.TrialPruned:
             # The pruner stopped it: a finished, counted trial (its last reported value).
             study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)

@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as tdist
 
 import tracking
@@ -86,6 +85,7 @@ from recipe import (
 from runtime import (
     Dist,
     configure_cpu_threads,
+    configure_determinism,
     init_dist,
     kill_point,
 )
@@ -374,8 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.force:
             check_recipes_early(cfg, args.model, folds)
         configure_cpu_threads(cfg)
-        if dist.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        configure_determinism(cfg, dist.device)
         data = prepare_train_data(cfg, dist)
         summaries = [
             train_fold_retrying(

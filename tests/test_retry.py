@@ -1,0 +1,110 @@
+"""Failed folds: the verdict, the remedy, the retrain in train.py and pipeline.py, and the
+report saying so. A fold is forced to fail through the NEOPOLYP_FAIL_FOLD hook, so the
+tests do not depend on whether a tiny model happens to learn."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+import pipeline
+from config import ConfigError, load_config
+from engine import fold_verdict, read_log
+from recipe import RetryPolicy, fold_recipe
+from tests.trainkit import fold_path, run_main, write_config
+
+
+def history(scores: list[float], nothing: float = 0.5) -> list[dict]:
+    return [
+        {"epoch": i + 1, "competition": s, "nothing": {"competition": nothing}}
+        for i, s in enumerate(scores)
+    ]
+
+
+def test_a_fold_fails_when_it_never_beats_nothing_or_trails_its_model():
+    assert fold_verdict(history([0.3, 0.5]), "competition", [], 0.1).startswith(
+        "best validation competition 0.5000 never beat predicting nothing (0.5000)"
+    )
+    assert fold_verdict(history([0.3, 0.6]), "competition", [], 0.1) is None
+    others = [history([0.8]), history([0.9])]  # gains 0.3 and 0.4: median 0.35
+    assert fold_verdict(history([0.75]), "competition", others, 0.15) is None  # gain 0.25
+    reason = fold_verdict(history([0.6]), "competition", others, 0.15)  # gain 0.1
+    assert "trails the median of its model's other folds (0.3500)" in reason
+    assert fold_verdict(history([0.6]), "competition", others, None) is None  # no margin
+    assert fold_verdict(history([0.6]), "competition", others[:1], 0.15) is None  # 1 other
+    old_log = [{"epoch": 1, "competition": 0.1}]  # written before "nothing" was recorded
+    assert fold_verdict(old_log, "competition", [], 0.15) is None
+
+
+def test_the_remedy_reseeds_and_scales_the_learning_rate():
+    cfg = {"seed": 3, "train": {"lr": 0.01, "epochs": 5}}
+    policy = RetryPolicy(attempts=2, lr_scale=0.5)
+    assert policy.remedy(cfg, 0) is cfg
+    first, second = policy.remedy(cfg, 1), policy.remedy(cfg, 2)
+    assert first["train"]["lr"] == pytest.approx(0.005)
+    assert second["train"]["lr"] == pytest.approx(0.0025)
+    assert len({cfg["seed"], first["seed"], second["seed"]}) == 3
+    assert cfg == {"seed": 3, "train": {"lr": 0.01, "epochs": 5}}  # the config is untouched
+    assert RetryPolicy(reseed=False).remedy(cfg, 1)["seed"] == 3
+    assert RetryPolicy.from_config({}).attempts == 0
+    assert RetryPolicy.from_config({"retry": {"attempts": 3}}).attempts == 3
+    for bad, named in (({"tries": 1}, "tries"), ({"lr_scale": 2}, "lr_scale")):
+        with pytest.raises(ConfigError, match=named):
+            RetryPolicy.from_config({"retry": bad})
+
+
+def test_train_retrains_a_failed_fold_with_the_remedy_then_stops_when_attempts_run_out(
+    tmp_path, tiny_data, monkeypatch, capsys
+):
+    config = write_config(tmp_path, tiny_data, epochs=1, lr=0.004)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["retry"] = {"attempts": 1, "lr_scale": 0.5}
+    config.write_text(yaml.safe_dump(cfg))
+    fold = fold_path(tmp_path)
+
+    monkeypatch.setenv("NEOPOLYP_FAIL_FOLD", "tiny:0:1")  # attempt 0 fails, attempt 1 passes
+    assert run_main(config, "--fold", "0") == 0
+    retries = json.loads((fold / "retries.json").read_text())
+    (failed,) = retries["failed"]
+    assert failed["attempt"] == 0 and "NEOPOLYP_FAIL_FOLD" in failed["reason"]
+    assert failed["seed"] == 0 and failed["lr"] == pytest.approx(0.004)
+    first = read_log(fold / failed["log"])
+    now = read_log(fold / "log.jsonl")
+    assert len(first) == len(now) == 1 and first[0]["train_loss"] != now[0]["train_loss"]
+    trained = yaml.safe_load((fold / "config.yaml").read_text())
+    assert trained["seed"] != 0 and trained["train"]["lr"] == pytest.approx(0.002)
+    assert (fold / "best.pt").is_file() and (fold / "oof" / "probs.npy").is_file()
+    # the fold still answers to the config's recipe, not the remedy's: a rerun skips it
+    recipe_before = json.loads((fold / "recipe.json").read_text())["recipe"]
+    assert recipe_before == fold_recipe(load_config(config), "tiny", recipe_before["split_id"])
+    assert run_main(config, "--fold", "0", "--resume") == 0
+    assert "skipped (complete)" in capsys.readouterr().out
+
+    monkeypatch.setenv("NEOPOLYP_FAIL_FOLD", "tiny:1:2")  # fold 1 fails both attempts
+    assert run_main(config, "--fold", "1") == 1
+    err = capsys.readouterr().err
+    assert "tiny fold 1 failed after 1 retrain(s)" in err and "retries.json" in err
+    assert len(json.loads((fold_path(tmp_path, 1) / "retries.json").read_text())["failed"]) == 1
+
+
+def test_the_pipeline_retrains_a_failed_fold_and_the_report_says_so(
+    tmp_path, tiny_data, monkeypatch
+):
+    config = write_config(tmp_path, tiny_data, epochs=1)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["retry"] = {"attempts": 2}
+    cfg["ensemble"] = {"models": ["tiny"], "trials": 2}
+    cfg["tune"] = {"trials": 2}
+    config.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("NEOPOLYP_FAIL_FOLD", "tiny:0:1,tiny:1:0")
+    assert pipeline.main(["--config", str(config), "--parallel", "2"]) == 0
+    exp = tmp_path / "out" / "tiny"
+    assert (exp / "tiny" / "fold0" / "failed_attempt0.jsonl").is_file()
+    assert not (exp / "tiny" / "fold1" / "retries.json").exists()
+    html = (exp / "report.html").read_text()
+    assert "tiny fold 0 was retrained 1 time(s) after failing" in html
+    assert "NEOPOLYP_FAIL_FOLD" in html
+    notes = json.loads((exp / "scores.json").read_text())["notes"]
+    assert any(n.startswith("tiny fold 0 was retrained") for n in notes)
