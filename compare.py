@@ -120,21 +120,20 @@ def paired_rows(experiments: Sequence[Experiment], rule: Rule) -> list[dict[str,
     """Every pair's paired out-of-sample difference (second minus first) with its interval."""
     rows = []
     for a, b in itertools.combinations(experiments, 2):
-        if sorted(a.ids) != sorted(b.ids):
-            rows.append({"pair": f"{b.name} - {a.name}", "difference": "different images"})
-            continue
-        order = [b.ids.index(i) for i in a.ids]
-        g = bootstrap_gain(a.stats, b.stats[order], rule)
-        verdict = "real" if g["low"] > 0 or g["high"] < 0 else "within the noise"
-        rows.append(
-            {
-                "pair": f"{b.name} - {a.name}",
-                "difference": g["gain"],
-                f"{rule.confidence:.0%} interval": f"[{g['low']:+.4f}, {g['high']:+.4f}]",
-                "images": len(a.ids),
-                "verdict": verdict,
-            }
-        )
+        row: dict[str, Any] = {
+            "pair": f"{b.name} - {a.name}",
+            "difference": None,
+            f"{rule.confidence:.0%} interval": None,
+            "images": len(a.ids),
+            "verdict": "not comparable: different images",
+        }
+        if sorted(a.ids) == sorted(b.ids):
+            position = {image_id: i for i, image_id in enumerate(b.ids)}
+            g = bootstrap_gain(a.stats, b.stats[[position[i] for i in a.ids]], rule)
+            row["difference"] = g["gain"]
+            row[f"{rule.confidence:.0%} interval"] = f"[{g['low']:+.4f}, {g['high']:+.4f}]"
+            row["verdict"] = "real" if g["low"] > 0 or g["high"] < 0 else "within the noise"
+        rows.append(row)
     return rows
 
 

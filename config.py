@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import difflib
 import errno
 import functools
@@ -21,7 +22,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -30,6 +31,23 @@ DEFAULT_CONFIG = "configs/bkai.yaml"
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used."""
+
+
+T = TypeVar("T")
+
+
+def settings_from(cls: type[T], section: dict[str, Any] | None, name: str) -> T:
+    """A frozen settings dataclass from a config section whose keys its fields check:
+    an unknown key is a ConfigError listing the known ones (the section is open in
+    `configs/defaults.yaml`, so this is where its typos are caught)."""
+    section = dict(section or {})
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown {name} settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    return cls(**section)
 
 
 DEFAULTS_FILE = Path(__file__).resolve().parent / "configs" / "defaults.yaml"

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 from joblib import effective_n_jobs
 
-from config import ConfigError
+from config import ConfigError, settings_from
 from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
 from postprocessing import PostprocessParams, postprocess
 
@@ -74,12 +74,7 @@ class Rule:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Rule:
-        section = dict(cfg.get("decide") or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(f"unknown decide settings: {', '.join(unknown)} (known: {known})")
-        return cls(**section)
+        return settings_from(cls, cfg.get("decide"), "decide")
 
     @property
     def params(self) -> PostprocessParams:

@@ -366,6 +366,8 @@ def summarise(
     steps = ", ".join(params.active_steps()) or "none"
     notes += [
         f"Post-processing used: {steps} ({tuned['decision']['reason']}).",
+        f"Is a change real? python compare.py {layout.root} <another experiment folder> "
+        "prints both side by side, with the paired per-image difference and its interval.",
         *study_notes({"ensemble": blend_doc.get("study"), "tune": tuned.get("study")}),
     ]
     if refined is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from config import ConfigError, model_entry
+from config import ConfigError, model_entry, settings_from
 from data.atomic import write_json
 from data.reader import DataError, MaskThresholds
 from metrics import OBJECTIVES
@@ -269,13 +269,7 @@ class RetryPolicy:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> RetryPolicy:
         section = cfg.get("retry")
-        if section is None:
-            return cls(attempts=0)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(f"unknown retry settings: {', '.join(unknown)} (known: {known})")
-        return cls(**section)
+        return cls(attempts=0) if section is None else settings_from(cls, section, "retry")
 
     def remedy(self, cfg: dict[str, Any], attempt: int) -> dict[str, Any]:
         """The config attempt `attempt` trains with (attempt 0: `cfg` itself)."""

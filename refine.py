@@ -50,6 +50,7 @@ from config import (
     provenance,
     reports_environment_errors,
     resolve_cli_config,
+    settings_from,
     setup_logging,
 )
 from data.atomic import write_json
@@ -105,11 +106,7 @@ class RefineSettings:
     def from_config(cls, cfg: dict[str, Any]) -> RefineSettings:
         section = dict(cfg.get("refine") or {})
         section.pop("enabled", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(f"unknown refine settings: {', '.join(unknown)} (known: {known})")
-        return cls(**section)
+        return settings_from(cls, section, "refine")
 
 
 @dataclass

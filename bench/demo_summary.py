@@ -1,9 +1,10 @@
 """The demo's scores over several runs (data seeds, ablations), as BENCHMARKS.md tables.
 
 Each run is a `pipeline.py` output folder (`outputs/<exp>` of one `make demo`, e.g. with
-`DEMO_SEED=1 DEMO_OUT=outputs/seed1`); this reads their `scores.json` and writes the test
-rows of the blend after post-processing, with the mean and spread over the runs of each
-group, so a claim about the recipe rests on several data seeds, not one.
+`DEMO_SEED=1 DEMO_OUT=outputs/seed1`); this reads their `scores.json` and writes, per run,
+the submission and the best simple chain on the test set and the submitted chain's
+out-of-sample and in-sample OOF scores, then the mean over the runs and each run's gap to
+its best simple chain, so a claim about the recipe rests on several data seeds, not one.
 
     python -m bench.demo_summary --seeds outputs/seed0/demo outputs/seed1/demo outputs/seed2/demo \\
         --ablation "no sampling/paste=outputs/abl_nominority/demo" --wall 455 470 480
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,41 +24,46 @@ from bench.report import update_section
 KEYS = ("competition", "dice_seg", "dice_neo", "dice_non")
 TEST = "Test set (original size, test_gt/)"
 OOF = "Out-of-fold (working resolution)"
-SUBMITTED, TUNED_OOF = "submitted", "tuned OOF"  # placeholders resolved per run
 
 
-def blend_rows(run: Path) -> dict[str, dict[str, float]]:
-    """The test rows of one run by "model variant", and its OOF rows by model."""
+def run_rows(run: Path) -> dict[str, dict[str, Any]]:
+    """The rows of one run a reader compares: the submission and the best simple chain on
+    the test set, and the submitted chain's out-of-sample and in-sample OOF scores."""
     tables = json.loads((run / "scores.json").read_text())["tables"]
-    rows = {f"{r['model']} {r['variant']}": r for r in tables[TEST]}
-    rows.update({f"OOF {r['model']}": r for r in tables[OOF]})
-    return rows
+    test = tables[TEST]
+    submitted = next(r for r in test if r.get("role") == "submission")
+    simple = max((r for r in test if r.get("role") == "simple alternative"), key=_score)
+    oof = tables[OOF]
+    chain = next(r for r in oof if r["variant"] == "out of sample")
+    tuned = next(r for r in oof if r["variant"].startswith("in-sample"))
+    return {
+        "predict nothing (test)": test[0],
+        f"best simple chain (test): {simple['model']}, {simple['variant']}": simple,
+        f"submission (test): {submitted['model']}, {submitted['variant']}": submitted,
+        f"OOF out of sample: {chain['model']}": chain,
+        f"OOF in sample: {tuned['model']}": tuned,
+    }
 
 
-def submitted(rows: dict[str, dict[str, float]]) -> str:
-    """The test row of what the submission holds: the refined maps when refine.py was kept
-    (the OOF table then tunes "refined + post-processing"), else the blend."""
-    refined = any(k.startswith("OOF refined + post-processing") for k in rows)
-    return "refined post-processed" if refined else "blend post-processed"
+def _score(row: dict[str, Any]) -> float:
+    return float(row["competition"])
 
 
-def tuned_oof(rows: dict[str, dict[str, float]]) -> str:
-    return next(k for k in rows if k.startswith("OOF") and "+ post-processing" in k)
-
-
-def table(runs: dict[str, Path], row_keys: list[str]) -> list[str]:
+def table(runs: dict[str, Path]) -> list[str]:
     lines = [
         "| run | row | rows-Dice | Dice_seg | Dice_neo | Dice_non |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for label, run in runs.items():
-        rows = blend_rows(run)
-        keys = [submitted(rows) if k == SUBMITTED else k for k in row_keys]
-        keys = [tuned_oof(rows) if k == TUNED_OOF else k for k in keys]
-        for key in dict.fromkeys(keys):
-            r = rows[key]
-            lines.append(f"| {label} | {key} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS) + " |")
+        for name, r in run_rows(run).items():
+            lines.append(f"| {label} | {name} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS) + " |")
     return lines
+
+
+def submission_and_gap(run: Path) -> tuple[np.ndarray, float]:
+    """The submission's test scores and its rows-Dice minus the best simple chain's."""
+    rows = list(run_rows(run).values())
+    return np.array([rows[2][k] for k in KEYS]), _score(rows[2]) - _score(rows[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,19 +74,20 @@ def main(argv: list[str] | None = None) -> int:
         "--ablation", action="append", default=[], metavar="LABEL=RUN", help="seed-0 variants"
     )
     args = p.parse_args(argv)
-    main_rows = ["predict nothing baseline", "blend argmax", "blend post-processed", SUBMITTED]
     lines = ["Test set at original size, per data seed (`make demo DEMO_SEED=k`):", ""]
-    lines += table({f"seed {i}": run for i, run in enumerate(args.seeds)}, main_rows)
-    chosen = [blend_rows(r) for r in args.seeds]
-    values = np.array([[rows[submitted(rows)][k] for k in KEYS] for rows in chosen])
-    mean, spread = values.mean(0), values.max(0) - values.min(0)
+    lines += table({f"seed {i}": run for i, run in enumerate(args.seeds)})
+    scored = [submission_and_gap(r) for r in args.seeds]
+    values = np.array([v for v, _ in scored])
+    gaps = [g for _, g in scored]
     lines += [
         "",
-        "The submission (refined or blend, post-processed) over the seeds: "
+        "The submission over the seeds: "
         + ", ".join(
-            f"{k} {m:.3f} (min {lo:.3f}, range {s:.3f})"
-            for k, m, lo, s in zip(KEYS, mean, values.min(0), spread, strict=True)
+            f"{k} {m:.3f} (min {lo:.3f})"
+            for k, m, lo in zip(KEYS, values.mean(0), values.min(0), strict=True)
         )
+        + "; against the best simple chain on the test set: "
+        + ", ".join(f"{g:+.3f}" for g in gaps)
         + ".",
     ]
     if args.wall:
@@ -90,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation:
         runs = {"recipe (seed 0)": args.seeds[0]}
         runs.update({k: Path(v) for k, v in (a.split("=", 1) for a in args.ablation)})
-        lines += ["", "Other runs on seed 0 (ablations, earlier commits), side by side:", ""]
-        lines += table(runs, [SUBMITTED, TUNED_OOF])
+        lines += ["", "Other runs (ablations), side by side:", ""]
+        lines += table(runs)
     update_section("demo_summary", "\n".join(lines))
     print("\n".join(lines))
     return 0
