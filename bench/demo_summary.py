@@ -5,9 +5,12 @@ Each run is a `pipeline.py` output folder (`outputs/<exp>` of one `make demo`, e
 the submission and the best simple chain on the test set and the submitted chain's
 out-of-sample and in-sample OOF scores, then the mean over the runs and each run's gap to
 its best simple chain, so a claim about the recipe rests on several data seeds, not one.
+An ablation gives one run per seed, in the order of `--seeds`; its submission is set beside
+the recipe's, seed by seed, with the mean.
 
     python -m bench.demo_summary --seeds outputs/seed0/demo outputs/seed1/demo outputs/seed2/demo \\
-        --ablation "no sampling/paste=outputs/abl_nominority/demo" --wall 455 470 480
+        --ablation "3 models=outputs/c3_s0/demo,outputs/c3_s1/demo,outputs/c3_s2/demo" \\
+        --wall 455 470 480
 """
 
 from __future__ import annotations
@@ -66,12 +69,36 @@ def submission_and_gap(run: Path) -> tuple[np.ndarray, float]:
     return np.array([rows[2][k] for k in KEYS]), _score(rows[2]) - _score(rows[1])
 
 
+def ablation_table(variants: dict[str, list[Path]]) -> list[str]:
+    """Each variant's submission per seed (test rows-Dice / Dice_non) and its submitted
+    chain's out-of-sample OOF rows-Dice, with the means: the variants share the seeds, so
+    the columns compare like with like."""
+    n = len(next(iter(variants.values())))
+    seeds = " | ".join(f"seed {i}" for i in range(n))
+    lines = [
+        f"| variant | {seeds} | mean | OOF out of sample, mean |",
+        "|---|" + "---|" * n + "---|---:|",
+    ]
+    for label, runs in variants.items():
+        rows = [list(run_rows(r).values()) for r in runs]
+        test = np.array([[row[2]["competition"], row[2]["dice_non"]] for row in rows])
+        oof = np.mean([row[3]["competition"] for row in rows])
+        cells = " | ".join(f"{a:.3f} / {b:.3f}" for a, b in test)
+        mean = f"{test[:, 0].mean():.3f} / {test[:, 1].mean():.3f}"
+        lines.append(f"| {label} | {cells} | {mean} | {oof:.3f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=Path, nargs="+", required=True, help="one run per data seed")
     p.add_argument("--wall", type=float, nargs="*", default=[], help="their wall times, s")
     p.add_argument(
-        "--ablation", action="append", default=[], metavar="LABEL=RUN", help="seed-0 variants"
+        "--ablation",
+        action="append",
+        default=[],
+        metavar="LABEL=RUN[,RUN...]",
+        help="a variant: one run per seed, in the order of --seeds",
     )
     args = p.parse_args(argv)
     lines = ["Test set at original size, per data seed (`make demo DEMO_SEED=k`):", ""]
@@ -96,10 +123,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{', '.join(f'{w / 60:.1f}' for w in args.wall)} min."
         )
     if args.ablation:
-        runs = {"recipe (seed 0)": args.seeds[0]}
-        runs.update({k: Path(v) for k, v in (a.split("=", 1) for a in args.ablation)})
-        lines += ["", "Other runs (ablations), side by side:", ""]
-        lines += table(runs)
+        variants = {"recipe": list(args.seeds)}
+        for label, runs in (a.split("=", 1) for a in args.ablation):
+            variants[label] = [Path(r) for r in runs.split(",")]
+            if len(variants[label]) != len(args.seeds):
+                p.error(f"--ablation {label}: give one run per seed ({len(args.seeds)})")
+        lines += [
+            "",
+            "Ablations on the same seeds: the submission's test rows-Dice / Dice_non per seed,",
+            "and the submitted chain's out-of-sample OOF rows-Dice:",
+            "",
+        ]
+        lines += ablation_table(variants)
     update_section("demo_summary", "\n".join(lines))
     print("\n".join(lines))
     return 0
