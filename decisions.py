@@ -13,6 +13,9 @@ the out-of-sample metric is the default, and each more complex candidate (one mo
 component per level) replaces the current choice only if the paired per-image bootstrap
 interval of its gain over it lies above zero. With 100-odd images the difference between
 two reasonable choices is mostly noise, and a coin toss must not decide the submission.
+The level's best is picked among its candidates on the same scores, so its gain is
+flattered by the pick; `Rule.adjust` (Bonferroni by default) widens its interval for the
+number of candidates it was picked from.
 
 `Rule` is the config's `decide:` section; `lens` is what a map is judged after: plain
 argmax, or the one-class-per-region vote that post-processing almost always applies (a
@@ -42,6 +45,7 @@ LENSES = {
     "argmax": PostprocessParams(),
     "region": PostprocessParams(region_mode="prob"),
 }
+ADJUSTMENTS = ("bonferroni", "none")
 SCORE_KEYS = (
     "competition",
     "competition_neo",
@@ -61,6 +65,7 @@ class Rule:
     confidence: float = 0.9  # two-sided level of the gain's interval
     n_boot: int = 2000
     seed: int = 0
+    adjust: str = "bonferroni"  # for picking a level's best of m: or "none"
 
     def __post_init__(self) -> None:
         if self.metric not in OBJECTIVES:
@@ -69,6 +74,8 @@ class Rule:
             raise ConfigError(f"decide.lens must be one of {tuple(LENSES)}, got {self.lens!r}")
         if not 0.0 < self.confidence < 1.0:
             raise ConfigError(f"decide.confidence must be in (0, 1), got {self.confidence}")
+        if self.adjust not in ADJUSTMENTS:
+            raise ConfigError(f"decide.adjust must be one of {ADJUSTMENTS}, got {self.adjust!r}")
         if self.n_boot < 100:
             raise ConfigError(f"decide.n_boot must be at least 100, got {self.n_boot}")
 
@@ -83,6 +90,11 @@ class Rule:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def tail(self, picked_from: int = 1) -> float:
+        """The probability left below the interval's lower end, for the best of `picked_from`."""
+        tail = (1.0 - self.confidence) / 2.0
+        return tail / picked_from if self.adjust == "bonferroni" else tail
 
 
 def map_stats(
@@ -142,12 +154,15 @@ def cross_fit(
     return out, fitted
 
 
-def bootstrap_gain(base: np.ndarray, other: np.ndarray, rule: Rule) -> dict[str, float]:
+def bootstrap_gain(
+    base: np.ndarray, other: np.ndarray, rule: Rule, picked_from: int = 1
+) -> dict[str, float]:
     """`other`'s gain over `base` on the rule's metric, with its paired bootstrap interval.
 
     Both are per-image stats of the same images; each resample draws images with
     replacement and scores both systems on the same draw, so what the images have in
     common (hard ones, easy ones) cancels. Seeded: the same inputs give the same interval.
+    `other` picked as the best of `picked_from` candidates gets the rule's wider interval.
     """
     if base.shape != other.shape:
         raise ValueError(f"stats of different image sets: {base.shape} vs {other.shape}")
@@ -158,7 +173,7 @@ def bootstrap_gain(base: np.ndarray, other: np.ndarray, rule: Rule) -> dict[str,
     for b in range(rule.n_boot):
         idx = rng.integers(0, n, n)
         draws[b] = _metric(other[idx], rule.metric) - _metric(base[idx], rule.metric)
-    tail = (1.0 - rule.confidence) / 2.0 * 100.0
+    tail = rule.tail(picked_from) * 100.0
     low, high = np.percentile(draws, [tail, 100.0 - tail])
     return {"gain": float(gain), "low": float(low), "high": float(high)}
 
@@ -194,45 +209,60 @@ def choose(candidates: Sequence[Candidate], rule: Rule) -> dict[str, Any]:
     The best simple candidate (level 0) is the default. Then, level by level, the best
     candidate of the level replaces the current choice only when the lower end of the
     interval of its gain over it is above zero: every added fitted component must beat
-    what it adds to by more than the noise.
+    what it adds to by more than the noise. The interval is the rule's for the best of the
+    level's candidates, and the reason names every step.
     """
     metric = rule.metric
     simple = [c for c in candidates if c.level == 0]
     if not simple:
         raise ValueError("a decision needs at least one simple candidate")
     default = _best(candidates, simple, metric)
+    levels = sorted({c.level for c in candidates} - {0})
+    per_level = {level: sum(c.level == level for c in candidates) for level in {0, *levels}}
     rows: dict[str, dict[str, Any]] = {}
     for c in candidates:
         row: dict[str, Any] = {"level": c.level, "out_of_sample": pick(c.oos)}
         if c.insample is not None:
             row["in_sample"] = pick(c.insample)
         if c is not default:
-            row["gain_over_simple"] = bootstrap_gain(default.oos, c.oos, rule)
+            picked_from = per_level[c.level] if c.level else 1
+            row["gain_over_simple"] = bootstrap_gain(default.oos, c.oos, rule, picked_from)
         rows[c.name] = row
     chosen, steps = default, []
-    reason = f"{default.name}: the best simple choice out of sample"
-    for level in sorted({c.level for c in candidates} - {0}):
+    said = [f"{default.name} is the best simple choice out of sample"]
+    for level in levels:
         best = _best(candidates, [c for c in candidates if c.level == level], metric)
-        g = bootstrap_gain(chosen.oos, best.oos, rule)
-        interval = f"{g['gain']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}]"
+        g = bootstrap_gain(chosen.oos, best.oos, rule, per_level[level])
+        interval = (
+            f"{g['gain']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}] "
+            f"({1 - 2 * rule.tail(per_level[level]):.1%} interval)"
+        )
         taken = g["low"] > 0
-        steps.append({"from": chosen.name, "to": best.name, **g, "taken": taken})
+        steps.append(
+            {
+                "from": chosen.name,
+                "to": best.name,
+                **g,
+                "picked_from": per_level[level],
+                "taken": taken,
+            }
+        )
         if taken:
-            reason = f"{best.name} beats {chosen.name} out of sample by {interval}"
+            said.append(f"{best.name} beats {chosen.name} by {interval}")
             chosen = best
+        elif g["high"] < 0:
+            said.append(f"{best.name} loses to {chosen.name} by {interval}")
         else:
-            reason = (
-                f"{chosen.name}: {best.name}'s out-of-sample gain over it, {interval} "
-                f"({rule.confidence:.0%} interval), is within the noise"
-            )
+            said.append(f"{best.name}'s gain over {chosen.name}, {interval}, is within the noise")
     return {
         "metric": metric,
         "lens": rule.lens,
         "confidence": rule.confidence,
+        "adjust": rule.adjust,
         "candidates": rows,
         "steps": steps,
         "chosen": chosen.name,
-        "reason": reason,
+        "reason": f"{chosen.name}: " + "; ".join(said),
     }
 
 

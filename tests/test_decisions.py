@@ -91,6 +91,7 @@ def test_choose_keeps_the_complex_candidate_only_when_it_clearly_wins():
             "from": "equal",
             "to": "tuned",
             **bootstrap_gain(equal.oos, clear.oos, rule),
+            "picked_from": 1,
             "taken": True,
         }
     ]
@@ -136,6 +137,42 @@ def test_each_level_must_beat_the_choice_below_it():
     assert [s["taken"] for s in record["steps"]] == [False, True]
 
 
+def test_the_best_of_several_candidates_needs_a_wider_interval():
+    """A level's best is picked from its candidates on the same scores, which flatters its
+    gain; with Bonferroni the interval widens with their number, so a gain that clears
+    zero at the plain level can fail when it was the best of three."""
+    base = np.linspace(0.5, 0.9, 60)
+    rng = np.random.default_rng(3)
+    gains = 0.008 + rng.normal(0.0, 0.04, len(base))
+    simple = Candidate("blend, region vote", stats_of(list(base)))
+    rivals = [Candidate(f"rival {i}", stats_of(list(base - 0.02)), level=1) for i in range(2)]
+    marginal = Candidate("blend, tuned", stats_of(list(np.clip(base + gains, 0.5, 1.0))), level=1)
+    plain = Rule(n_boot=2000, adjust="none")
+    wide = Rule(n_boot=2000)
+    alone = bootstrap_gain(simple.oos, marginal.oos, plain)
+    picked = bootstrap_gain(simple.oos, marginal.oos, wide, picked_from=3)
+    assert alone["low"] > 0 > picked["low"] and picked["high"] > alone["high"]
+    assert bootstrap_gain(simple.oos, marginal.oos, wide) == alone  # one candidate: the same
+
+    assert choose([simple, marginal, *rivals], plain)["chosen"] == "blend, tuned"
+    record = choose([simple, marginal, *rivals], wide)
+    assert record["chosen"] == "blend, region vote"
+    assert "96.7% interval" in record["reason"] and "within the noise" in record["reason"]
+    assert record["candidates"]["blend, tuned"]["gain_over_simple"] == picked
+
+
+def test_the_reason_names_every_step():
+    rule = Rule(n_boot=500)
+    base = list(np.linspace(0.5, 0.85, 40))
+    simple = Candidate("blend, region vote", stats_of(base))
+    tuned = Candidate("blend, tuned", stats_of([b + 0.05 for b in base]), level=1)
+    worse = Candidate("refined, tuned", stats_of([b + 0.01 for b in base]), level=2)
+    reason = choose([simple, tuned, worse], rule)["reason"]
+    assert reason.startswith("blend, tuned: blend, region vote is the best simple choice")
+    assert "blend, tuned beats blend, region vote by" in reason
+    assert "refined, tuned loses to blend, tuned by" in reason
+
+
 def test_rule_is_checked_like_any_config_section():
     assert Rule.from_config({}) == Rule()
     assert Rule.from_config({"decide": {"lens": "argmax"}}).params == PostprocessParams()
@@ -145,6 +182,7 @@ def test_rule_is_checked_like_any_config_section():
         ({"lens": "median"}, "decide.lens"),
         ({"metric": "dice"}, "decide.metric"),
         ({"confidence": 1.0}, "decide.confidence"),
+        ({"adjust": "holm"}, "decide.adjust"),
         ({"n_boot": 10}, "decide.n_boot"),
     ):
         with pytest.raises(ConfigError, match=named):
