@@ -372,6 +372,7 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, worker: str
                 break
             value = objective(trial)
             kill_point("study-trial")
+            study.tell(trial, value, skip_if_finished=True)
         except optuna.TrialPruned:
             # The pruner stopped it: a finished, counted trial (its last reported value).
             study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
@@ -380,15 +381,14 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, worker: str
         except optuna.exceptions.UpdateFinishedTrialError:
             # Another process finished it meanwhile: SQLite has no row locks, so two
             # workers can pop the same enqueued trial, or a run started without --join
-            # failed it. Its result is theirs; this worker moves on.
+            # failed it. Its result is theirs; this worker moves on. `skip_if_finished`
+            # reads the state before its write, so the final tell can land here too.
             log.warning("trial %d was finished by another process: left to it", trial.number)
             continue
         except BaseException:
             frozen = study.get_trials(deepcopy=False)
             _fail(study, next(t for t in frozen if t.number == trial.number))
             raise
-        # skip_if_finished: the same race, at the very end of the trial
-        study.tell(trial, value, skip_if_finished=True)
         ran += 1
     return ran
 

@@ -193,7 +193,8 @@ def test_cli_writes_weights_and_blended_stores(experiment, capsys):
     assert doc["scores"]["tuned"]["all"]["competition"] == 1.0
     assert "provenance" in doc and doc["trials"] == 10
     out = capsys.readouterr().out
-    assert "tuned" in out and "decision: equal: tuned's out-of-sample gain" in out
+    assert "decision: equal: equal is the best simple choice" in out
+    assert "tuned's gain over equal" in out
     # every blended map is the weighted mean of the two models' maps of the same image id,
     # whatever order each model's store holds its images in
     for kind in ("oof", "test"):

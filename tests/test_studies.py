@@ -138,6 +138,26 @@ def test_a_trial_another_process_finished_is_left_to_it(tmp_path):
     assert study.trials[0].value == 1.0 and "seen" not in study.trials[0].user_attrs
 
 
+def test_a_trial_finished_elsewhere_while_its_value_is_told_is_left_to_it(tmp_path, monkeypatch):
+    """The same race at the very end: `tell(skip_if_finished=True)` reads the trial as
+    running, another worker finishes it, then this worker's write finds it finished."""
+    place = sqlite(tmp_path)
+    write = optuna.storages.RDBStorage.set_trial_state_values
+    raced: list[int] = []
+
+    def other_worker_first(self, trial_id, state, values=None):
+        if state == optuna.trial.TrialState.COMPLETE and not raced:
+            raced.append(trial_id)
+            write(self, trial_id, state, [1.0])
+            raise optuna.exceptions.UpdateFinishedTrialError("finished by the other worker")
+        return write(self, trial_id, state, values)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_state_values", other_worker_first)
+    study = run_study("demo", objective, 3, 0, place, start=START)
+    assert raced and [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert study.trials[0].value == 1.0
+
+
 def test_journal_storage_and_trials_csv(tmp_path):
     place = StudyPlace(f"journal:{tmp_path / 'journal' / 'optuna.log'}")
     run_study("demo", objective, 3, 0, place, start=START)
