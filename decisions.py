@@ -209,8 +209,12 @@ def choose(candidates: Sequence[Candidate], rule: Rule) -> dict[str, Any]:
     The best simple candidate (level 0) is the default. Then, level by level, the best
     candidate of the level replaces the current choice only when the lower end of the
     interval of its gain over it is above zero: every added fitted component must beat
-    what it adds to by more than the noise. The interval is the rule's for the best of the
-    level's candidates, and the reason names every step.
+    what it adds to by more than the noise. The interval is the rule's for the best of
+    every candidate tried against the current choice so far (this level's and those of
+    earlier levels that did not replace it: a level-2 candidate that scores like a
+    rejected level-1 one must not pass on a narrower interval), and the reason names
+    every step. The table's gains over the best simple candidate use the same count, as
+    if no level had replaced it.
     """
     metric = rule.metric
     simple = [c for c in candidates if c.level == 0]
@@ -225,31 +229,26 @@ def choose(candidates: Sequence[Candidate], rule: Rule) -> dict[str, Any]:
         if c.insample is not None:
             row["in_sample"] = pick(c.insample)
         if c is not default:
-            picked_from = per_level[c.level] if c.level else 1
+            picked_from = sum(per_level[lv] for lv in levels if lv <= c.level) or 1
             row["gain_over_simple"] = bootstrap_gain(default.oos, c.oos, rule, picked_from)
         rows[c.name] = row
-    chosen, steps = default, []
+    chosen, steps, tried = default, [], 0
     said = [f"{default.name} is the best simple choice out of sample"]
     for level in levels:
         best = _best(candidates, [c for c in candidates if c.level == level], metric)
-        g = bootstrap_gain(chosen.oos, best.oos, rule, per_level[level])
+        tried += per_level[level]
+        g = bootstrap_gain(chosen.oos, best.oos, rule, tried)
         interval = (
             f"{g['gain']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}] "
-            f"({1 - 2 * rule.tail(per_level[level]):.1%} interval)"
+            f"({1 - 2 * rule.tail(tried):.1%} interval)"
         )
         taken = g["low"] > 0
         steps.append(
-            {
-                "from": chosen.name,
-                "to": best.name,
-                **g,
-                "picked_from": per_level[level],
-                "taken": taken,
-            }
+            {"from": chosen.name, "to": best.name, **g, "picked_from": tried, "taken": taken}
         )
         if taken:
             said.append(f"{best.name} beats {chosen.name} by {interval}")
-            chosen = best
+            chosen, tried = best, 0
         elif g["high"] < 0:
             said.append(f"{best.name} loses to {chosen.name} by {interval}")
         else:

@@ -161,6 +161,25 @@ def test_the_best_of_several_candidates_needs_a_wider_interval():
     assert record["candidates"]["blend, tuned"]["gain_over_simple"] == picked
 
 
+def test_a_higher_level_cannot_pass_where_a_rejected_one_failed():
+    """Tuned post-processing that tunes nothing scores like the refined maps at argmax; the
+    level-2 copy is judged as one more candidate against the same choice, not alone."""
+    base = np.linspace(0.5, 0.9, 60)
+    gains = 0.008 + np.random.default_rng(3).normal(0.0, 0.04, len(base))
+    marginal = stats_of(list(np.clip(base + gains, 0.5, 1.0)))
+    simple = Candidate("blend, region vote", stats_of(list(base)))
+    level1 = [Candidate("refined, argmax", marginal, level=1)]
+    level1 += [Candidate(f"rival {i}", stats_of(list(base - 0.02)), level=1) for i in range(2)]
+    copy = Candidate("refined, tuned", marginal.copy(), level=2)
+    assert bootstrap_gain(simple.oos, copy.oos, Rule(n_boot=2000))["low"] > 0  # alone: passes
+    record = choose([simple, *level1, copy], Rule(n_boot=2000))
+    assert record["chosen"] == "blend, region vote"
+    assert [s["picked_from"] for s in record["steps"]] == [3, 4]
+    step = record["steps"][1]
+    shown = record["candidates"]["refined, tuned"]["gain_over_simple"]
+    assert shown == {k: step[k] for k in ("gain", "low", "high")}
+
+
 def test_the_reason_names_every_step():
     rule = Rule(n_boot=500)
     base = list(np.linspace(0.5, 0.85, 40))
