@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
+import data.dataset
+import data.paste
 import engine
 import train
 from config import load_config, parse_img_size
@@ -176,6 +179,45 @@ def test_fold_all_oof_covers_every_train_image_once(tmp_path: Path, tiny_data: P
     assert run_main(config, "--fold", "all") == 0
     ids = [i for k in (0, 1) for i in load_probs(fold_path(tmp_path, k) / "oof").ids]
     assert sorted(ids) == sorted(s.id for s in list_train(tiny_data))
+
+
+def test_the_training_loop_never_sees_its_folds_validation_images(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The split as the loop reads it, not as folds.json writes it: a leak here would make
+    every OOF score and every decision judged on them meaningless. Pasted polyps count."""
+    config = write_config(tmp_path, tiny_data, epochs=1)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["paste"] = {"p": 1.0, "classes": [1, 2]}
+    config.write_text(yaml.safe_dump(raw))
+    phase = ["setup"]
+    loaded: dict[str, set[str]] = {"train": set(), "validate": set()}
+
+    def recording(load):
+        def load_recorded(item):
+            loaded.setdefault(phase[0], set()).add(item.id)
+            return load(item)
+
+        return load_recorded
+
+    def in_phase(name, run):
+        def run_in_phase(*args, **kwargs):
+            phase[0] = name
+            try:
+                return run(*args, **kwargs)
+            finally:
+                phase[0] = "setup"
+
+        return run_in_phase
+
+    monkeypatch.setattr(data.dataset, "load_item", recording(data.dataset.load_item))
+    monkeypatch.setattr(data.paste, "load_item", recording(data.paste.load_item))
+    monkeypatch.setattr(engine, "train_epoch", in_phase("train", engine.train_epoch))
+    monkeypatch.setattr(engine, "evaluate", in_phase("validate", engine.evaluate))
+    assert run_main(config, "--fold", "0") == 0
+    split = split_of(tmp_path)
+    assert loaded["validate"] == {i for i, k in split.items() if k == 0}
+    assert loaded["train"] and loaded["train"] <= {i for i, k in split.items() if k != 0}
 
 
 @pytest.mark.parametrize(
