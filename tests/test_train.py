@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import data.dataset
 import data.paste
@@ -187,9 +186,6 @@ def test_the_training_loop_never_sees_its_folds_validation_images(
     """The split as the loop reads it, not as folds.json writes it: a leak here would make
     every OOF score and every decision judged on them meaningless. Pasted polyps count."""
     config = write_config(tmp_path, tiny_data, epochs=1)
-    raw = yaml.safe_load(config.read_text())
-    raw["data"]["paste"] = {"p": 1.0, "classes": [1, 2]}
-    config.write_text(yaml.safe_dump(raw))
     phase = ["setup"]
     loaded: dict[str, set[str]] = {"train": set(), "validate": set()}
 
@@ -214,7 +210,8 @@ def test_the_training_loop_never_sees_its_folds_validation_images(
     monkeypatch.setattr(data.paste, "load_item", recording(data.paste.load_item))
     monkeypatch.setattr(engine, "train_epoch", in_phase("train", engine.train_epoch))
     monkeypatch.setattr(engine, "evaluate", in_phase("validate", engine.evaluate))
-    assert run_main(config, "--fold", "0") == 0
+    paste = "data.paste={p: 1.0, classes: [1, 2]}"
+    assert run_main(config, "--fold", "0", "--set", paste) == 0
     split = split_of(tmp_path)
     assert loaded["validate"] == {i for i, k in split.items() if k == 0}
     assert loaded["train"] and loaded["train"] <= {i for i, k in split.items() if k != 0}
