@@ -145,7 +145,7 @@ def collect_regions(
     image_ids, index, regions, crops, labels, masks = [], [], [], [], [], []
     for i, image_id in enumerate(ids):
         p = probs[i].astype(np.float32) / 255.0 if probs.dtype == np.uint8 else probs[i]
-        region_labels, found, _ = predicted_regions(probs[i])
+        region_labels, found, _ = predicted_regions(probs[i], settings.margin)
         truth = None if targets is None else true_labels(region_labels, len(found), targets[i])
         for region in found:
             mask = region_labels == region.label

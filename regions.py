@@ -41,20 +41,23 @@ class Region:
     box: tuple[int, int, int, int]  # y0, y1, x0, x1 (end-exclusive)
 
 
-def predicted_regions(probs: np.ndarray) -> tuple[np.ndarray, list[Region], np.ndarray]:
-    """Regions of the argmax foreground of (3, H, W) probabilities (floats or uint8 codes).
+def predicted_regions(
+    probs: np.ndarray, margin: float = 0.25
+) -> tuple[np.ndarray, list[Region], np.ndarray]:
+    """Regions of the argmax foreground of (3, H, W) probabilities (floats or uint8 codes),
+    each with its square window (`margin`: context per side, as in `crop_box`).
 
     Returns (labels (H, W) int32, regions, foreground). Ties go to background, as in
     `np.argmax` and `postprocessing.postprocess`.
     """
     fg = (np.maximum(probs[1], probs[2]) > probs[0]).astype(np.uint8)
     n, labels, stats = find_regions(fg)
-    return labels, [_region(r, stats[r], fg.shape) for r in range(1, n)], fg
+    return labels, [_region(r, stats[r], fg.shape, margin) for r in range(1, n)], fg
 
 
-def _region(label: int, stat: np.ndarray, shape: tuple[int, int]) -> Region:
+def _region(label: int, stat: np.ndarray, shape: tuple[int, int], margin: float) -> Region:
     x, y, w, h, area = (int(v) for v in stat[:5])
-    return Region(label, area, crop_box((y, y + h, x, x + w), shape))
+    return Region(label, area, crop_box((y, y + h, x, x + w), shape, margin))
 
 
 def crop_box(

@@ -75,3 +75,14 @@ def test_a_killed_writers_temporaries_are_swept_and_a_live_ones_kept(tmp_path):
     assert live.exists() and other.exists()
     write_text(tmp_path / "best.pt", "w")
     assert not other.exists()
+
+
+def test_write_json_that_fails_half_way_keeps_the_old_file(tmp_path):
+    """json.dump writes piece by piece: an error after the first pieces must not leave a
+    truncated artefact where the complete old one was."""
+    target = tmp_path / "weights.json"
+    write_json(target, {"weights": [0.5, 0.5]})
+    with pytest.raises(TypeError):
+        write_json(target, {"weights": [0.3, 0.7], "study": object()})
+    assert target.read_text() == '{\n  "weights": [\n    0.5,\n    0.5\n  ]\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.json"]

@@ -337,3 +337,28 @@ def test_working_on_the_foreground_window_equals_the_whole_image():
     whole = pp.apply_steps(fg, probs[1], probs[2], params, (80, 80))
     np.testing.assert_array_equal(postprocess(probs, (80, 80), params), whole)
     assert (whole[60:78, 2:20] == 2).sum() > 250
+
+
+@pytest.mark.parametrize("source", ["blend", "refined"])
+def test_the_submission_comes_from_the_store_tune_recorded(experiment, source):
+    """postprocess.json's `source` decides which test maps are submitted: the refined ones
+    when refinement was kept, the blend otherwise (the two stores differ in every image)."""
+    root, sizes = experiment
+    refined = np.stack([probs_from(np.full((32, 32), 2, np.uint8)) for _ in sizes])
+    save_probs(
+        root / "exp" / "refine" / "test",
+        list(sizes),
+        refined,
+        list(sizes.values()),
+        kind="test",
+        model="refine",
+    )
+    doc = {"params": PostprocessParams().to_dict(), "source": source, "chosen": source}
+    (root / "exp" / "postprocess.json").write_text(json.dumps(doc))
+    assert submission_stage.main(["--config", str(root / "c.yaml"), "--jobs", "1"]) == 0
+    lines = (root / "exp" / "submission.csv").read_text().splitlines()[1:]
+    rows = dict(line.split(",") for line in lines)
+    for image_id, size in sizes.items():
+        non = rle_decode(rows[f"{image_id}_1"], size)
+        assert non.all() == (source == "refined")  # the refined maps are all non-neoplastic
+        assert rle_decode(rows[f"{image_id}_0"], size).any() == (source == "blend")

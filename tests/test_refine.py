@@ -111,6 +111,64 @@ def test_crop_channels_and_paste_back_give_one_class_and_spare_other_regions():
     assert (out.argmax(axis=0)[labels == first.label] == 1).all()
 
 
+def test_paste_spares_a_neighbouring_region_inside_the_window():
+    """Another region inside the pasted window keeps its pixels, even where the refined
+    polyp probability beats its own (the paste may claim background only)."""
+    pred = np.zeros((40, 40), np.uint8)
+    pred[5:10, 5:20] = 1  # an L: its window covers the corner it leaves free
+    pred[5:20, 5:10] = 1
+    pred[14:19, 14:19] = 2  # a weak neighbour in that corner, not touching the L
+    probs = codes(pred).astype(np.float32) / 255
+    probs[:, 14:19, 14:19] = np.array([0.4, 0.0, 0.6], np.float32)[:, None, None]
+    labels, regions, _ = predicted_regions(probs)
+    ell = next(r for r in regions if labels[5, 5] == r.label)
+    y0, y1, x0, x1 = ell.box
+    assert y0 <= 14 and y1 >= 19 and x0 <= 14 and x1 >= 19  # the neighbour is in the window
+    out = probs.copy()
+    paste_region(out, labels, ell, np.array([0.02, 0.96, 0.02]), np.ones((16, 16), np.float32))
+    np.testing.assert_array_equal(out[:, 14:19, 14:19], probs[:, 14:19, 14:19])
+    assert (out.argmax(axis=0)[10:14, 10:14] == 1).all()  # background it may claim
+
+
+def test_the_configured_margin_sets_each_regions_window():
+    pred = np.zeros((64, 64), np.uint8)
+    pred[24:36, 24:36] = 1  # 12 pixels: windows of 12 x (1 + 2 margin) pixels
+    probs = codes(pred)[None]
+    image = [np.zeros((64, 64, 3), np.uint8)]
+    for margin, side in ((0.0, 16), (0.5, 24), (1.0, 36)):
+        found = refine.collect_regions(
+            ["a"], image, probs, None, refine.RefineSettings(margin=margin)
+        )
+        y0, y1, x0, x1 = found.regions[0].box
+        assert (y1 - y0, x1 - x0) == (side, side), margin
+
+
+class _FixedRefiner(torch.nn.Module):
+    """Says every region is neoplastic with a mask covering its whole window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        classes = torch.tensor([[-5.0, 5.0, -5.0]]).expand(len(x), 3)
+        return classes, torch.full((len(x), *x.shape[-2:]), 5.0)
+
+
+def test_test_maps_take_the_refined_mask_only_when_refine_json_kept_it():
+    pred = np.zeros((48, 48), np.uint8)
+    pred[16:26, 16:26] = 2
+    probs = codes(pred)[None]
+    image = [np.full((48, 48, 3), 100, np.uint8)]
+    settings = refine.RefineSettings(crop=16)
+    models = [_FixedRefiner()]
+    class_only = refine.refine_test(models, ["a"], image, probs, settings, use_mask=False)
+    np.testing.assert_array_equal(class_only[0].argmax(axis=0) > 0, pred > 0)
+    assert (class_only[0].argmax(axis=0)[pred > 0] == 1).all()
+    with_mask = refine.refine_test(models, ["a"], image, probs, settings, use_mask=True)
+    assert (with_mask[0].argmax(axis=0) > 0).sum() > (pred > 0).sum()  # the mask grew
+
+
 def cue_set(n=36, flip_rate=0.4, seed=0):
     """Images whose polyps' colour tells their class; predicted maps with the right shapes
     but some whole regions given the other class, and a few false-positive blobs."""
