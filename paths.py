@@ -13,6 +13,7 @@
     submission.csv                      postprocess.py
     report.html, scores.json            pipeline.py
     config.yaml, timings.json           pipeline.py: the resolved config, stage times
+    stamps.json                         pipeline.py: digests of the inputs each stage ran on
     optuna.db                           every study of the experiment
     wandb/                              offline W&B runs (outside the fold folders)
     hpo/<study>/trial<n>/               hpo.py: each trial's config and log (never a fold's)
@@ -109,6 +110,11 @@ class Layout:
     def timings(self) -> Path:
         """Seconds each stage took when it last ran (pipeline.py), summed by compare.py."""
         return self.root / "timings.json"
+
+    @property
+    def stamps(self) -> Path:
+        """Digests of the inputs each stage last ran on (stamps.py), for pipeline.py."""
+        return self.root / "stamps.json"
 
     @property
     def optuna_db(self) -> Path:

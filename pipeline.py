@@ -1,11 +1,12 @@
 """Run every stage for every model and fold of a config, like `make`: only what is stale.
 
-train.py skips complete folds itself; the later stages run only when one of their inputs
-is newer than their outputs (a retrained fold, a new blend) or the settings they recorded
-differ from the config's (TTA, blended models, optuna trials and objective), so a killed
-pipeline simply continues where it stopped, and a second call does no training. The
-stages are called in-process through their own `main`, so each validates its input
-exactly as on the command line.
+train.py skips complete folds itself; a later stage runs only when the bytes of one of its
+inputs changed since it last ran (a retrained fold, a new blend, a replaced or added test
+image: stamps.py, never file times), an output is missing, or the settings it recorded
+differ from the config's (TTA, blended models, optuna trials and objective, refinement
+settings). So a killed pipeline simply continues where it stopped, and a second call does
+no training. The stages are called in-process through their own `main`, so each
+validates its input exactly as on the command line.
 
 At the end the pipeline scores what it made: out-of-fold (all training images, at working
 resolution) always, and on the test set only when the data folder has a `test_gt/`
@@ -52,12 +53,13 @@ from config import (
 from data.atomic import write_json
 from data.cache import load_item, train_items
 from data.prepare import prepare_train_data
-from data.probstore import ProbMaps, load_probs
+from data.probstore import META_FILE, ProbMaps, load_probs
 from data.reader import (
     DataError,
     check_image_file,
     list_test,
     list_test_gt,
+    list_train,
 )
 from decisions import Rule
 from engine import failed_attempts, judge_fold
@@ -77,6 +79,7 @@ from postprocessing import PostprocessParams, input_store, load_params
 from recipe import RetryPolicy, check_config, check_recipes_early
 from report import Case, ReportInputs, write_report
 from runtime import Dist
+from stamps import Stamps, digest
 
 log = logging.getLogger("pipeline")
 
@@ -85,22 +88,12 @@ class StageFailed(RuntimeError):
     """A stage's `main` returned non-zero; its own message has been printed already."""
 
 
-def _newest(paths: Sequence[Path]) -> float:
-    return max(p.stat().st_mtime for p in paths)
-
-
-def is_stale(outputs: Sequence[Path], inputs: Sequence[Path]) -> bool:
-    """True when an output is missing or older than an input (inputs must all exist)."""
-    if not all(p.exists() for p in outputs):
-        return True
-    return _newest(inputs) > min(p.stat().st_mtime for p in outputs)
-
-
 def made_otherwise(path: Path, settings: dict[str, Any]) -> bool:
     """True when a stage's JSON artefact records other settings than the config's now.
 
-    Modification times cannot see a changed `predict.tta` or `tune.trials`; the artefacts
-    record those settings, so a config change reruns the stage that depends on it.
+    The inputs' digests (stamps.py) cannot see a changed `predict.tta` or `tune.trials`;
+    the artefacts record those settings, so a config change reruns the stage that
+    depends on it.
     """
     doc = read_json(path)
     return any(doc.get(k) != v for k, v in settings.items())
@@ -238,44 +231,73 @@ def run_stages(
             timings[f"train {name}"] = run_stage(
                 "train", train.main, ["--model", name, "--fold", "all", "--resume", *common]
             )
+    stamps = Stamps(layout.stamps)
+
+    def run_if_due(
+        stage: str,
+        outputs: Sequence[Path],
+        inputs: Sequence[Path],
+        settings: tuple[Path, dict[str, Any]],
+        call: Callable[[], float],
+    ) -> None:
+        """Run a stage whose inputs' bytes, outputs or recorded settings (`settings`: the
+        artefact and what it must record) changed; then record the inputs it ran on."""
+        # with an input missing the stage runs and names it in its own words
+        ident = digest(inputs) if all(p.exists() for p in inputs) else None
+        if ident is None or stamps.changed(stage, ident, outputs) or made_otherwise(*settings):
+            timings[stage] = call()
+            if ident is not None:
+                stamps.record(stage, ident)
+
     tta = str((cfg.get("predict") or {}).get("tta", "none"))
+    data_dir = Path(cfg["data_dir"])
+    # what every model's predictions read besides its checkpoints: the split and the images
+    images = [layout.folds, *(s.image for s in list_train(data_dir) + list_test(data_dir))]
     for name in names:
         checkpoints = [layout.fold(name, k) / "best.pt" for k in range(n_folds)]
-        outputs = [layout.store(name, kind) / "meta.json" for kind in ("oof", "test")]
-        if is_stale(outputs, checkpoints) or made_otherwise(outputs[0], {"tta": tta}):
-            timings[f"predict {name}"] = run_stage(
-                "predict", predict.main, ["--model", name, *common]
-            )
-    model_stores = [layout.store(n, kind) / "meta.json" for n in names for kind in ("oof", "test")]
-    blend_outputs = [layout.weights, layout.blend("test") / "meta.json"]
+        stores = [layout.store(name, kind) for kind in ("oof", "test")]
+        run_if_due(
+            f"predict {name}",
+            stores,
+            [*checkpoints, *images],
+            (stores[0] / META_FILE, {"tta": tta}),
+            lambda name=name: run_stage("predict", predict.main, ["--model", name, *common]),
+        )
     decide = {"decide": Rule.from_config(cfg).to_dict()}
     blend_settings = {
         "models": names,
         **recorded_settings(cfg, "ensemble", len(names) > 1),
         **decide,
     }
-    if is_stale(blend_outputs, model_stores) or made_otherwise(blend_outputs[0], blend_settings):
-        timings["ensemble"] = run_stage(
-            "ensemble", ensemble.main, ["--models", *names, *common, *search]
-        )
+    run_if_due(
+        "ensemble",
+        [layout.weights, layout.blend("oof"), layout.blend("test")],
+        [layout.store(n, kind) for n in names for kind in ("oof", "test")],
+        (layout.weights, blend_settings),
+        lambda: run_stage("ensemble", ensemble.main, ["--models", *names, *common, *search]),
+    )
     refining = bool((cfg.get("refine") or {}).get("enabled"))
     if refining:
-        refined = [layout.refine_record]
-        refined += [layout.refined(kind) / "meta.json" for kind in ("oof", "test")]
-        blends = [layout.blend(kind) / "meta.json" for kind in ("oof", "test")]
-        settings = {
+        refine_settings = {
             "settings": dataclasses.asdict(refine.RefineSettings.from_config(cfg)),
             **decide,
         }
-        if is_stale(refined, blends) or made_otherwise(refined[0], settings):
-            timings["refine"] = run_stage("refine", refine.main, common)
-    tuned = layout.postprocess
+        run_if_due(
+            "refine",
+            [layout.refine_record, layout.refined("oof"), layout.refined("test")],
+            [layout.folds, layout.blend("oof"), layout.blend("test")],
+            (layout.refine_record, refine_settings),
+            lambda: run_stage("refine", refine.main, common),
+        )
     sources = ["blend", "refined"] if refining else ["blend"]
-    tune_inputs = [layout.blend("oof") / "meta.json"]
-    tune_inputs += [layout.refined("oof") / "meta.json"] if refining else []
     tune_settings = {**recorded_settings(cfg, "tune", True), **decide, "sources": sources}
-    if is_stale([tuned], tune_inputs) or made_otherwise(tuned, tune_settings):
-        timings["tune"] = run_stage("tune", tune.main, [*common, *search])
+    run_if_due(
+        "tune",
+        [layout.postprocess],
+        [layout.blend("oof"), *([layout.refined("oof")] if refining else [])],
+        (layout.postprocess, tune_settings),
+        lambda: run_stage("tune", tune.main, [*common, *search]),
+    )
     timings["submission"] = run_stage("postprocess", postprocess.main, common)
     return timings
 

@@ -17,11 +17,12 @@ import yaml
 import pipeline
 from data.probstore import blend as blend_maps
 from data.probstore import load_probs, save_probs
-from data.reader import list_test, list_test_gt, load_mask
+from data.reader import DataError, list_test, list_test_gt, load_mask
 from data.submission import check_submission
 from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps
 from report import read_submission
+from stamps import Stamps, digest
 from tests.trainkit import demo_model, write_config
 
 TEST_TABLE = "Test set (original size, test_gt/)"
@@ -180,17 +181,34 @@ def _stages_run(out: str) -> set[str]:
     return {name for name in rows if not name.startswith("train")}
 
 
-def test_stale_outputs_follow_their_inputs(tmp_path):
-    src, dst = tmp_path / "in", tmp_path / "out"
+def test_a_stage_is_due_when_its_inputs_bytes_change_whatever_the_file_times(tmp_path):
+    src, dst, folder = tmp_path / "in", tmp_path / "out", tmp_path / "store"
+    folder.mkdir()
+    (folder / "probs.npy").write_bytes(b"abc")
     src.write_text("a")
-    assert pipeline.is_stale([dst], [src])
+    stamps = Stamps(tmp_path / "stamps.json")
+    ident = digest([src, folder])
+    assert stamps.changed("s", ident, [dst])  # no output yet
     dst.write_text("b")
-    old = time.time() - 100
-    os.utime(src, (old, old))
-    assert not pipeline.is_stale([dst], [src])
-    os.utime(src, None)
-    os.utime(dst, (old, old))
-    assert pipeline.is_stale([dst], [src])
+    assert stamps.changed("s", ident, [dst])  # never ran
+    stamps.record("s", ident)
+    assert not Stamps(tmp_path / "stamps.json").changed("s", digest([src, folder]), [dst])
+    ahead = time.time() + 3600  # outputs "newer" than anything: only the bytes count
+    os.utime(dst, (ahead, ahead))
+    src.write_text("A")
+    assert stamps.changed("s", digest([src, folder]), [dst])
+    src.write_text("a")
+    (folder / "probs.npy").write_bytes(b"abd")
+    assert stamps.changed("s", digest([src, folder]), [dst])
+    (folder / "probs.npy").write_bytes(b"abc")
+    os.utime(src, (ahead, ahead))  # a touched input with the same bytes changes nothing
+    assert not stamps.changed("s", digest([src, folder]), [dst])
+    assert digest([src, folder]) != digest([folder, src])
+    with pytest.raises(DataError, match="gone: input not found"):
+        digest([tmp_path / "gone"])
+    (tmp_path / "stamps.json").write_text("{")
+    with pytest.raises(DataError, match=r"stamps\.json: unreadable"):
+        Stamps(tmp_path / "stamps.json")
 
 
 def test_a_bad_config_fails_before_any_stage(tmp_path, tiny_data, capsys):
@@ -286,3 +304,71 @@ def test_later_stage_settings_and_test_images_are_checked_before_training(
     assert pipeline.main(["--config", str(config)]) == 2
     assert test_image.name in capsys.readouterr().err
     assert not (tmp_path / "out" / "tiny").exists()
+
+
+def test_reruns_follow_the_bytes_of_inputs_and_settings_not_the_clock(
+    tmp_path, tiny_data_copy, capsys, monkeypatch
+):
+    """A restored or copied folder (file times an hour ahead), a changed refine setting,
+    a replaced and an added test image: each reruns exactly what depends on it, and the
+    refined test maps follow refine.json's decision on the refined mask."""
+    config = _config(tmp_path, tiny_data_copy)
+    run = ["--config", str(config)]
+    assert pipeline.main(run) == 0
+    capsys.readouterr()
+    exp = tmp_path / "out" / "tiny"
+    ahead = time.time() + 3600
+    for path in exp.rglob("*"):
+        os.utime(path, (ahead, ahead))
+    assert pipeline.main([*run, "--set", "predict.tta=hflip"]) == 0
+    ran = _stages_run(capsys.readouterr().out)
+    assert {"predict tiny", "predict tiny2", "ensemble", "refine", "tune"} <= ran, ran
+    assert load_probs(exp / "ensemble" / "test").meta["provenance"]["time"] == max(
+        load_probs(exp / m / "test").meta["provenance"]["time"] for m in ("ensemble", "tiny")
+    )
+
+    # the refined mask not kept (forced): the test maps get the refined classes only
+    used = []
+    decide, refine_test = pipeline.refine.refine_oof, pipeline.refine.refine_test
+
+    def class_only(*args, **kwargs):
+        refined, models, doc = decide(*args, **kwargs)
+        doc["refined_mask"]["kept"] = False
+        return refined, models, doc
+
+    def spy(*args):
+        used.append(args[-1])
+        return refine_test(*args)
+
+    monkeypatch.setattr(pipeline.refine, "refine_oof", class_only)
+    monkeypatch.setattr(pipeline.refine, "refine_test", spy)
+    hflip = [*run, "--set", "predict.tta=hflip"]
+    assert pipeline.main([*hflip, "--set", "refine.epochs=3"]) == 0
+    ran = _stages_run(capsys.readouterr().out)
+    assert "refine" in ran and not any(s.startswith(("predict", "ensemble")) for s in ran), ran
+    assert used == [False]
+    blend = load_probs(exp / "ensemble" / "test").raw.argmax(axis=1) > 0
+    refined = load_probs(exp / "refine" / "test").raw.argmax(axis=1) > 0
+    assert not (refined & ~blend).any()  # class only: no pixel joins the polyps
+    monkeypatch.undo()
+
+    # a replaced test image is predicted again, an added one too
+    tests = list_test(tiny_data_copy)
+    first, second = tests[0], tests[1]
+    before = load_probs(exp / "ensemble" / "test")
+    row = before.ids.index(first.id)
+    old_map = np.array(before.raw[row])
+    first.image.write_bytes(second.image.read_bytes())
+    assert pipeline.main([*hflip, "--set", "refine.epochs=3"]) == 0
+    ran = _stages_run(capsys.readouterr().out)
+    assert {"predict tiny", "predict tiny2", "ensemble", "refine", "tune"} <= ran, ran
+    after = load_probs(exp / "ensemble" / "test")
+    assert not np.array_equal(after.raw[after.ids.index(first.id)], old_map)
+    gt = next(s.mask for s in list_test_gt(tiny_data_copy) if s.id == first.id)
+    gt.with_name("f" * 32 + gt.suffix).write_bytes(gt.read_bytes())  # the demo's scoring
+    added = first.image.with_name("f" * 32 + first.image.suffix)
+    added.write_bytes(first.image.read_bytes())
+    assert pipeline.main([*hflip, "--set", "refine.epochs=3"]) == 0
+    assert {"predict tiny", "predict tiny2"} <= _stages_run(capsys.readouterr().out)
+    assert "f" * 32 in load_probs(exp / "ensemble" / "test").ids
+    assert check_submission(exp / "submission.csv", tiny_data_copy) == []
