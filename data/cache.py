@@ -4,7 +4,7 @@ Decoding a 1280×~1000 JPEG, decoding its JPEG mask and resizing both costs far 
 the augmentations, and it would be repeated every epoch by every model and fold. Here it
 is done once per item and stored as uint8 `.npy` files at the working size (images with
 INTER_AREA; masks decoded at full size, then resized nearest-neighbour so no class is
-invented at boundaries). Each item is keyed on its source files (path, mtime, byte size),
+invented at boundaries). Each item is keyed on its source files (path, mtime, ctime, byte size),
 the working size and the mask thresholds, so a changed file re-processes just that item.
 
 Alongside the arrays each item records its original (h, w), needed to bring predictions
@@ -68,8 +68,11 @@ def resize_pair(
 
 
 def _file_key(path: Path) -> list[str | int]:
+    """A file's identity without reading it. The change time is in it because a file
+    replaced by one of the same size and modification time (`cp -p`, a restored backup)
+    still gets a new one: no program can set it."""
     st = path.stat()
-    return [str(path.resolve()), st.st_mtime_ns, st.st_size]
+    return [str(path.resolve()), st.st_mtime_ns, st.st_ctime_ns, st.st_size]
 
 
 def item_key(sample: Sample, size: tuple[int, int], thresholds: MaskThresholds) -> str:

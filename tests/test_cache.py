@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -85,6 +86,19 @@ def test_reuse_and_invalidation_of_one_changed_file(
     os.utime(samples[3].image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     prepare(samples, SIZE, tmp_path / "cache", workers=1)
     assert counted == [samples[3].id]
+
+    # Another file of the same byte size under the same modification time (`cp -p` of a
+    # backup): redone, as its change time is new.
+    counted.clear()
+    png = samples[4].image.with_suffix(".png")
+    for value in (50, 200):  # uncompressed PNGs of one size have one byte length
+        cv2.imwrite(
+            str(png), np.full((128, 160, 3), value, np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 0]
+        )
+        os.utime(png, ns=(0, 10**18))
+        [item] = prepare([replace(samples[4], image=png)], SIZE, tmp_path / "cache", workers=1)
+        assert load_item(item)[0][0, 0, 0] == value
+    assert counted == [samples[4].id] * 2
 
     # Another working size or other mask thresholds re-process the items.
     counted.clear()

@@ -202,27 +202,39 @@ def test_mask_thresholds_from_config_must_be_integers():
             MaskThresholds.from_mapping(bad)
 
 
-def test_random_bytes_inside_a_jpeg_are_an_error_naming_it(tiny_data: Path, tmp_path: Path):
-    """Start and end markers intact, scan data damaged: libjpeg would only warn."""
+@pytest.mark.parametrize("damage", ["random", "zeroed"])
+def test_damaged_bytes_inside_a_jpeg_are_an_error_naming_it(
+    full_size_data: Path, tmp_path: Path, damage: str
+):
+    """Start and end markers intact, scan data of a 1280-wide frame damaged (200 random or
+    400 zeroed bytes, the reliability sweep's cases): libjpeg would only warn, without the
+    file name, and OpenCV would decode a garbled image."""
     import io
 
     from PIL import Image
 
-    source = sorted((tiny_data / "train").iterdir())[0]
-    data = bytearray(source.read_bytes())
-    assert load_image(source).shape[2] == 3
-    rng = np.random.default_rng(0)
-    mid = len(data) // 2
-    data[mid : mid + 600] = rng.integers(0, 256, 600, dtype=np.uint8).tobytes()
-    broken = tmp_path / "broken.jpeg"
-    broken.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"broken\.jpeg: corrupt JPEG data"):
-        load_image(broken)
-    # Other encoders' valid files (progressive, restart markers, optimised) still load.
+    source = sorted((full_size_data / "train").iterdir())[0]
+    good = source.read_bytes()
+    for seed, where in enumerate((0.2, 0.4, 0.5, 0.6, 0.8)):
+        data = bytearray(good)
+        at, n = int(len(data) * where), 200 if damage == "random" else 400
+        rng = np.random.default_rng(seed)
+        data[at : at + n] = rng.bytes(n) if damage == "random" else bytes(n)
+        broken = tmp_path / "broken.jpeg"
+        broken.write_bytes(bytes(data))
+        assert cv2.imread(str(broken)) is not None  # what OpenCV alone would train on
+        with pytest.raises(DataError, match=r"broken\.jpeg: corrupt JPEG data \(libjpeg: "):
+            load_image(broken)
+    # Other encoders' valid files (progressive, optimised, grey, CMYK) still load.
     image = load_image(source)
-    for name, kwargs in (("prog", {"progressive": True}), ("opt", {"optimize": True})):
+    for name, mode, kwargs in (
+        ("prog", "RGB", {"progressive": True}),
+        ("opt", "RGB", {"optimize": True}),
+        ("grey", "L", {}),
+        ("cmyk", "CMYK", {}),
+    ):
         buf = io.BytesIO()
-        Image.fromarray(image).save(buf, "JPEG", **kwargs)
+        Image.fromarray(image).convert(mode).save(buf, "JPEG", **kwargs)
         (tmp_path / f"{name}.jpeg").write_bytes(buf.getvalue())
         assert load_image(tmp_path / f"{name}.jpeg").shape == image.shape
 
