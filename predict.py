@@ -57,6 +57,7 @@ from data.probstore import ProbMaps, concat, load_probs, quantise, save_probs
 from data.reader import DataError, list_test
 from models.inference import Probabilities, load_checkpoint, model_from_checkpoint, predict_probs
 from paths import Layout
+from recipe import RECIPE_FILE, recipe_hash, recorded_recipe
 from runtime import (
     Dist,
     Precision,
@@ -124,9 +125,20 @@ def reusable_oof(
 
 
 def _check_checkpoint(
-    ckpt: dict[str, Any], path: Path, split_id: str, size: list[int], model_name: str, arch: str
+    ckpt: dict[str, Any],
+    path: Path,
+    fold: int,
+    split_id: str,
+    size: list[int],
+    model_name: str,
+    arch: str,
 ) -> None:
-    """Refuse a checkpoint that would give leaked, mis-sized or mislabelled maps."""
+    """Refuse a checkpoint that would give leaked, mis-sized or mislabelled maps.
+
+    A checkpoint copied from another fold folder has seen this fold's validation images;
+    one from another recipe (learning rate, seed, ...) is not the model its folder's
+    `recipe.json` describes, which train.py checks against the config.
+    """
     if (ckpt.get("model_name"), ckpt.get("arch")) != (model_name, arch):
         raise DataError(
             f"{path} is a checkpoint of {ckpt.get('model_name')} ({ckpt.get('arch')}), not of "
@@ -135,6 +147,19 @@ def _check_checkpoint(
     if ckpt["split_id"] != split_id:
         raise DataError(
             f"{path} was trained on split {ckpt['split_id']} but folds.json is split {split_id}"
+        )
+    if ckpt.get("fold") != fold:
+        raise DataError(
+            f"{path} was trained as fold {ckpt.get('fold')}, not fold {fold}: it has seen "
+            f"this fold's validation images; put it back, or retrain fold {fold} "
+            f"(train.py --model {model_name} --fold {fold} --force)"
+        )
+    folder = recorded_recipe(path.parent)
+    if ckpt.get("recipe_hash") != recipe_hash(folder or {}):
+        raise DataError(
+            f"{path} was trained with another recipe than {path.parent / RECIPE_FILE} records"
+            f" (recipe hash {ckpt.get('recipe_hash')}, the folder's {recipe_hash(folder or {})}); "
+            f"retrain the fold (train.py --model {model_name} --fold {fold} --force)"
         )
     trained = list(ckpt["config"]["data"]["img_size"])
     if trained != list(size):
@@ -171,7 +196,7 @@ def predict_model(
     test_sum = np.zeros((len(test_items), 3, *size), np.float32)
     for k, path in enumerate(checkpoints):
         ckpt = load_checkpoint(path, device)
-        _check_checkpoint(ckpt, path, split_id, size, model_name, entry["arch"])
+        _check_checkpoint(ckpt, path, k, split_id, size, model_name, entry["arch"])
         model = model_from_checkpoint(ckpt, device)
         if precision.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -155,6 +155,8 @@ def test_fold_oof_is_reused_only_for_the_best_pt_that_made_it(trained: Path) -> 
         ("model_name", "other", "is a checkpoint of other"),
         ("arch", "smp.FPN", "(smp.FPN), not of tiny"),
         ("config.data.img_size", [96, 96], "was trained at [96, 96]"),
+        ("fold", 0, "was trained as fold 0, not fold 1: it has seen this fold's validation"),
+        ("recipe_hash", "0123456789abcdef", "was trained with another recipe than"),
     ],
 )
 def test_a_checkpoint_of_another_split_size_or_model_is_refused(
