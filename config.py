@@ -363,6 +363,7 @@ def save_config(cfg: dict[str, Any], path: str | Path) -> None:
 _ENVIRONMENT = {
     errno.ENOSPC,
     errno.EDQUOT,
+    errno.EFBIG,
     errno.EROFS,
     errno.EACCES,
     errno.EPERM,

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 
 from tqdm import tqdm
@@ -59,10 +60,8 @@ def make_submission(
     """Write `out` only if it passes `check_submission`; returns the problems otherwise."""
     check_store_matches_test(store, data_dir)
     tmp = out.with_name(f".{out.name}.unchecked")
-    items = tqdm(
-        class_maps(store, params, n_jobs), total=len(store), desc="post-process", disable=None
-    )
-    write_submission(tmp, items)
+    with closing(class_maps(store, params, n_jobs)) as maps:
+        write_submission(tmp, tqdm(maps, total=len(store), desc="post-process", disable=None))
     problems = check_submission(tmp, data_dir)
     if problems:
         tmp.unlink()

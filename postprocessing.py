@@ -34,14 +34,16 @@ import dataclasses
 import json
 import logging
 import math
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import cv2
 import numpy as np
-from joblib import Parallel, delayed
+from joblib import effective_n_jobs
 
 from config import ConfigError
 from data.probstore import ProbMaps
@@ -283,13 +285,27 @@ def class_maps(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(id, class map at original size) for every image of a store, in store order.
 
-    Threads suffice: OpenCV and the numpy reductions release the GIL.
+    Threads suffice: OpenCV and the numpy reductions release the GIL. A plain executor,
+    not joblib's thread pool: its workers are joined when the generator closes (a failed
+    write), whereas daemon workers still inside OpenCV at interpreter exit aborted the
+    process (exit 134) after the error was printed. A window of twice the workers keeps
+    memory to a few maps whatever the store's length.
     """
-    run = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")
-    maps = run(
-        delayed(postprocess)(store.raw[i], store.orig_sizes[i], params) for i in range(len(store))
-    )
-    return zip(store.ids, maps, strict=True)
+    workers = effective_n_jobs(n_jobs)
+    pending: deque[tuple[str, Future[np.ndarray]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="postprocess") as pool:
+        try:
+            for i, image_id in enumerate(store.ids):
+                job = pool.submit(postprocess, store.raw[i], store.orig_sizes[i], params)
+                pending.append((image_id, job))
+                if len(pending) > 2 * workers:
+                    done_id, done = pending.popleft()
+                    yield done_id, done.result()
+            while pending:
+                done_id, done = pending.popleft()
+                yield done_id, done.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def input_store(cfg: dict[str, Any], kind: str) -> tuple[Path, str]:

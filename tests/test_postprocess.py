@@ -362,3 +362,48 @@ def test_the_submission_comes_from_the_store_tune_recorded(experiment, source):
         non = rle_decode(rows[f"{image_id}_1"], size)
         assert non.all() == (source == "refined")  # the refined maps are all non-neoplastic
         assert rle_decode(rows[f"{image_id}_0"], size).any() == (source == "blend")
+
+
+def test_a_write_that_fails_half_way_exits_with_one_line_and_no_submission(tmp_path):
+    """A file-size limit (as a full disk) cuts the submission after its first rows, while
+    the threads are inside OpenCV's morphology on full-size frames: every run exits 1 with
+    the error naming the file, and no submission. With joblib's daemon threads left running
+    into interpreter exit, 7 runs in 8 aborted with exit 134 after the message."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    n, size = 120, (959, 1280)
+    ids = [f"{k:032x}" for k in range(n)]
+    test = tmp_path / "data" / "test"
+    test.mkdir(parents=True)
+    blank = cv2.imencode(".jpeg", np.zeros((*size, 3), np.uint8))[1].tobytes()
+    for image_id in ids:
+        (test / f"{image_id}.jpeg").write_bytes(blank)
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=(n, 64, 80)).transpose(0, 3, 1, 2)
+    exp = tmp_path / "exp"
+    save_probs(
+        exp / "ensemble" / "test",
+        ids,
+        probs.astype(np.float32),
+        [size] * n,
+        kind="test",
+        model="blend",
+    )
+    cfg = {"experiment": "exp", "data_dir": str(tmp_path / "data"), "out_dir": str(tmp_path)}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    slow = PostprocessParams(region_mode="prob", fill_holes=True, open_frac=0.02, close_frac=0.02)
+    (exp / "postprocess.json").write_text(json.dumps({"params": slow.to_dict()}))
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    cmd = [sys.executable, "postprocess.py", "--config", str(tmp_path / "c.yaml"), "--jobs", "-1"]
+    root = Path(submission_stage.__file__).parent
+    for _ in range(3):
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, preexec_fn=small_files)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "submission.csv" in done.stderr and "File too large" in done.stderr
+        assert list(exp.glob("*submission*")) == []
