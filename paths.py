@@ -50,6 +50,16 @@ class Layout:
     def fold(self, model: str, k: int) -> Path:
         return self.root / model / f"fold{k}"
 
+    @property
+    def lock(self) -> Path:
+        """Held by the pipeline running on this experiment (locks.py)."""
+        return self.root / ".lock"
+
+    def fold_lock(self, model: str, k: int) -> Path:
+        """Held by the process training this fold; beside the fold's folder, which a
+        forced retrain may move away."""
+        return self.root / model / f".fold{k}.lock"
+
     def fold_retries(self, model: str, k: int) -> Path:
         """The failed attempts of a fold that was retrained (train.py, recipe.RetryPolicy)."""
         return self.fold(model, k) / "retries.json"

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 import ensemble
+import locks
 import postprocess
 import postprocessing
 import predict
@@ -78,7 +79,7 @@ from paths import Layout
 from postprocessing import PostprocessParams, input_store, load_params
 from recipe import RetryPolicy, check_config, check_recipes_early
 from report import Case, ReportInputs, write_report
-from runtime import Dist
+from runtime import PARENT_ENV, Dist
 from stamps import Stamps, digest
 
 log = logging.getLogger("pipeline")
@@ -145,29 +146,36 @@ def train_in_parallel(
     running: list[tuple[str, int, subprocess.Popen, Any]] = []
     failed: list[str] = []
     start = time.perf_counter()
-    while jobs or running:
-        while jobs and len(running) < parallel:
-            model, fold = jobs.pop(0)
-            env = dict(os.environ)
-            if gpus > 1:
-                env["CUDA_VISIBLE_DEVICES"] = str(fold % gpus)
-            log_file = (logs / f"train_{model}_fold{fold}.log").open("w")
-            cmd = [sys.executable, str(Path(train.__file__).resolve()), "--model", model]
-            cmd += ["--fold", str(fold), "--resume", *common]
-            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-            running.append((model, fold, proc, log_file))
-            log.info("train %s fold %d: started (log %s)", model, fold, log_file.name)
-        time.sleep(0.2)
-        for entry in [r for r in running if r[2].poll() is not None]:
-            model, fold, proc, log_file = entry
-            running.remove(entry)
+    try:
+        while jobs or running:
+            while jobs and len(running) < parallel:
+                model, fold = jobs.pop(0)
+                env = {**os.environ, PARENT_ENV: str(os.getpid())}
+                if gpus > 1:
+                    env["CUDA_VISIBLE_DEVICES"] = str(fold % gpus)
+                log_file = (logs / f"train_{model}_fold{fold}.log").open("w")
+                cmd = [sys.executable, str(Path(train.__file__).resolve()), "--model", model]
+                cmd += ["--fold", str(fold), "--resume", *common]
+                proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+                running.append((model, fold, proc, log_file))
+                log.info("train %s fold %d: started (log %s)", model, fold, log_file.name)
+            time.sleep(0.2)
+            for entry in [r for r in running if r[2].poll() is not None]:
+                model, fold, proc, log_file = entry
+                running.remove(entry)
+                log_file.close()
+                tail = Path(log_file.name).read_text().strip().splitlines()[-1:] or [""]
+                if proc.returncode:
+                    failed.append(f"{model} fold {fold} (exit {proc.returncode}, {log_file.name})")
+                    log.error("train %s fold %d failed: %s", model, fold, tail[0])
+                else:
+                    log.info("train %s", tail[0])
+    finally:
+        # an interrupt (Ctrl-C, an error here) ends the children too; SIGKILL: end_with_parent
+        for _, _, proc, log_file in running:
+            proc.terminate()
+            proc.wait()
             log_file.close()
-            tail = Path(log_file.name).read_text().strip().splitlines()[-1:] or [""]
-            if proc.returncode:
-                failed.append(f"{model} fold {fold} (exit {proc.returncode}, {log_file.name})")
-                log.error("train %s fold %d failed: %s", model, fold, tail[0])
-            else:
-                log.info("train %s", tail[0])
     if failed:
         raise StageFailed("training failed: " + "; ".join(failed))
     return time.perf_counter() - start
@@ -201,7 +209,7 @@ def run_stages(
     parallel: int = 1,
     search: Sequence[str] = (),
 ) -> dict[str, float]:
-    """Every stale stage, in order; returns the seconds spent per stage.
+    """Every stale stage, in order (after `preflight`); returns the seconds per stage.
 
     `model_cfgs`: each model's config as train.py resolves it. `search`: extra flags of
     the optuna stages (ensemble, tune), e.g. `--storage URL`.
@@ -210,7 +218,6 @@ def run_stages(
     names = list(model_cfgs)
     n_folds = int(cfg["data"]["n_folds"])
     timings: dict[str, float] = {}
-    preflight(cfg, model_cfgs)
     for name, model_cfg in model_cfgs.items():
         check_recipes_early(model_cfg, name, range(n_folds))
     if parallel > 1:
@@ -485,9 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             studies.open_storage(args.storage)  # a bad URL fails now, not after training
             search = ["--storage", args.storage]
         model_cfgs = {n: resolve_cli_config(args, model=n) for n in model_names(cfg)}
-        timings = run_stages(cfg, model_cfgs, common, args.parallel, search)
-        summary = summarise(cfg, timings, started)
-    except (ConfigError, DataError, StageFailed) as exc:
+        preflight(cfg, model_cfgs)  # reads only: a typo fails before the folder exists
+        layout = Layout.of(cfg)
+        with locks.hold(layout.lock, f"experiment {layout.root}"):
+            timings = run_stages(cfg, model_cfgs, common, args.parallel, search)
+            summary = summarise(cfg, timings, started)
+    except (ConfigError, DataError, StageFailed, locks.InUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print()

@@ -280,6 +280,13 @@ def load_params(path: Path) -> PostprocessParams:
         raise ConfigError(f"{path}: not valid post-processing parameters ({exc})") from exc
 
 
+# Pixels post-processed or held at once by class_maps. A map costs 5 to 14 bytes per
+# pixel while it is made (40 for a map of pure noise): one 8000 x 6000 frame took 0.25 to
+# 0.65 GB, and threads working on several at once took the stage past 3 GB. 64 M is one
+# such frame, or 50 of the real 1280 x 959 ones, more than any window of workers here.
+PIXEL_BUDGET = 64_000_000
+
+
 def class_maps(
     store: ProbMaps, params: PostprocessParams, n_jobs: int = -1
 ) -> Iterator[tuple[str, np.ndarray]]:
@@ -289,20 +296,24 @@ def class_maps(
     not joblib's thread pool: its workers are joined when the generator closes (a failed
     write), whereas daemon workers still inside OpenCV at interpreter exit aborted the
     process (exit 134) after the error was printed. A window of twice the workers keeps
-    memory to a few maps whatever the store's length.
+    memory to a few maps whatever the store's length, and PIXEL_BUDGET to one at a time
+    when the images are huge.
     """
     workers = effective_n_jobs(n_jobs)
-    pending: deque[tuple[str, Future[np.ndarray]]] = deque()
+    pending: deque[tuple[str, int, Future[np.ndarray]]] = deque()
+    in_flight = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="postprocess") as pool:
         try:
             for i, image_id in enumerate(store.ids):
-                job = pool.submit(postprocess, store.raw[i], store.orig_sizes[i], params)
-                pending.append((image_id, job))
-                if len(pending) > 2 * workers:
-                    done_id, done = pending.popleft()
+                h, w = store.orig_sizes[i]
+                while pending and (len(pending) >= 2 * workers or in_flight + h * w > PIXEL_BUDGET):
+                    done_id, pixels, done = pending.popleft()
+                    in_flight -= pixels
                     yield done_id, done.result()
-            while pending:
-                done_id, done = pending.popleft()
+                job = pool.submit(postprocess, store.raw[i], (h, w), params)
+                pending.append((image_id, h * w, job))
+                in_flight += h * w
+            for done_id, _, done in pending:
                 yield done_id, done.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

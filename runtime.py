@@ -6,9 +6,11 @@ precision and memory format that training used.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
+import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +138,26 @@ def kill_point(name: str) -> None:
     """SIGKILL this process at `name` when NEOPOLYP_KILL_AT asks for it (tests only)."""
     if os.environ.get("NEOPOLYP_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# Set by `pipeline.py --parallel` in each train.py it starts: the pipeline's pid.
+PARENT_ENV = "NEOPOLYP_PARENT_PID"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_parent() -> None:
+    """In a child of `pipeline.py --parallel`: be sent SIGTERM when the pipeline dies.
+
+    A parent killed by SIGKILL (an out-of-memory kill, a notebook's stop button) runs no
+    cleanup, so only the kernel can end its children; left alone they trained on for hours
+    and held their folds' locks. Linux only: elsewhere the children outlive the parent.
+    """
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def forced_fold_failure(model: str, fold: int, attempt: int) -> bool | None:

@@ -29,11 +29,13 @@ import math
 import shutil
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as tdist
 
+import locks
 import tracking
 from config import (
     ConfigError,
@@ -86,6 +88,7 @@ from runtime import (
     Dist,
     configure_cpu_threads,
     configure_determinism,
+    end_with_parent,
     init_dist,
     kill_point,
 )
@@ -202,6 +205,12 @@ def train_fold(
     loaders = build_loaders(cfg, data, fold, dist)
     learner = build_learner(cfg, entry, fold, dist, steps_per_epoch=len(loaders.train))
     state = FitState(*_resume(learner, out, split_id, resume, name, cfg["train"]))
+    if state.epoch and not (out / "best.pt").is_file():
+        # written at the first epoch: without it the best weights are lost, resuming or not
+        raise ConfigError(
+            f"{out / 'best.pt'} is missing, but {out / 'last.pt'} has {state.epoch} epochs: "
+            f"retrain the fold with train.py --model {model_name} --fold {fold} --force"
+        )
     meta = {
         "model_name": model_name,
         "arch": entry["arch"],
@@ -275,26 +284,28 @@ def train_fold_retrying(
     policy = RetryPolicy.from_config(cfg)
     layout = Layout.of(cfg)
     name = f"{model_name} fold {fold}"
-    while True:
-        summary = train_fold(cfg, model_name, fold, data, dist, resume=resume, force=force)
-        force = False
-        reason = judge_fold(cfg, model_name, fold)
-        if reason is None:
-            return summary
-        if policy.attempts == 0:
-            log.warning("%s failed: %s (kept: retry.attempts is 0)", name, reason)
-            return summary
-        attempt = len(failed_attempts(layout, model_name, fold))
-        if attempt >= policy.attempts:
-            raise FoldFailed(
-                f"{name} failed after {attempt} retrain(s): {reason}; its attempts are in "
-                f"{layout.fold_retries(model_name, fold)}. Check the recipe, or raise "
-                "retry.attempts"
-            )
-        if dist.is_main:
-            retire_attempt(cfg, model_name, fold, reason)
-        dist.barrier()
-        log.warning("%s failed (%s); retraining it, attempt %d", name, reason, attempt + 1)
+    # rank 0 holds it for the whole DDP group: the other ranks follow its barriers
+    with locks.hold(layout.fold_lock(model_name, fold), name) if dist.is_main else nullcontext():
+        while True:
+            summary = train_fold(cfg, model_name, fold, data, dist, resume=resume, force=force)
+            force = False
+            reason = judge_fold(cfg, model_name, fold)
+            if reason is None:
+                return summary
+            if policy.attempts == 0:
+                log.warning("%s failed: %s (kept: retry.attempts is 0)", name, reason)
+                return summary
+            attempt = len(failed_attempts(layout, model_name, fold))
+            if attempt >= policy.attempts:
+                raise FoldFailed(
+                    f"{name} failed after {attempt} retrain(s): {reason}; its attempts are in "
+                    f"{layout.fold_retries(model_name, fold)}. Check the recipe, or raise "
+                    "retry.attempts"
+                )
+            if dist.is_main:
+                retire_attempt(cfg, model_name, fold, reason)
+            dist.barrier()
+            log.warning("%s failed (%s); retraining it, attempt %d", name, reason, attempt + 1)
 
 
 def write_fold_oof(
@@ -366,6 +377,7 @@ def _summary(
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = cli.train_parser().parse_args(argv)
+    end_with_parent()
     dist = init_dist()
     setup_logging(logging.INFO if dist.is_main else logging.WARNING)
     try:
@@ -387,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, k in enumerate(folds):
                 if judge_fold(cfg, args.model, k) is not None:
                     summaries[i] = train_fold_retrying(cfg, args.model, k, data, dist)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, locks.InUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FoldFailed as exc:

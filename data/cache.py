@@ -252,9 +252,19 @@ def check_masks(
 
 
 def load_item(item: CachedItem) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image (uint8 HxWx3) and class map (uint8 HxW, or None) at the working size."""
-    image = np.load(item.image_file)
-    mask = np.load(item.mask_file) if item.mask_file is not None else None
+    """Image (uint8 HxWx3) and class map (uint8 HxW, or None) at the working size.
+
+    A file gone or damaged since the cache was checked (another run cleaning the cache,
+    a disk error) is a DataError naming it: a rerun rebuilds that item.
+    """
+    try:
+        image = np.load(item.image_file)
+        mask = np.load(item.mask_file) if item.mask_file is not None else None
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"cache of {item.id} unreadable during the run ({exc}); "
+            "run the command again: it rebuilds the item"
+        ) from exc
     return image, mask
 
 

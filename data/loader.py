@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from data.dataset import SegDataset
+from data.reader import DataError
 from runtime import derive_seed
 
 
@@ -106,12 +107,16 @@ class SeededDataset(Dataset):
 
 # Seconds a loader may deliver nothing before the stage stops (`data.loader_timeout_s`).
 DEFAULT_TIMEOUT_S = 600.0
+# How often a waiting loader checks that its workers live. The workers are the fork
+# server's children, so the SIGCHLD PyTorch listens for never reaches the stage: without
+# this a worker killed by the out-of-memory killer was noticed only at the timeout.
+POLL_S = 5.0
 # Imported once by the fork server, so each worker forked from it starts in milliseconds.
 _PRELOAD = ["torch", "cv2", "albumentations", "data.dataset", "data.loader"]
 
 
 class LoaderStalled(RuntimeError):
-    """A loader delivered no batch within its timeout: a hung or dead worker, not slowness."""
+    """A loader's worker died, or delivered no batch within the timeout (hung)."""
 
 
 def _init_worker(_: int) -> None:
@@ -137,33 +142,61 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 class WatchedLoader(DataLoader):
-    """A DataLoader that names itself when its workers stop delivering batches.
+    """A DataLoader that names itself when its workers die or stop delivering batches.
 
-    The DataLoader's own `timeout` turns a hang into an exception; this class turns that
-    exception into one that says which stage's loader it was and how to change the limit.
+    It waits in steps of the DataLoader's own `timeout` (POLL_S), at each of which
+    PyTorch checks its workers: a dead one is reported at once, a hung one once `stall_s`
+    has passed without a batch. Either way the error says which stage's loader it was.
     """
 
-    def __init__(self, *args: Any, name: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, name: str, stall_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.name = name
+        self.stall_s = stall_s
 
     def __iter__(self) -> Iterator[Any]:
         batches = super().__iter__()
         while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except RuntimeError as exc:
-                if "timed out" not in str(exc):
-                    raise
-                raise LoaderStalled(
-                    f"{self.name}: the data loader delivered nothing for {self.timeout:.0f} s "
-                    "(a hung or killed worker); stopped instead of waiting forever. Raise "
-                    "data.loader_timeout_s if batches are genuinely that slow, or run with "
-                    "--workers 0 to load in the main process"
-                ) from exc
+            waited = 0.0
+            while True:
+                try:
+                    batch = next(batches)
+                    break
+                except StopIteration:
+                    return
+                except DataError as exc:
+                    raise DataError(_own_words(exc)) from exc
+                except RuntimeError as exc:
+                    waited += self.timeout
+                    self._judge(exc, waited)
             yield batch
+
+    def _judge(self, exc: RuntimeError, waited: float) -> None:
+        """Return to wait on (a step of a slow batch), or raise what the stage reports."""
+        if "exited unexpectedly" in str(exc):
+            raise LoaderStalled(
+                f"{self.name}: a data loader worker died ({exc}; the out-of-memory killer, "
+                "or a crash in a C library). Lower data.num_workers or train.batch_size, or "
+                "run with --workers 0 to load in the main process"
+            ) from exc
+        if "timed out" not in str(exc):
+            raise exc
+        if waited >= self.stall_s:
+            raise LoaderStalled(
+                f"{self.name}: the data loader delivered nothing for {self.stall_s:.0f} s "
+                "(a hung worker); stopped instead of waiting forever. Raise "
+                "data.loader_timeout_s if batches are genuinely that slow, or run with "
+                "--workers 0 to load in the main process"
+            ) from exc
+
+
+def _own_words(exc: DataError) -> str:
+    """A worker's DataError without the worker's traceback, which PyTorch puts into the
+    message it re-raises, so the stage still reports it in one line."""
+    text = str(exc)
+    if not text.startswith("Caught DataError"):
+        return text
+    return text.rstrip().splitlines()[-1].split(": ", 1)[-1]
 
 
 def make_loader(
@@ -182,6 +215,7 @@ def make_loader(
     return WatchedLoader(
         dataset,
         name=name,
+        stall_s=float(timeout_s),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
@@ -190,7 +224,7 @@ def make_loader(
         drop_last=drop_last,
         worker_init_fn=_init_worker if workers else None,
         multiprocessing_context=worker_context() if workers else None,
-        timeout=float(timeout_s) if workers else 0,
+        timeout=min(POLL_S, float(timeout_s)) if workers else 0,
     )
 
 

@@ -167,15 +167,30 @@ def _require(dirs: dict[str, Path | None], name: str, data_dir: str | Path) -> P
     return folder
 
 
+_SHOWN = 20  # unpaired files named in an error; the rest are counted
+
+
 def _paired(data_dir: str | Path, image_key: str, mask_key: str) -> list[Sample]:
     dirs = find_dirs(data_dir)
     images_dir = _require(dirs, image_key, data_dir)
     masks_dir = _require(dirs, mask_key, data_dir)
     pairing = pair_folders(images_dir, masks_dir)
-    if pairing.problems:
-        raise DataError("unpaired files:\n  " + "\n  ".join(pairing.problems))
     if not pairing.samples:
-        raise DataError(f"no images in {images_dir}")
+        # one line per file of the other folder would bury the cause (a copy that failed)
+        counts = {
+            images_dir: len(pairing.images_without_mask),
+            masks_dir: len(pairing.masks_without_image),
+        }
+        for folder, other in ((images_dir, masks_dir), (masks_dir, images_dir)):
+            if not counts[folder]:
+                raise DataError(
+                    f"{folder} is empty (no image files), and {other} holds {counts[other]}"
+                )
+    if pairing.problems:
+        shown = pairing.problems[:_SHOWN]
+        more = len(pairing.problems) - len(shown)
+        tail = [f"... and {more} more (python -m data.check lists all)"] if more else []
+        raise DataError("unpaired files:\n  " + "\n  ".join([*shown, *tail]))
     return pairing.samples
 
 

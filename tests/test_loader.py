@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from data.cache import CachedItem
 from data.dataset import SegDataset
 from data.loader import LoaderStalled, make_loader
+from data.reader import DataError
 from tests.trainkit import ROOT, write_config
 
 # Generous: the run takes ~20 s; the limit only turns a deadlock into a failure.
@@ -56,3 +58,51 @@ def test_a_stalled_worker_stops_the_loader_with_its_name(tmp_path: Path) -> None
     )
     with pytest.raises(LoaderStalled, match=r"demo fold 3 validation.*nothing for 2 s"):
         next(iter(loader))
+
+
+class _DiesOnFirstItem(torch.utils.data.Dataset):
+    """A worker that the kernel kills mid-batch, as the out-of-memory killer does."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(1)
+
+
+def test_a_dead_worker_is_reported_as_dead_not_waited_on_until_the_timeout() -> None:
+    """Workers are the fork server's children, so PyTorch's SIGCHLD check never fired and
+    the stage waited the whole loader_timeout_s (600 s by default) to report a stall."""
+    loader = make_loader(
+        _DiesOnFirstItem(),
+        batch_size=1,
+        num_workers=1,
+        device=torch.device("cpu"),
+        sampler=None,
+        name="demo fold 1 training",
+        timeout_s=HANG_LIMIT_S,
+    )
+    with pytest.raises(LoaderStalled, match=r"demo fold 1 training: a data loader worker died"):
+        next(iter(loader))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_cache_file_gone_mid_run_is_one_line_naming_the_item(
+    tmp_path: Path, workers: int
+) -> None:
+    item = CachedItem("abc", (10, 10), "red", tmp_path / "gone.image.npy", None)
+    loader = make_loader(
+        SegDataset([item], transform=None),
+        batch_size=1,
+        num_workers=workers,
+        device=torch.device("cpu"),
+        sampler=None,
+        name="demo",
+        timeout_s=HANG_LIMIT_S,
+    )
+    with pytest.raises(DataError) as info:
+        next(iter(loader))
+    message = str(info.value)
+    assert message.startswith("cache of abc unreadable during the run (") and "\n" not in message
+    assert "gone.image.npy" in message and "run the command again" in message

@@ -17,12 +17,11 @@ import yaml
 import pipeline
 from data.probstore import blend as blend_maps
 from data.probstore import load_probs, save_probs
-from data.reader import DataError, list_test, list_test_gt, load_mask
+from data.reader import list_test, list_test_gt, load_mask
 from data.submission import check_submission
 from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps
 from report import read_submission
-from stamps import Stamps, digest
 from tests.trainkit import demo_model, write_config
 
 TEST_TABLE = "Test set (original size, test_gt/)"
@@ -179,36 +178,6 @@ def _stages_run(out: str) -> set[str]:
     table = out.split("Stages run in this call")[1].strip().split("\n\n")[0]
     rows = [line.rsplit(None, 1)[0].strip() for line in table.splitlines()[1:]]
     return {name for name in rows if not name.startswith("train")}
-
-
-def test_a_stage_is_due_when_its_inputs_bytes_change_whatever_the_file_times(tmp_path):
-    src, dst, folder = tmp_path / "in", tmp_path / "out", tmp_path / "store"
-    folder.mkdir()
-    (folder / "probs.npy").write_bytes(b"abc")
-    src.write_text("a")
-    stamps = Stamps(tmp_path / "stamps.json")
-    ident = digest([src, folder])
-    assert stamps.changed("s", ident, [dst])  # no output yet
-    dst.write_text("b")
-    assert stamps.changed("s", ident, [dst])  # never ran
-    stamps.record("s", ident)
-    assert not Stamps(tmp_path / "stamps.json").changed("s", digest([src, folder]), [dst])
-    ahead = time.time() + 3600  # outputs "newer" than anything: only the bytes count
-    os.utime(dst, (ahead, ahead))
-    src.write_text("A")
-    assert stamps.changed("s", digest([src, folder]), [dst])
-    src.write_text("a")
-    (folder / "probs.npy").write_bytes(b"abd")
-    assert stamps.changed("s", digest([src, folder]), [dst])
-    (folder / "probs.npy").write_bytes(b"abc")
-    os.utime(src, (ahead, ahead))  # a touched input with the same bytes changes nothing
-    assert not stamps.changed("s", digest([src, folder]), [dst])
-    assert digest([src, folder]) != digest([folder, src])
-    with pytest.raises(DataError, match="gone: input not found"):
-        digest([tmp_path / "gone"])
-    (tmp_path / "stamps.json").write_text("{")
-    with pytest.raises(DataError, match=r"stamps\.json: unreadable"):
-        Stamps(tmp_path / "stamps.json")
 
 
 def test_a_bad_config_fails_before_any_stage(tmp_path, tiny_data, capsys):

@@ -9,7 +9,7 @@ import yaml
 
 import postprocess as submission_stage
 import postprocessing as pp
-from data.probstore import save_probs
+from data.probstore import load_probs, save_probs
 from data.submission import check_submission, rle_decode
 from postprocessing import PostprocessParams, postprocess
 
@@ -407,3 +407,37 @@ def test_a_write_that_fails_half_way_exits_with_one_line_and_no_submission(tmp_p
         assert done.returncode == 1, done.stderr[-2000:]
         assert "submission.csv" in done.stderr and "File too large" in done.stderr
         assert list(exp.glob("*submission*")) == []
+
+
+def test_huge_frames_are_post_processed_one_at_a_time_within_the_pixel_budget(
+    tmp_path, monkeypatch
+):
+    """Threads took several 8000 x 6000 maps at once (3.7 GB); the budget bounds what is
+    being made or waiting to be written, in pixels, whatever the number of workers."""
+    import threading
+    import time
+
+    sizes = [(6000, 8000)] * 4 + [(959, 1280)] * 12 + [(6000, 8000)] * 2
+    ids = [f"{k:032x}" for k in range(len(sizes))]
+    save_probs(
+        tmp_path, ids, np.zeros((len(ids), 3, 4, 4), np.float32), sizes, kind="test", model="blend"
+    )
+    lock = threading.Lock()
+    alive, peak = 0, 0
+
+    def fake(probs, size, params):
+        nonlocal alive, peak
+        with lock:
+            alive += size[0] * size[1]
+            peak = max(peak, alive)
+        time.sleep(0.01)  # give the other workers the chance to start theirs
+        return np.full(size[:1], size[1], np.int64)
+
+    monkeypatch.setattr(pp, "postprocess", fake)
+    seen = []
+    for image_id, fake_map in pp.class_maps(load_probs(tmp_path), PostprocessParams(), 4):
+        with lock:
+            alive -= fake_map.shape[0] * int(fake_map[0])
+        seen.append(image_id)
+    assert seen == ids
+    assert 6000 * 8000 <= peak <= pp.PIXEL_BUDGET

@@ -179,8 +179,39 @@ def test_missing_folders_and_dirs_raise(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="train_gt"):
         list_train(tmp_path)
     (tmp_path / "train_gt").mkdir()
-    with pytest.raises(DataError, match="no images"):
+    with pytest.raises(
+        DataError, match=r"train is empty \(no image files\), and .*train_gt holds 0"
+    ):
         list_train(tmp_path)
+
+
+def test_an_empty_folder_is_named_not_every_file_of_the_other(tiny_data_copy: Path) -> None:
+    """A copy that failed (train/ empty, train_gt/ full) said one line per mask."""
+    masks = len(list(tiny_data_copy.glob("train_gt/*")))
+    for image in (tiny_data_copy / "train").iterdir():
+        image.unlink()
+    with pytest.raises(DataError) as info:
+        list_train(tiny_data_copy)
+    assert str(info.value) == (
+        f"{tiny_data_copy / 'train'} is empty (no image files), and "
+        f"{tiny_data_copy / 'train_gt'} holds {masks}"
+    )
+    for mask in (tiny_data_copy / "train_gt").iterdir():
+        mask.unlink()
+    (tiny_data_copy / "train").rmdir()
+    shutil.copytree(tiny_data_copy / "test", tiny_data_copy / "train")
+    with pytest.raises(DataError, match=r"train_gt is empty \(no image files\), and .*train holds"):
+        list_train(tiny_data_copy)
+
+
+def test_many_unpaired_files_are_counted_past_the_first_twenty(tiny_data_copy: Path) -> None:
+    mask = list_train(tiny_data_copy)[0].mask
+    for k in range(25):
+        shutil.copy(mask, tiny_data_copy / "train_gt" / f"{k:032x}.jpeg")
+    with pytest.raises(DataError) as info:
+        list_train(tiny_data_copy)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 1 + 20 + 1 and lines[-1].strip().startswith("... and 5 more")
 
 
 def test_exif_orientation_is_ignored_so_sizes_agree_with_the_submission(tmp_path):

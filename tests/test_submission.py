@@ -213,3 +213,19 @@ def test_cli_exit_codes(test_dir, tmp_path):
     assert res.returncode == 1 and "missing row" in res.stdout
     res = run(tmp_path / "absent.csv")
     assert res.returncode == 1 and "cannot read" in res.stdout
+
+
+def test_a_full_size_map_with_many_runs_passes_the_check(tmp_path):
+    """A 1280-wide frame whose mask alternates every other column over 200 rows: 1.2 MB
+    of runs in one row, which csv's default field limit (128 KiB) refused as unreadable."""
+    test = tmp_path / "data" / "test"
+    test.mkdir(parents=True)
+    image_id = "d" * 32
+    cv2.imwrite(str(test / f"{image_id}.jpeg"), np.zeros((959, 1280, 3), np.uint8))
+    class_map = np.zeros((959, 1280), np.uint8)
+    class_map[100:300, ::2] = 1
+    class_map[500:510, 1::2] = 2
+    out = tmp_path / "submission.csv"
+    write_submission(out, [(image_id, class_map)])
+    assert len(out.read_text()) > 1_000_000
+    assert check_submission(out, tmp_path / "data") == []

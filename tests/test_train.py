@@ -279,6 +279,27 @@ def test_a_changed_recipe_is_refused_with_its_keys_then_force_retrains(
     assert load_checkpoint(out / "last.pt")["config"]["train"]["lr"] == 0.001
 
 
+def test_a_finished_folds_lost_best_pt_names_the_retrain_command(
+    trained: Path, tmp_path: Path, tiny_data: Path, capsys
+) -> None:
+    """It said "checkpoint not found" on every rerun: last.pt cannot stand in for the
+    best epoch's weights, so the only remedy is to retrain that fold."""
+    import shutil
+
+    shutil.copytree(trained / "out", tmp_path / "out")
+    config = write_config(tmp_path, tiny_data)
+    out = fold_path(tmp_path)
+    (out / "best.pt").unlink()
+    last = (out / "last.pt").stat().st_mtime_ns
+    assert run_main(config, "--fold", "0", "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'best.pt'} is missing, but {out / 'last.pt'} has 2 epochs" in err
+    assert "train.py --model tiny --fold 0 --force" in err
+    assert (out / "last.pt").stat().st_mtime_ns == last
+    assert run_main(config, "--fold", "0", "--force") == 0
+    assert load_checkpoint(out / "best.pt")["fold"] == 0
+
+
 def test_a_new_split_refuses_folds_of_the_old_one(
     trained: Path, tmp_path: Path, tiny_data_copy: Path, capsys
 ) -> None:
