@@ -13,12 +13,13 @@ import torch
 
 import engine
 import optim
+import train
 from config import ConfigError, load_config
 from data.loader import SeededSampler, stratum_weights
 from data.paste import free_space, paste_one
 from models.inference import load_checkpoint
 from models.losses import SegLoss
-from tests.trainkit import fold_path, history, run_main, write_config
+from tests.trainkit import best_only_at, fold_path, history, run_main, write_config
 
 
 def lr_curve(tcfg: dict, steps_per_epoch: int) -> list[float]:
@@ -198,21 +199,23 @@ def test_extra_losses_on_hand_made_cases() -> None:
 
 
 def test_ema_weights_are_validated_saved_and_resumed_exactly(
-    tmp_path: Path, tiny_data: Path
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     straight_dir, resumed_dir = tmp_path / "a", tmp_path / "b"
     straight_dir.mkdir()
     resumed_dir.mkdir()
     recipe = {"ema": 0.5, "epochs": 2}
-    assert run_main(write_config(straight_dir, tiny_data, **recipe), "--fold", "0") == 0
+    with monkeypatch.context() as forced:  # best.pt from the last epoch, on every run
+        forced.setattr(train, "fit", best_only_at(2))
+        assert run_main(write_config(straight_dir, tiny_data, **recipe), "--fold", "0") == 0
     last = load_checkpoint(fold_path(straight_dir) / "last.pt")
     best = load_checkpoint(fold_path(straight_dir) / "best.pt")
     ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
     raw = last["model"]
     assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
-    if best["epoch"] == 2:
-        for k, v in best["model"].items():
-            torch.testing.assert_close(v, ema[k])
+    assert best["epoch"] == 2
+    for k, v in best["model"].items():
+        torch.testing.assert_close(v, ema[k])
 
     config = write_config(resumed_dir, tiny_data, **recipe)
     cfg = load_config(config)

@@ -29,6 +29,7 @@ from models.losses import SegLoss
 from recipe import parse_folds
 from tests.trainkit import (
     ROOT,
+    best_only_at,
     fold_path,
     history,
     run_main,
@@ -56,6 +57,14 @@ CHECKPOINT_KEYS = {
     "config",
     "provenance",
 }
+
+
+def softmax_of(ckpt: dict, items: dict, ids: list[str]) -> np.ndarray:
+    """A checkpoint's class probabilities for cached items, as the OOF maps store them."""
+    net = model_from_checkpoint(ckpt, torch.device("cpu"))
+    batch = torch.stack([to_tensor(load_item(items[i])[0]) for i in ids])
+    with torch.no_grad():
+        return torch.softmax(net(batch), 1).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -101,18 +110,26 @@ def test_two_epochs_write_every_artefact(trained: Path, tiny_data: Path) -> None
     orig = {s.id: load_image(s.image).shape[:2] for s in list_train(tiny_data)}
     assert oof.orig_sizes == [orig[i] for i in oof.ids]
 
-    # The maps are best.pt's softmax of the fold's validation images, not last.pt's.
+    # The maps are best.pt's softmax of the fold's validation images.
     items = train_items(write_config(trained, tiny_data))
+    assert np.abs(oof.as_float() - softmax_of(best, items, oof.ids)).max() < 1.5 / 255
 
-    def softmax_of(ckpt: dict) -> np.ndarray:
-        net = model_from_checkpoint(ckpt, torch.device("cpu"))
-        batch = torch.stack([to_tensor(load_item(items[i])[0]) for i in oof.ids])
-        with torch.no_grad():
-            return torch.softmax(net(batch), 1).numpy()
 
-    assert np.abs(oof.as_float() - softmax_of(best)).max() < 1.5 / 255
-    if best["epoch"] != last["epoch"]:
-        assert np.abs(oof.as_float() - softmax_of(last)).max() > 0.05
+def test_oof_maps_come_from_best_pt_not_from_the_last_epoch(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The best epoch is forced to be the first, so that best.pt and last.pt differ on
+    every run (the check used to apply only when the scores happened to fall that way)."""
+    monkeypatch.setattr(train, "fit", best_only_at(1))
+    config = write_config(tmp_path, tiny_data)
+    assert run_main(config, "--fold", "0") == 0
+    out = fold_path(tmp_path)
+    best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
+    assert (best["epoch"], last["epoch"]) == (1, 2)
+    oof = load_probs(out / "oof")
+    items = train_items(config)
+    assert np.abs(oof.as_float() - softmax_of(best, items, oof.ids)).max() < 1.5 / 255
+    assert np.abs(oof.as_float() - softmax_of(last, items, oof.ids)).max() > 0.05
 
 
 def test_complete_fold_is_skipped(trained: Path, caplog: pytest.LogCaptureFixture) -> None:
