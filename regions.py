@@ -37,7 +37,6 @@ class Region:
     """One predicted region of one image: its label in the image and its square window."""
 
     label: int
-    area: int
     box: tuple[int, int, int, int]  # y0, y1, x0, x1 (end-exclusive)
 
 
@@ -56,8 +55,8 @@ def predicted_regions(
 
 
 def _region(label: int, stat: np.ndarray, shape: tuple[int, int], margin: float) -> Region:
-    x, y, w, h, area = (int(v) for v in stat[:5])
-    return Region(label, area, crop_box((y, y + h, x, x + w), shape, margin))
+    x, y, w, h = (int(v) for v in stat[:4])
+    return Region(label, crop_box((y, y + h, x, x + w), shape, margin))
 
 
 def crop_box(
