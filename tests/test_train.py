@@ -223,8 +223,17 @@ def test_the_training_loop_never_sees_its_folds_validation_images(
 
         return run_in_phase
 
+    pasted: set[str] = set()
+
+    def recording_paste(load):
+        def load_pasted(item):
+            pasted.add(item.id)
+            return load(item)
+
+        return recording(load_pasted)
+
     monkeypatch.setattr(data.dataset, "load_item", recording(data.dataset.load_item))
-    monkeypatch.setattr(data.paste, "load_item", recording(data.paste.load_item))
+    monkeypatch.setattr(data.paste, "load_item", recording_paste(data.paste.load_item))
     monkeypatch.setattr(engine, "train_epoch", in_phase("train", engine.train_epoch))
     monkeypatch.setattr(engine, "evaluate", in_phase("validate", engine.evaluate))
     paste = "data.paste={p: 1.0, classes: [1, 2]}"
@@ -232,6 +241,7 @@ def test_the_training_loop_never_sees_its_folds_validation_images(
     split = split_of(tmp_path)
     assert loaded["validate"] == {i for i, k in split.items() if k == 0}
     assert loaded["train"] and loaded["train"] <= {i for i, k in split.items() if k != 0}
+    assert pasted and pasted <= loaded["train"]  # p = 1: every training sample got a paste
 
 
 @pytest.mark.parametrize(
