@@ -19,7 +19,7 @@ import data.paste
 import engine
 import train
 from config import load_config, parse_img_size
-from data.cache import load_item
+from data.cache import CachedItem, load_item
 from data.dataset import to_tensor
 from data.loader import SeededSampler
 from data.probstore import load_probs
@@ -242,6 +242,22 @@ def test_the_training_loop_never_sees_its_folds_validation_images(
     assert loaded["validate"] == {i for i, k in split.items() if k == 0}
     assert loaded["train"] and loaded["train"] <= {i for i, k in split.items() if k != 0}
     assert pasted and pasted <= loaded["train"]  # p = 1: every training sample got a paste
+
+
+def test_the_paste_settings_reach_the_pasting() -> None:
+    """`data.paste`'s p and classes, and their defaults (p 0.5, the rare class 2)."""
+    items = [
+        CachedItem(name, (10, 10), classes, Path(name), Path(name))
+        for name, classes in (("a", "red"), ("b", "green"), ("c", "both"), ("d", "none"))
+    ]
+    chosen = engine.paste_for({"data": {"paste": {"p": 0.3, "classes": [1]}}}, items)
+    assert (chosen.p, chosen.classes, [d.id for d in chosen.donors]) == (0.3, (1,), ["a", "c"])
+    default = engine.paste_for({"data": {"paste": {"classes": [1, 2]}}}, items)
+    assert (default.p, [d.id for d in default.donors]) == (0.5, ["a", "b", "c"])
+    rare = engine.paste_for({"data": {"paste": {"p": 1.0}}}, items)
+    assert (rare.classes, [d.id for d in rare.donors]) == ((2,), ["b", "c"])
+    assert engine.paste_for({"data": {}}, items) is None
+    assert engine.paste_for({"data": {"paste": None}}, items) is None
 
 
 @pytest.mark.parametrize(
