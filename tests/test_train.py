@@ -18,7 +18,7 @@ import data.dataset
 import data.paste
 import engine
 import train
-from config import load_config, parse_img_size
+from config import ConfigError, load_config, parse_img_size
 from data.cache import CachedItem, load_item
 from data.dataset import to_tensor
 from data.loader import SeededSampler
@@ -242,6 +242,38 @@ def test_the_training_loop_never_sees_its_folds_validation_images(
     assert loaded["validate"] == {i for i, k in split.items() if k == 0}
     assert loaded["train"] and loaded["train"] <= {i for i, k in split.items() if k != 0}
     assert pasted and pasted <= loaded["train"]  # p = 1: every training sample got a paste
+
+
+def test_a_folds_loaders_take_the_configured_augmentation_sampling_and_batches(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    """What reaches the loop besides the ids: the training transform with the config's
+    augmentation (validation without), the sampling weights, the seed, whole batches."""
+    import albumentations as A
+
+    from data.augment import build_transforms
+    from data.loader import stratum_weights
+    from data.prepare import eval_transform, prepare_train_data
+    from runtime import Dist
+
+    augment = "data.augment={vflip: false, affine: {p: 0.9}}"
+    sampling = "data.sampling={green: 3, both: 2}"
+    cfg = load_config(write_config(tmp_path, tiny_data), [augment, sampling, "seed=7"])
+    dist = Dist(rank=0, world_size=1, device=torch.device("cpu"))
+    data = prepare_train_data(cfg, dist)
+    loaders = engine.build_loaders(cfg, data, 1, dist)
+    train_set = loaders.train.dataset.dataset
+    expected = build_transforms((64, 64), True, vflip=False, affine={"p": 0.9})
+    assert A.to_dict(train_set.transform) == A.to_dict(expected)
+    assert A.to_dict(loaders.val.dataset.transform) == A.to_dict(eval_transform(cfg))
+    weights = stratum_weights([it.classes for it in train_set.items], {"green": 3, "both": 2})
+    assert loaders.sampler.weights.tolist() == weights and len(set(weights)) > 1
+    assert loaders.sampler.seed == 7
+    assert loaders.train.drop_last and loaders.train.name == "tiny fold 1 training"
+    assert loaders.val.name == "tiny fold 1 validation"
+    too_big = {**cfg, "train": {**cfg["train"], "batch_size": len(train_set.items) + 1}}
+    with pytest.raises(ConfigError, match=r"exceeds the \d+ training images of fold 1"):
+        engine.build_loaders(too_big, data, 1, dist)
 
 
 def test_the_paste_settings_reach_the_pasting() -> None:
