@@ -229,6 +229,42 @@ def test_ema_weights_are_validated_saved_and_resumed_exactly(
         assert a["competition"] == pytest.approx(b["competition"], abs=1e-6)
 
 
+def test_each_epoch_is_seeded_by_the_seed_the_fold_and_the_epoch(monkeypatch) -> None:
+    """So that another seed, another fold or the next epoch draws other batches and
+    augmentations, and a resumed epoch the same ones."""
+    from runtime import derive_seed
+
+    seen: list[int] = []
+
+    def recorded(learner, loaders, epoch, dist, desc, seed):
+        seen.append(seed)
+        return {"competition": 0.1 * epoch}
+
+    monkeypatch.setattr(engine, "run_epoch", recorded)
+
+    def seeds(seed: int, fold: int, start: int = 0) -> list[int]:
+        seen.clear()
+        cfg = {"seed": seed, "train": {"epochs": 3}}
+        list(engine.fit(cfg, None, None, fold, None, "demo", engine.FitState(epoch=start)))
+        return list(seen)
+
+    first = seeds(0, 0)
+    assert first == [derive_seed(0, 0, e) for e in range(3)] and len(set(first)) == 3
+    assert set(first).isdisjoint(seeds(1, 0)) and set(first).isdisjoint(seeds(0, 1))
+    assert seeds(0, 0, start=2) == first[2:]
+
+
+def test_best_pt_is_picked_by_the_configured_metric(tmp_path: Path, tiny_data: Path) -> None:
+    config = write_config(tmp_path, tiny_data, epochs=2, best_metric="dice_seg")
+    assert run_main(config, "--fold", "0") == 0
+    records = history(fold_path(tmp_path))
+    best = max(records, key=lambda r: r["dice_seg"])
+    assert [r["best"] for r in records] == [True, records[1]["dice_seg"] > records[0]["dice_seg"]]
+    last = load_checkpoint(fold_path(tmp_path) / "last.pt")
+    assert last["best_score"] == best["dice_seg"] != max(r["competition"] for r in records)
+    assert load_checkpoint(fold_path(tmp_path) / "best.pt")["epoch"] == best["epoch"]
+
+
 def test_early_stop_ends_a_flat_fold_and_counts_it_complete(
     tmp_path: Path, tiny_data: Path
 ) -> None:
