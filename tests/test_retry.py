@@ -11,7 +11,8 @@ import yaml
 
 import pipeline
 from config import ConfigError, load_config
-from engine import fold_verdict, read_log
+from engine import fold_verdict, judge_fold, read_log, retire_attempt, write_log
+from paths import Layout
 from recipe import RetryPolicy, fold_recipe
 from tests.trainkit import fold_path, run_main, write_config
 
@@ -36,6 +37,76 @@ def test_a_fold_fails_when_it_never_beats_nothing_or_trails_its_model():
     assert fold_verdict(history([0.6]), "competition", others[:1], 0.15) is None  # 1 other
     old_log = [{"epoch": 1, "competition": 0.1}]  # written before "nothing" was recorded
     assert fold_verdict(old_log, "competition", [], 0.15) is None
+
+
+def test_a_fold_is_judged_on_its_metric_against_its_models_other_complete_folds(
+    tmp_path, tiny_data, monkeypatch
+):
+    """judge_fold reads the logs the folds left: only complete folds of the same model are
+    the fold's peers, and the configured best_metric is the one judged."""
+    monkeypatch.delenv("NEOPOLYP_FAIL_FOLD", raising=False)
+    overrides = ["retry.margin=0.05", "data.n_folds=5"]
+    cfg = load_config(write_config(tmp_path, tiny_data), overrides)  # 2 epochs
+    layout = Layout.of(cfg)
+
+    def fold(k: int, gain: float, epochs: int = 2, model: str = "tiny") -> None:
+        out = layout.fold(model, k)
+        (out / "oof").mkdir(parents=True)
+        (out / "best.pt").write_bytes(b"weights")
+        (out / "oof" / "meta.json").write_text("{}")
+        nothing = {"competition": 0.4, "dice_seg": 0.5}
+        records = [
+            {"epoch": e, "competition": 0.4 + gain, "dice_seg": 0.5, "nothing": nothing}
+            for e in range(1, epochs + 1)
+        ]
+        write_log(out / "log.jsonl", records)
+
+    fold(0, 0.30)
+    fold(1, 0.40)
+    fold(2, 0.20)
+    fold(3, 0.90, epochs=1)  # unfinished: no peer yet
+    fold(4, 0.90, epochs=1)
+    fold(0, 0.0, model="other")  # another model's fold: no peer either
+    # peers 0.40 and 0.20: median 0.30, and 0.30 is within the margin (with the unfinished
+    # folds as peers the median would be 0.65, and the fold would fail)
+    assert judge_fold(cfg, "tiny", 0) is None
+    # fold 2 against 0.30 and 0.40 (median 0.35): 0.20 trails by more than 0.05
+    assert judge_fold(cfg, "tiny", 2) == (
+        "gain over predicting nothing 0.2000 trails the median of its model's other folds "
+        "(0.3500) by more than 0.05"
+    )
+    assert judge_fold(cfg, "tiny", 3) is None  # unfinished: not judged
+    by_seg = {**cfg, "train": {**cfg["train"], "best_metric": "dice_seg"}}
+    assert judge_fold(by_seg, "tiny", 1) == (
+        "best validation dice_seg 0.5000 never beat predicting nothing (0.5000)"
+    )
+
+
+def test_a_retired_attempt_keeps_its_log_and_frees_the_fold(tmp_path, tiny_data):
+    """Each failed attempt's log is kept under its own number, its checkpoints and OOF maps
+    are deleted (disk), and retries.json records every attempt and the policy."""
+    cfg = load_config(write_config(tmp_path, tiny_data), ["retry.lr_scale=0.5"])
+    layout = Layout.of(cfg)
+    out = layout.fold("tiny", 1)
+    for attempt, epochs in enumerate((2, 1)):
+        (out / "oof").mkdir(parents=True)
+        (out / "oof" / "probs.npy").write_bytes(b"maps")
+        for name in ("best.pt", "last.pt"):
+            (out / name).write_bytes(b"weights")
+        write_log(out / "log.jsonl", [{"epoch": e} for e in range(1, epochs + 1)])
+        assert retire_attempt(cfg, "tiny", 1, f"reason {attempt}") == attempt
+        assert sorted(p.name for p in out.iterdir()) == [
+            *(f"failed_attempt{a}.jsonl" for a in range(attempt + 1)),
+            "retries.json",
+        ]
+    assert read_log(out / "failed_attempt1.jsonl") == [{"epoch": 1}]
+    doc = json.loads((out / "retries.json").read_text())
+    assert doc["policy"] == RetryPolicy.from_config(cfg).to_dict()
+    assert [(f["attempt"], f["reason"], f["epochs"], f["log"]) for f in doc["failed"]] == [
+        (0, "reason 0", 2, "failed_attempt0.jsonl"),
+        (1, "reason 1", 1, "failed_attempt1.jsonl"),
+    ]
+    assert [f["lr"] for f in doc["failed"]] == [cfg["train"]["lr"], cfg["train"]["lr"] * 0.5]
 
 
 def test_the_remedy_reseeds_and_scales_the_learning_rate():
