@@ -3,24 +3,33 @@ refiner fixing wrongly classed regions from a learnable cue; its decisions; no l
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import numpy as np
 import pytest
 import torch
 
 import refine
+from config import ConfigError
 from data.atomic import write_json
 from data.probstore import load_probs, save_probs
 from data.reader import DataError
-from decisions import SCORE_KEYS, Rule, map_stats, pick
+from decisions import LENSES, SCORE_KEYS, Rule, map_stats, pick
+from models.refiner import RegionRefiner
 from postprocessing import input_store
 from regions import (
+    CROP_CHANNELS,
     FALSE_POSITIVE,
+    Region,
     crop_box,
+    crop_target,
     paste_region,
     predicted_regions,
     region_crop,
     true_labels,
 )
+from runtime import derive_seed
 
 SETTINGS = refine.RefineSettings(crop=24, epochs=12, batch_size=16, lr=1e-2, width=8)
 
@@ -301,3 +310,374 @@ def test_tune_and_submission_read_the_store_tune_chose(tmp_path):
     (exp / "postprocess.json").write_text("{")
     with pytest.raises(DataError, match=r"postprocess\.json"):
         input_store(cfg, "oof")
+
+
+# The tests below come from the mutation run's survivors in refine.py (docs/mutation.md).
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"crop": 20}, r"refine\.crop must be a multiple of 8, at least 16, got 20"),
+        ({"crop": 8}, r"refine\.crop must be a multiple of 8, at least 16, got 8"),
+        ({"epochs": 0}, r"refine\.epochs must be positive, got 0"),
+        ({"cpu_threads": 0}, r"refine\.cpu_threads must be positive, got 0"),
+        ({"margin": 2.5}, r"refine\.margin must be in \[0, 2\] and refine\.lr positive"),
+        ({"margin": -0.1}, r"refine\.margin must be in \[0, 2\]"),
+        ({"lr": 0.0}, r"refine\.margin must be in \[0, 2\] and refine\.lr positive"),
+    ],
+)
+def test_refine_settings_refuse_values_out_of_range(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        refine.RefineSettings(**changes)
+
+
+def test_refine_settings_accept_their_bounds():
+    assert refine.RefineSettings(crop=16, margin=2.0).margin == 2.0
+    assert refine.RefineSettings(margin=0.0, epochs=1, batch_size=1).epochs == 1
+
+
+def test_check_split_refuses_stores_without_a_split_id_or_per_image_folds(tmp_path):
+    test = _store(tmp_path / "test", "s1", "test")
+    with pytest.raises(DataError, match="cannot be refined together"):
+        refine.check_split(tmp_path / "folds.json", _store(tmp_path / "o0", "s2"), test)
+    no_id = _store(tmp_path / "o1", None)
+    with pytest.raises(DataError, match="no split id recorded"):
+        refine.check_split(tmp_path / "folds.json", no_id, _store(tmp_path / "t0", None, "test"))
+    for folds in (None, [0]):  # none, or not one per image
+        oof = _store(tmp_path / "o2", "s1")
+        oof.meta["folds"] = folds
+        with pytest.raises(DataError, match="no per-image folds recorded"):
+            refine.check_split(tmp_path / "folds.json", oof, test)
+    oof = _store(tmp_path / "o3", "s1")
+    (tmp_path / "folds.json").write_text("{")
+    with pytest.raises(DataError, match=r"folds\.json: unreadable"):
+        refine.check_split(tmp_path / "folds.json", oof, test)
+    write_json(tmp_path / "folds.json", {"split_id": "s0"})
+    with pytest.raises(DataError, match=r"predictions from another fold split cannot be refined$"):
+        refine.check_split(tmp_path / "folds.json", oof, test)
+    write_json(tmp_path / "folds.json", {"split_id": "s1"})
+    assert refine.check_split(tmp_path / "folds.json", oof, test) == [0, 1]
+
+
+def test_collect_regions_crops_each_region_from_its_maps_with_its_truth():
+    pred = np.zeros((40, 40), np.uint8)
+    pred[4:12, 4:14] = 1
+    pred[24:34, 22:30] = 2  # a false positive
+    target = np.zeros_like(pred)
+    target[4:12, 4:12] = 2
+    probs = codes(pred, on=0.7)[None]
+    image = np.random.default_rng(0).integers(0, 256, (40, 40, 3)).astype(np.uint8)
+    found = refine.collect_regions(["a"], [image], probs, target[None], SETTINGS)
+    labels, regions, _ = predicted_regions(probs[0], SETTINGS.margin)
+    assert found.regions == regions and len(regions) == 2
+    assert found.image_ids == ["a", "a"] and found.image_index.tolist() == [0, 0]
+    assert found.labels.tolist() == [2, FALSE_POSITIVE]
+    assert found.crops.dtype == np.float16 and found.masks.dtype == np.float16
+    p = probs[0].astype(np.float32) / 255.0
+    for row, region in enumerate(regions):
+        crop = region_crop(image, p, labels == region.label, region.box, SETTINGS.crop)
+        np.testing.assert_array_equal(found.crops[row], crop.astype(np.float16))
+        mask = crop_target(target, labels, region, SETTINGS.crop)
+        np.testing.assert_array_equal(found.masks[row], mask.astype(np.float16))
+    # maps given as floats in [0, 1] give the same crops as their uint8 codes
+    as_float = refine.collect_regions(
+        ["a"], [image], probs.astype(np.float32) / 255.0, None, SETTINGS
+    )
+    np.testing.assert_array_equal(as_float.crops, found.crops)
+    assert as_float.labels is None and as_float.masks is None  # no truth: none made up
+    part = found.take(np.array([1]))
+    assert part.image_ids == ["a"] and part.image_index.tolist() == [0]
+    assert part.regions == [regions[1]] and part.labels.tolist() == [FALSE_POSITIVE]
+    np.testing.assert_array_equal(part.crops, found.crops[1:])
+    np.testing.assert_array_equal(part.masks, found.masks[1:])
+    assert as_float.take(np.array([1, 0])).labels is None
+
+
+def test_each_epoch_trains_every_region_under_one_of_the_eight_turns_and_a_full_cycle(
+    monkeypatch,
+):
+    """20 regions in batches of 6: every epoch passes all of them (the last batch has 2),
+    each batch under one of the 8 flips/rotations, and the one-cycle learning rate
+    schedule has exactly one step per batch, so it ends where it should (also with fewer
+    regions than a batch)."""
+    x = torch.arange(16.0).reshape(1, 4, 4)
+    symmetries = {
+        tuple(torch.rot90(t, k, dims=(-2, -1)).flatten().tolist())
+        for t in (x, x.flip(-1))
+        for k in range(4)
+    }
+    assert len(symmetries) == 8
+    turned = [refine._dihedral(x, code) for code in range(8)]
+    assert torch.equal(turned[0], x)
+    assert {tuple(t.flatten().tolist()) for t in turned} == symmetries
+
+    rng = np.random.default_rng(0)
+    n, side = 20, 16
+    data = refine.RegionSet(
+        [f"img{i}" for i in range(n)],
+        np.arange(n),
+        [Region(1, (0, side, 0, side))] * n,
+        rng.random((n, CROP_CHANNELS, side, side)).astype(np.float16),
+        rng.integers(0, 3, n),
+        (rng.random((n, side, side)) > 0.5).astype(np.float16),
+    )
+    settings = refine.RefineSettings(crop=side, epochs=10, batch_size=6, width=4)
+    batches, schedules = [], []
+    real_dihedral = refine._dihedral
+
+    def spy_dihedral(t, code):
+        if t.ndim == 4:  # the crops (the masks follow with the same code)
+            batches.append((len(t), code))
+        return real_dihedral(t, code)
+
+    class SpySchedule(torch.optim.lr_scheduler.OneCycleLR):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            schedules.append(self)
+
+    monkeypatch.setattr(refine, "_dihedral", spy_dihedral)
+    monkeypatch.setattr(torch.optim.lr_scheduler, "OneCycleLR", SpySchedule)
+    refine.train_refiner(data, settings, seed=0)
+    sizes = [size for size, _ in batches]
+    assert sizes == [6, 6, 6, 2] * settings.epochs
+    assert {code for _, code in batches} == set(range(8))
+    (schedule,) = schedules
+    assert schedule.total_steps == len(batches) and schedule.last_epoch == len(batches)
+    batches.clear()  # fewer regions than a batch: one step an epoch
+    refine.train_refiner(data.take(np.arange(5)), settings, seed=0)
+    assert [size for size, _ in batches] == [5] * settings.epochs
+    assert schedules[1].total_steps == settings.epochs == schedules[1].last_epoch
+
+
+def test_train_refiner_is_seeded_has_the_width_and_learns_the_mask_targets():
+    ids, images, probs, targets = cue_set(n=12)
+    data = refine.collect_regions(ids, images, probs, targets, SETTINGS)
+    settings = dataclasses.replace(SETTINGS, epochs=3)
+    models = [refine.train_refiner(data, settings, seed) for seed in (3, 3, 4)]
+
+    def weights(model):
+        return torch.cat([v.flatten().float() for v in model.state_dict().values()])
+
+    assert torch.equal(weights(models[0]), weights(models[1]))  # the seed is the only source
+    assert not torch.equal(weights(models[0]), weights(models[2]))
+    assert models[0].enc[0][0].out_channels == settings.width
+
+    def mask_loss(model):
+        _, polyp = refine.predict_regions([model], data)
+        p = np.clip(polyp, 1e-6, 1 - 1e-6)
+        y = data.masks.astype(np.float32)
+        return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+    untrained = RegionRefiner(CROP_CHANNELS, settings.width).eval()  # the first stage's mask
+    trained = refine.train_refiner(data, SETTINGS, seed=0)
+    assert mask_loss(trained) < 0.85 * mask_loss(untrained)
+
+
+def test_paste_rewrites_the_regions_and_keeps_every_other_code():
+    pred = np.zeros((40, 40), np.uint8)
+    pred[10:20, 10:20] = 1
+    probs = np.stack([codes(pred, on=0.8), codes(np.zeros_like(pred), on=0.9)])  # b: no region
+    images = [np.full((40, 40, 3), 100, np.uint8)] * 2
+    data = refine.collect_regions(["a", "b"], images, probs, None, SETTINGS)
+    assert len(data) == 1
+    out = refine.paste(probs, data, np.array([[0.1, 0.1, 0.8]], np.float32), None)
+    np.testing.assert_array_equal(out[1], probs[1])
+    np.testing.assert_array_equal(out[0][:, pred == 0], probs[0][:, pred == 0])
+    assert (out[0].argmax(axis=0)[pred > 0] == 2).all()
+
+
+def _region_set(crops, labels, boxes=None, index=None):
+    n = len(crops)
+    boxes = boxes or [(0, 2, 0, 2)] * n
+    return refine.RegionSet(
+        [f"r{i}" for i in range(n)],
+        np.asarray(index if index is not None else range(n), np.int64),
+        [Region(i + 1, box) for i, box in enumerate(boxes)],
+        np.asarray(crops, np.float16),
+        None if labels is None else np.asarray(labels, np.int64),
+        None,
+    )
+
+
+def test_region_summary_counts_truth_and_relabelling_by_the_blends_class_under_the_mask():
+    # per region: (neoplastic, non-neoplastic) probability on its 2 mask pixels and on
+    # the 2 pixels outside its mask, its true label and the refiner's class
+    rows = [
+        ((0.6, 0.2), (0.0, 0.0), 1, 1),
+        ((0.2, 0.6), (0.0, 0.0), 1, 1),
+        ((0.4, 0.4), (0.0, 0.0), FALSE_POSITIVE, FALSE_POSITIVE),  # a tie: neoplastic
+        ((0.1, 0.5), (0.9, 0.0), 2, 1),  # more neoplastic outside the mask only
+        ((0.2, 0.7), (0.0, 0.0), 2, 2),
+        ((0.7, 0.1), (0.0, 0.0), 1, 1),
+        ((0.5, 0.3), (0.0, 0.0), FALSE_POSITIVE, FALSE_POSITIVE),
+    ]
+    crops = np.zeros((len(rows), CROP_CHANNELS, 2, 2), np.float32)
+    for crop, (inside, outside, _, _) in zip(crops, rows, strict=True):
+        crop[6, 0] = 1.0  # the region's mask: the first row
+        crop[4:6, 0] = np.asarray(inside)[:, None]
+        crop[4:6, 1] = np.asarray(outside)[:, None]
+    data = _region_set(crops, [r[2] for r in rows])
+    assert refine.blend_classes(data).tolist() == [1, 2, 1, 2, 2, 1, 1]
+    classes = np.full((len(rows), 3), 0.1, np.float32)
+    classes[np.arange(len(rows)), [r[3] for r in rows]] = 0.8
+    assert refine.region_summary(data, classes) == {
+        "n": 7,
+        "true_false_positive": 2,
+        "true_neoplastic": 3,
+        "true_non_neoplastic": 2,
+        "right_before": 4,
+        "right_after": 6,
+        "relabelled": 4,
+        "removed": 2,
+    }
+
+
+def test_most_changed_lists_the_regions_with_most_changed_pixels_first():
+    before = np.stack([codes(np.zeros((20, 20), np.uint8))] * 2)
+    changed = np.zeros((2, 20, 20), np.uint8)
+    changed[0, 0, :5] = 1  # 5 pixels in the first region's window
+    changed[0, 10, 10:13] = 2  # 3 in the fourth's
+    changed[1, 12, 12] = 1  # 1 in the third's; none in the second's
+    after = np.stack([codes(c) for c in changed])
+    boxes = [(0, 8, 0, 8), (0, 8, 0, 8), (10, 18, 10, 18), (10, 18, 10, 18)]
+    data = _region_set(np.zeros((4, CROP_CHANNELS, 2, 2)), [1, 0, 2, 2], boxes, [0, 1, 1, 0])
+    expected = [
+        {"id": "a", "box": [0, 8, 0, 8], "changed_pixels": 5, "true_label": 1},
+        {"id": "a", "box": [10, 18, 10, 18], "changed_pixels": 3, "true_label": 2},
+        {"id": "b", "box": [10, 18, 10, 18], "changed_pixels": 1, "true_label": 2},
+    ]
+    assert refine.most_changed(["a", "b"], data, before, after, 2) == expected[:2]
+    assert refine.most_changed(["a", "b"], data, before, after, 10) == expected
+    unlabelled = _region_set(data.crops, None, boxes, [0, 1, 1, 0])
+    rows = refine.most_changed(["a", "b"], unlabelled, before, after, 10)
+    assert [r["true_label"] for r in rows] == [None] * 3
+
+
+def _decision_maps(targets, wrong=(), mixed=(10,)):
+    """Store codes of the class maps `targets`, with the class of images `wrong` swapped,
+    and a third of each region of images `mixed` given the other class with less
+    probability (wrong under argmax, right under the region vote of the default lens)."""
+    maps = []
+    for i, target in enumerate(targets):
+        other = np.where(target > 0, 3 - target, 0)
+        m = codes(other if i in wrong else target, on=0.8)
+        if i in mixed:
+            m[:, 8:20, 8:12] = codes(other[8:20, 8:12], on=0.6)
+        maps.append(m)
+    return np.stack(maps)
+
+
+@pytest.fixture
+def decision_case(monkeypatch):
+    """12 images of one square polyp each, 3 folds; the fold refiners replaced by fixed
+    ones (their seeds and images recorded) and the paste-back by given maps, so each
+    test decides what the class-only and the refined-mask maps are."""
+    targets = np.zeros((12, 32, 32), np.uint8)
+    for i in range(12):
+        targets[i, 8:20, 8:20] = 1 + i % 2
+    trained = []
+
+    def fixed_refiner(data, settings, seed):
+        model = _FixedRefiner()
+        trained.append((seed, set(data.image_ids), model))
+        return model
+
+    pasted = {}
+
+    def given_maps(probs, data, classes, polyp):
+        return pasted["class only" if polyp is None else "refined mask"].copy()
+
+    monkeypatch.setattr(refine, "train_refiner", fixed_refiner)
+    monkeypatch.setattr(refine, "paste", given_maps)
+    ids = [f"img{i:02d}" for i in range(12)]
+    images = [np.full((32, 32, 3), 100, np.uint8)] * 12
+    folds = [i % 3 for i in range(12)]
+    return ids, images, targets, folds, trained, pasted
+
+
+def test_refine_oof_records_each_fold_and_the_refined_maps_under_the_lens(decision_case):
+    ids, images, targets, folds, trained, pasted = decision_case
+    blend = _decision_maps(targets, wrong=range(8))
+    pasted["class only"] = blend  # the classes changed nothing
+    pasted["refined mask"] = _decision_maps(targets)  # right everywhere
+    rule = Rule()
+    start = time.perf_counter()
+    refined, models, doc = refine.refine_oof(
+        ids, images, blend, targets, folds, SETTINGS, seed=7, rule=rule
+    )
+    elapsed = time.perf_counter() - start
+    np.testing.assert_array_equal(refined, pasted["refined mask"])
+    # each fold's refiner: its own seed from the config's, trained outside the fold
+    assert [seed for seed, _, _ in trained] == [derive_seed(7, k) for k in range(3)]
+    assert [images_ for _, images_, _ in trained] == [
+        {i for i, f in zip(ids, folds, strict=True) if f != k} for k in range(3)
+    ]
+    assert models == [model for _, _, model in trained]  # the ones refine_test uses
+    lens = rule.params
+    for k, record in enumerate(doc["per_fold"]):
+        on = np.asarray(folds) == k
+        assert 0.0 <= record.pop("seconds") <= elapsed + 0.05  # rounded to 0.1 s
+        assert record == {
+            "fold": k,
+            "train_images": 8,
+            "train_regions": 8,
+            "val_images": 4,
+            "val_regions": 4,
+            "before": pick(map_stats(blend[on], targets[on], lens)),
+            "after": pick(map_stats(refined[on], targets[on], lens)),
+        }
+    # every map is judged after the rule's lens (here the region vote), not argmax
+    by_lens = {name: pick(map_stats(m, targets, lens)) for name, m in pasted.items()}
+    assert pick(map_stats(blend, targets, LENSES["argmax"])) != pick(
+        map_stats(blend, targets, lens)
+    )
+    mask = doc["refined_mask"]
+    decision = mask["decision"]
+    assert mask == {"kept": True, "reason": decision["reason"], "decision": decision}
+    assert decision["chosen"] == "refined mask"
+    assert {n: c["out_of_sample"] for n, c in decision["candidates"].items()} == by_lens
+    comparison = doc["vs_blend"]["candidates"]
+    assert comparison["blend"]["out_of_sample"] == pick(map_stats(blend, targets, lens))
+    assert comparison["refined"]["out_of_sample"] == by_lens["refined mask"]
+    assert set(doc) == {
+        "vs_blend",
+        "decide",
+        "oof_before",
+        "oof_after",
+        "per_fold",
+        "refined_mask",
+        "regions",
+        "most_changed",
+        "settings",
+        "seconds_oof",
+    }
+    assert doc["decide"] == rule.to_dict()
+    assert doc["settings"] == dataclasses.asdict(SETTINGS)
+    assert 0.0 <= doc["seconds_oof"] <= elapsed + 0.05
+    # the 8 regions that changed class, capped at the report's number
+    assert len(doc["most_changed"]) == refine.N_MOST_CHANGED
+    assert {r["id"] for r in doc["most_changed"]} <= set(ids[:8])
+
+
+def test_a_gain_within_the_noise_keeps_the_first_stages_mask_and_the_blend(decision_case):
+    """Better on one image of 12 only: neither the refined mask over the class-only maps
+    nor the refined maps over the blend clear the noise."""
+    ids, images, targets, folds, _, pasted = decision_case
+    blend = _decision_maps(targets, wrong=(0, 1))
+    pasted["class only"] = _decision_maps(targets, wrong=(0,))
+    pasted["refined mask"] = _decision_maps(targets)
+    refined, _, doc = refine.refine_oof(ids, images, blend, targets, folds, SETTINGS)
+    np.testing.assert_array_equal(refined, pasted["class only"])
+    mask = doc["refined_mask"]
+    assert not mask["kept"] and mask["decision"]["chosen"] == "class only"
+    assert mask["decision"]["steps"][0]["gain"] > 0  # better, but not beyond the noise
+    assert doc["vs_blend"]["chosen"] == "blend"
+    assert doc["vs_blend"]["steps"][0]["gain"] > 0
+    lens = Rule().params
+    kept = pick(map_stats(pasted["class only"], targets, lens))
+    assert doc["vs_blend"]["candidates"]["refined"]["out_of_sample"] == kept
+    on = np.asarray(folds) == 0  # image 0, the one the refined mask would change
+    assert doc["per_fold"][0]["after"] == pick(
+        map_stats(pasted["class only"][on], targets[on], lens)
+    )
