@@ -40,6 +40,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _free(path: Path) -> bool:
+    try:
+        with locks.hold(path, str(path)):
+            return True
+    except locks.InUse as exc:
+        print(exc)
+        return False
+
+
 def _wait_for(condition, what: str) -> None:
     deadline = time.monotonic() + LIMIT_S
     while not condition():
@@ -77,9 +86,9 @@ def test_a_second_run_is_refused_and_a_killed_pipeline_takes_its_children_along(
         first.kill()  # SIGKILL: no cleanup runs in the pipeline
         first.wait()
         _wait_for(lambda: not any(map(_alive, children)), "the children to end")
-        for path in [exp / ".lock", *fold_locks]:
-            with locks.hold(path, str(path)):  # the kernel released every lock
-                pass
+        # the kernel releases every lock once no process holds its file open (a child's
+        # subprocess between fork and exec may for a moment)
+        _wait_for(lambda: all(map(_free, [exp / ".lock", *fold_locks])), "the locks")
     finally:
         first.kill()
         for pid in filter(_alive, children):
