@@ -302,21 +302,21 @@ def class_maps(
     workers = effective_n_jobs(n_jobs)
     pending: deque[tuple[str, int, Future[np.ndarray]]] = deque()
     in_flight = 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="postprocess") as pool:
-        try:
-            for i, image_id in enumerate(store.ids):
-                h, w = store.orig_sizes[i]
-                while pending and (len(pending) >= 2 * workers or in_flight + h * w > PIXEL_BUDGET):
-                    done_id, pixels, done = pending.popleft()
-                    in_flight -= pixels
-                    yield done_id, done.result()
-                job = pool.submit(postprocess, store.raw[i], (h, w), params)
-                pending.append((image_id, h * w, job))
-                in_flight += h * w
-            for done_id, _, done in pending:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="postprocess")
+    try:
+        for i, image_id in enumerate(store.ids):
+            h, w = store.orig_sizes[i]
+            while pending and (len(pending) >= 2 * workers or in_flight + h * w > PIXEL_BUDGET):
+                done_id, pixels, done = pending.popleft()
+                in_flight -= pixels
                 yield done_id, done.result()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            job = pool.submit(postprocess, store.raw[i], (h, w), params)
+            pending.append((image_id, h * w, job))
+            in_flight += h * w
+        for done_id, _, done in pending:
+            yield done_id, done.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def input_store(cfg: dict[str, Any], kind: str) -> tuple[Path, str]:
