@@ -38,18 +38,18 @@ from tqdm import tqdm
 
 from config import ConfigError
 from data.atomic import write_json, write_text
-from data.augment import build_transforms
+from data.augment import transforms_for
 from data.cache import CachedItem
 from data.dataset import SegDataset
 from data.loader import SeededDataset, SeededSampler, config_loader, stratum_weights
 from data.paste import PolypPaste
-from data.prepare import TrainData, eval_transform
+from data.prepare import TrainData
 from data.reader import DataError
 from metrics import class_stats, predict_nothing, scores_from_stats
 from models import build_model
 from models.inference import NUM_CLASSES
 from models.losses import SegLoss
-from optim import build_optimizer, build_scheduler
+from optim import build_optimizer, build_scheduler, param_groups
 from paths import Layout
 from recipe import RetryPolicy
 from runtime import (
@@ -340,7 +340,7 @@ def build_learner(
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     fmt = torch.channels_last if precision.channels_last else torch.preserve_format
     raw = raw.to(dist.device, memory_format=fmt)
-    optimizer = build_optimizer(raw.parameters(), tcfg)
+    optimizer = build_optimizer(param_groups(raw, tcfg), tcfg)
     scheduler = build_scheduler(optimizer, tcfg, steps_per_epoch)
     ema = None
     if tcfg.get("ema"):
@@ -386,8 +386,7 @@ def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -
     train_items = data.subset(data.folds.train_ids(fold))
     val_items = data.subset(data.folds.val_ids(fold))
     batch_size = int(cfg["train"]["batch_size"])
-    size = tuple(cfg["data"]["img_size"])
-    train_tf = build_transforms(size, train=True, **(cfg["data"].get("augment") or {}))
+    train_tf = transforms_for(cfg["data"], train=True)
     sampler = SeededSampler(
         len(train_items),
         int(cfg["seed"]),
@@ -412,7 +411,7 @@ def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -
         )
     val = config_loader(
         cfg,
-        SegDataset(val_items, eval_transform(cfg)),
+        SegDataset(val_items, transforms_for(cfg["data"], train=False)),
         batch_size,
         dist.device,
         list(range(dist.rank, len(val_items), dist.world_size)),
@@ -426,7 +425,10 @@ def run_epoch(
 ) -> dict[str, Any]:
     """Train and validate one epoch (0-based); the log record."""
     loaders.sampler.set_epoch(epoch)
-    lr = learner.optimizer.param_groups[0]["lr"]
+    rates = {
+        key: group["lr"]
+        for key, group in zip(("lr", "encoder_lr"), learner.optimizer.param_groups, strict=False)
+    }
     started = time.perf_counter()
     train = train_epoch(learner, loaders.train, dist, desc, seed)
     scores = evaluate(
@@ -442,7 +444,7 @@ def run_epoch(
         "train_loss": train["train_loss"],
         "train_loss_total": train["train_loss_total"],
         **scores,
-        "lr": lr,
+        **rates,
         "images_per_s": train["images_per_s"],
         "epoch_time_s": time.perf_counter() - started,
     }

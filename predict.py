@@ -49,10 +49,11 @@ from config import (
     resolve_cli_config,
     setup_logging,
 )
+from data.augment import transforms_for
 from data.cache import CachedItem, prepare_for_config
 from data.dataset import SegDataset
 from data.loader import LoaderStalled, config_loader
-from data.prepare import eval_transform, prepare_train_data
+from data.prepare import prepare_train_data
 from data.probstore import ProbMaps, concat, load_probs, quantise, save_probs
 from data.reader import DataError, list_test
 from models.inference import Probabilities, load_checkpoint, model_from_checkpoint, predict_probs
@@ -187,7 +188,7 @@ def predict_model(
     precision: Precision = choose_precision(
         device, bool(cfg["train"].get("amp", True)), bool(cfg["train"].get("channels_last", True))
     )
-    transform = eval_transform(cfg)
+    transform = transforms_for(cfg["data"], train=False)
 
     def loader(items: list[CachedItem], name: str) -> Any:
         return config_loader(cfg, SegDataset(items, transform), batch_size, device, None, name=name)

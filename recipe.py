@@ -24,6 +24,7 @@ from typing import Any
 
 from config import ConfigError, model_entry, settings_from
 from data.atomic import write_json
+from data.augment import transforms_for
 from data.reader import DataError, MaskThresholds
 from metrics import OBJECTIVES
 from models.losses import SegLoss
@@ -190,6 +191,7 @@ def check_config(cfg: dict[str, Any]) -> None:
     if any(not isinstance(w, int | float) or w < 0 for w in sampling.values()):
         raise ConfigError(f"data.sampling weights must be non-negative numbers: {sampling!r}")
     MaskThresholds.from_mapping(cfg["data"].get("mask"))
+    transforms_for(cfg["data"], train=True)
 
 
 def check_loss_args(loss_cfg: dict[str, Any]) -> None:

@@ -48,10 +48,11 @@ from config import (
     setup_logging,
 )
 from data.atomic import save_torch
+from data.augment import transforms_for
 from data.cache import CachedItem
 from data.dataset import SegDataset
 from data.loader import LoaderStalled, config_loader
-from data.prepare import TrainData, eval_transform, prepare_train_data
+from data.prepare import TrainData, prepare_train_data
 from data.probstore import save_probs
 from data.reader import DataError
 from engine import (
@@ -324,7 +325,7 @@ def write_fold_oof(
     model.load_state_dict(best["model"])
     loader = config_loader(
         cfg,
-        SegDataset(val_items, eval_transform(cfg)),
+        SegDataset(val_items, transforms_for(cfg["data"], train=False)),
         int(cfg["train"]["batch_size"]),
         device,
         None,

@@ -1,10 +1,13 @@
 """Training and evaluation transforms (albumentations 2.x), image and mask in one call.
 
 The training recipe follows the seed project: flips, 90° rotations, affine
-shift/scale/rotate, random gamma, Gaussian blur and coarse dropout. Each step is
-configured by a dict of albumentations arguments merged over the defaults below (or a
+shift/scale/rotate, random gamma, Gaussian blur and coarse dropout. Each of these presets
+is configured by a dict of albumentations arguments merged over the defaults below (or a
 number, taken as its probability; 0/None/False turns it off), e.g. in YAML
-`augment: {dropout: {p: 0.5, num_holes_range: [2, 6]}, blur: 0}`.
+`augment: {dropout: {p: 0.5, num_holes_range: [2, 6]}, blur: 0}`. Any other key is the
+name of an albumentations transform, built with its own defaults and the arguments given,
+and applied after the presets in the order written:
+`augment: {CLAHE: {p: 0.3, clip_limit: 2.0}, HueSaturationValue: 0.5}`.
 
 Albumentations 2.x only *warns* about unknown arguments, so an old 1.x name such as
 `max_holes` would silently fall back to a default. Transforms are therefore built with
@@ -61,11 +64,20 @@ RECIPE: dict[str, tuple[type[A.BasicTransform], dict[str, Any]]] = {
 }
 
 
-def _step_args(name: str, value: Any) -> dict[str, Any] | None:
+def _library_transform(name: str) -> type[A.BasicTransform]:
+    cls = getattr(A, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+        raise ConfigError(
+            f"augment.{name}: neither a preset ({', '.join(RECIPE)}) nor an albumentations "
+            f"transform class (albumentations {A.__version__}; names are case-sensitive)"
+        )
+    return cls
+
+
+def _step_args(name: str, value: Any, defaults: dict[str, Any]) -> dict[str, Any] | None:
     """Merge one step's config over its defaults; None means the step is off."""
     if value is None or value is False:
         return None
-    defaults = RECIPE[name][1]
     if isinstance(value, bool):
         return dict(defaults)
     if isinstance(value, int | float):
@@ -90,13 +102,15 @@ def build_transforms(size: tuple[int, int], train: bool, **augment_cfg: Any) -> 
     The final resize is a no-op when the input already has the working size (the cache
     stores images at that size); otherwise images are shrunk with INTER_AREA.
     """
-    unknown = sorted(set(augment_cfg) - set(RECIPE))
-    if unknown:
-        raise ConfigError(f"unknown augment step(s) {unknown}; known: {', '.join(RECIPE)}")
+    extra = {name: _library_transform(name) for name in augment_cfg if name not in RECIPE}
     steps = []
     if train:
-        for name, (cls, _) in RECIPE.items():
-            args = _step_args(name, augment_cfg.get(name, True))
+        for name, (cls, defaults) in RECIPE.items():
+            args = _step_args(name, augment_cfg.get(name, True), defaults)
+            if args is not None:
+                steps.append(_build(name, cls, args))
+        for name, cls in extra.items():
+            args = _step_args(name, augment_cfg[name], {})
             if args is not None:
                 steps.append(_build(name, cls, args))
     height, width = size
@@ -109,3 +123,10 @@ def build_transforms(size: tuple[int, int], train: bool, **augment_cfg: Any) -> 
     }
     steps.append(_build("resize", A.Resize, resize_args))
     return A.Compose(steps)
+
+
+def transforms_for(data_cfg: dict[str, Any], train: bool) -> A.Compose:
+    """The config's transform (`data.img_size`, `data.augment`) for training or evaluation."""
+    return build_transforms(
+        tuple(data_cfg["img_size"]), train=train, **(data_cfg.get("augment") or {})
+    )

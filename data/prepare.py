@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.augment import build_transforms
 from data.cache import CachedItem, check_masks, prepare_for_config
 from data.folds import Folds, load_or_make_folds
 from data.reader import list_train
@@ -59,10 +58,3 @@ def prepare_train_data(cfg: dict[str, Any], dist: Dist) -> TrainData:
     if not dist.is_main:
         data = run()
     return data
-
-
-def eval_transform(cfg: dict[str, Any]) -> Any:
-    data_cfg = cfg["data"]
-    return build_transforms(
-        tuple(data_cfg["img_size"]), train=False, **(data_cfg.get("augment") or {})
-    )

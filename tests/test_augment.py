@@ -90,11 +90,33 @@ def test_eval_transform_only_resizes() -> None:
         ({"blur": {"p": "often"}}, "blur"),
         ({"shift_scale_rotate": 0.5}, "shift_scale_rotate"),
         ({"gamma": "yes"}, "gamma"),
+        ({"clahe": 0.5}, "neither a preset .* nor an albumentations transform"),
+        ({"CLAHE": {"clip_limt": 2.0}}, "CLAHE"),
+        ({"CLAHE": "often"}, "CLAHE"),
     ],
 )
 def test_old_or_unknown_names_raise(cfg: dict, name: str) -> None:
     with pytest.raises(ConfigError, match=name):
         build_transforms(SIZE, train=True, **cfg)
+
+
+def test_any_albumentations_transform_runs_after_the_presets_in_the_order_written() -> None:
+    cfg = {
+        "hflip": 0,
+        "HueSaturationValue": 1.0,
+        "CLAHE": {"p": 1.0, "clip_limit": [2.0, 3.0]},
+        "GridDistortion": False,
+    }
+    steps = list(build_transforms(SIZE, train=True, **cfg))
+    names = [type(step).__name__ for step in steps]
+    presets = ["VerticalFlip", "RandomRotate90", "Affine", "RandomGamma", "GaussianBlur"]
+    assert names == [*presets, "CoarseDropout", "HueSaturationValue", "CLAHE", "Resize"]
+    assert steps[-3].p == 1.0 and tuple(steps[-2].clip_limit) == (2.0, 3.0)
+    assert [type(s).__name__ for s in build_transforms(SIZE, train=False, **cfg)] == ["Resize"]
+    image = np.random.default_rng(0).integers(0, 255, (*SIZE, 3), dtype=np.uint8)
+    mask = _mask(np.random.default_rng(1))
+    out = build_transforms(SIZE, train=True, **{"CLAHE": 1.0})(image=image, mask=mask)
+    assert out["image"].shape == image.shape and set(np.unique(out["mask"])) <= {0, 1, 2}
 
 
 def test_to_tensor_uses_fixed_imagenet_statistics() -> None:

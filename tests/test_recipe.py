@@ -3,6 +3,7 @@ batches, class-aware sampling, polyp paste, extra losses, gradient clipping, ear
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -75,7 +76,9 @@ def test_default_schedule_is_the_seed_recipe_per_epoch() -> None:
 @pytest.mark.parametrize(
     ("tcfg", "message"),
     [
-        ({"optimizer": {"name": "adamx"}}, "adam, adamw, sgd"),
+        ({"optimizer": {"name": "adamx"}}, "not an optimizer timm knows; did you mean adam"),
+        ({"optimizer": {"name": "adahessian"}}, "second order"),
+        ({"encoder_lr_ratio": 0}, "positive number or null"),
         ({"optimizer": {"name": "adamw", "momentum": 0.9}}, "weight_decay"),
         ({"scheduler": {"name": "cosin"}}, "step, cosine, onecycle, poly, none"),
         ({"scheduler": {"name": "cosine", "gamma": 0.5}}, "min_lr_ratio"),
@@ -87,10 +90,71 @@ def test_unknown_names_and_arguments_list_the_choices(tcfg: dict, message: str) 
         optim.check_recipe({"lr": 1.0, "epochs": 1, **tcfg})
 
 
-def test_optimizers_by_name_are_torchs() -> None:
+def test_optimizers_come_from_timms_factory_with_its_names_and_defaults() -> None:
     param = [torch.nn.Parameter(torch.zeros(1))]
-    for name, cls in optim.OPTIMIZERS.items():
-        assert type(optim.build_optimizer(param, {"lr": 0.1, "optimizer": {"name": name}})) is cls
+
+    def build(name: str, **args) -> torch.optim.Optimizer:
+        tcfg = {"lr": 0.1, "optimizer": {"name": name, **args}}
+        optim.check_recipe({**tcfg, "epochs": 1})
+        return optim.build_optimizer(param, tcfg)
+
+    assert type(build("adamw", weight_decay=0.01)) is torch.optim.AdamW
+    assert build("adamw", weight_decay=0.01).defaults["weight_decay"] == 0.01
+    assert type(build("adam")) is torch.optim.Adam
+    assert type(build("lion")).__name__ == "Lion"
+    assert build("sgd").defaults["nesterov"] and build("sgd").defaults["momentum"] == 0.9
+    assert type(build("lookahead_adamw")).__name__ == "Lookahead"
+
+
+def test_an_encoder_ratio_keeps_the_encoders_rate_a_fixed_share_on_every_schedule() -> None:
+    model = torch.nn.Module()
+    model.encoder = torch.nn.Linear(2, 2)
+    model.head = torch.nn.Linear(2, 1)
+    schedules = [
+        {"name": "step", "step_epochs": 1, "gamma": 0.5},
+        {"name": "cosine", "min_lr_ratio": 0.2, "warmup_epochs": 1},
+        {"name": "onecycle", "pct_start": 0.25},
+        {"name": "poly", "power": 1.0},
+    ]
+    for scheduler in schedules:
+        tcfg = {"lr": 1.0, "epochs": 4, "encoder_lr_ratio": 0.1, "scheduler": scheduler}
+        opt = optim.build_optimizer(optim.param_groups(model, tcfg), tcfg)
+        head, encoder = opt.param_groups
+        assert [id(p) for p in encoder["params"]] == [id(p) for p in model.encoder.parameters()]
+        assert [id(p) for p in head["params"]] == [id(p) for p in model.head.parameters()]
+        sched = optim.build_scheduler(opt, tcfg, 10)
+        for _ in range(39):
+            assert encoder["lr"] == pytest.approx(0.1 * head["lr"], rel=1e-9), scheduler
+            opt.step()
+            sched.step()
+    single = optim.param_groups(model, {"lr": 1.0})
+    assert [id(p) for p in single] == [id(p) for p in model.parameters()]
+    with pytest.raises(ConfigError, match=r"no `\.encoder`"):
+        optim.param_groups(torch.nn.Linear(2, 2), {"lr": 1.0, "encoder_lr_ratio": 0.1})
+
+
+def test_a_timm_optimizer_and_a_library_transform_train_a_fold_as_its_recipe_and_log_record(
+    tmp_path: Path, tiny_data: Path, capsys
+) -> None:
+    config = write_config(
+        tmp_path,
+        tiny_data,
+        optimizer={"name": "lion", "weight_decay": 0.01},
+        encoder_lr_ratio=0.1,
+        lr=1e-4,
+    )
+    bad = "data.augment={CLAHE: {clip_limt: 2.0}}"
+    assert run_main(config, "--fold", "0", "--set", bad) == 2
+    assert "augment.CLAHE" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any data was read
+    assert run_main(config, "--fold", "0", "--set", "data.augment={CLAHE: 0.5}") == 0
+    recipe = json.loads((fold_path(tmp_path) / "recipe.json").read_text())["recipe"]
+    assert recipe["data.augment.CLAHE"] == 0.5 and recipe["train.optimizer.name"] == "lion"
+    log = history(fold_path(tmp_path))
+    assert len(log) == 2
+    for record in log:
+        assert record["encoder_lr"] == pytest.approx(0.1 * record["lr"])
+    assert log[1]["lr"] == pytest.approx(0.5 * log[0]["lr"])  # the step schedule of both groups
 
 
 def test_loss_arguments_are_checked_before_any_data(

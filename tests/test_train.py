@@ -251,9 +251,9 @@ def test_a_folds_loaders_take_the_configured_augmentation_sampling_and_batches(
     augmentation (validation without), the sampling weights, the seed, whole batches."""
     import albumentations as A
 
-    from data.augment import build_transforms
+    from data.augment import build_transforms, transforms_for
     from data.loader import stratum_weights
-    from data.prepare import eval_transform, prepare_train_data
+    from data.prepare import prepare_train_data
     from runtime import Dist
 
     augment = "data.augment={vflip: false, affine: {p: 0.9}}"
@@ -265,7 +265,8 @@ def test_a_folds_loaders_take_the_configured_augmentation_sampling_and_batches(
     train_set = loaders.train.dataset.dataset
     expected = build_transforms((64, 64), True, vflip=False, affine={"p": 0.9})
     assert A.to_dict(train_set.transform) == A.to_dict(expected)
-    assert A.to_dict(loaders.val.dataset.transform) == A.to_dict(eval_transform(cfg))
+    validation = transforms_for(cfg["data"], train=False)
+    assert A.to_dict(loaders.val.dataset.transform) == A.to_dict(validation)
     weights = stratum_weights([it.classes for it in train_set.items], {"green": 3, "both": 2})
     assert loaders.sampler.weights.tolist() == weights and len(set(weights)) > 1
     assert loaders.sampler.seed == 7
