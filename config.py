@@ -352,12 +352,6 @@ def provenance(cfg: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any
     return record
 
 
-def save_config(cfg: dict[str, Any], path: str | Path) -> None:
-    from data.atomic import write_text
-
-    write_text(path, yaml.safe_dump(cfg, sort_keys=False))
-
-
 # Errors of the machine, not of the data or the config: a full disk, a read-only or
 # missing output folder, a path through a file.
 _ENVIRONMENT = {

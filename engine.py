@@ -40,7 +40,7 @@ from config import ConfigError
 from data.atomic import write_json, write_text
 from data.augment import transforms_for
 from data.cache import CachedItem
-from data.dataset import SegDataset
+from data.dataset import SegDataset, to_device
 from data.loader import SeededDataset, SeededSampler, config_loader, stratum_weights
 from data.paste import PolypPaste
 from data.prepare import TrainData
@@ -60,7 +60,6 @@ from runtime import (
     forced_fold_failure,
     rng_state,
     set_rng_state,
-    to_device,
 )
 
 log = logging.getLogger("engine")

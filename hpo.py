@@ -53,10 +53,9 @@ from config import (
     model_entry,
     reports_environment_errors,
     resolve_cli_config,
-    save_config,
     setup_logging,
 )
-from data.atomic import write_text
+from data.atomic import write_text, write_yaml
 from data.augment import build_transforms
 from data.loader import LoaderStalled
 from data.prepare import prepare_train_data
@@ -213,7 +212,7 @@ def run_trial(
     epochs = int(tcfg["train"]["epochs"])
     out = Layout.of(tcfg).hpo_trial(trial.study.study_name, trial.number)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(tcfg, out / "config.yaml")
+    write_yaml(out / "config.yaml", tcfg)
     configure_cpu_threads(tcfg)
     # Per trial: a searched data key (e.g. the mask thresholds) may change the cached items.
     data = prepare_train_data(tcfg, dist)

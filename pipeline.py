@@ -48,10 +48,9 @@ from config import (
     ConfigError,
     reports_environment_errors,
     resolve_cli_config,
-    save_config,
     setup_logging,
 )
-from data.atomic import write_json
+from data.atomic import write_json, write_yaml
 from data.cache import load_item, train_items
 from data.prepare import prepare_train_data
 from data.probstore import META_FILE, ProbMaps, load_probs
@@ -420,7 +419,7 @@ def summarise(
     timing_rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]
     if timing_rows:
         tables.append(("Stages run in this call", timing_rows))
-    save_config(cfg, layout.config)
+    write_yaml(layout.config, cfg)
     # A stage skipped in this call keeps the time it took when it ran.
     previous = read_json(layout.timings) if layout.timings.is_file() else {}
     trained = started is None or any(

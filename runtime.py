@@ -19,8 +19,6 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from data.dataset import normalise
-
 # Same inputs, same weights, on any x86 machine with AVX2: oneDNN (convolutions) and MKL
 # (matrix products) pick their kernels by the CPU's widest instructions, and an AVX-512
 # kernel sums in another order than an AVX2 one (measured here: logits 0.16 apart after 5
@@ -203,13 +201,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def to_device(
-    batch: dict[str, Any], device: torch.device, precision: Precision
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images and masks to the device, then normalised and widened there."""
-    images = normalise(batch["image"].to(device, non_blocking=True))
-    if precision.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, batch["mask"].to(device, non_blocking=True).long()

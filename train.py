@@ -44,10 +44,9 @@ from config import (
     provenance,
     reports_environment_errors,
     resolve_cli_config,
-    save_config,
     setup_logging,
 )
-from data.atomic import save_torch
+from data.atomic import save_torch, write_yaml
 from data.augment import transforms_for
 from data.cache import CachedItem
 from data.dataset import SegDataset
@@ -225,7 +224,7 @@ def train_fold(
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_recipe(out, recipe)
-        save_config(cfg, out / "config.yaml")
+        write_yaml(out / "config.yaml", cfg)
         write_log(out / "log.jsonl", state.history)
     wandb_run = tracking.start_fold(cfg, model_name, fold) if dist.is_main else None
     try:

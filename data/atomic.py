@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import yaml
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -87,6 +89,11 @@ def write_json(path: str | Path, obj: Any) -> None:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_write(path, "w") as fh:
         fh.write(text)
+
+
+def write_yaml(path: str | Path, obj: Any) -> None:
+    """Keys in their own order: a saved config reads like the file it came from."""
+    write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.cache import CachedItem, load_item
+from runtime import Precision
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -40,6 +41,16 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) on any device -> float32 with the ImageNet statistics."""
     mean, inv_std = _statistics(images.device)
     return (images.float() - mean) * inv_std
+
+
+def to_device(
+    batch: dict[str, Any], device: torch.device, precision: Precision
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images and masks to the device, then normalised and widened there."""
+    images = normalise(batch["image"].to(device, non_blocking=True))
+    if precision.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch["mask"].to(device, non_blocking=True).long()
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

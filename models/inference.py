@@ -15,9 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data.dataset import to_device
 from data.reader import DataError
 from models.registry import build_model
-from runtime import Precision, to_device
+from runtime import Precision
 
 NUM_CLASSES = 3
 

@@ -13,9 +13,9 @@ import torch
 from config import ConfigError
 from data.augment import build_transforms
 from data.cache import prepare
-from data.dataset import MEAN, STD, SegDataset, to_tensor
+from data.dataset import MEAN, STD, SegDataset, to_device, to_tensor
 from data.reader import list_test, list_train
-from runtime import choose_precision, to_device
+from runtime import choose_precision
 
 SIZE = (64, 96)
 

@@ -44,6 +44,88 @@ def test_report_and_benchmarks_do_not_import_the_train_stage() -> None:
         assert "train" not in imported_modules(path), path
 
 
+# The layers, lowest first: each module imports only its own layer and those below it.
+# The foundation's modules import no other project module; bench/ is imported by nobody
+# (tests aside): it measures the rest.
+FOUNDATION = {"config", "runtime", "paths"}
+PACKAGES = ("data", "models")
+
+
+def project_imports(root: Path) -> dict[str, set[str]]:
+    """{module: the project modules it imports, at any depth of its code}, dotted names."""
+    files = [*root.glob("*.py"), *(p for d in (*PACKAGES, "bench") for p in root.glob(f"{d}/*.py"))]
+    names = {
+        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in files
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    found |= {full} if full in names else {node.module} & set(names)
+        graph[name] = found - {name}
+    return graph
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[0]
+    if module in FOUNDATION:
+        return 0
+    return {"data": 1, "models": 2, "bench": 4}.get(top, 3)
+
+
+def climbs(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that climbs to a higher layer, into bench/, and every cycle."""
+    found = [
+        f"{m} -> {d}"
+        for m, deps in sorted(graph.items())
+        for d in sorted(deps)
+        if _layer(d) > _layer(m) or (_layer(d) == 4 and _layer(m) != 4)
+    ]
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            found.append("cycle: " + " -> ".join([*path[path.index(module) :], module]))
+            return
+        if module in done:
+            return
+        for dep in sorted(graph[module]):
+            visit(dep, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    return found
+
+
+def test_no_import_climbs_back_up_and_none_goes_round() -> None:
+    assert climbs(project_imports(ROOT)) == []
+
+
+def test_the_layer_check_sees_climbs_and_cycles(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "runtime.py").write_text("def f():\n    from data.dataset import normalise\n")
+    (tmp_path / "data" / "dataset.py").write_text("from runtime import f\n")
+    (tmp_path / "models" / "__main__.py").write_text("import bench.report\n")
+    (tmp_path / "bench" / "report.py").write_text("")
+    (tmp_path / "engine.py").write_text("from data import dataset\nfrom models import x\n")
+    graph = project_imports(tmp_path)
+    assert graph["engine"] == {"data.dataset"}
+    assert climbs(graph) == [
+        "models.__main__ -> bench.report",
+        "runtime -> data.dataset",
+        "cycle: data.dataset -> runtime -> data.dataset",
+    ]
+
+
 def test_layout_paths_follow_the_documented_tree(tmp_path: Path) -> None:
     layout = Layout.of({"out_dir": str(tmp_path), "experiment": "exp"})
     root = tmp_path / "exp"

@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 
+from bench.model_sizes import main as models_main
+from bench.model_sizes import measure
 from config import ConfigError
 from models import ZOO, build_model
-from models.__main__ import main as models_main
-from models.__main__ import measure
 from models.losses import SegLoss
 from models.pranet import RFB, PraNet
 from tests.trainkit import demo_model

@@ -1,4 +1,4 @@
-"""`python -m models`: the zoo as a table of parameters and forward FLOPs.
+"""`python -m bench.model_sizes`: the zoo as a table of parameters and forward FLOPs.
 
 Models are built on the `meta` device: parameter counts and FLOPs depend on shapes only,
 so even the 109M DeepLabV3+ is measured in seconds with no memory and no weights.
@@ -15,9 +15,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from bench.report import update_section
 from models.registry import ZOO, build_model
 
-log = logging.getLogger("models")
+log = logging.getLogger("bench.model_sizes")
 
 
 def measure(name: str, size: tuple[int, int] = (352, 352), num_classes: int = 3) -> dict:
@@ -66,7 +67,7 @@ def to_markdown(rows: list[dict], size: tuple[int, int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.model_sizes", description=__doc__)
     parser.add_argument(
         "--names", nargs="+", choices=sorted(ZOO), default=list(ZOO),
         help="zoo models to measure (default: all)",
@@ -86,8 +87,6 @@ def main(argv: list[str] | None = None) -> None:
     markdown = to_markdown(rows, size)
     print(markdown)
     if args.update_benchmarks:
-        from bench.report import update_section
-
         update_section("models", markdown)
         log.info("wrote the 'models' section of BENCHMARKS.md")
 
