@@ -31,6 +31,7 @@ import yaml
 from data.reader import DataError
 from decisions import Rule, bootstrap_gain
 from evaluation import SUBMITTED, TEST_TABLE, format_rows, read_json
+from paths import Layout
 from recipe import flatten
 
 # Keys that name where an experiment lives, not what it does.
@@ -39,9 +40,9 @@ WHERE = {"experiment", "data_dir", "out_dir"}
 
 def config_of(exp: Path) -> dict[str, Any]:
     """The experiment's resolved config (pipeline.py writes it beside the report)."""
-    path = exp / "config.yaml"
+    path = Layout.at(exp).config
     if not path.is_file():
-        raise DataError(f"{exp}: no config.yaml; run pipeline.py on it first")
+        raise DataError(f"{exp}: no {path.name}; run pipeline.py on it first")
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -62,21 +63,22 @@ class Experiment:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        for name in ("ensemble/weights.json", "postprocess.json"):
-            if not (path / name).is_file():
-                raise DataError(f"{path}: no {name}; is it a finished experiment?")
+        layout = Layout.at(path)
+        for needed in (layout.weights, layout.postprocess):
+            if not needed.is_file():
+                raise DataError(f"{path}: no {needed}; is it a finished experiment?")
         self.config = config_of(path)
-        self.blend = read_json(path / "ensemble" / "weights.json")
-        self.tuned = read_json(path / "postprocess.json")
-        refine = path / "refine" / "refine.json"
+        self.blend = read_json(layout.weights)
+        self.tuned = read_json(layout.postprocess)
+        refine = layout.refine_record
         self.refine = read_json(refine) if refine.is_file() else None
-        scores = path / "scores.json"
+        scores = layout.scores
         self.tables = read_json(scores)["tables"] if scores.is_file() else {}
-        timings = path / "timings.json"
+        timings = layout.timings
         self.seconds = sum(read_json(timings).values()) if timings.is_file() else None
         self.metric = (self.tuned.get("decide") or {}).get("metric", "competition")
         if "oos_image_stats" not in self.tuned:
-            raise DataError(f"{path}/postprocess.json: no per-image scores; rerun tune.py")
+            raise DataError(f"{layout.postprocess}: no per-image scores; rerun tune.py")
         self.ids = list(self.tuned["image_ids"])
         self.stats = np.asarray(self.tuned["oos_image_stats"], np.int64).reshape(-1, 3, 3)
 

@@ -44,13 +44,14 @@ from data.dataset import SegDataset, to_device
 from data.loader import SeededDataset, SeededSampler, config_loader, stratum_weights
 from data.paste import PolypPaste
 from data.prepare import TrainData
+from data.probstore import META_FILE
 from data.reader import DataError
 from metrics import class_stats, predict_nothing, scores_from_stats
 from models import build_model
 from models.inference import NUM_CLASSES
 from models.losses import SegLoss
 from optim import build_optimizer, build_scheduler, param_groups
-from paths import Layout
+from paths import Layout, RunFiles
 from recipe import RetryPolicy
 from runtime import (
     Dist,
@@ -224,12 +225,12 @@ def write_log(path: Path, history: list[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(rec) + "\n" for rec in history))
 
 
-def fold_complete(directory: Path, epochs: int) -> bool:
+def fold_complete(run: RunFiles, epochs: int) -> bool:
     """best.pt and oof/ exist and the log has reached the epoch count or stopped early."""
-    if not ((directory / "best.pt").is_file() and (directory / "oof" / "meta.json").is_file()):
+    if not (run.best.is_file() and (run.oof / META_FILE).is_file()):
         return False
     try:
-        history = read_log(directory / "log.jsonl")
+        history = read_log(run.log)
     except DataError as exc:
         # The log is a copy of last.pt's history: the fold is redone from there (--resume
         # rewrites the log and the OOF maps), not reported complete from a broken file.
@@ -571,12 +572,12 @@ def judge_fold(cfg: dict[str, Any], model_name: str, fold: int) -> str | None:
     if not fold_complete(layout.fold(model_name, fold), epochs):
         return None
     others = [
-        read_log(layout.fold(model_name, j) / "log.jsonl")
+        read_log(layout.fold(model_name, j).log)
         for j in range(int(cfg["data"]["n_folds"]))
         if j != fold and fold_complete(layout.fold(model_name, j), epochs)
     ]
     return fold_verdict(
-        read_log(layout.fold(model_name, fold) / "log.jsonl"),
+        read_log(layout.fold(model_name, fold).log),
         str(cfg["train"].get("best_metric", "competition")),
         others,
         RetryPolicy.from_config(cfg).margin,
@@ -586,7 +587,7 @@ def judge_fold(cfg: dict[str, Any], model_name: str, fold: int) -> str | None:
 def failed_attempts(layout: Layout, model_name: str, fold: int) -> list[dict[str, Any]]:
     """The fold's failed attempts so far (its `retries.json`); the next attempt's number
     is their count."""
-    path = layout.fold_retries(model_name, fold)
+    path = layout.fold(model_name, fold).retries
     if not path.is_file():
         return []
     try:
@@ -606,11 +607,11 @@ def retire_attempt(cfg: dict[str, Any], model_name: str, fold: int, reason: str)
     out = layout.fold(model_name, fold)
     failed = failed_attempts(layout, model_name, fold)
     attempt = len(failed)
-    history = read_log(out / "log.jsonl")
-    write_log(layout.failed_log(model_name, fold, attempt), history)
-    for name in ("best.pt", "last.pt", "log.jsonl"):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "oof", ignore_errors=True)
+    history = read_log(out.log)
+    write_log(out.failed_log(attempt), history)
+    for path in (out.best, out.last, out.log):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(out.oof, ignore_errors=True)
     policy = RetryPolicy.from_config(cfg)
     tried = policy.remedy(cfg, attempt)
     failed.append(
@@ -620,10 +621,8 @@ def retire_attempt(cfg: dict[str, Any], model_name: str, fold: int, reason: str)
             "seed": tried["seed"],
             "lr": tried["train"]["lr"],
             "epochs": len(history),
-            "log": layout.failed_log(model_name, fold, attempt).name,
+            "log": out.failed_log(attempt).name,
         }
     )
-    write_json(
-        layout.fold_retries(model_name, fold), {"failed": failed, "policy": policy.to_dict()}
-    )
+    write_json(out.retries, {"failed": failed, "policy": policy.to_dict()})
     return attempt

@@ -211,8 +211,8 @@ def run_trial(
     metric = str(tcfg["train"]["best_metric"])
     epochs = int(tcfg["train"]["epochs"])
     out = Layout.of(tcfg).hpo_trial(trial.study.study_name, trial.number)
-    out.mkdir(parents=True, exist_ok=True)
-    write_yaml(out / "config.yaml", tcfg)
+    out.dir.mkdir(parents=True, exist_ok=True)
+    write_yaml(out.config, tcfg)
     configure_cpu_threads(tcfg)
     # Per trial: a searched data key (e.g. the mask thresholds) may change the cached items.
     data = prepare_train_data(tcfg, dist)
@@ -224,7 +224,7 @@ def run_trial(
     name = f"{model} trial {trial.number}"
     try:
         for record in fit(tcfg, learner, loaders, fold, dist, name, state):
-            write_log(out / "log.jsonl", state.history)
+            write_log(out.log, state.history)
             log_epoch(name, epochs, record)
             trial.report(record[metric], record["epoch"])
             if trial.should_prune():

@@ -3,8 +3,9 @@
 <out_dir>/cache/                        working-size images and masks (all experiments)
 <out_dir>/<experiment>/
     folds.json                          the shared split
-    <model>/fold<k>/                    train.py: checkpoints, log, recipe, oof/, and
-                                        retries.json + failed_attempt<n>.jsonl if retrained
+    <model>/fold<k>/                    train.py (RunFiles): best.pt, last.pt, log.jsonl,
+                                        config.yaml, recipe.json, oof/, and retries.json +
+                                        failed_attempt<n>.jsonl if retrained
     <model>/oof, <model>/test           predict.py: the model's probability stores
     ensemble/oof, ensemble/test         ensemble.py: the blend
     refine/oof, refine/test             refine.py: the region-refined blend, and refine.json
@@ -16,7 +17,7 @@
     stamps.json                         pipeline.py: digests of the inputs each stage ran on
     optuna.db                           every study of the experiment
     wandb/                              offline W&B runs (outside the fold folders)
-    hpo/<study>/trial<n>/               hpo.py: each trial's config and log (never a fold's)
+    hpo/<study>/trial<n>/               hpo.py (RunFiles): each trial's config and log
     hpo/best_<model>.yaml, hpo/trials_<model>.csv
 """
 
@@ -25,6 +26,51 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The artefacts of one training run's folder: a fold (train.py) or a search trial."""
+
+    dir: Path
+
+    @property
+    def best(self) -> Path:
+        """Inference weights of the best epoch (no optimizer state)."""
+        return self.dir / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        """Weights, optimizer, schedule and RNG states of the last epoch: what --resume reads."""
+        return self.dir / "last.pt"
+
+    @property
+    def log(self) -> Path:
+        """One JSON record per epoch."""
+        return self.dir / "log.jsonl"
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.yaml"
+
+    @property
+    def recipe(self) -> Path:
+        """The fold's identity (recipe.py): what a complete fold must match to be reused."""
+        return self.dir / "recipe.json"
+
+    @property
+    def oof(self) -> Path:
+        """The fold's validation probabilities from best.pt (a probability store)."""
+        return self.dir / "oof"
+
+    @property
+    def retries(self) -> Path:
+        """The failed attempts of a fold that was retrained (train.py, recipe.RetryPolicy)."""
+        return self.dir / "retries.json"
+
+    def failed_log(self, attempt: int) -> Path:
+        """The epoch log of a failed attempt, kept when the fold is retrained."""
+        return self.dir / f"failed_attempt{attempt}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -39,6 +85,11 @@ class Layout:
         out_dir = Path(cfg["out_dir"])
         return cls(out_dir / str(cfg["experiment"]), out_dir)
 
+    @classmethod
+    def at(cls, root: Path) -> Layout:
+        """The layout of an experiment folder found on disk (compare.py)."""
+        return cls(root, root.parent)
+
     @property
     def cache(self) -> Path:
         return self.out_dir / "cache"
@@ -47,8 +98,8 @@ class Layout:
     def folds(self) -> Path:
         return self.root / "folds.json"
 
-    def fold(self, model: str, k: int) -> Path:
-        return self.root / model / f"fold{k}"
+    def fold(self, model: str, k: int) -> RunFiles:
+        return RunFiles(self.root / model / f"fold{k}")
 
     @property
     def lock(self) -> Path:
@@ -59,14 +110,6 @@ class Layout:
         """Held by the process training this fold; beside the fold's folder, which a
         forced retrain may move away."""
         return self.root / model / f".fold{k}.lock"
-
-    def fold_retries(self, model: str, k: int) -> Path:
-        """The failed attempts of a fold that was retrained (train.py, recipe.RetryPolicy)."""
-        return self.fold(model, k) / "retries.json"
-
-    def failed_log(self, model: str, k: int, attempt: int) -> Path:
-        """The epoch log of a fold's failed attempt, kept when it is retrained."""
-        return self.fold(model, k) / f"failed_attempt{attempt}.jsonl"
 
     def store(self, model: str, kind: str) -> Path:
         """A model's probability store of `kind` "oof" or "test" (predict.py)."""
@@ -134,9 +177,9 @@ class Layout:
     def hpo(self) -> Path:
         return self.root / "hpo"
 
-    def hpo_trial(self, study: str, number: int) -> Path:
+    def hpo_trial(self, study: str, number: int) -> RunFiles:
         """A search trial's folder: per study, as trial numbers restart in each study."""
-        return self.hpo / study / f"trial{number}"
+        return RunFiles(self.hpo / study / f"trial{number}")
 
     def hpo_best(self, model: str) -> Path:
         """The best trial as an experiment file with `base:` the searched config."""

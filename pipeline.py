@@ -260,7 +260,7 @@ def run_stages(
     # what every model's predictions read besides its checkpoints: the split and the images
     images = [layout.folds, *(s.image for s in list_train(data_dir) + list_test(data_dir))]
     for name in names:
-        checkpoints = [layout.fold(name, k) / "best.pt" for k in range(n_folds)]
+        checkpoints = [layout.fold(name, k).best for k in range(n_folds)]
         stores = [layout.store(name, kind) for kind in ("oof", "test")]
         run_if_due(
             f"predict {name}",
@@ -388,8 +388,7 @@ def summarise(
         tables.append((TEST_TABLE, rows))
         notes.append(verdict)
     logs = {
-        n: {k: layout.fold(n, k) / "log.jsonl" for k in range(int(cfg["data"]["n_folds"]))}
-        for n in names
+        n: {k: layout.fold(n, k).log for k in range(int(cfg["data"]["n_folds"]))} for n in names
     }
     steps = ", ".join(params.active_steps()) or "none"
     notes += [
@@ -444,7 +443,7 @@ def retrain_notes(cfg: dict[str, Any], names: Sequence[str]) -> list[str]:
                 why = "; ".join(f"attempt {f['attempt']}: {f['reason']}" for f in failed)
                 notes.append(
                     f"{name} fold {k} was retrained {len(failed)} time(s) after failing ({why}); "
-                    f"its failed logs are kept in {layout.fold(name, k)}."
+                    f"its failed logs are kept in {layout.fold(name, k).dir}."
                 )
     return notes
 

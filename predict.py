@@ -54,11 +54,11 @@ from data.cache import CachedItem, prepare_for_config
 from data.dataset import SegDataset
 from data.loader import LoaderStalled, config_loader
 from data.prepare import prepare_train_data
-from data.probstore import ProbMaps, concat, load_probs, quantise, save_probs
+from data.probstore import META_FILE, ProbMaps, concat, load_probs, quantise, save_probs
 from data.reader import DataError, list_test
 from models.inference import Probabilities, load_checkpoint, model_from_checkpoint, predict_probs
-from paths import Layout
-from recipe import RECIPE_FILE, recipe_hash, recorded_recipe
+from paths import Layout, RunFiles
+from recipe import recipe_hash, recorded_recipe
 from runtime import (
     Dist,
     Precision,
@@ -93,15 +93,15 @@ def probability_model(model: nn.Module, tta: str) -> nn.Module:
     return ttach.SegmentationTTAWrapper(probs, transforms, merge_mode="mean")
 
 
-def fold_checkpoints(cfg: dict[str, Any], model_name: str, n_folds: int) -> list[Path]:
-    paths = [Layout.of(cfg).fold(model_name, k) / "best.pt" for k in range(n_folds)]
-    missing = [str(p) for p in paths if not p.is_file()]
+def trained_folds(cfg: dict[str, Any], model_name: str, n_folds: int) -> list[RunFiles]:
+    runs = [Layout.of(cfg).fold(model_name, k) for k in range(n_folds)]
+    missing = [str(run.best) for run in runs if not run.best.is_file()]
     if missing:
         raise ConfigError(
             f"{model_name}: no trained model for {len(missing)} of {n_folds} folds "
             f"({', '.join(missing)}); run train.py --model {model_name} --fold all first"
         )
-    return paths
+    return runs
 
 
 def reusable_oof(
@@ -112,7 +112,7 @@ def reusable_oof(
     `best_epoch` must match too: a fold resumed for more epochs rewrites best.pt before its
     OOF maps, and blending stale OOF maps with fresh test maps would tune on another model.
     """
-    if not (path / "meta.json").is_file():
+    if not (path / META_FILE).is_file():
         return None
     store = load_probs(path)
     same = (
@@ -127,7 +127,7 @@ def reusable_oof(
 
 def _check_checkpoint(
     ckpt: dict[str, Any],
-    path: Path,
+    run: RunFiles,
     fold: int,
     split_id: str,
     size: list[int],
@@ -140,6 +140,7 @@ def _check_checkpoint(
     one from another recipe (learning rate, seed, ...) is not the model its folder's
     `recipe.json` describes, which train.py checks against the config.
     """
+    path = run.best
     if (ckpt.get("model_name"), ckpt.get("arch")) != (model_name, arch):
         raise DataError(
             f"{path} is a checkpoint of {ckpt.get('model_name')} ({ckpt.get('arch')}), not of "
@@ -155,10 +156,10 @@ def _check_checkpoint(
             f"this fold's validation images; put it back, or retrain fold {fold} "
             f"(train.py --model {model_name} --fold {fold} --force)"
         )
-    folder = recorded_recipe(path.parent)
+    folder = recorded_recipe(run)
     if ckpt.get("recipe_hash") != recipe_hash(folder or {}):
         raise DataError(
-            f"{path} was trained with another recipe than {path.parent / RECIPE_FILE} records"
+            f"{path} was trained with another recipe than {run.recipe} records"
             f" (recipe hash {ckpt.get('recipe_hash')}, the folder's {recipe_hash(folder or {})}); "
             f"retrain the fold (train.py --model {model_name} --fold {fold} --force)"
         )
@@ -184,7 +185,7 @@ def predict_model(
     folds = data.folds
     split_id = folds.split_id
     size = list(cfg["data"]["img_size"])
-    checkpoints = fold_checkpoints(cfg, model_name, folds.n_folds)
+    runs = trained_folds(cfg, model_name, folds.n_folds)
     precision: Precision = choose_precision(
         device, bool(cfg["train"].get("amp", True)), bool(cfg["train"].get("channels_last", True))
     )
@@ -195,15 +196,15 @@ def predict_model(
 
     oof_parts: list[ProbMaps] = []
     test_sum = np.zeros((len(test_items), 3, *size), np.float32)
-    for k, path in enumerate(checkpoints):
-        ckpt = load_checkpoint(path, device)
-        _check_checkpoint(ckpt, path, k, split_id, size, model_name, entry["arch"])
+    for k, run in enumerate(runs):
+        ckpt = load_checkpoint(run.best, device)
+        _check_checkpoint(ckpt, run, k, split_id, size, model_name, entry["arch"])
         model = model_from_checkpoint(ckpt, device)
         if precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
         probs_model = probability_model(model, tta)
         val_ids = folds.val_ids(k)
-        part = reusable_oof(path.parent / "oof", tta, split_id, val_ids, size, ckpt["epoch"])
+        part = reusable_oof(run.oof, tta, split_id, val_ids, size, ckpt["epoch"])
         if part is None:
             val_items = data.subset(val_ids)
             raw = quantise(
@@ -218,7 +219,7 @@ def predict_model(
             meta = {"split_id": split_id, "folds": [k] * len(val_ids)}
             part = ProbMaps(val_ids, [it.orig_size for it in val_items], meta, raw)
         else:
-            log.info("fold %d: reusing %s (same TTA and split)", k, path.parent / "oof")
+            log.info("fold %d: reusing %s (same TTA and split)", k, run.oof)
         oof_parts.append(part)
         test_probs = predict_probs(
             probs_model,
@@ -259,7 +260,7 @@ def predict_model(
     save_probs(
         layout.store(model_name, "test"),
         [it.id for it in test_items],
-        test_sum / len(checkpoints),
+        test_sum / len(runs),
         [it.orig_size for it in test_items],
         kind="test",
         folds=list(range(folds.n_folds)),

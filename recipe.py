@@ -19,7 +19,6 @@ import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from config import ConfigError, model_entry, settings_from
@@ -29,10 +28,9 @@ from data.reader import DataError, MaskThresholds
 from metrics import OBJECTIVES
 from models.losses import SegLoss
 from optim import check_recipe
-from paths import Layout
+from paths import Layout, RunFiles
 from runtime import derive_seed
 
-RECIPE_FILE = "recipe.json"
 # Mixed into a retrained fold's seed, so its stream differs from every ordinary seed's.
 _RETRY_SALT = 7919
 
@@ -101,16 +99,16 @@ def refuse_changed(where: str, old: dict[str, Any], new: dict[str, Any], experim
     )
 
 
-def recorded_recipe(fold_dir: Path) -> dict[str, Any] | None:
+def recorded_recipe(run: RunFiles) -> dict[str, Any] | None:
     """The recipe a fold folder was trained with, or None for a folder never trained."""
-    path = fold_dir / RECIPE_FILE
-    trained = any((fold_dir / n).exists() for n in ("last.pt", "best.pt"))
+    path = run.recipe
+    trained = run.last.exists() or run.best.exists()
     if not trained:
         # A fold that failed before its first checkpoint has nothing to protect.
         return None
     if not path.exists():
         raise ConfigError(
-            f"{fold_dir} holds checkpoints but no {RECIPE_FILE}, so its recipe is unknown; "
+            f"{run.dir} holds checkpoints but no {path.name}, so its recipe is unknown; "
             "retrain it with `train.py --force` or use a new experiment name"
         )
     try:
@@ -120,20 +118,20 @@ def recorded_recipe(fold_dir: Path) -> dict[str, Any] | None:
 
 
 def check_fold(
-    fold_dir: Path, recipe: dict[str, Any], experiment: str, compare_split: bool = True
+    run: RunFiles, recipe: dict[str, Any], experiment: str, compare_split: bool = True
 ) -> None:
     """Refuse a fold folder made with another recipe (or split, when `compare_split`)."""
-    old = recorded_recipe(fold_dir)
+    old = recorded_recipe(run)
     if old is None:
         return
     if not compare_split:
         old = {k: v for k, v in old.items() if k != "split_id"}
         recipe = {k: v for k, v in recipe.items() if k != "split_id"}
-    refuse_changed(str(fold_dir), old, recipe, experiment)
+    refuse_changed(str(run.dir), old, recipe, experiment)
 
 
-def write_recipe(fold_dir: Path, recipe: dict[str, Any]) -> None:
-    write_json(fold_dir / RECIPE_FILE, {"recipe_hash": recipe_hash(recipe), "recipe": recipe})
+def write_recipe(run: RunFiles, recipe: dict[str, Any]) -> None:
+    write_json(run.recipe, {"recipe_hash": recipe_hash(recipe), "recipe": recipe})
 
 
 # ------------------------------------------------------------------ checks before any work

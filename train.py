@@ -30,7 +30,6 @@ import shutil
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as tdist
@@ -73,7 +72,7 @@ from engine import (
 from models.inference import Probabilities, load_checkpoint, predict_probs
 from models.pretrained import parse_pretrained
 from optim import scheduler_cfg
-from paths import Layout
+from paths import Layout, RunFiles
 from recipe import (
     RetryPolicy,
     check_config,
@@ -124,17 +123,18 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _resume(
-    learner: Learner, out: Path, split_id: str, resume: bool, name: str, tcfg: dict[str, Any]
+    learner: Learner, out: RunFiles, split_id: str, resume: bool, name: str, tcfg: dict[str, Any]
 ) -> tuple[int, float, list[dict[str, Any]]]:
     """(epochs done, best score, history) from last.pt, or a fresh start."""
-    last = out / "last.pt"
+    last = out.last
     if not last.exists():
         if resume:
-            log.info("%s: nothing to resume in %s; starting from scratch", name, out)
+            log.info("%s: nothing to resume in %s; starting from scratch", name, out.dir)
         return 0, -math.inf, []
     if not resume:
         raise ConfigError(
-            f"{out} holds an unfinished run; pass --resume to continue it or --force to start over"
+            f"{out.dir} holds an unfinished run; pass --resume to continue it "
+            "or --force to start over"
         )
     ckpt = load_checkpoint(last, next(learner.raw.parameters()).device)
     if ckpt["split_id"] != split_id:
@@ -186,13 +186,13 @@ def train_fold(
     out = layout.fold(model_name, fold)
     name = f"{model_name} fold {fold}"
     recipe = fold_recipe(cfg, model_name, data.folds.split_id)
-    if force and dist.is_main and out.exists():
-        shutil.rmtree(out)
+    if force and dist.is_main and out.dir.exists():
+        shutil.rmtree(out.dir)
     dist.barrier()
     check_fold(out, recipe, str(cfg["experiment"]))
     if fold_complete(out, epochs):
-        log.info("%s already complete (%s); skipping (--force retrains)", name, out)
-        return _summary(model_name, fold, read_log(out / "log.jsonl"), True, best_metric)
+        log.info("%s already complete (%s); skipping (--force retrains)", name, out.dir)
+        return _summary(model_name, fold, read_log(out.log), True, best_metric)
     # A retrained fold trains with its attempt's remedy; its recipe identity stays the
     # config's, so the pipeline still recognises it.
     attempt = len(failed_attempts(layout, model_name, fold))
@@ -205,10 +205,10 @@ def train_fold(
     loaders = build_loaders(cfg, data, fold, dist)
     learner = build_learner(cfg, entry, fold, dist, steps_per_epoch=len(loaders.train))
     state = FitState(*_resume(learner, out, split_id, resume, name, cfg["train"]))
-    if state.epoch and not (out / "best.pt").is_file():
+    if state.epoch and not out.best.is_file():
         # written at the first epoch: without it the best weights are lost, resuming or not
         raise ConfigError(
-            f"{out / 'best.pt'} is missing, but {out / 'last.pt'} has {state.epoch} epochs: "
+            f"{out.best} is missing, but {out.last} has {state.epoch} epochs: "
             f"retrain the fold with train.py --model {model_name} --fold {fold} --force"
         )
     meta = {
@@ -222,10 +222,10 @@ def train_fold(
         "attempt": attempt,
     }
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        out.dir.mkdir(parents=True, exist_ok=True)
         write_recipe(out, recipe)
-        write_yaml(out / "config.yaml", cfg)
-        write_log(out / "log.jsonl", state.history)
+        write_yaml(out.config, cfg)
+        write_log(out.log, state.history)
     wandb_run = tracking.start_fold(cfg, model_name, fold) if dist.is_main else None
     try:
         for record in fit(cfg, learner, loaders, fold, dist, name, state):
@@ -250,10 +250,10 @@ def train_fold(
                         "scaler": None,
                         "rng": None,
                     }
-                    save_torch({**ckpt, **inference}, out / "best.pt")
-                save_torch(ckpt, out / "last.pt")
+                    save_torch({**ckpt, **inference}, out.best)
+                save_torch(ckpt, out.last)
                 kill_point("epoch-saved")
-                write_log(out / "log.jsonl", state.history)
+                write_log(out.log, state.history)
                 if wandb_run is not None:
                     tracking.log_epoch(
                         wandb_run, record, epochs, learner.eval_net, loaders.val_items, dist.device
@@ -299,7 +299,7 @@ def train_fold_retrying(
             if attempt >= policy.attempts:
                 raise FoldFailed(
                     f"{name} failed after {attempt} retrain(s): {reason}; its attempts are in "
-                    f"{layout.fold_retries(model_name, fold)}. Check the recipe, or raise "
+                    f"{layout.fold(model_name, fold).retries}. Check the recipe, or raise "
                     "retry.attempts"
                 )
             if dist.is_main:
@@ -310,7 +310,7 @@ def train_fold_retrying(
 
 def write_fold_oof(
     cfg: dict[str, Any],
-    out: Path,
+    out: RunFiles,
     val_items: list[CachedItem],
     split_id: str,
     model_name: str,
@@ -320,7 +320,7 @@ def write_fold_oof(
     """Softmax of the fold's validation images from best.pt, at working resolution."""
     device = next(learner.raw.parameters()).device
     model = learner.raw
-    best = load_checkpoint(out / "best.pt", device)
+    best = load_checkpoint(out.best, device)
     model.load_state_dict(best["model"])
     loader = config_loader(
         cfg,
@@ -338,7 +338,7 @@ def write_fold_oof(
         desc=f"{model_name} fold {fold} oof",
     )
     save_probs(
-        out / "oof",
+        out.oof,
         [it.id for it in val_items],
         probs,
         [list(it.orig_size) for it in val_items],
@@ -352,7 +352,7 @@ def write_fold_oof(
             cfg, model=model_name, fold=fold, split_id=split_id, stage="train-oof"
         ),
     )
-    log.info("%s fold %d: wrote %d OOF maps to %s", model_name, fold, len(val_items), out / "oof")
+    log.info("%s fold %d: wrote %d OOF maps to %s", model_name, fold, len(val_items), out.oof)
 
 
 def _summary(

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.report import update_section
+from paths import Layout
 
 KEYS = ("competition", "dice_seg", "dice_neo", "dice_non")
 TEST = "Test set (original size, test_gt/)"
@@ -32,7 +33,7 @@ OOF = "Out-of-fold (working resolution)"
 def run_rows(run: Path) -> dict[str, dict[str, Any]]:
     """The rows of one run a reader compares: the submission and the best simple chain on
     the test set, and the submitted chain's out-of-sample and in-sample OOF scores."""
-    tables = json.loads((run / "scores.json").read_text())["tables"]
+    tables = json.loads(Layout.at(run).scores.read_text())["tables"]
     test = tables[TEST]
     submitted = next(r for r in test if r.get("role") == "submission")
     simple = max((r for r in test if r.get("role") == "simple alternative"), key=_score)

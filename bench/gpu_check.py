@@ -451,7 +451,7 @@ def section_train_fold(data_dir: str, work: Path, dist: Dist, settings: Settings
     ]
     record = run_monitored(cmd, settings.fold_timeout_s, work / "train.log", dist)
     fold_cfg = load_config(ROOT / FOLD_CONFIG, [f"out_dir={out}"])
-    epochs = engine.read_log(Layout.of(fold_cfg).fold(FOLD_MODEL, 0) / "log.jsonl")
+    epochs = engine.read_log(Layout.of(fold_cfg).fold(FOLD_MODEL, 0).log)
     # The last epoch's rate: the first one pays for starting the loader workers.
     record["images_per_s"] = epochs[-1]["images_per_s"] if epochs else None
     record["images_per_s_epochs"] = [e["images_per_s"] for e in epochs]

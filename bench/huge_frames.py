@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from data.probstore import save_probs
+from paths import Layout
 from postprocessing import PostprocessParams
 
 SIZE = (6000, 8000)
@@ -56,15 +57,16 @@ def make_experiment(root: Path, frames: int) -> Path:
             maps[k, :, blob == 1] = 20
             maps[k, cls][blob == 1] = 215
         maps[k, 0][maps[k, 1:].max(0) < 100] = 215
+    layout = Layout(root / "exp", root)
     save_probs(
-        root / "exp" / "ensemble" / "test",
+        layout.blend("test"),
         ids,
         maps / 255.0,
         [SIZE] * frames,
         kind="test",
         model="blend",
     )
-    (root / "exp" / "postprocess.json").write_text(json.dumps({"params": STEPS.to_dict()}))
+    layout.postprocess.write_text(json.dumps({"params": STEPS.to_dict()}))
     config = root / "c.yaml"
     cfg = {"experiment": "exp", "data_dir": str(root / "data"), "out_dir": str(root)}
     config.write_text(yaml.safe_dump(cfg))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from bench.report import update_section
 from data.reader import list_test, list_test_gt, list_train, load_image, load_mask
 from metrics import class_stats, scores_from_stats
+from paths import Layout
 
 SIZE = (256, 320)
 MEAN, STD = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
@@ -118,8 +119,8 @@ def run_pipeline(config: str, data_dir: Path, out_dir: Path) -> tuple[float, dic
     ]
     subprocess.run([*cmd, "--out-dir", str(out_dir)], check=True)
     elapsed = time.perf_counter() - start
-    experiment = next(p for p in out_dir.iterdir() if (p / "scores.json").exists())
-    tables = json.loads((experiment / "scores.json").read_text())["tables"]
+    scores = next(Layout.at(p).scores for p in out_dir.iterdir() if Layout.at(p).scores.exists())
+    tables = json.loads(scores.read_text())["tables"]
     rows = next(rows for title, rows in tables.items() if title.startswith("Test"))
     row = next(r for r in rows if r.get("role") == "submission")
     return elapsed, {k: row[k] for k in KEYS}

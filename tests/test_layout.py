@@ -4,6 +4,7 @@ libraries, and every artefact path comes from one Layout."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,10 +127,48 @@ def test_the_layer_check_sees_climbs_and_cycles(tmp_path: Path) -> None:
     ]
 
 
+# Modules that own a file format and name its parts themselves.
+OWNERS = {"paths.py": "the experiment's layout", "data/probstore.py": "a probability store"}
+
+
+def file_names(path: Path) -> set[str]:
+    """The file names a module spells as string constants (no spaces: not messages)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names |= {w.split("/")[-1] for w in [node.value] if re.fullmatch(r"[\w./-]+", w)}
+    return {n for n in names if re.fullmatch(r"\w[\w-]*\.[a-z]+", n)}
+
+
+def test_no_module_spells_an_artefact_name_the_layout_owns() -> None:
+    owned = {name: owner for owner in OWNERS for name in file_names(ROOT / owner)}
+    assert {"best.pt", "log.jsonl", "recipe.json", "submission.csv", "meta.json"} <= set(owned)
+    modules = [
+        *ROOT.glob("*.py"),
+        *(p for d in ("data", "models", "bench") for p in ROOT.glob(f"{d}/*.py")),
+    ]
+    spelled = [
+        f"{path.relative_to(ROOT)} spells {name} (owned by {owned[name]})"
+        for path in sorted(modules)
+        for name in sorted(file_names(path) & set(owned))
+        if owned[name] != str(path.relative_to(ROOT))
+    ]
+    assert spelled == []
+
+
+def test_the_artefact_check_sees_a_spelled_path(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text(
+        '"""Reads best.pt."""\nx = out / "best.pt"\ny = f"{out}/ensemble/weights.json"\n'
+    )
+    assert file_names(module) == {"best.pt", "weights.json"}
+
+
 def test_layout_paths_follow_the_documented_tree(tmp_path: Path) -> None:
     layout = Layout.of({"out_dir": str(tmp_path), "experiment": "exp"})
     root = tmp_path / "exp"
-    assert layout.fold("unet", 2) == root / "unet" / "fold2"
+    assert layout.fold("unet", 2).dir == root / "unet" / "fold2"
+    assert layout.fold("unet", 2).best == root / "unet" / "fold2" / "best.pt"
     assert layout.store("unet", "test") == root / "unet" / "test"
     assert layout.blend("oof") == root / "ensemble" / "oof"
     assert layout.weights.parent == layout.blend("oof").parent

@@ -20,6 +20,7 @@ from data.loader import SeededSampler, stratum_weights
 from data.paste import free_space, paste_one
 from models.inference import load_checkpoint
 from models.losses import SegLoss
+from paths import RunFiles
 from tests.trainkit import best_only_at, fold_path, history, run_main, write_config
 
 
@@ -344,7 +345,7 @@ def test_early_stop_ends_a_flat_fold_and_counts_it_complete(
     ]
     assert improved[:-1] == [True] * (len(records) - 1) and not improved[-1]
     assert not any(r["stopped_early"] for r in records[:-1])
-    assert engine.fold_complete(fold_path(tmp_path), 8)
+    assert engine.fold_complete(RunFiles(fold_path(tmp_path)), 8)
     assert (fold_path(tmp_path) / "oof" / "meta.json").is_file()
 
 

@@ -50,7 +50,7 @@ def test_a_fold_is_judged_on_its_metric_against_its_models_other_complete_folds(
     layout = Layout.of(cfg)
 
     def fold(k: int, gain: float, epochs: int = 2, model: str = "tiny") -> None:
-        out = layout.fold(model, k)
+        out = layout.fold(model, k).dir
         (out / "oof").mkdir(parents=True)
         (out / "best.pt").write_bytes(b"weights")
         (out / "oof" / "meta.json").write_text("{}")
@@ -87,7 +87,7 @@ def test_a_retired_attempt_keeps_its_log_and_frees_the_fold(tmp_path, tiny_data)
     are deleted (disk), and retries.json records every attempt and the policy."""
     cfg = load_config(write_config(tmp_path, tiny_data), ["retry.lr_scale=0.5"])
     layout = Layout.of(cfg)
-    out = layout.fold("tiny", 1)
+    out = layout.fold("tiny", 1).dir
     for attempt, epochs in enumerate((2, 1)):
         (out / "oof").mkdir(parents=True)
         (out / "oof" / "probs.npy").write_bytes(b"maps")
