@@ -10,7 +10,6 @@ stage calls `exit_if_help` before its heavy imports.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,6 @@ from config import add_config_arguments
 from metrics import OBJECTIVES
 
 TTA_CHOICES = ("none", "hflip", "flip", "d4")
-
-
-def exit_if_help(stage: str) -> None:
-    """Print the stage's help and exit when it was asked for, before heavy imports."""
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        PARSERS[stage]().parse_args()
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -254,16 +247,3 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float, default=0.9, help="two-sided level of the intervals")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     return p
-
-
-PARSERS = {
-    "train": train_parser,
-    "predict": predict_parser,
-    "ensemble": ensemble_parser,
-    "tune": tune_parser,
-    "hpo": hpo_parser,
-    "postprocess": postprocess_parser,
-    "pipeline": pipeline_parser,
-    "refine": refine_parser,
-    "compare": compare_parser,
-}

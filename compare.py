@@ -14,10 +14,10 @@ Out-of-fold images are compared only when both experiments hold the same images.
 
 from __future__ import annotations
 
-import cli
+import stages
 
 if __name__ == "__main__":
-    cli.exit_if_help("compare")
+    stages.exit_if_help("compare")
 
 import itertools
 import sys
@@ -140,7 +140,7 @@ def paired_rows(experiments: Sequence[Experiment], rule: Rule) -> list[dict[str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.compare_parser().parse_args(argv)
+    args = stages.parser("compare").parse_args(argv)
     try:
         experiments = [Experiment(Path(p)) for p in args.experiments]
     except DataError as exc:

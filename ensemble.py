@@ -23,10 +23,10 @@ continues where it stopped; the all-folds study's trials are exported to
 
 from __future__ import annotations
 
-import cli
+import stages
 
 if __name__ == "__main__":
-    cli.exit_if_help("ensemble")
+    stages.exit_if_help("ensemble")
 
 
 import functools
@@ -350,7 +350,7 @@ def write_blends(
 
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.ensemble_parser().parse_args(argv)
+    args = stages.parser("ensemble").parse_args(argv)
     setup_logging()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

@@ -22,9 +22,10 @@ searched config, ready for `python pipeline.py --config <exp>/hpo/best_<model>.y
 from __future__ import annotations
 
 import cli
+import stages
 
 if __name__ == "__main__":
-    cli.exit_if_help("hpo")
+    stages.exit_if_help("hpo")
 
 
 import functools
@@ -257,7 +258,7 @@ def write_best(
 
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.hpo_parser().parse_args(argv)
+    args = stages.parser("hpo").parse_args(argv)
     setup_logging()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dist = init_dist()

@@ -16,13 +16,12 @@ resolution) always, and on the test set only when the data folder has a `test_gt
 
 from __future__ import annotations
 
-import cli
+import stages
 
 if __name__ == "__main__":
-    cli.exit_if_help("pipeline")
+    stages.exit_if_help("pipeline")
 
 
-import dataclasses
 import logging
 import os
 import subprocess
@@ -34,16 +33,13 @@ from typing import Any
 
 import numpy as np
 
-import ensemble
 import locks
-import postprocess
 import postprocessing
 import predict
 import refine
 import studies
 import tracking
 import train
-import tune
 from config import (
     ConfigError,
     reports_environment_errors,
@@ -53,13 +49,12 @@ from config import (
 from data.atomic import write_json, write_yaml
 from data.cache import load_item, train_items
 from data.prepare import prepare_train_data
-from data.probstore import META_FILE, ProbMaps, load_probs
+from data.probstore import ProbMaps, load_probs
 from data.reader import (
     DataError,
     check_image_file,
     list_test,
     list_test_gt,
-    list_train,
 )
 from decisions import Rule
 from engine import failed_attempts, judge_fold
@@ -79,6 +74,7 @@ from postprocessing import PostprocessParams, input_store, load_params
 from recipe import RetryPolicy, check_config, check_recipes_early
 from report import Case, ReportInputs, write_report
 from runtime import PARENT_ENV, Dist
+from stages import STAGES, Plan
 from stamps import Stamps, digest
 
 log = logging.getLogger("pipeline")
@@ -97,12 +93,6 @@ def made_otherwise(path: Path, settings: dict[str, Any]) -> bool:
     """
     doc = read_json(path)
     return any(doc.get(k) != v for k, v in settings.items())
-
-
-def recorded_settings(cfg: dict[str, Any], section: str, searched: bool) -> dict[str, Any]:
-    """What an optuna stage records of its settings; `trials` only when it searched."""
-    trials, objective = studies.search_settings(cfg, section)
-    return {"objective": objective, "trials": trials} if searched else {"objective": objective}
 
 
 def run_stage(name: str, main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> float:
@@ -238,73 +228,25 @@ def run_stages(
                 "train", train.main, ["--model", name, "--fold", "all", "--resume", *common]
             )
     stamps = Stamps(layout.stamps)
-
-    def run_if_due(
-        stage: str,
-        outputs: Sequence[Path],
-        inputs: Sequence[Path],
-        settings: tuple[Path, dict[str, Any]],
-        call: Callable[[], float],
-    ) -> None:
-        """Run a stage whose inputs' bytes, outputs or recorded settings (`settings`: the
-        artefact and what it must record) changed; then record the inputs it ran on."""
-        # with an input missing the stage runs and names it in its own words
-        ident = digest(inputs) if all(p.exists() for p in inputs) else None
-        if ident is None or stamps.changed(stage, ident, outputs) or made_otherwise(*settings):
-            timings[stage] = call()
-            if ident is not None:
-                stamps.record(stage, ident)
-
-    tta = str((cfg.get("predict") or {}).get("tta", "none"))
-    data_dir = Path(cfg["data_dir"])
-    # what every model's predictions read besides its checkpoints: the split and the images
-    images = [layout.folds, *(s.image for s in list_train(data_dir) + list_test(data_dir))]
-    for name in names:
-        checkpoints = [layout.fold(name, k).best for k in range(n_folds)]
-        stores = [layout.store(name, kind) for kind in ("oof", "test")]
-        run_if_due(
-            f"predict {name}",
-            stores,
-            [*checkpoints, *images],
-            (stores[0] / META_FILE, {"tta": tta}),
-            lambda name=name: run_stage("predict", predict.main, ["--model", name, *common]),
-        )
-    decide = {"decide": Rule.from_config(cfg).to_dict()}
-    blend_settings = {
-        "models": names,
-        **recorded_settings(cfg, "ensemble", len(names) > 1),
-        **decide,
-    }
-    run_if_due(
-        "ensemble",
-        [layout.weights, layout.blend("oof"), layout.blend("test")],
-        [layout.store(n, kind) for n in names for kind in ("oof", "test")],
-        (layout.weights, blend_settings),
-        lambda: run_stage("ensemble", ensemble.main, ["--models", *names, *common, *search]),
-    )
-    refining = bool((cfg.get("refine") or {}).get("enabled"))
-    if refining:
-        refine_settings = {
-            "settings": dataclasses.asdict(refine.RefineSettings.from_config(cfg)),
-            **decide,
-        }
-        run_if_due(
-            "refine",
-            [layout.refine_record, layout.refined("oof"), layout.refined("test")],
-            [layout.folds, layout.blend("oof"), layout.blend("test")],
-            (layout.refine_record, refine_settings),
-            lambda: run_stage("refine", refine.main, common),
-        )
-    sources = ["blend", "refined"] if refining else ["blend"]
-    tune_settings = {**recorded_settings(cfg, "tune", True), **decide, "sources": sources}
-    run_if_due(
-        "tune",
-        [layout.postprocess],
-        [layout.blend("oof"), *([layout.refined("oof")] if refining else [])],
-        (layout.postprocess, tune_settings),
-        lambda: run_stage("tune", tune.main, [*common, *search]),
-    )
-    timings["submission"] = run_stage("postprocess", postprocess.main, common)
+    plan = Plan(cfg, layout, names, list(common), list(search))
+    for stage in STAGES:
+        if stage.argv is None or not stage.enabled(plan):
+            continue
+        module = stage.module()
+        for model in names if stage.per_model else [""]:
+            label = f"{stage.name} {model}".strip()
+            argv = stage.argv(plan, model)
+            if stage.outputs is None or stage.inputs is None:
+                timings[label] = run_stage(stage.name, module.main, argv)
+                continue
+            inputs = stage.inputs(plan, model)
+            # with an input missing the stage runs and names it in its own words
+            ident = digest(inputs) if all(p.exists() for p in inputs) else None
+            due = ident is None or stamps.changed(label, ident, stage.outputs(plan, model))
+            if due or (stage.record and made_otherwise(*stage.record(plan, module, model))):
+                timings[label] = run_stage(stage.name, module.main, argv)
+                if ident is not None:
+                    stamps.record(label, ident)
     return timings
 
 
@@ -467,7 +409,7 @@ def study_notes(records: dict[str, dict[str, Any] | None]) -> list[str]:
 
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.pipeline_parser().parse_args(argv)
+    args = stages.parser("pipeline").parse_args(argv)
     setup_logging()
     start = time.perf_counter()
     started = time.time()

@@ -8,10 +8,10 @@ it passes its check.
 
 from __future__ import annotations
 
-import cli
+import stages
 
 if __name__ == "__main__":
-    cli.exit_if_help("postprocess")
+    stages.exit_if_help("postprocess")
 
 
 import logging
@@ -72,7 +72,7 @@ def make_submission(
 
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.postprocess_parser().parse_args(argv)
+    args = stages.parser("postprocess").parse_args(argv)
     setup_logging()
     try:
         cfg = resolve_cli_config(args)

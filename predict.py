@@ -24,9 +24,10 @@ and ttach rotates each prediction back to H x W before averaging.
 from __future__ import annotations
 
 import cli
+import stages
 
 if __name__ == "__main__":
-    cli.exit_if_help("predict")
+    stages.exit_if_help("predict")
 
 
 import argparse
@@ -288,7 +289,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.predict_parser().parse_args(argv)
+    args = stages.parser("predict").parse_args(argv)
     setup_logging()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

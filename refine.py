@@ -25,10 +25,10 @@ themselves out of sample (ensemble.py blends each fold with the weights fitted w
 
 from __future__ import annotations
 
-import cli
+import stages
 
 if __name__ == "__main__":
-    cli.exit_if_help("refine")
+    stages.exit_if_help("refine")
 
 import dataclasses
 import json
@@ -551,7 +551,7 @@ def format_summary(doc: dict[str, Any]) -> str:
 
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.refine_parser().parse_args(argv)
+    args = stages.parser("refine").parse_args(argv)
     setup_logging()
     try:
         cfg = resolve_cli_config(args)

@@ -18,9 +18,10 @@ checkpoint does not know about.
 from __future__ import annotations
 
 import cli
+import stages
 
 if __name__ == "__main__":
-    cli.exit_if_help("train")
+    stages.exit_if_help("train")
 
 
 import argparse
@@ -376,7 +377,7 @@ def _summary(
 
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.train_parser().parse_args(argv)
+    args = stages.parser("train").parse_args(argv)
     end_with_parent()
     dist = init_dist()
     setup_logging(logging.INFO if dist.is_main else logging.WARNING)

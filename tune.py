@@ -23,10 +23,10 @@ where it stopped; the all-folds study's trials are exported to `tune_trials.csv`
 
 from __future__ import annotations
 
-import cli
+import stages
 
 if __name__ == "__main__":
-    cli.exit_if_help("tune")
+    stages.exit_if_help("tune")
 
 
 import functools
@@ -389,7 +389,7 @@ def _meta_time(store: Path) -> float:
 
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.tune_parser().parse_args(argv)
+    args = stages.parser("tune").parse_args(argv)
     setup_logging()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 import pipeline
+import stages
 from data.probstore import blend as blend_maps
 from data.probstore import load_probs, save_probs
 from data.reader import list_test, list_test_gt, load_mask
@@ -52,9 +53,50 @@ def _artefacts(exp):
     )
 
 
-def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, capsys):
+COUNT_STAGE = """
+import argparse, json
+from config import add_config_arguments, resolve_cli_config
+from paths import Layout
+
+def parser():
+    p = argparse.ArgumentParser(description="counts its runs")
+    add_config_arguments(p)
+    return p
+
+def main(argv):
+    layout = Layout.of(resolve_cli_config(parser().parse_args(argv)))
+    out = layout.root / "count.json"
+    runs = json.loads(out.read_text())["runs"] if out.exists() else 0
+    out.write_text(json.dumps({"runs": runs + 1, "tuned": layout.postprocess.read_text()}))
+    return 0
+"""
+
+
+def add_count_stage(tmp_path, monkeypatch) -> Path:
+    """A new stage, added as the issue asks: its script and one table entry. It reads
+    postprocess.json and writes count.json, so it reruns only when tune's output changes."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "count.py").write_text(COUNT_STAGE)
+    monkeypatch.syspath_prepend(str(scripts))
+    import count
+
+    entry = stages.Stage(
+        "count",
+        count.parser,
+        argv=lambda plan, _: list(plan.common),
+        outputs=lambda plan, _: [plan.layout.root / "count.json"],
+        inputs=lambda plan, _: [plan.layout.postprocess],
+    )
+    monkeypatch.setattr(pipeline, "STAGES", (*stages.STAGES[:-2], entry, *stages.STAGES[-2:]))
+    return tmp_path / "out" / "tiny" / "count.json"
+
+
+def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, capsys, monkeypatch):
     config = _config(tmp_path, tiny_data)
+    counted = add_count_stage(tmp_path, monkeypatch)
     assert pipeline.main(["--config", str(config)]) == 0
+    assert json.loads(counted.read_text())["runs"] == 1
     out = capsys.readouterr().out
     exp = tmp_path / "out" / "tiny"
     assert "Test set (original size, test_gt/)" in out and "blend" in out
@@ -112,7 +154,8 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     out = capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in artefacts} == before
     ran = _stages_run(out)
-    assert not any(s.startswith(("predict", "ensemble", "refine", "tune")) for s in ran), ran
+    assert not any(s.startswith(("predict", "ensemble", "refine", "tune", "count")) for s in ran)
+    assert json.loads(counted.read_text())["runs"] == 1
 
     # The test set's "post-processed" rows use the tuned parameters: here, hand-set ones
     # in a postprocess.json that is still up to date, so tune.py does not rerun.
@@ -121,7 +164,10 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     tuned["params"] = PostprocessParams(fg_threshold=0.05, min_area_frac=0.01).to_dict()
     tuned_file.write_text(json.dumps(tuned))
     assert pipeline.main(["--config", str(config)]) == 0
-    assert "tune" not in _stages_run(capsys.readouterr().out)
+    ran = _stages_run(capsys.readouterr().out)
+    assert "tune" not in ran
+    # ...but the new stage reads postprocess.json, whose bytes changed
+    assert "count" in ran and json.loads(counted.read_text())["runs"] == 2
     rows = json.loads((exp / "scores.json").read_text())["tables"][TEST_TABLE]
     blend = {r["variant"]: r for r in rows if r["model"] == "blend, equal weights"}
     equal = exp / "equal_test"
@@ -143,6 +189,9 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     assert pipeline.main(["--config", str(config), "--set", "tune.trials=4"]) == 0
     ran = _stages_run(capsys.readouterr().out)
     assert "tune" in ran and not any(s.startswith(("predict", "ensemble")) for s in ran)
+    # the new stage follows its input: tune wrote another postprocess.json
+    assert "count" in ran and json.loads(counted.read_text())["runs"] == 3
+    assert json.loads(counted.read_text())["tuned"] == tuned_file.read_text()
     assert pipeline.main(["--config", str(config), "--set", "predict.tta=hflip"]) == 0
     ran = _stages_run(capsys.readouterr().out)
     assert {"predict tiny", "predict tiny2", "ensemble", "refine", "tune"} <= ran

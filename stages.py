@@ -1,0 +1,195 @@
+"""The stages, declared once: what each reads and writes, and what makes its outputs stale.
+
+`pipeline.py` runs the entries in order, `stages.exit_if_help` answers every command's
+`--help`, and the layout and lint tests read the same table. Adding a stage is its script
+(a module with `main(argv) -> int`) and one `Stage` here; the pipeline then runs it when
+the bytes of one of its inputs changed since it last ran (stamps.py), an output is
+missing, or its recorded settings differ from the config's. Entries name their script by
+module, imported only when the stage runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cli
+from paths import Layout
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the entries read: the config, its layout, the blended models, and the flags
+    every stage call shares (`common`) or the optuna stages add (`search`)."""
+
+    cfg: dict[str, Any]
+    layout: Layout
+    models: list[str]
+    common: list[str]
+    search: list[str]
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.cfg["data"]["n_folds"])
+
+    @property
+    def refining(self) -> bool:
+        return bool((self.cfg.get("refine") or {}).get("enabled"))
+
+    @property
+    def decide(self) -> dict[str, Any]:
+        """The decision rule, recorded by every stage that decides out of sample."""
+        from decisions import Rule
+
+        return {"decide": Rule.from_config(self.cfg).to_dict()}
+
+    def searched(self, section: str, searches: bool) -> dict[str, Any]:
+        """What an optuna stage records of its settings; `trials` only when it searched."""
+        from studies import search_settings
+
+        trials, objective = search_settings(self.cfg, section)
+        return {"objective": objective, "trials": trials} if searches else {"objective": objective}
+
+    def images(self) -> list[Path]:
+        """The split and every image: what each model's predictions read besides weights."""
+        from data.reader import list_test, list_train
+
+        data_dir = Path(self.cfg["data_dir"])
+        return [self.layout.folds, *(s.image for s in list_train(data_dir) + list_test(data_dir))]
+
+
+Paths = Callable[[Plan, str], list[Path]]
+# (the JSON artefact that records the settings, the settings it must record)
+Record = Callable[[Plan, ModuleType, str], tuple[Path, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One command. With `argv` it is a pipeline step, run after training in table order,
+    once per model when `per_model` (the `str` its callables get; "" otherwise). Without
+    `outputs` and `inputs` it runs on every pipeline call (it decides for itself what to
+    redo); `record` names settings the inputs' bytes cannot show (a changed TTA)."""
+
+    name: str
+    parser: Callable[[], argparse.ArgumentParser]
+    argv: Callable[[Plan, str], list[str]] | None = None
+    outputs: Paths | None = None
+    inputs: Paths | None = None
+    record: Record | None = None
+    per_model: bool = False
+    enabled: Callable[[Plan], bool] = lambda plan: True
+
+    def module(self) -> ModuleType:
+        return importlib.import_module(self.name)
+
+
+def _predict_record(plan: Plan, _: ModuleType, model: str) -> tuple[Path, dict[str, Any]]:
+    from data.probstore import META_FILE
+
+    tta = str((plan.cfg.get("predict") or {}).get("tta", "none"))
+    return plan.layout.store(model, "oof") / META_FILE, {"tta": tta}
+
+
+STAGES: tuple[Stage, ...] = (
+    # pipeline.py trains the folds itself (in parallel, judging and retraining failed ones)
+    Stage("train", cli.train_parser),
+    Stage(
+        "predict",
+        cli.predict_parser,
+        argv=lambda plan, model: ["--model", model, *plan.common],
+        outputs=lambda plan, model: [plan.layout.store(model, k) for k in ("oof", "test")],
+        inputs=lambda plan, model: [
+            *(plan.layout.fold(model, k).best for k in range(plan.n_folds)),
+            *plan.images(),
+        ],
+        record=_predict_record,
+        per_model=True,
+    ),
+    Stage(
+        "ensemble",
+        cli.ensemble_parser,
+        argv=lambda plan, _: ["--models", *plan.models, *plan.common, *plan.search],
+        outputs=lambda plan, _: [
+            plan.layout.weights,
+            plan.layout.blend("oof"),
+            plan.layout.blend("test"),
+        ],
+        inputs=lambda plan, _: [
+            plan.layout.store(m, kind) for m in plan.models for kind in ("oof", "test")
+        ],
+        record=lambda plan, _, __: (
+            plan.layout.weights,
+            {
+                "models": plan.models,
+                **plan.searched("ensemble", len(plan.models) > 1),
+                **plan.decide,
+            },
+        ),
+    ),
+    Stage(
+        "refine",
+        cli.refine_parser,
+        argv=lambda plan, _: list(plan.common),
+        outputs=lambda plan, _: [
+            plan.layout.refine_record,
+            plan.layout.refined("oof"),
+            plan.layout.refined("test"),
+        ],
+        inputs=lambda plan, _: [
+            plan.layout.folds,
+            plan.layout.blend("oof"),
+            plan.layout.blend("test"),
+        ],
+        record=lambda plan, module, _: (
+            plan.layout.refine_record,
+            {
+                "settings": dataclasses.asdict(module.RefineSettings.from_config(plan.cfg)),
+                **plan.decide,
+            },
+        ),
+        enabled=lambda plan: plan.refining,
+    ),
+    Stage(
+        "tune",
+        cli.tune_parser,
+        argv=lambda plan, _: [*plan.common, *plan.search],
+        outputs=lambda plan, _: [plan.layout.postprocess],
+        inputs=lambda plan, _: [
+            plan.layout.blend("oof"),
+            *([plan.layout.refined("oof")] if plan.refining else []),
+        ],
+        record=lambda plan, _, __: (
+            plan.layout.postprocess,
+            {
+                **plan.searched("tune", True),
+                **plan.decide,
+                "sources": ["blend", "refined"] if plan.refining else ["blend"],
+            },
+        ),
+    ),
+    Stage("postprocess", cli.postprocess_parser, argv=lambda plan, _: list(plan.common)),
+    Stage("hpo", cli.hpo_parser),
+)
+# Commands that are not stages: they compose or compare them.
+TOOLS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "pipeline": cli.pipeline_parser,
+    "compare": cli.compare_parser,
+}
+
+
+def parser(name: str) -> argparse.ArgumentParser:
+    """The command line of stage or tool `name`."""
+    return {**{s.name: s.parser for s in STAGES}, **TOOLS}[name]()
+
+
+def exit_if_help(name: str) -> None:
+    """Print the command's help and exit when it was asked for, before heavy imports."""
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        parser(name).parse_args()
