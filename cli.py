@@ -235,6 +235,15 @@ def refine_parser() -> argparse.ArgumentParser:
     return p
 
 
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Build the experiment's score tables, scores.json and report.html from "
+        "its artefacts (the pipeline runs it last; run it alone to rebuild the report)."
+    )
+    add_config_arguments(p)
+    return p
+
+
 def compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Compare finished experiments: config differences, out-of-fold scores, "

@@ -17,14 +17,12 @@ Design points that are easy to break:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,10 +35,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import ConfigError
-from data.atomic import write_json, write_text
+from data.atomic import write_json
 from data.augment import transforms_for
 from data.cache import CachedItem
 from data.dataset import SegDataset, to_device
+from data.foldlog import failed_attempts, read_log, write_log
 from data.loader import SeededDataset, SeededSampler, config_loader, stratum_weights
 from data.paste import PolypPaste
 from data.prepare import TrainData
@@ -209,20 +208,6 @@ def evaluate(
         **scores_from_stats(stats_np),
         "nothing": scores_from_stats(predict_nothing(stats_np)),
     }
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The fold's log records; DataError naming the file when a line is not a record."""
-    if not path.exists():
-        return []
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except ValueError as exc:
-        raise DataError(f"{path}: damaged log ({exc})") from exc
-
-
-def write_log(path: Path, history: list[dict[str, Any]]) -> None:
-    write_text(path, "".join(json.dumps(rec) + "\n" for rec in history))
 
 
 def fold_complete(run: RunFiles, epochs: int) -> bool:
@@ -582,18 +567,6 @@ def judge_fold(cfg: dict[str, Any], model_name: str, fold: int) -> str | None:
         others,
         RetryPolicy.from_config(cfg).margin,
     )
-
-
-def failed_attempts(layout: Layout, model_name: str, fold: int) -> list[dict[str, Any]]:
-    """The fold's failed attempts so far (its `retries.json`); the next attempt's number
-    is their count."""
-    path = layout.fold(model_name, fold).retries
-    if not path.is_file():
-        return []
-    try:
-        return list(json.loads(path.read_text())["failed"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: unreadable ({exc}); retrain the fold with --force") from exc
 
 
 def retire_attempt(cfg: dict[str, Any], model_name: str, fold: int, reason: str) -> int:

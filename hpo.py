@@ -58,10 +58,11 @@ from config import (
 )
 from data.atomic import write_text, write_yaml
 from data.augment import build_transforms
+from data.foldlog import write_log
 from data.loader import LoaderStalled
 from data.prepare import prepare_train_data
 from data.reader import DataError
-from engine import FitState, TrainingError, build_learner, build_loaders, fit, log_epoch, write_log
+from engine import FitState, TrainingError, build_learner, build_loaders, fit, log_epoch
 from paths import Layout
 from recipe import check_config, fold_recipe, recipe_hash
 from runtime import Dist, configure_cpu_threads, init_dist

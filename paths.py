@@ -12,7 +12,7 @@
     ensemble/weights.json, trials.csv
     postprocess.json, tune_trials.csv   tune.py
     submission.csv                      postprocess.py
-    report.html, scores.json            pipeline.py
+    report.html, scores.json            report.py
     config.yaml, timings.json           pipeline.py: the resolved config, stage times
     stamps.json                         pipeline.py: digests of the inputs each stage ran on
     optuna.db                           every study of the experiment

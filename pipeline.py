@@ -8,10 +8,9 @@ settings). So a killed pipeline simply continues where it stopped, and a second 
 no training. The stages are called in-process through their own `main`, so each
 validates its input exactly as on the command line.
 
-At the end the pipeline scores what it made: out-of-fold (all training images, at working
-resolution) always, and on the test set only when the data folder has a `test_gt/`
-(the synthetic demo data does; the real competition data does not). No stage reads
-`test_gt/`; only this final scoring does. It also writes `report.html`.
+The stages after training are the table of `stages.py`, in order; the last, `report.py`,
+scores what was made (out of fold always, on the test set when the data folder has a
+`test_gt/`) and writes `report.html`.
 """
 
 from __future__ import annotations
@@ -31,14 +30,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import locks
-import postprocessing
 import predict
 import refine
 import studies
-import tracking
 import train
 from config import (
     ConfigError,
@@ -47,34 +42,22 @@ from config import (
     setup_logging,
 )
 from data.atomic import write_json, write_yaml
-from data.cache import load_item, train_items
 from data.prepare import prepare_train_data
-from data.probstore import ProbMaps, load_probs
 from data.reader import (
     DataError,
     check_image_file,
     list_test,
-    list_test_gt,
 )
 from decisions import Rule
-from engine import failed_attempts, judge_fold
+from engine import judge_fold
 from evaluation import (
-    DECISIONS_TABLE,
-    OOF_TABLE,
-    TEST_TABLE,
-    decision_rows,
     format_rows,
-    oof_rows,
     read_json,
-    test_rows,
 )
-from metrics import class_stats, scores_from_stats
 from paths import Layout
-from postprocessing import PostprocessParams, input_store, load_params
 from recipe import RetryPolicy, check_config, check_recipes_early
-from report import Case, ReportInputs, write_report
 from runtime import PARENT_ENV, Dist
-from stages import STAGES, Plan
+from stages import STAGES, Plan, model_names
 from stamps import Stamps, digest
 
 log = logging.getLogger("pipeline")
@@ -103,14 +86,6 @@ def run_stage(name: str, main: Callable[[Sequence[str]], int], argv: Sequence[st
     if code != 0:
         raise StageFailed(f"stage {name} failed with exit code {code}")
     return time.perf_counter() - start
-
-
-def model_names(cfg: dict[str, Any]) -> list[str]:
-    """The models the pipeline trains: `ensemble.models` if set, else every config model."""
-    names = list((cfg.get("ensemble") or {}).get("models") or cfg.get("models") or [])
-    if not names:
-        raise ConfigError("the config lists no models")
-    return names
 
 
 def train_in_parallel(
@@ -197,16 +172,25 @@ def run_stages(
     common: Sequence[str],
     parallel: int = 1,
     search: Sequence[str] = (),
+    started: float | None = None,
 ) -> dict[str, float]:
     """Every stale stage, in order (after `preflight`); returns the seconds per stage.
 
     `model_cfgs`: each model's config as train.py resolves it. `search`: extra flags of
-    the optuna stages (ensemble, tune), e.g. `--storage URL`.
+    the optuna stages (ensemble, tune), e.g. `--storage URL`. `started` (epoch seconds):
+    when this call began; training times are the experiment's only when a fold trained
+    since then. Each stage's time goes to timings.json as it ends, for the report.
     """
     layout = Layout.of(cfg)
     names = list(model_cfgs)
     n_folds = int(cfg["data"]["n_folds"])
     timings: dict[str, float] = {}
+
+    def keep(labels: Sequence[str]) -> None:
+        # A stage skipped in this call keeps the time it took when it ran.
+        previous = read_json(layout.timings) if layout.timings.is_file() else {}
+        write_json(layout.timings, {**previous, **{k: round(timings[k], 1) for k in labels}})
+
     for name, model_cfg in model_cfgs.items():
         check_recipes_early(model_cfg, name, range(n_folds))
     if parallel > 1:
@@ -227,6 +211,10 @@ def run_stages(
             timings[f"train {name}"] = run_stage(
                 "train", train.main, ["--model", name, "--fold", "all", "--resume", *common]
             )
+    logs = [layout.fold(n, k).log for n in names for k in range(n_folds)]
+    if started is None or any(p.is_file() and p.stat().st_mtime >= started for p in logs):
+        keep(list(timings))
+    write_yaml(layout.config, cfg)
     stamps = Stamps(layout.stamps)
     plan = Plan(cfg, layout, names, list(common), list(search))
     for stage in STAGES:
@@ -238,6 +226,7 @@ def run_stages(
             argv = stage.argv(plan, model)
             if stage.outputs is None or stage.inputs is None:
                 timings[label] = run_stage(stage.name, module.main, argv)
+                keep([label])
                 continue
             inputs = stage.inputs(plan, model)
             # with an input missing the stage runs and names it in its own words
@@ -245,166 +234,10 @@ def run_stages(
             due = ident is None or stamps.changed(label, ident, stage.outputs(plan, model))
             if due or (stage.record and made_otherwise(*stage.record(plan, module, model))):
                 timings[label] = run_stage(stage.name, module.main, argv)
+                keep([label])
                 if ident is not None:
                     stamps.record(label, ident)
     return timings
-
-
-def oof_cases(store: ProbMaps, cfg: dict[str, Any], params: PostprocessParams) -> list[Case]:
-    """Every OOF image of the blend, at argmax and post-processed, with both scores."""
-    size = tuple(store.size)
-    items = train_items(cfg, store.ids, size)
-    cases = []
-    for i, item in enumerate(items):
-        image, target = load_item(item)
-        raw = postprocessing.postprocess(store.raw[i], size, PostprocessParams())
-        post = postprocessing.postprocess(store.raw[i], size, params)
-        stats = class_stats(np.stack([raw, post]), np.stack([target, target]))
-        score, score_post = (scores_from_stats(stats[j : j + 1])["competition"] for j in (0, 1))
-        cases.append(Case(item.id, image, target, raw, post, score, score_post))
-    return cases
-
-
-def refine_record(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """refine.py's `refine.json` when the config enables refinement, else None."""
-    if not (cfg.get("refine") or {}).get("enabled"):
-        return None
-    return read_json(Layout.of(cfg).refine_record)
-
-
-def refine_cases(cfg: dict[str, Any], doc: dict[str, Any]) -> list[Case]:
-    """The regions the refiner changed most, in their windows: blend and refined argmax,
-    with each whole image's competition score before and after."""
-    layout = Layout.of(cfg)
-    rows = doc.get("most_changed") or []
-    if not rows:
-        return []
-    blend, refined = (load_probs(path) for path in (layout.blend("oof"), layout.refined("oof")))
-    ids = sorted({r["id"] for r in rows})
-    items = dict(zip(ids, train_items(cfg, ids, blend.size), strict=True))
-    row_of = {image_id: i for i, image_id in enumerate(blend.ids)}
-    cases = []
-    for r in rows:
-        image, target = load_item(items[r["id"]])
-        i = row_of[r["id"]]
-        before, after = (s.raw[i].argmax(axis=0).astype(np.uint8) for s in (blend, refined))
-        stats = class_stats(np.stack([before, after]), np.stack([target, target]))
-        score, score_after = (scores_from_stats(stats[j : j + 1])["competition"] for j in (0, 1))
-        y0, y1, x0, x1 = r["box"]
-        w = np.s_[y0:y1, x0:x1]
-        cases.append(Case(r["id"], image[w], target[w], before[w], after[w], score, score_after))
-    return cases
-
-
-def summarise(
-    cfg: dict[str, Any], timings: dict[str, float], started: float | None = None
-) -> dict[str, Any]:
-    """Score tables (decisions and OOF always, test when test_gt exists) and the report.
-
-    `started` (epoch seconds): when this call began; training timings count as the
-    experiment's only when a fold was trained since then.
-    """
-    layout = Layout.of(cfg)
-    names = model_names(cfg)
-    blend_doc = read_json(layout.weights)
-    tuned = read_json(layout.postprocess)
-    params = load_params(layout.postprocess)
-    # the maps tune.py and the submission used: the refined ones when refinement was kept
-    source, why = input_store(cfg, "oof")
-    source_name = "refined" if source == layout.refined("oof") else "blend"
-    cases = oof_cases(load_probs(source), cfg, params)
-    refined = refine_record(cfg)
-    records = {
-        "blend": blend_doc.get("decision"),
-        "refined mask": refined["refined_mask"]["decision"] if refined else None,
-        "refinement and post-processing": tuned["decision"],
-    }
-    tables = [
-        (DECISIONS_TABLE, decision_rows(records)),
-        (OOF_TABLE, oof_rows(cfg, [c.target for c in cases], blend_doc, refined, tuned)),
-    ]
-    notes = [f"Submitted chain: {decision_note(records)}.", *retrain_notes(cfg, names)]
-    data_dir = Path(cfg["data_dir"])
-    if list_test_gt(data_dir):
-        rows, verdict = test_rows(cfg, names, blend_doc, tuned)
-        tables.append((TEST_TABLE, rows))
-        notes.append(verdict)
-    logs = {
-        n: {k: layout.fold(n, k).log for k in range(int(cfg["data"]["n_folds"]))} for n in names
-    }
-    steps = ", ".join(params.active_steps()) or "none"
-    notes += [
-        f"Post-processing used: {steps} ({tuned['decision']['reason']}).",
-        f"Is a change real? python compare.py {layout.root} <another experiment folder> "
-        "prints both side by side, with the paired per-image difference and its interval.",
-        *study_notes({"ensemble": blend_doc.get("study"), "tune": tuned.get("study")}),
-    ]
-    if refined is not None:
-        notes.append(f"Region refinement: {why}; submitted from the {source_name} maps.")
-    inputs = ReportInputs(
-        cfg=cfg,
-        tables=tables,
-        cases=cases,
-        folds=read_json(layout.folds)["folds"],
-        blend=blend_doc,
-        tuned=tuned,
-        logs=logs,
-        timings=timings,
-        submission=layout.submission,
-        test_images={s.id: s.image for s in list_test(data_dir)},
-        notes=notes,
-        refined=refine_cases(cfg, refined) if refined is not None else [],
-        source=source_name,
-    )
-    report = write_report(layout.report, f"neopolyp: {cfg['experiment']}", inputs)
-    timing_rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]
-    if timing_rows:
-        tables.append(("Stages run in this call", timing_rows))
-    write_yaml(layout.config, cfg)
-    # A stage skipped in this call keeps the time it took when it ran.
-    previous = read_json(layout.timings) if layout.timings.is_file() else {}
-    trained = started is None or any(
-        p.is_file() and p.stat().st_mtime >= started for by in logs.values() for p in by.values()
-    )
-    ran = {k: round(v, 1) for k, v in timings.items() if trained or not k.startswith("train")}
-    write_json(layout.timings, {**previous, **ran})
-    write_json(layout.scores, {"tables": {t: rows for t, rows in tables}, "notes": notes})
-    if tracking.enabled(cfg):
-        tracking.log_summary(cfg, tables, blend_doc, tuned, [report, layout.submission])
-    return {"tables": tables, "report": report, "notes": notes}
-
-
-def retrain_notes(cfg: dict[str, Any], names: Sequence[str]) -> list[str]:
-    """One line per fold that was retrained after failing (its `retries.json`)."""
-    layout = Layout.of(cfg)
-    notes = []
-    for name in names:
-        for k in range(int(cfg["data"]["n_folds"])):
-            failed = failed_attempts(layout, name, k)
-            if failed:
-                why = "; ".join(f"attempt {f['attempt']}: {f['reason']}" for f in failed)
-                notes.append(
-                    f"{name} fold {k} was retrained {len(failed)} time(s) after failing ({why}); "
-                    f"its failed logs are kept in {layout.fold(name, k).dir}."
-                )
-    return notes
-
-
-def decision_note(records: dict[str, dict[str, Any] | None]) -> str:
-    """The decisions in a line: what each stage chose."""
-    return "; ".join(f"{stage}: {rec['chosen']}" for stage, rec in records.items() if rec)
-
-
-def study_notes(records: dict[str, dict[str, Any] | None]) -> list[str]:
-    """One report line per optuna study: its name, storage, trials CSV and dashboard command."""
-    notes = []
-    for stage, rec in records.items():
-        if rec:
-            notes.append(
-                f"Optuna study of {stage}: {rec['name']} in {rec['storage']} "
-                f"(every trial: {rec['trials_csv']}; browse: optuna-dashboard {rec['storage']})."
-            )
-    return notes
 
 
 @reports_environment_errors
@@ -435,16 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         preflight(cfg, model_cfgs)  # reads only: a typo fails before the folder exists
         layout = Layout.of(cfg)
         with locks.hold(layout.lock, f"experiment {layout.root}"):
-            timings = run_stages(cfg, model_cfgs, common, args.parallel, search)
-            summary = summarise(cfg, timings, started)
+            timings = run_stages(cfg, model_cfgs, common, args.parallel, search, started)
     except (ConfigError, DataError, StageFailed, locks.InUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print()
-    for title, rows in summary["tables"]:
-        print(format_rows(title, rows), end="\n\n")
-    print("\n".join(summary["notes"]), end="\n\n")
-    print(f"report: {summary['report']}")
+    rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]
+    print(format_rows("Stages run in this call", rows), end="\n\n")
     print(f"submission: {Layout.of(cfg).submission}")
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s")
     return 0

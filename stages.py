@@ -21,7 +21,16 @@ from types import ModuleType
 from typing import Any
 
 import cli
+from config import ConfigError
 from paths import Layout
+
+
+def model_names(cfg: dict[str, Any]) -> list[str]:
+    """The models the pipeline trains: `ensemble.models` if set, else every config model."""
+    names = list((cfg.get("ensemble") or {}).get("models") or cfg.get("models") or [])
+    if not names:
+        raise ConfigError("the config lists no models")
+    return names
 
 
 @dataclass(frozen=True)
@@ -175,6 +184,7 @@ STAGES: tuple[Stage, ...] = (
         ),
     ),
     Stage("postprocess", cli.postprocess_parser, argv=lambda plan, _: list(plan.common)),
+    Stage("report", cli.report_parser, argv=lambda plan, _: list(plan.common)),
     Stage("hpo", cli.hpo_parser),
 )
 # Commands that are not stages: they compose or compare them.

@@ -50,6 +50,7 @@ from data.atomic import save_torch, write_yaml
 from data.augment import transforms_for
 from data.cache import CachedItem
 from data.dataset import SegDataset
+from data.foldlog import failed_attempts, read_log, write_log
 from data.loader import LoaderStalled, config_loader
 from data.prepare import TrainData, prepare_train_data
 from data.probstore import save_probs
@@ -61,14 +62,11 @@ from engine import (
     TrainingError,
     build_learner,
     build_loaders,
-    failed_attempts,
     fit,
     fold_complete,
     judge_fold,
     log_epoch,
-    read_log,
     retire_attempt,
-    write_log,
 )
 from models.inference import Probabilities, load_checkpoint, predict_probs
 from models.pretrained import parse_pretrained

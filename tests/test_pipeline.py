@@ -15,6 +15,7 @@ import torch
 import yaml
 
 import pipeline
+import report
 import stages
 from data.probstore import blend as blend_maps
 from data.probstore import load_probs, save_probs
@@ -22,7 +23,7 @@ from data.reader import list_test, list_test_gt, load_mask
 from data.submission import check_submission
 from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps
-from report import read_submission
+from reporting import read_submission
 from tests.trainkit import demo_model, write_config
 
 TEST_TABLE = "Test set (original size, test_gt/)"
@@ -149,6 +150,14 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     assert submitted["competition"] == pytest.approx(
         _competition_by_hand(store, tiny_data, tuned["params"])
     )
+    # report.py alone rebuilds the report and the tables from the artefacts
+    scores = (exp / "scores.json").read_text()
+    (exp / "report.html").unlink()
+    (exp / "scores.json").unlink()
+    assert report.main(["--config", str(config)]) == 0
+    assert "Test set (original size, test_gt/)" in capsys.readouterr().out
+    assert (exp / "scores.json").read_text() == scores
+    assert "Training curves" in (exp / "report.html").read_text()
     before = {p: p.stat().st_mtime_ns for p in artefacts}
     assert pipeline.main(["--config", str(config)]) == 0
     out = capsys.readouterr().out
@@ -214,7 +223,7 @@ def _competition_by_hand(store_dir: Path, data_dir: Path, params: dict) -> float
 
 
 def sizes_of(data_dir: Path) -> dict[str, Path]:
-    """Test id -> image file, what `report.read_submission` decodes sizes from."""
+    """Test id -> image file, what `reporting.read_submission` decodes sizes from."""
     return {s.id: s.image for s in list_test(data_dir)}
 
 
@@ -245,11 +254,6 @@ def test_storage_is_passed_to_the_optuna_stages_only(tmp_path, tiny_data, monkey
         return 0.0
 
     monkeypatch.setattr(pipeline, "run_stage", run_stage)
-    monkeypatch.setattr(
-        pipeline,
-        "summarise",
-        lambda cfg, timings, started: {"tables": [], "report": "-", "notes": []},
-    )
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     assert pipeline.main(["--config", str(config), "--storage", url]) == 0
     assert {"train", "ensemble", "tune", "postprocess"} <= {name for name, _ in calls}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import pipeline
-import report
+import reporting
 from config import config_hash, git_hash, load_config
 from data.reader import list_test
 from data.submission import write_submission
@@ -41,27 +41,31 @@ NEO = _square(32, (4, 14, 4, 14), 1)
     ids=["right", "missed", "false polyp", "swapped region", "stray", "false + stray"],
 )
 def test_failure_types_name_the_error(pred, expected) -> None:
-    assert report.failure_types(pred, NEO) == expected
+    assert reporting.failure_types(pred, NEO) == expected
 
 
 def test_a_fold_at_the_empty_score_for_several_epochs_is_flagged() -> None:
     base = 0.45
     records = [{"epoch": e + 1, "competition": s} for e, s in enumerate([0.2, base, base, 0.451])]
-    assert report.stuck_epochs(records, base) == [2, 3, 4]
-    assert report.stuck_epochs(records[:3], base) == []  # two epochs: not yet stuck
-    assert report.stuck_epochs([{**r, "competition": 0.6} for r in records], base) == []
+    assert reporting.stuck_epochs(records, base) == [2, 3, 4]
+    assert reporting.stuck_epochs(records[:3], base) == []  # two epochs: not yet stuck
+    assert reporting.stuck_epochs([{**r, "competition": 0.6} for r in records], base) == []
 
 
 def test_a_fold_that_never_beats_predicting_nothing_is_flagged() -> None:
     below = [{"epoch": e + 1, "competition": s} for e, s in enumerate([0.05, 0.2, 0.35])]
-    assert "never beat predicting nothing" in report.fold_warning(below, 0.475)
+    assert "never beat predicting nothing" in reporting.fold_warning(below, 0.475)
     stuck = [{"epoch": e + 1, "competition": s} for e, s in enumerate([0.45, 0.45, 0.45, 0.8])]
-    assert "for epochs 1-3" in report.fold_warning(stuck, 0.45)
-    assert report.fold_warning(below, 0.1) is None
+    assert "for epochs 1-3" in reporting.fold_warning(stuck, 0.45)
+    assert reporting.fold_warning(below, 0.1) is None
 
 
 def test_stage_times_read_as_durations() -> None:
-    assert [report._duration(s) for s in (2.6, 89.6, 3725)] == ["2.6 s", "1 min 30 s", "1 h 02 min"]
+    assert [reporting._duration(s) for s in (2.6, 89.6, 3725)] == [
+        "2.6 s",
+        "1 min 30 s",
+        "1 h 02 min",
+    ]
 
 
 def test_the_submission_decodes_to_the_written_maps(tmp_path, tiny_data) -> None:
@@ -70,7 +74,7 @@ def test_the_submission_decodes_to_the_written_maps(tmp_path, tiny_data) -> None
     h, w = 128, 160
     maps = {i: rng.integers(0, 3, (h, w)).astype(np.uint8) for i in images}
     write_submission(tmp_path / "s.csv", maps.items())
-    decoded = report.read_submission(tmp_path / "s.csv", images)
+    decoded = reporting.read_submission(tmp_path / "s.csv", images)
     assert decoded.keys() == maps.keys()
     assert all(np.array_equal(decoded[i], maps[i]) for i in maps)
 
@@ -99,7 +103,7 @@ def test_report_of_a_tiny_run_has_every_section(tmp_path, tiny_data) -> None:
     assert len(cells) == 9 and sum(cells) == 24 * 64 * 64
 
     # the failure groups, each with its count and a gallery or "none"
-    for name, _ in report.FAILURES.values():
+    for name, _ in reporting.FAILURES.values():
         assert re.search(rf"<h3>{name} \(\d+ images\)</h3>(<img|<p>none)", page), name
 
     # the test gallery is the submission read back: every test image counted once
@@ -130,11 +134,11 @@ def test_the_gallery_draws_a_huge_test_frame_as_a_thumbnail(tmp_path, monkeypatc
         drawn.append((img.shape, cm.shape, set(np.unique(cm).tolist())))
         return img
 
-    monkeypatch.setattr(report, "overlay", record)
-    report.test_gallery({image.stem: class_map}, {image.stem: image})
+    monkeypatch.setattr(reporting, "overlay", record)
+    reporting.test_gallery({image.stem: class_map}, {image.stem: image})
     assert drawn == [((480, 640, 3), (480, 640), {0, 1, 2})]  # no class invented or lost
     small = np.zeros((959, 1280), np.uint8)
-    thumb, thumb_map = report._thumbnail(np.zeros((959, 1280, 3), np.uint8), small)
+    thumb, thumb_map = reporting._thumbnail(np.zeros((959, 1280, 3), np.uint8), small)
     assert thumb.shape == (480, 640, 3) and thumb_map.shape == (480, 640)
     tiny_image, tiny_map = np.zeros((64, 80, 3), np.uint8), np.zeros((64, 80), np.uint8)
-    assert report._thumbnail(tiny_image, tiny_map)[0] is tiny_image
+    assert reporting._thumbnail(tiny_image, tiny_map)[0] is tiny_image

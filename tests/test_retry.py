@@ -11,7 +11,8 @@ import yaml
 
 import pipeline
 from config import ConfigError, load_config
-from engine import fold_verdict, judge_fold, read_log, retire_attempt, write_log
+from data.foldlog import read_log, write_log
+from engine import fold_verdict, judge_fold, retire_attempt
 from paths import Layout
 from recipe import RetryPolicy, fold_recipe
 from tests.trainkit import fold_path, run_main, write_config
