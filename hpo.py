@@ -57,7 +57,6 @@ from config import (
     setup_logging,
 )
 from data.atomic import write_text, write_yaml
-from data.augment import build_transforms
 from data.foldlog import write_log
 from data.loader import LoaderStalled
 from data.prepare import prepare_train_data
@@ -143,11 +142,8 @@ def check_space(cfg: dict[str, Any], space: Mapping[str, BaseDistribution]) -> N
         else:
             candidates = [dist.low, dist.high]
         for value in candidates:
-            tcfg = trial_config(cfg, {key: value})
-            check_config(tcfg)
-            # data.augment is an open section: its steps are checked where they are built.
-            data_cfg = tcfg["data"]
-            build_transforms(tuple(data_cfg["img_size"]), True, **(data_cfg.get("augment") or {}))
+            # check_config builds the training transforms too (data.augment is open)
+            check_config(trial_config(cfg, {key: value}))
 
 
 def experiment_diff(values: Mapping[str, Any], model: str) -> dict[str, Any]:
