@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -148,13 +149,17 @@ def test_a_timm_optimizer_and_a_library_transform_train_a_fold_as_its_recipe_and
     assert run_main(config, "--fold", "0", "--set", bad) == 2
     assert "augment.CLAHE" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any data was read
+    started = time.perf_counter()
     assert run_main(config, "--fold", "0", "--set", "data.augment={CLAHE: 0.5}") == 0
+    took = time.perf_counter() - started
     recipe = json.loads((fold_path(tmp_path) / "recipe.json").read_text())["recipe"]
     assert recipe["data.augment.CLAHE"] == 0.5 and recipe["train.optimizer.name"] == "lion"
     log = history(fold_path(tmp_path))
     assert len(log) == 2
     for record in log:
         assert record["encoder_lr"] == pytest.approx(0.1 * record["lr"])
+        assert {"train_loss", "train_loss_total", "images_per_s"} <= set(record)
+        assert 0 < record["epoch_time_s"] < took  # a duration, not a clock reading
     assert log[1]["lr"] == pytest.approx(0.5 * log[0]["lr"])  # the step schedule of both groups
 
 
