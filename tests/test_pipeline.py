@@ -368,6 +368,7 @@ def test_reruns_follow_the_bytes_of_inputs_and_settings_not_the_clock(
     assert pipeline.main([*hflip, "--set", "refine.epochs=3"]) == 0
     ran = _stages_run(capsys.readouterr().out)
     assert "refine" in ran and not any(s.startswith(("predict", "ensemble")) for s in ran), ran
+    assert "tune" in ran  # it reads the refined maps, which changed
     assert used == [False]
     blend = load_probs(exp / "ensemble" / "test").raw.argmax(axis=1) > 0
     refined = load_probs(exp / "refine" / "test").raw.argmax(axis=1) > 0
