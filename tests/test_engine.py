@@ -116,3 +116,75 @@ def test_a_learners_step_clips_the_gradient_norm_it_was_built_with() -> None:
         sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True))
     )
     assert moved.item() == pytest.approx(0.5, rel=1e-4)
+
+
+def _learner(monkeypatch, seed: int = 0, fold: int = 0, **train) -> engine.Learner:
+    """build_learner on a small config: a tiny smp UNet with the given `train` keys."""
+    built = []
+    real = engine.build_model
+
+    def build_model(arch, **kwargs):
+        built.append(kwargs["pretrained"])
+        return real(arch, **{**kwargs, "pretrained": None})
+
+    monkeypatch.setattr(engine, "build_model", build_model)
+    cfg = {
+        "seed": seed,
+        "train": {"lr": 1e-3, "epochs": 1, "optimizer": {"name": "adam"}, **train},
+    }
+    entry = {
+        "arch": "smp.Unet",
+        "kwargs": {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [8, 8, 8]},
+        "pretrained": "/weights/encoder.safetensors",
+    }
+    learner = engine.build_learner(cfg, entry, fold, Dist(rank=0, world_size=1, device=CPU))
+    assert built == ["/weights/encoder.safetensors"]  # the entry's weights reach the model
+    return learner
+
+
+def test_a_learner_takes_every_recipe_key_of_the_train_section(monkeypatch) -> None:
+    plain = _learner(monkeypatch)
+    assert plain.grad_clip == 0.0 and plain.multiscale == (1.0,) and plain.ema is None
+    assert plain.net is plain.raw and plain.loss_fn.ce_weight == 1.0
+    learner = _learner(
+        monkeypatch,
+        grad_clip=0.7,
+        multiscale=[0.75, 1.25],
+        loss={"ce_weight": 0.25, "dice_weight": 2.0},
+    )
+    assert learner.grad_clip == 0.7 and learner.multiscale == (0.75, 1.25)
+    assert (learner.loss_fn.ce_weight, learner.loss_fn.dice_weight) == (0.25, 2.0)
+    compiled = []
+    monkeypatch.setattr(engine, "compile_guarded", lambda model: compiled.append(model) or model)
+    learner = _learner(monkeypatch, compile=True)
+    assert compiled == [learner.raw]
+
+
+def test_a_learners_weights_start_from_the_seed_and_the_fold(monkeypatch) -> None:
+    def weights(**kwargs) -> torch.Tensor:
+        return torch.cat([p.flatten() for p in _learner(monkeypatch, **kwargs).raw.parameters()])
+
+    same = weights(seed=1, fold=0)
+    assert torch.equal(same, weights(seed=1, fold=0))
+    assert not torch.equal(same, weights(seed=2, fold=0))
+    assert not torch.equal(same, weights(seed=1, fold=1))
+
+
+def test_the_ema_averages_weights_and_batchnorm_statistics_with_its_decay(monkeypatch) -> None:
+    learner = _learner(monkeypatch, ema=0.9)
+    learner.ema.update_parameters(learner.raw)  # the first update copies the weights
+    start = {k: v.clone() for k, v in learner.ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in learner.raw.parameters():
+            p.add_(1.0)
+    for m in learner.raw.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.add_(1.0)
+    learner.ema.update_parameters(learner.raw)
+    now = learner.ema.module.state_dict()
+    raw = learner.raw.state_dict()
+    for key, value in start.items():
+        if value.is_floating_point():
+            # decay 0.9: 0.9 of the average so far and 0.1 of the new weights
+            torch.testing.assert_close(now[key], 0.9 * value + 0.1 * raw[key])
+    assert any("running_mean" in k and not torch.equal(now[k], start[k]) for k in now)
