@@ -188,3 +188,26 @@ def test_the_ema_averages_weights_and_batchnorm_statistics_with_its_decay(monkey
             # decay 0.9: 0.9 of the average so far and 0.1 of the new weights
             torch.testing.assert_close(now[key], 0.9 * value + 0.1 * raw[key])
     assert any("running_mean" in k and not torch.equal(now[k], start[k]) for k in now)
+
+
+def test_multiscale_sizes_follow_the_epoch_seed_and_the_step() -> None:
+    def sizes(seed: int) -> list[tuple[int, ...]]:
+        learner = Recorded([(1.0, 1.0)] * 12)
+        learner.multiscale = (0.5, 1.0)
+        drawn = []
+
+        def step(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            drawn.append(tuple(images.shape[-2:]))
+            return torch.tensor(1.0), torch.tensor(1.0)
+
+        learner.step = step
+        batches = [
+            {"image": torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "mask": torch.zeros(1, 64, 64)}
+        ] * 12
+        engine.train_epoch(learner, batches, Dist(rank=0, world_size=1, device=CPU), "e", seed)
+        return drawn
+
+    first = sizes(seed=3)
+    assert set(first) == {(32, 32), (64, 64)}  # each step draws its own scale
+    assert first == sizes(seed=3)  # a resumed epoch draws the same sizes
+    assert first != sizes(seed=4)  # another epoch (its own seed) draws others
