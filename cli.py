@@ -4,7 +4,7 @@ One shape for all stages: the same `--config` (the competition config by default
 override syntax (`--set KEY=VALUE`, plus dedicated flags where they help), `--workers` for
 loader processes and `--jobs` for threads. Parsers live here rather than in the stage
 scripts so that `--help` answers before torch, OpenCV and optuna are imported: each
-stage calls `exit_if_help` before its heavy imports.
+stage calls `stages.exit_if_help` before its heavy imports.
 """
 
 from __future__ import annotations

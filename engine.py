@@ -550,7 +550,8 @@ def judge_fold(cfg: dict[str, Any], model_name: str, fold: int) -> str | None:
     """`fold_verdict` of a complete fold against its model's other complete folds, on
     `train.best_metric`; None for a fold that is fine or not complete yet."""
     layout = Layout.of(cfg)
-    forced = forced_fold_failure(model_name, fold, len(failed_attempts(layout, model_name, fold)))
+    attempts = len(failed_attempts(layout.fold(model_name, fold)))
+    forced = forced_fold_failure(model_name, fold, attempts)
     if forced is not None:
         return "forced to fail by NEOPOLYP_FAIL_FOLD (a test hook)" if forced else None
     epochs = int(cfg["train"]["epochs"])
@@ -576,9 +577,8 @@ def retire_attempt(cfg: dict[str, Any], model_name: str, fold: int, reason: str)
     Kaggle session has ~20 GB of disk), and `retries.json` is written last: a kill before
     it leaves the attempt unrecorded, and the rerun trains the same attempt again.
     """
-    layout = Layout.of(cfg)
-    out = layout.fold(model_name, fold)
-    failed = failed_attempts(layout, model_name, fold)
+    out = Layout.of(cfg).fold(model_name, fold)
+    failed = failed_attempts(out)
     attempt = len(failed)
     history = read_log(out.log)
     write_log(out.failed_log(attempt), history)

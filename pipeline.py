@@ -223,17 +223,21 @@ def run_stages(
         module = stage.module()
         for model in names if stage.per_model else [""]:
             label = f"{stage.name} {model}".strip()
-            argv = stage.argv(plan, model)
-            if stage.outputs is None or stage.inputs is None:
-                timings[label] = run_stage(stage.name, module.main, argv)
-                keep([label])
-                continue
-            inputs = stage.inputs(plan, model)
-            # with an input missing the stage runs and names it in its own words
-            ident = digest(inputs) if all(p.exists() for p in inputs) else None
-            due = ident is None or stamps.changed(label, ident, stage.outputs(plan, model))
-            if due or (stage.record and made_otherwise(*stage.record(plan, module, model))):
-                timings[label] = run_stage(stage.name, module.main, argv)
+            ident, due = None, True  # a stage without inputs and outputs always runs
+            if stage.outputs is not None and stage.inputs is not None:
+                inputs = stage.inputs(plan, model)
+                # with an input missing the stage runs and names it in its own words
+                ident = digest(inputs) if all(p.exists() for p in inputs) else None
+                due = (
+                    ident is None
+                    or stamps.changed(label, ident, stage.outputs(plan, model))
+                    or (
+                        stage.record is not None
+                        and made_otherwise(*stage.record(plan, module, model))
+                    )
+                )
+            if due:
+                timings[label] = run_stage(stage.name, module.main, stage.argv(plan, model))
                 keep([label])
                 if ident is not None:
                     stamps.record(label, ident)

@@ -163,7 +163,7 @@ def retrain_notes(cfg: dict[str, Any], names: Sequence[str]) -> list[str]:
     notes = []
     for name in names:
         for k in range(int(cfg["data"]["n_folds"])):
-            failed = failed_attempts(layout, name, k)
+            failed = failed_attempts(layout.fold(name, k))
             if failed:
                 why = "; ".join(f"attempt {f['attempt']}: {f['reason']}" for f in failed)
                 notes.append(

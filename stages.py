@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import sys
 from collections.abc import Callable
@@ -66,6 +67,7 @@ class Plan:
         trials, objective = search_settings(self.cfg, section)
         return {"objective": objective, "trials": trials} if searches else {"objective": objective}
 
+    @functools.cached_property
     def images(self) -> list[Path]:
         """The split and every image: what each model's predictions read besides weights."""
         from data.reader import list_test, list_train
@@ -116,7 +118,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=lambda plan, model: [plan.layout.store(model, k) for k in ("oof", "test")],
         inputs=lambda plan, model: [
             *(plan.layout.fold(model, k).best for k in range(plan.n_folds)),
-            *plan.images(),
+            *plan.images,
         ],
         record=_predict_record,
         per_model=True,

@@ -194,7 +194,7 @@ def train_fold(
         return _summary(model_name, fold, read_log(out.log), True, best_metric)
     # A retrained fold trains with its attempt's remedy; its recipe identity stays the
     # config's, so the pipeline still recognises it.
-    attempt = len(failed_attempts(layout, model_name, fold))
+    attempt = len(failed_attempts(out))
     cfg = RetryPolicy.from_config(cfg).remedy(cfg, attempt)
     if attempt:
         log.info("%s: attempt %d, seed %s, lr %g", name, attempt, cfg["seed"], cfg["train"]["lr"])
@@ -282,6 +282,7 @@ def train_fold_retrying(
     are spent. A failed fold must not be blended: it drags the ensemble below its models."""
     policy = RetryPolicy.from_config(cfg)
     layout = Layout.of(cfg)
+    run = layout.fold(model_name, fold)
     name = f"{model_name} fold {fold}"
     # rank 0 holds it for the whole DDP group: the other ranks follow its barriers
     with locks.hold(layout.fold_lock(model_name, fold), name) if dist.is_main else nullcontext():
@@ -294,11 +295,11 @@ def train_fold_retrying(
             if policy.attempts == 0:
                 log.warning("%s failed: %s (kept: retry.attempts is 0)", name, reason)
                 return summary
-            attempt = len(failed_attempts(layout, model_name, fold))
+            attempt = len(failed_attempts(run))
             if attempt >= policy.attempts:
                 raise FoldFailed(
                     f"{name} failed after {attempt} retrain(s): {reason}; its attempts are in "
-                    f"{layout.fold(model_name, fold).retries}. Check the recipe, or raise "
+                    f"{run.retries}. Check the recipe, or raise "
                     "retry.attempts"
                 )
             if dist.is_main:

@@ -9,7 +9,7 @@ from typing import Any
 
 from data.atomic import write_text
 from data.reader import DataError
-from paths import Layout
+from paths import RunFiles
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -26,10 +26,10 @@ def write_log(path: Path, history: list[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(rec) + "\n" for rec in history))
 
 
-def failed_attempts(layout: Layout, model_name: str, fold: int) -> list[dict[str, Any]]:
+def failed_attempts(run: RunFiles) -> list[dict[str, Any]]:
     """The fold's failed attempts so far (its `retries.json`); the next attempt's number
     is their count."""
-    path = layout.fold(model_name, fold).retries
+    path = run.retries
     if not path.is_file():
         return []
     try:
