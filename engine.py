@@ -61,6 +61,7 @@ from runtime import (
     rng_state,
     set_rng_state,
 )
+from settings import DataSettings, TrainSettings
 
 log = logging.getLogger("engine")
 
@@ -308,10 +309,8 @@ def build_learner(
     cfg: dict[str, Any], entry: dict[str, Any], fold: int, dist: Dist, steps_per_epoch: int = 1
 ) -> Learner:
     """Model (initialised from (seed, fold)), optimizer, per-step schedule, EMA, loss."""
-    tcfg = cfg["train"]
-    precision = choose_precision(
-        dist.device, bool(tcfg.get("amp", True)), bool(tcfg.get("channels_last", True))
-    )
+    train = TrainSettings.from_config(cfg)
+    precision = choose_precision(dist.device, train.amp, train.channels_last)
     torch.manual_seed(derive_seed(int(cfg["seed"]), fold))
     raw = build_model(
         entry["arch"],
@@ -319,22 +318,20 @@ def build_learner(
         pretrained=entry.get("pretrained"),
         **entry["kwargs"],
     )
-    if dist.enabled and dist.device.type == "cuda" and tcfg.get("sync_bn", True):
+    if dist.enabled and dist.device.type == "cuda" and train.sync_bn:
         # A few images per GPU give noisy BatchNorm statistics; SyncBatchNorm keeps the
         # same parameter names, so its checkpoints load into the plain model for inference.
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     fmt = torch.channels_last if precision.channels_last else torch.preserve_format
     raw = raw.to(dist.device, memory_format=fmt)
-    optimizer = build_optimizer(param_groups(raw, tcfg), tcfg)
-    scheduler = build_scheduler(optimizer, tcfg, steps_per_epoch)
+    optimizer = build_optimizer(param_groups(raw, train), train)
+    scheduler = build_scheduler(optimizer, train, steps_per_epoch)
     ema = None
-    if tcfg.get("ema"):
+    if train.ema:
         # BatchNorm statistics are averaged too (use_buffers), so the EMA model is usable
         # as it is, without a pass over the data to recompute them.
-        ema = AveragedModel(
-            raw, multi_avg_fn=get_ema_multi_avg_fn(float(tcfg["ema"])), use_buffers=True
-        )
-    net = compile_guarded(raw) if tcfg.get("compile") else raw
+        ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(train.ema), use_buffers=True)
+    net = compile_guarded(raw) if train.compile else raw
     return Learner(
         raw=raw,
         net=net,
@@ -342,11 +339,11 @@ def build_learner(
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=torch.amp.GradScaler(precision.device_type, enabled=precision.needs_scaler),
-        loss_fn=SegLoss(**(tcfg.get("loss") or {})).to(dist.device),
+        loss_fn=SegLoss(**train.loss).to(dist.device),
         precision=precision,
         ema=ema,
-        grad_clip=float(tcfg.get("grad_clip") or 0.0),
-        multiscale=tuple(float(x) for x in tcfg.get("multiscale") or [1.0]),
+        grad_clip=train.grad_clip,
+        multiscale=train.multiscale,
     )
 
 
@@ -358,9 +355,9 @@ class FoldLoaders:
     val_items: list[CachedItem]
 
 
-def paste_for(cfg: dict[str, Any], items: list[CachedItem]) -> PolypPaste | None:
+def paste_for(data: DataSettings, items: list[CachedItem]) -> PolypPaste | None:
     """`data.paste: {p, classes}` as a PolypPaste over the fold's training items, or None."""
-    paste = cfg["data"].get("paste")
+    paste = data.paste
     if not paste:
         return None
     return PolypPaste(items, float(paste.get("p", 0.5)), paste.get("classes", [2]))
@@ -370,19 +367,23 @@ def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -
     """Train loader (seeded, sharded, drop_last) and validation loader (sharded, unpadded)."""
     train_items = data.subset(data.folds.train_ids(fold))
     val_items = data.subset(data.folds.val_ids(fold))
-    batch_size = int(cfg["train"]["batch_size"])
-    train_tf = transforms_for(cfg["data"], train=True)
+    batch_size = TrainSettings.from_config(cfg).batch_size
+    settings = DataSettings.from_config(cfg)
     sampler = SeededSampler(
         len(train_items),
         int(cfg["seed"]),
         dist.rank,
         dist.world_size,
-        stratum_weights([it.classes for it in train_items], cfg["data"].get("sampling")),
+        stratum_weights([it.classes for it in train_items], settings.sampling),
     )
     name = f"{cfg.get('experiment')} fold {fold}"
     train = config_loader(
         cfg,
-        SeededDataset(SegDataset(train_items, train_tf, paste_for(cfg, train_items))),
+        SeededDataset(
+            SegDataset(
+                train_items, transforms_for(settings, train=True), paste_for(settings, train_items)
+            )
+        ),
         batch_size,
         dist.device,
         sampler,
@@ -396,7 +397,7 @@ def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -
         )
     val = config_loader(
         cfg,
-        SegDataset(val_items, transforms_for(cfg["data"], train=False)),
+        SegDataset(val_items, transforms_for(settings, train=False)),
         batch_size,
         dist.device,
         list(range(dist.rank, len(val_items), dist.world_size)),
@@ -467,9 +468,8 @@ def fit(
     (`early_stop_patience` epochs without one; training ends after it). The caller acts
     between epochs: train.py checkpoints, hpo.py reports to optuna and stops by raising.
     """
-    epochs = int(cfg["train"]["epochs"])
-    patience = int(cfg["train"].get("early_stop_patience") or 0)
-    best_metric = str(cfg["train"].get("best_metric", "competition"))
+    train = TrainSettings.from_config(cfg)
+    epochs, patience, best_metric = train.epochs, train.early_stop_patience, train.best_metric
     if state.history and state.history[-1].get("stopped_early"):
         return
     for epoch in range(state.epoch, epochs):
@@ -554,17 +554,17 @@ def judge_fold(cfg: dict[str, Any], model_name: str, fold: int) -> str | None:
     forced = forced_fold_failure(model_name, fold, attempts)
     if forced is not None:
         return "forced to fail by NEOPOLYP_FAIL_FOLD (a test hook)" if forced else None
-    epochs = int(cfg["train"]["epochs"])
-    if not fold_complete(layout.fold(model_name, fold), epochs):
+    train = TrainSettings.from_config(cfg)
+    if not fold_complete(layout.fold(model_name, fold), train.epochs):
         return None
     others = [
         read_log(layout.fold(model_name, j).log)
-        for j in range(int(cfg["data"]["n_folds"]))
-        if j != fold and fold_complete(layout.fold(model_name, j), epochs)
+        for j in range(DataSettings.from_config(cfg).n_folds)
+        if j != fold and fold_complete(layout.fold(model_name, j), train.epochs)
     ]
     return fold_verdict(
         read_log(layout.fold(model_name, fold).log),
-        str(cfg["train"].get("best_metric", "competition")),
+        train.best_metric,
         others,
         RetryPolicy.from_config(cfg).margin,
     )
@@ -592,7 +592,7 @@ def retire_attempt(cfg: dict[str, Any], model_name: str, fold: int, reason: str)
             "attempt": attempt,
             "reason": reason,
             "seed": tried["seed"],
-            "lr": tried["train"]["lr"],
+            "lr": TrainSettings.from_config(tried).lr,
             "epochs": len(history),
             "log": out.failed_log(attempt).name,
         }

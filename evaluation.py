@@ -23,6 +23,7 @@ from decisions import LENSES
 from metrics import class_stats, nothing_stats, scores_from_stats
 from paths import Layout
 from postprocessing import PostprocessParams, class_maps, input_store
+from settings import DataSettings, refining
 
 SCORE_KEYS = ("competition", "dice_seg", "dice_neo", "dice_non")
 OOF_TABLE = "Out-of-fold (working resolution)"
@@ -126,7 +127,7 @@ def test_truth(cfg: dict[str, Any], ids: Sequence[str]) -> dict[str, np.ndarray]
     missing = [i for i in ids if i not in samples]
     if missing:
         raise DataError(f"test_gt has no mask for {len(missing)} test images, e.g. {missing[0]}")
-    thresholds = MaskThresholds.from_mapping((cfg.get("data") or {}).get("mask") or {})
+    thresholds = MaskThresholds.from_mapping(DataSettings.from_config(cfg).mask)
     return {i: load_mask(samples[i].mask, thresholds) for i in ids}
 
 
@@ -162,7 +163,7 @@ def test_rows(
             )
         best = blend_doc["candidates"]["best single"]["model"]
     refined_store = layout.refined("test")
-    if (cfg.get("refine") or {}).get("enabled") and refined_store.is_dir():
+    if refining(cfg) and refined_store.is_dir():
         maps["refined"] = load_probs(refined_store)
     simple = {(best, "argmax"), (best, "region vote")}
     if len(names) > 1:

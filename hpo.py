@@ -65,6 +65,7 @@ from engine import FitState, TrainingError, build_learner, build_loaders, fit, l
 from paths import Layout
 from recipe import check_config, fold_recipe, recipe_hash
 from runtime import Dist, configure_cpu_threads, init_dist
+from settings import DataSettings, TrainSettings
 
 log = logging.getLogger("hpo")
 
@@ -206,12 +207,12 @@ def run_trial(
     """
     values = {key: suggest(trial, key, d) for key, d in space.items()}
     tcfg = trial_config(cfg, values)
-    metric = str(tcfg["train"]["best_metric"])
-    epochs = int(tcfg["train"]["epochs"])
+    train = TrainSettings.from_config(tcfg)
+    metric, epochs = train.best_metric, train.epochs
     out = Layout.of(tcfg).hpo_trial(trial.study.study_name, trial.number)
     out.dir.mkdir(parents=True, exist_ok=True)
     write_yaml(out.config, tcfg)
-    configure_cpu_threads(tcfg)
+    configure_cpu_threads(train.cpu_threads)
     # Per trial: a searched data key (e.g. the mask thresholds) may change the cached items.
     data = prepare_train_data(tcfg, dist)
     loaders = build_loaders(tcfg, data, fold, dist)
@@ -262,14 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = resolve_cli_config(args, cli.runtime_flags(args), model=args.model)
         hcfg = cfg.get("hpo") or {}
-        epochs = int(args.epochs or hcfg.get("epochs") or cfg["train"]["epochs"])
+        epochs = int(args.epochs or hcfg.get("epochs") or TrainSettings.from_config(cfg).epochs)
         fold = int(args.fold if args.fold is not None else hcfg.get("fold", 0))
         trials = int(args.trials or hcfg.get("trials", 20))
         cfg = apply_overrides(cfg, [f"train.epochs={epochs}"])
         check_config(cfg)
         model_entry(cfg, args.model)
-        if not 0 <= fold < int(cfg["data"]["n_folds"]):
-            raise ConfigError(f"fold {fold} is not in 0..{int(cfg['data']['n_folds']) - 1}")
+        n_folds = DataSettings.from_config(cfg).n_folds
+        if not 0 <= fold < n_folds:
+            raise ConfigError(f"fold {fold} is not in 0..{n_folds - 1}")
         space = parse_space(hcfg.get("space"))
         check_space(cfg, space)
         pruner = build_pruner(hcfg.get("pruner"), epochs)
@@ -308,16 +310,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     best = studies.best_trial(study, trials)
+    metric = TrainSettings.from_config(cfg).best_metric
     out = layout.hpo_best(args.model)
     header = [
         f"hpo.py: best of {trials} trials of study {study.study_name}",
         f"in {studies.redact(place.storage)}: trial {best.number}, "
-        f"{cfg['train']['best_metric']} {best.value:.5f} on fold {fold} after {epochs} epochs",
+        f"{metric} {best.value:.5f} on fold {fold} after {epochs} epochs",
         *([f"the search also had --set {' '.join(args.set)}"] if args.set else []),
         f"train every fold: python pipeline.py --config {out}",
     ]
     write_best(out, args.config, args.model, best.params, header)
-    print(f"best trial {best.number}: {cfg['train']['best_metric']} {best.value:.5f}")
+    print(f"best trial {best.number}: {metric} {best.value:.5f}")
     for key, value in best.params.items():
         print(f"  {key}: {value}")
     print(f"wrote {out}; trials in {csv_path}")

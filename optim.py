@@ -35,6 +35,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from config import ConfigError
+from settings import TrainSettings
 
 _LOOKAHEAD = "lookahead_"
 # Schedule name -> the arguments it accepts besides `name` and `warmup_epochs`.
@@ -45,25 +46,6 @@ SCHEDULES: dict[str, tuple[str, ...]] = {
     "poly": ("power",),
     "none": (),
 }
-
-
-def optimizer_cfg(tcfg: dict[str, Any]) -> dict[str, Any]:
-    """`train.optimizer`, defaulting to the seed's Adam with `train.weight_decay`."""
-    cfg = dict(tcfg.get("optimizer") or {"name": "adam"})
-    if "weight_decay" not in cfg and "weight_decay" in tcfg:
-        cfg["weight_decay"] = tcfg["weight_decay"]
-    return cfg
-
-
-def scheduler_cfg(tcfg: dict[str, Any]) -> dict[str, Any]:
-    """`train.scheduler`, defaulting to the seed's step schedule (`lr_step`, `lr_gamma`)."""
-    if tcfg.get("scheduler"):
-        return dict(tcfg["scheduler"])
-    return {
-        "name": "step",
-        "step_epochs": tcfg.get("lr_step", 5),
-        "gamma": tcfg.get("lr_gamma", 0.6),
-    }
 
 
 def _choice(section: str, cfg: dict[str, Any], choices: Iterable[str]) -> str:
@@ -99,9 +81,9 @@ def optimizer_class(opt: dict[str, Any]) -> type[torch.optim.Optimizer]:
         raise ConfigError(f"train.optimizer.name {base!r} needs a package: {exc}") from exc
 
 
-def check_recipe(tcfg: dict[str, Any]) -> None:
+def check_recipe(train: TrainSettings) -> None:
     """Refuse unknown optimizer/schedule names and arguments, listing what is accepted."""
-    opt = optimizer_cfg(tcfg)
+    opt = train.optimizer_spec
     cls = optimizer_class(opt)
     accepted = set(inspect.signature(cls).parameters) - {"params", "lr"}
     unknown = sorted(set(opt) - accepted - {"name"})
@@ -110,10 +92,7 @@ def check_recipe(tcfg: dict[str, Any]) -> None:
             f"train.optimizer: {cls.__name__} takes no {unknown}; it accepts "
             + ", ".join(sorted(accepted))
         )
-    ratio = tcfg.get("encoder_lr_ratio")
-    if ratio is not None and not (isinstance(ratio, int | float) and ratio > 0):
-        raise ConfigError(f"train.encoder_lr_ratio must be a positive number or null: {ratio!r}")
-    sched = scheduler_cfg(tcfg)
+    sched = train.schedule
     name = _choice("scheduler", sched, SCHEDULES)
     unknown = sorted(set(sched) - {"name", "warmup_epochs", *SCHEDULES[name]})
     if unknown:
@@ -126,10 +105,10 @@ def check_recipe(tcfg: dict[str, Any]) -> None:
             raise ConfigError(f"train.scheduler.{key} must be a number, got {value!r}")
 
 
-def param_groups(model: nn.Module, tcfg: dict[str, Any]) -> Any:
+def param_groups(model: nn.Module, train: TrainSettings) -> Any:
     """The model's parameters, or with `train.encoder_lr_ratio` two groups: the rest at
     `train.lr` first (the rate the log's `lr` shows), then the encoder at lr x ratio."""
-    ratio = tcfg.get("encoder_lr_ratio")
+    ratio = train.encoder_lr_ratio
     if ratio is None:
         return model.parameters()
     encoder = getattr(model, "encoder", None)
@@ -139,28 +118,27 @@ def param_groups(model: nn.Module, tcfg: dict[str, Any]) -> Any:
         )
     own = {id(p) for p in encoder.parameters()}
     rest = [p for p in model.parameters() if id(p) not in own]
-    lr = float(tcfg["lr"])
     return [
-        {"params": rest, "lr": lr},
-        {"params": list(encoder.parameters()), "lr": lr * float(ratio)},
+        {"params": rest, "lr": train.lr},
+        {"params": list(encoder.parameters()), "lr": train.lr * ratio},
     ]
 
 
-def build_optimizer(params: Iterable[Any], tcfg: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[Any], train: TrainSettings) -> torch.optim.Optimizer:
     """timm's factory on `params` (tensors or `param_groups`); no parameter filtering of
     its own, so `weight_decay` applies to every parameter, as torch's optimizers do."""
-    opt = optimizer_cfg(tcfg)
+    opt = train.optimizer_spec
     kwargs = {k: v for k, v in opt.items() if k != "name"}
-    return create_optimizer_v2(params, opt=str(opt["name"]), lr=float(tcfg["lr"]), **kwargs)
+    return create_optimizer_v2(params, opt=str(opt["name"]), lr=train.lr, **kwargs)
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, tcfg: dict[str, Any], steps_per_epoch: int
+    optimizer: torch.optim.Optimizer, train: TrainSettings, steps_per_epoch: int
 ) -> lr_scheduler.LRScheduler:
     """A per-iteration schedule over `train.epochs` × `steps_per_epoch` steps."""
-    sched = scheduler_cfg(tcfg)
+    sched = train.schedule
     name = _choice("scheduler", sched, SCHEDULES)
-    total = max(1, int(tcfg["epochs"]) * steps_per_epoch)
+    total = max(1, train.epochs * steps_per_epoch)
     warmup = min(total - 1, round(float(sched.get("warmup_epochs", 0)) * steps_per_epoch))
     if name == "onecycle":
         # OneCycle has its own warm-up (pct_start); warmup_epochs sets it when given.

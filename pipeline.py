@@ -57,6 +57,7 @@ from evaluation import (
 from paths import Layout
 from recipe import RetryPolicy, check_config, check_recipes_early
 from runtime import PARENT_ENV, Dist
+from settings import DataSettings
 from stages import STAGES, Plan, model_names
 from stamps import Stamps, digest
 
@@ -183,7 +184,7 @@ def run_stages(
     """
     layout = Layout.of(cfg)
     names = list(model_cfgs)
-    n_folds = int(cfg["data"]["n_folds"])
+    n_folds = DataSettings.from_config(cfg).n_folds
     timings: dict[str, float] = {}
 
     def keep(labels: Sequence[str]) -> None:

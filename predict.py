@@ -68,6 +68,7 @@ from runtime import (
     configure_determinism,
     kill_point,
 )
+from settings import DataSettings, TrainSettings
 
 log = logging.getLogger("predict")
 
@@ -164,7 +165,7 @@ def _check_checkpoint(
             f" (recipe hash {ckpt.get('recipe_hash')}, the folder's {recipe_hash(folder or {})}); "
             f"retrain the fold (train.py --model {model_name} --fold {fold} --force)"
         )
-    trained = list(ckpt["config"]["data"]["img_size"])
+    trained = list(DataSettings.from_config(ckpt["config"]).img_size)
     if trained != list(size):
         raise ConfigError(f"{path} was trained at {trained} but data.img_size is {size}")
 
@@ -185,12 +186,12 @@ def predict_model(
     test_items = prepare_test_items(cfg)
     folds = data.folds
     split_id = folds.split_id
-    size = list(cfg["data"]["img_size"])
+    settings = DataSettings.from_config(cfg)
+    size = list(settings.img_size)
     runs = trained_folds(cfg, model_name, folds.n_folds)
-    precision: Precision = choose_precision(
-        device, bool(cfg["train"].get("amp", True)), bool(cfg["train"].get("channels_last", True))
-    )
-    transform = transforms_for(cfg["data"], train=False)
+    train = TrainSettings.from_config(cfg)
+    precision: Precision = choose_precision(device, train.amp, train.channels_last)
+    transform = transforms_for(settings, train=False)
 
     def loader(items: list[CachedItem], name: str) -> Any:
         return config_loader(cfg, SegDataset(items, transform), batch_size, device, None, name=name)
@@ -294,8 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         cfg = resolve_config(args)
-        configure_cpu_threads(cfg)
-        configure_determinism(cfg, device)
+        train = TrainSettings.from_config(cfg)
+        configure_cpu_threads(train.cpu_threads)
+        configure_determinism(train.deterministic, device)
         pcfg = cfg.get("predict") or {}
         oof, test = predict_model(
             cfg, args.model, str(pcfg.get("tta", "none")), int(pcfg.get("batch_size", 16)), device

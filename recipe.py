@@ -30,6 +30,7 @@ from models.losses import SegLoss
 from optim import check_recipe
 from paths import Layout, RunFiles
 from runtime import derive_seed
+from settings import DataSettings, TrainSettings
 
 # Mixed into a retrained fold's seed, so its stream differs from every ordinary seed's.
 _RETRY_SALT = 7919
@@ -150,46 +151,16 @@ def check_config(cfg: dict[str, Any]) -> None:
     """Fail before any work on values that would only break hours later."""
     for key in ("experiment", "data_dir", "out_dir", "seed"):
         _get(cfg, key)
-    size = _get(cfg, "data.img_size")
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) for s in size)):
-        raise ConfigError(f"data.img_size must be [height, width], got {size!r}")
-    if any(s <= 0 or s % 32 for s in size):
-        raise ConfigError(f"data.img_size {size} must be positive multiples of 32")
-    if int(_get(cfg, "data.n_folds")) < 2:
-        raise ConfigError("data.n_folds must be at least 2")
-    for key in ("train.epochs", "train.batch_size"):
-        if int(_get(cfg, key)) < 1:
-            raise ConfigError(f"{key} must be at least 1")
-    if float(_get(cfg, "train.lr")) <= 0:
-        raise ConfigError("train.lr must be positive")
-    tcfg = cfg["train"]
-    check_recipe(tcfg)
-    check_loss_args(tcfg.get("loss") or {})
-    scales = tcfg.get("multiscale") or [1.0]
-    if not all(isinstance(x, int | float) and 0.25 <= x <= 4 for x in scales):
-        raise ConfigError(f"train.multiscale must list scales in [0.25, 4], got {scales!r}")
-    if tcfg.get("best_metric", "competition") not in OBJECTIVES:
+    data = DataSettings.from_config(cfg)
+    train = TrainSettings.from_config(cfg)
+    check_recipe(train)
+    check_loss_args(train.loss)
+    if train.best_metric not in OBJECTIVES:
         raise ConfigError(
-            f"train.best_metric {tcfg['best_metric']!r}: choose one of {', '.join(OBJECTIVES)}"
+            f"train.best_metric {train.best_metric!r}: choose one of {', '.join(OBJECTIVES)}"
         )
-    ema = tcfg.get("ema")
-    if ema is not None and not 0 < float(ema) < 1:
-        raise ConfigError(f"train.ema is the EMA decay, in (0, 1) or null; got {ema!r}")
-    paste = cfg["data"].get("paste") or {}
-    if not isinstance(paste, dict) or set(paste) - {"p", "classes"}:
-        raise ConfigError(f"data.paste is {{p: 0..1, classes: [1, 2]}} or null; got {paste!r}")
-    if not set(paste.get("classes", [2])) <= {1, 2} or not 0 <= paste.get("p", 0.5) <= 1:
-        raise ConfigError(f"data.paste: p in [0, 1], classes from [1, 2]; got {paste!r}")
-    sampling = cfg["data"].get("sampling") or {}
-    strata = {"red", "green", "both", "none"}
-    if not isinstance(sampling, dict) or set(sampling) - strata:
-        raise ConfigError(
-            f"data.sampling maps strata ({', '.join(sorted(strata))}) to weights; got {sampling!r}"
-        )
-    if any(not isinstance(w, int | float) or w < 0 for w in sampling.values()):
-        raise ConfigError(f"data.sampling weights must be non-negative numbers: {sampling!r}")
-    MaskThresholds.from_mapping(cfg["data"].get("mask"))
-    transforms_for(cfg["data"], train=True)
+    MaskThresholds.from_mapping(data.mask)
+    transforms_for(data, train=True)
 
 
 def check_loss_args(loss_cfg: dict[str, Any]) -> None:
@@ -278,7 +249,7 @@ class RetryPolicy:
         out = copy.deepcopy(cfg)
         if self.reseed:
             out["seed"] = derive_seed(int(cfg["seed"]), _RETRY_SALT, attempt)
-        out["train"]["lr"] = float(cfg["train"]["lr"]) * self.lr_scale**attempt
+        out["train"]["lr"] = TrainSettings.from_config(cfg).lr * self.lr_scale**attempt
         return out
 
     def to_dict(self) -> dict[str, Any]:

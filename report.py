@@ -47,6 +47,7 @@ from metrics import class_stats, scores_from_stats
 from paths import Layout
 from postprocessing import PostprocessParams, input_store, load_params
 from reporting import Case, ReportInputs, write_report
+from settings import DataSettings, refining
 from stages import model_names
 
 
@@ -67,7 +68,7 @@ def oof_cases(store: ProbMaps, cfg: dict[str, Any], params: PostprocessParams) -
 
 def refine_record(cfg: dict[str, Any]) -> dict[str, Any] | None:
     """refine.py's `refine.json` when the config enables refinement, else None."""
-    if not (cfg.get("refine") or {}).get("enabled"):
+    if not refining(cfg):
         return None
     return read_json(Layout.of(cfg).refine_record)
 
@@ -133,6 +134,7 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
     ]
     if refined is not None:
         notes.append(f"Region refinement: {why}; submitted from the {source_name} maps.")
+    n_folds = DataSettings.from_config(cfg).n_folds
     inputs = ReportInputs(
         cfg=cfg,
         tables=tables,
@@ -140,9 +142,7 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
         folds=read_json(layout.folds)["folds"],
         blend=blend_doc,
         tuned=tuned,
-        logs={
-            n: {k: layout.fold(n, k).log for k in range(int(cfg["data"]["n_folds"]))} for n in names
-        },
+        logs={n: {k: layout.fold(n, k).log for k in range(n_folds)} for n in names},
         timings=read_json(layout.timings) if layout.timings.is_file() else {},
         submission=layout.submission,
         test_images={s.id: s.image for s in list_test(data_dir)},
@@ -162,7 +162,7 @@ def retrain_notes(cfg: dict[str, Any], names: Sequence[str]) -> list[str]:
     layout = Layout.of(cfg)
     notes = []
     for name in names:
-        for k in range(int(cfg["data"]["n_folds"])):
+        for k in range(DataSettings.from_config(cfg).n_folds):
             failed = failed_attempts(layout.fold(name, k))
             if failed:
                 why = "; ".join(f"attempt {f['attempt']}: {f['reason']}" for f in failed)

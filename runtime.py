@@ -98,7 +98,7 @@ def choose_precision(device: torch.device, amp: bool, channels_last: bool) -> Pr
     return Precision("cuda", dtype, channels_last)
 
 
-def configure_cpu_threads(cfg: dict[str, Any]) -> None:
+def configure_cpu_threads(threads: int) -> None:
     """Intra-op threads of a training or prediction process: `train.cpu_threads`, else 1.
 
     On the CPU the thread count is part of the numerics: convolutions and batch norm
@@ -109,10 +109,10 @@ def configure_cpu_threads(cfg: dict[str, Any]) -> None:
     models gain more from anyway. A larger `train.cpu_threads` is faster for one big CPU
     run and changes the weights with it. On a GPU the CPU threads change nothing.
     """
-    torch.set_num_threads(int(cfg["train"].get("cpu_threads") or 1))
+    torch.set_num_threads(threads)
 
 
-def configure_determinism(cfg: dict[str, Any], device: torch.device) -> None:
+def configure_determinism(exact: bool, device: torch.device) -> None:
     """`train.deterministic` (default on): cuDNN's deterministic algorithms, no autotuning.
 
     cuDNN's benchmark mode picks the fastest algorithm by timing it, and the winner can
@@ -120,7 +120,6 @@ def configure_determinism(cfg: dict[str, Any], device: torch.device) -> None:
     any order. Off trades reproducibility for speed on the GPU; the CPU path is already
     deterministic for a fixed thread count.
     """
-    exact = bool(cfg["train"].get("deterministic", True))
     torch.use_deterministic_algorithms(exact, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not exact

@@ -24,6 +24,7 @@ from typing import Any
 import cli
 from config import ConfigError
 from paths import Layout
+from settings import DataSettings, refining
 
 
 def model_names(cfg: dict[str, Any]) -> list[str]:
@@ -47,11 +48,11 @@ class Plan:
 
     @property
     def n_folds(self) -> int:
-        return int(self.cfg["data"]["n_folds"])
+        return DataSettings.from_config(self.cfg).n_folds
 
     @property
     def refining(self) -> bool:
-        return bool((self.cfg.get("refine") or {}).get("enabled"))
+        return refining(self.cfg)
 
     @property
     def decide(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from torch import nn
 from data.cache import CachedItem, load_item
 from data.dataset import to_tensor
 from paths import Layout
+from settings import TrainSettings
 
 CLASS_LABELS = {0: "background", 1: "neoplastic", 2: "non-neoplastic"}
 # Validation overlays: this many images, every this many epochs (and at the last epoch).
@@ -35,7 +36,7 @@ N_IMAGES, IMAGE_EVERY = 4, 5
 
 
 def enabled(cfg: Mapping[str, Any]) -> bool:
-    return bool((cfg.get("train") or {}).get("wandb"))
+    return TrainSettings.from_config(cfg).wandb
 
 
 def start_run(cfg: dict[str, Any], job_type: str, group: str, name: str, **extra: Any) -> Any:
@@ -47,7 +48,7 @@ def start_run(cfg: dict[str, Any], job_type: str, group: str, name: str, **extra
     directory.mkdir(parents=True, exist_ok=True)
     mode = {} if "WANDB_MODE" in os.environ else {"mode": "offline"}
     return wandb.init(
-        project=cfg["train"].get("wandb_project", "neopolyp"),
+        project=TrainSettings.from_config(cfg).wandb_project,
         name=name,
         group=group,
         job_type=job_type,

@@ -70,7 +70,6 @@ from engine import (
 )
 from models.inference import Probabilities, load_checkpoint, predict_probs
 from models.pretrained import parse_pretrained
-from optim import scheduler_cfg
 from paths import Layout, RunFiles
 from recipe import (
     RetryPolicy,
@@ -90,6 +89,7 @@ from runtime import (
     init_dist,
     kill_point,
 )
+from settings import DataSettings, TrainSettings
 
 log = logging.getLogger("train")
 
@@ -122,7 +122,13 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _resume(
-    learner: Learner, out: RunFiles, split_id: str, resume: bool, name: str, tcfg: dict[str, Any]
+    learner: Learner,
+    out: RunFiles,
+    split_id: str,
+    resume: bool,
+    name: str,
+    epochs: int,
+    schedule: dict[str, Any],
 ) -> tuple[int, float, list[dict[str, Any]]]:
     """(epochs done, best score, history) from last.pt, or a fresh start."""
     last = out.last
@@ -141,24 +147,22 @@ def _resume(
             f"{last} was trained on split {ckpt['split_id']}, but folds.json is split "
             f"{split_id}; retrain with --force"
         )
-    _check_same_curve(ckpt, tcfg)
+    _check_same_curve(TrainSettings.from_config(ckpt["config"]).epochs, epochs, schedule)
     learner.load_training_state(ckpt)
     log.info("%s: resuming after epoch %d (best %.4f)", name, ckpt["epoch"], ckpt["best_score"])
     return ckpt["epoch"], ckpt["best_score"], ckpt["history"]
 
 
-def _check_same_curve(ckpt: dict[str, Any], tcfg: dict[str, Any]) -> None:
+def _check_same_curve(before: int, epochs: int, sched: dict[str, Any]) -> None:
     """Refuse a changed epoch count when the schedule's curve depends on it.
 
     A step schedule continues the same way for any length; cosine, one-cycle, poly and
     warm-up were laid out over the old total and restore that total from the checkpoint.
     """
-    before = int(ckpt["config"]["train"]["epochs"])
-    sched = scheduler_cfg(tcfg)
     per_total = sched["name"] in ("cosine", "onecycle", "poly") or sched.get("warmup_epochs")
-    if before != int(tcfg["epochs"]) and per_total:
+    if before != epochs and per_total:
         raise ConfigError(
-            f"train.epochs: {before} -> {tcfg['epochs']}, but the {sched['name']} schedule "
+            f"train.epochs: {before} -> {epochs}, but the {sched['name']} schedule "
             "was laid out over the old total; keep the epochs, or retrain with --force"
         )
 
@@ -179,8 +183,8 @@ def train_fold(
     from the history inside last.pt: a kill between any two writes leaves a state that
     `--resume` continues correctly.
     """
-    epochs = int(cfg["train"]["epochs"])
-    best_metric = str(cfg["train"].get("best_metric", "competition"))
+    train = TrainSettings.from_config(cfg)
+    epochs, best_metric = train.epochs, train.best_metric
     layout = Layout.of(cfg)
     out = layout.fold(model_name, fold)
     name = f"{model_name} fold {fold}"
@@ -197,13 +201,19 @@ def train_fold(
     attempt = len(failed_attempts(out))
     cfg = RetryPolicy.from_config(cfg).remedy(cfg, attempt)
     if attempt:
-        log.info("%s: attempt %d, seed %s, lr %g", name, attempt, cfg["seed"], cfg["train"]["lr"])
+        log.info(
+            "%s: attempt %d, seed %s, lr %g",
+            name,
+            attempt,
+            cfg["seed"],
+            TrainSettings.from_config(cfg).lr,
+        )
 
     entry = model_entry(cfg, model_name)
     split_id = data.folds.split_id
     loaders = build_loaders(cfg, data, fold, dist)
     learner = build_learner(cfg, entry, fold, dist, steps_per_epoch=len(loaders.train))
-    state = FitState(*_resume(learner, out, split_id, resume, name, cfg["train"]))
+    state = FitState(*_resume(learner, out, split_id, resume, name, train.epochs, train.schedule))
     if state.epoch and not out.best.is_file():
         # written at the first epoch: without it the best weights are lost, resuming or not
         raise ConfigError(
@@ -324,8 +334,8 @@ def write_fold_oof(
     model.load_state_dict(best["model"])
     loader = config_loader(
         cfg,
-        SegDataset(val_items, transforms_for(cfg["data"], train=False)),
-        int(cfg["train"]["batch_size"]),
+        SegDataset(val_items, transforms_for(DataSettings.from_config(cfg), train=False)),
+        TrainSettings.from_config(cfg).batch_size,
         device,
         None,
         name=f"{model_name} fold {fold} OOF",
@@ -382,11 +392,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(logging.INFO if dist.is_main else logging.WARNING)
     try:
         cfg = resolve_config(args)
-        folds = parse_folds(args.fold, int(cfg["data"]["n_folds"]))
+        folds = parse_folds(args.fold, DataSettings.from_config(cfg).n_folds)
         if not args.force:
             check_recipes_early(cfg, args.model, folds)
-        configure_cpu_threads(cfg)
-        configure_determinism(cfg, dist.device)
+        train = TrainSettings.from_config(cfg)
+        configure_cpu_threads(train.cpu_threads)
+        configure_determinism(train.deterministic, dist.device)
         data = prepare_train_data(cfg, dist)
         summaries = [
             train_fold_retrying(

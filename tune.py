@@ -56,6 +56,7 @@ from decisions import LENSES, Candidate, Rule, choose, cross_fit, format_decisio
 from metrics import OBJECTIVES, scores_from_stats
 from paths import Layout
 from postprocessing import REGION_MODES, PostprocessParams
+from settings import refining
 from studies import StudyPlace, search_settings
 
 log = logging.getLogger("tune")
@@ -365,7 +366,7 @@ def load_sources(
         raise DataError(f"{blend.where}: no per-image folds recorded; rerun ensemble.py")
     stores = {"blend": blend}
     refined_path = layout.refined("oof")
-    if (cfg.get("refine") or {}).get("enabled"):
+    if refining(cfg):
         if not refined_path.is_dir():
             log.warning("refinement is enabled but %s is missing (run refine.py)", refined_path)
         elif _meta_time(refined_path) < _meta_time(layout.blend("oof")):

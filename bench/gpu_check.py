@@ -49,6 +49,7 @@ from data.foldlog import read_log
 from data.synthetic import generate
 from paths import Layout
 from runtime import Dist, configure_cpu_threads
+from settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO_CONFIG = "configs/bkai.yaml"
@@ -231,7 +232,7 @@ def measure_model(
     cfg = model_config(config, name, settings, compile_)
     entry = model_entry(cfg, name)
     record.update(config=config, arch=entry["arch"])
-    configure_cpu_threads(cfg)
+    configure_cpu_threads(TrainSettings.from_config(cfg).cpu_threads)
     cuda = dist.device.type == "cuda"
     record["infer_img_s"], record["params_m"] = time_inference(cfg, entry, dist, settings)
     free_memory(cuda)

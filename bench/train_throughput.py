@@ -30,6 +30,7 @@ from models import build_model
 from models.inference import NUM_CLASSES
 from models.losses import SegLoss
 from runtime import Dist, Precision, configure_cpu_threads, init_dist
+from settings import DataSettings, TrainSettings
 
 log = logging.getLogger("bench.train_throughput")
 # H200 figures quoted in the issue, for comparison when no GPU is at hand.
@@ -80,8 +81,8 @@ def time_train_py(
     """img/s of the engine's `train_step` with the model, optimizer and precision it builds."""
     learner = engine.build_learner(cfg, entry, fold=0, dist=dist)
     learner.train_net.train()
-    batch = int(cfg["train"]["batch_size"])
-    images, masks = random_batch(batch, cfg["data"]["img_size"], dist.device)
+    batch = TrainSettings.from_config(cfg).batch_size
+    images, masks = random_batch(batch, DataSettings.from_config(cfg).img_size, dist.device)
     if learner.precision.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     rate = images_per_second(
@@ -99,19 +100,23 @@ def time_plain(
 ) -> float:
     model = build_model(entry["arch"], num_classes=NUM_CLASSES, **entry["kwargs"])
     model = model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg["train"]["lr"]))
-    loss_fn = SegLoss(**(cfg["train"].get("loss") or {})).to(device)
-    batch = int(cfg["train"]["batch_size"])
-    images, masks = random_batch(batch, cfg["data"]["img_size"], device)
+    train = TrainSettings.from_config(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+    loss_fn = SegLoss(**train.loss).to(device)
+    images, masks = random_batch(train.batch_size, DataSettings.from_config(cfg).img_size, device)
     return images_per_second(
-        lambda: plain_step(model, images, masks, loss_fn, optimizer), batch, steps, warmup, device
+        lambda: plain_step(model, images, masks, loss_fn, optimizer),
+        train.batch_size,
+        steps,
+        warmup,
+        device,
     )
 
 
 def run(cfg: dict[str, Any], model_name: str, steps: int, warmup: int) -> dict[str, Any]:
     """img/s of both loops on this machine's device (GPU when there is one)."""
     dist = init_dist()
-    configure_cpu_threads(cfg)
+    configure_cpu_threads(TrainSettings.from_config(cfg).cpu_threads)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     entry = model_entry(cfg, model_name)
@@ -122,12 +127,12 @@ def run(cfg: dict[str, Any], model_name: str, steps: int, warmup: int) -> dict[s
     return {
         "model": model_name,
         "arch": entry["arch"],
-        "batch": int(cfg["train"]["batch_size"]),
-        "size": cfg["data"]["img_size"],
+        "batch": TrainSettings.from_config(cfg).batch_size,
+        "size": list(DataSettings.from_config(cfg).img_size),
         "device": str(dist.device),
         "dtype": str(precision.dtype).replace("torch.", "") if precision.dtype else "float32",
         "channels_last": precision.channels_last,
-        "compile": bool(cfg["train"].get("compile")),
+        "compile": TrainSettings.from_config(cfg).compile,
         "plain": plain,
         "train_py": fast,
     }

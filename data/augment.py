@@ -27,6 +27,7 @@ import albumentations as A
 import cv2
 
 from config import ConfigError
+from settings import DataSettings
 
 _NEAREST = cv2.INTER_NEAREST
 _GEOMETRY = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
@@ -125,8 +126,6 @@ def build_transforms(size: tuple[int, int], train: bool, **augment_cfg: Any) -> 
     return A.Compose(steps)
 
 
-def transforms_for(data_cfg: dict[str, Any], train: bool) -> A.Compose:
+def transforms_for(data: DataSettings, train: bool) -> A.Compose:
     """The config's transform (`data.img_size`, `data.augment`) for training or evaluation."""
-    return build_transforms(
-        tuple(data_cfg["img_size"]), train=train, **(data_cfg.get("augment") or {})
-    )
+    return build_transforms(data.img_size, train=train, **data.augment)

@@ -38,6 +38,7 @@ from data.reader import (
     stratum,
 )
 from paths import Layout
+from settings import DataSettings
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def prepare(
 
 
 def check_masks(
-    items: Sequence[CachedItem], mask_files: dict[str, Path], data_cfg: dict[str, Any]
+    items: Sequence[CachedItem], mask_files: dict[str, Path], data: DataSettings
 ) -> None:
     """Refuse masks that decode to no polyp, or mostly to colours that are neither class.
 
@@ -230,8 +231,8 @@ def check_masks(
     `data.allow_empty_masks: true` and `data.max_ambiguous_frac` (default 0.02 of the
     image) accept them knowingly.
     """
-    allow_empty = bool(data_cfg.get("allow_empty_masks", False))
-    limit = float(data_cfg.get("max_ambiguous_frac", 0.02))
+    allow_empty = data.allow_empty_masks
+    limit = data.max_ambiguous_frac
     problems = []
     for it in items:
         frac = it.ambiguous_pixels / (it.orig_size[0] * it.orig_size[1])
@@ -275,13 +276,13 @@ def prepare_for_config(
 
     Every stage goes through here, so all of them read the same cache entries.
     """
-    data_cfg = cfg.get("data") or {}
+    data = DataSettings.from_config(cfg)
     return prepare(
         samples,
-        size=tuple(size or data_cfg["img_size"]),
+        size=tuple(size or data.img_size),
         cache_dir=Layout.of(cfg).cache,
-        thresholds=MaskThresholds.from_mapping(data_cfg.get("mask")),
-        workers=max(1, int(data_cfg.get("num_workers", 1))),
+        thresholds=MaskThresholds.from_mapping(data.mask),
+        workers=max(1, data.num_workers),
     )
 
 

@@ -32,6 +32,7 @@ from data.reader import (
     pair_folders,
     stratum,
 )
+from settings import DataSettings
 
 
 @dataclass
@@ -196,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         thresholds = None
         if args.config is not None:
-            mask_cfg = (load_config(args.config).get("data") or {}).get("mask")
-            thresholds = MaskThresholds.from_mapping(mask_cfg)
+            mask = DataSettings.from_config(load_config(args.config)).mask
+            thresholds = MaskThresholds.from_mapping(mask)
         report = check_dataset(args.data_dir, thresholds, workers=args.jobs)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}")

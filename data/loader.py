@@ -20,6 +20,7 @@ from torch.utils.data.distributed import DistributedSampler
 from data.dataset import SegDataset
 from data.reader import DataError
 from runtime import derive_seed
+from settings import DataSettings
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
@@ -239,14 +240,14 @@ def config_loader(
     drop_last: bool = False,
 ) -> DataLoader:
     """`make_loader` with the experiment's worker count and stall timeout."""
-    data_cfg = cfg.get("data") or {}
+    data = DataSettings.from_config(cfg)
     return make_loader(
         dataset,
         batch_size,
-        int(data_cfg.get("num_workers", 0)),
+        data.num_workers,
         device,
         sampler,
         drop_last,
         name=name,
-        timeout_s=float(data_cfg.get("loader_timeout_s", DEFAULT_TIMEOUT_S)),
+        timeout_s=data.loader_timeout_s,
     )

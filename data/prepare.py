@@ -16,6 +16,7 @@ from data.folds import Folds, load_or_make_folds
 from data.reader import list_train
 from paths import Layout
 from runtime import Dist
+from settings import DataSettings
 
 
 @dataclass
@@ -39,16 +40,16 @@ def prepare_train_data(cfg: dict[str, Any], dist: Dist) -> TrainData:
     same folds as the first.
     """
     samples = list_train(Path(cfg["data_dir"]))
-    data_cfg = cfg["data"]
+    settings = DataSettings.from_config(cfg)
 
     def run() -> TrainData:
         items = prepare_for_config(cfg, samples)
-        check_masks(items, {s.id: s.mask for s in samples}, data_cfg)
+        check_masks(items, {s.id: s.mask for s in samples}, settings)
         folds = load_or_make_folds(
             Layout.of(cfg).folds,
             {it.id: it.classes for it in items},
-            int(data_cfg["n_folds"]),
-            int(data_cfg.get("fold_seed", 0)),
+            settings.n_folds,
+            settings.fold_seed,
         )
         return TrainData(items, folds)
 

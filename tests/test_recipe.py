@@ -22,15 +22,22 @@ from data.paste import free_space, paste_one
 from models.inference import load_checkpoint
 from models.losses import SegLoss
 from paths import RunFiles
+from settings import TrainSettings
 from tests.trainkit import best_only_at, fold_path, history, run_main, write_config
+
+
+def recipe(tcfg: dict) -> TrainSettings:
+    """A `train:` section (over the defaults) as the optimizer and schedule read it."""
+    return TrainSettings.from_config({"train": tcfg})
 
 
 def lr_curve(tcfg: dict, steps_per_epoch: int) -> list[float]:
     param = torch.nn.Parameter(torch.zeros(1))
-    opt = optim.build_optimizer([param], tcfg)
-    sched = optim.build_scheduler(opt, tcfg, steps_per_epoch)
+    train = recipe(tcfg)
+    opt = optim.build_optimizer([param], train)
+    sched = optim.build_scheduler(opt, train, steps_per_epoch)
     out = []
-    for _ in range(int(tcfg["epochs"]) * steps_per_epoch):
+    for _ in range(train.epochs * steps_per_epoch):
         out.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
@@ -89,7 +96,7 @@ def test_default_schedule_is_the_seed_recipe_per_epoch() -> None:
 )
 def test_unknown_names_and_arguments_list_the_choices(tcfg: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        optim.check_recipe({"lr": 1.0, "epochs": 1, **tcfg})
+        optim.check_recipe(recipe({"lr": 1.0, "epochs": 1, **tcfg}))
 
 
 def test_optimizers_come_from_timms_factory_with_its_names_and_defaults() -> None:
@@ -97,8 +104,8 @@ def test_optimizers_come_from_timms_factory_with_its_names_and_defaults() -> Non
 
     def build(name: str, **args) -> torch.optim.Optimizer:
         tcfg = {"lr": 0.1, "optimizer": {"name": name, **args}}
-        optim.check_recipe({**tcfg, "epochs": 1})
-        return optim.build_optimizer(param, tcfg)
+        optim.check_recipe(recipe({**tcfg, "epochs": 1}))
+        return optim.build_optimizer(param, recipe(tcfg))
 
     assert type(build("adamw", weight_decay=0.01)) is torch.optim.AdamW
     assert build("adamw", weight_decay=0.01).defaults["weight_decay"] == 0.01
@@ -119,7 +126,7 @@ def test_an_encoder_ratio_keeps_the_encoders_rate_a_fixed_share_on_every_schedul
         {"name": "poly", "power": 1.0},
     ]
     for scheduler in schedules:
-        tcfg = {"lr": 1.0, "epochs": 4, "encoder_lr_ratio": 0.1, "scheduler": scheduler}
+        tcfg = recipe({"lr": 1.0, "epochs": 4, "encoder_lr_ratio": 0.1, "scheduler": scheduler})
         opt = optim.build_optimizer(optim.param_groups(model, tcfg), tcfg)
         head, encoder = opt.param_groups
         assert [id(p) for p in encoder["params"]] == [id(p) for p in model.encoder.parameters()]
@@ -129,10 +136,10 @@ def test_an_encoder_ratio_keeps_the_encoders_rate_a_fixed_share_on_every_schedul
             assert encoder["lr"] == pytest.approx(0.1 * head["lr"], rel=1e-9), scheduler
             opt.step()
             sched.step()
-    single = optim.param_groups(model, {"lr": 1.0})
+    single = optim.param_groups(model, recipe({"lr": 1.0}))
     assert [id(p) for p in single] == [id(p) for p in model.parameters()]
     with pytest.raises(ConfigError, match=r"no `\.encoder`"):
-        optim.param_groups(torch.nn.Linear(2, 2), {"lr": 1.0, "encoder_lr_ratio": 0.1})
+        optim.param_groups(torch.nn.Linear(2, 2), recipe({"lr": 1.0, "encoder_lr_ratio": 0.1}))
 
 
 def test_a_timm_optimizer_and_a_library_transform_train_a_fold_as_its_recipe_and_log_record(

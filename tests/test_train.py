@@ -22,11 +22,13 @@ from config import ConfigError, load_config, parse_img_size
 from data.cache import CachedItem, load_item
 from data.dataset import to_tensor
 from data.loader import SeededSampler
+from data.paste import PolypPaste
 from data.probstore import load_probs
 from data.reader import list_train, load_image
 from models.inference import load_checkpoint, model_from_checkpoint
 from models.losses import SegLoss
 from recipe import parse_folds
+from settings import DataSettings
 from tests.trainkit import (
     ROOT,
     best_only_at,
@@ -265,7 +267,7 @@ def test_a_folds_loaders_take_the_configured_augmentation_sampling_and_batches(
     train_set = loaders.train.dataset.dataset
     expected = build_transforms((64, 64), True, vflip=False, affine={"p": 0.9})
     assert A.to_dict(train_set.transform) == A.to_dict(expected)
-    validation = transforms_for(cfg["data"], train=False)
+    validation = transforms_for(DataSettings.from_config(cfg), train=False)
     assert A.to_dict(loaders.val.dataset.transform) == A.to_dict(validation)
     weights = stratum_weights([it.classes for it in train_set.items], {"green": 3, "both": 2})
     assert loaders.sampler.weights.tolist() == weights and len(set(weights)) > 1
@@ -283,14 +285,18 @@ def test_the_paste_settings_reach_the_pasting() -> None:
         CachedItem(name, (10, 10), classes, Path(name), Path(name))
         for name, classes in (("a", "red"), ("b", "green"), ("c", "both"), ("d", "none"))
     ]
-    chosen = engine.paste_for({"data": {"paste": {"p": 0.3, "classes": [1]}}}, items)
+
+    def paste(section: dict | None) -> PolypPaste | None:
+        return engine.paste_for(DataSettings.from_config({"data": {"paste": section}}), items)
+
+    chosen = paste({"p": 0.3, "classes": [1]})
     assert (chosen.p, chosen.classes, [d.id for d in chosen.donors]) == (0.3, (1,), ["a", "c"])
-    default = engine.paste_for({"data": {"paste": {"classes": [1, 2]}}}, items)
+    default = paste({"classes": [1, 2]})
     assert (default.p, [d.id for d in default.donors]) == (0.5, ["a", "b", "c"])
-    rare = engine.paste_for({"data": {"paste": {"p": 1.0}}}, items)
+    rare = paste({"p": 1.0})
     assert (rare.classes, [d.id for d in rare.donors]) == ((2,), ["b", "c"])
-    assert engine.paste_for({"data": {}}, items) is None
-    assert engine.paste_for({"data": {"paste": None}}, items) is None
+    assert paste({}) is None
+    assert paste(None) is None
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,121 @@
+"""The typed `data` and `train` sections: one type and one check per key, defaults from
+configs/defaults.yaml, and no stage reading those sections raw."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, defaults, load_config, model_config
+from settings import DataSettings, TrainSettings, refining
+from tests.trainkit import write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("cls", "section"), [(DataSettings, "data"), (TrainSettings, "train")])
+def test_the_fields_are_exactly_the_keys_of_the_defaults_file(cls: type, section: str) -> None:
+    assert {f.name for f in dataclasses.fields(cls)} == set(defaults()[section])
+
+
+def test_a_partial_section_gets_the_defaults_and_off_options_their_neutral_values() -> None:
+    train = TrainSettings.from_config({"train": {"lr": 3, "epochs": "4"}})
+    assert (train.lr, train.epochs, train.batch_size) == (3.0, 4, defaults()["train"]["batch_size"])
+    assert isinstance(train.lr, float) and isinstance(train.epochs, int)
+    assert (train.multiscale, train.grad_clip, train.early_stop_patience) == ((1.0,), 0.0, 0)
+    assert (train.cpu_threads, train.ema, train.encoder_lr_ratio) == (1, None, None)
+    assert train.optimizer_spec == {"name": "adam", "weight_decay": 1.0e-4}
+    assert train.schedule == {"name": "step", "step_epochs": 5, "gamma": 0.6}
+    lion = {"optimizer": {"name": "lion", "weight_decay": 0.5}, "scheduler": {"name": "none"}}
+    own = TrainSettings.from_config({"train": lion})
+    assert own.optimizer_spec == {"name": "lion", "weight_decay": 0.5}
+    assert own.schedule == {"name": "none"}
+    data = DataSettings.from_config({"data": {"img_size": [64, 96], "paste": {}}})
+    assert (data.img_size, data.n_folds, data.paste, data.mask) == ((64, 96), 5, None, {})
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("data", {"img_size": [64, 70]}, "positive multiples of 32"),
+        ("data", {"img_size": [64.0, 64]}, r"\[height, width\]"),
+        ("data", {"n_folds": 1}, "at least 2"),
+        ("data", {"paste": {"p": 2}}, "p in"),
+        ("data", {"paste": {"q": 1}}, "or null"),
+        ("data", {"sampling": {"blue": 1}}, "strata"),
+        ("data", {"sampling": {"red": -1}}, "non-negative"),
+        ("data", {"img_sise": [64, 64]}, "unknown data settings: img_sise"),
+        ("train", {"epochs": 0}, "train.epochs must be at least 1"),
+        ("train", {"batch_size": 0}, "train.batch_size must be at least 1"),
+        ("train", {"lr": 0}, "train.lr must be positive"),
+        ("train", {"encoder_lr_ratio": 0}, "positive number or null"),
+        ("train", {"multiscale": [0.1]}, r"scales in \[0.25, 4\]"),
+        ("train", {"ema": 1.5}, "EMA decay"),
+        ("train", {"epoch": 3}, "unknown train settings: epoch"),
+    ],
+)
+def test_a_wrong_value_is_refused_naming_its_key(section: str, values: dict, message: str) -> None:
+    cls = DataSettings if section == "data" else TrainSettings
+    with pytest.raises(ConfigError, match=message):
+        cls.from_config({section: values})
+
+
+def test_a_models_own_train_section_reaches_its_settings(tmp_path: Path, tiny_data: Path) -> None:
+    cfg = load_config(
+        write_config(tmp_path, tiny_data),
+        ["train.lr=0.01", "+models.unet.train={lr: 0.5, multiscale: [0.5, 1.0]}"],
+    )
+    assert TrainSettings.from_config(cfg).lr == 0.01
+    own = TrainSettings.from_config(model_config(cfg, "unet"))
+    assert (own.lr, own.multiscale) == (0.5, (0.5, 1.0))
+
+
+def test_refining_reads_refine_enabled() -> None:
+    assert not refining({}) and not refining({"refine": None})
+    assert not refining({"refine": {"enabled": False, "epochs": 3}})
+    assert refining({"refine": {"enabled": True}})
+
+
+def raw_section_reads(path: Path) -> list[str]:
+    """`x["data"]`, `x["train"]`, `x.get("data")`, `x.get("train")` read in a module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        key = None
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load):
+            key = node.slice
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and node.args
+        ):
+            key = node.args[0]
+        if isinstance(key, ast.Constant) and key.value in ("data", "train"):
+            found.append(f"{path.parent.name}/{path.name}:{node.lineno}")
+    return found
+
+
+# Who may read the sections raw: the settings themselves, the config merge of a model's
+# `train` over the experiment's, and recipe.py: a fold's identity hashes the sections as
+# written, and a retry's remedy rewrites `train.lr` in a copy of the config.
+RAW_READERS = {"settings.py", "config.py", "recipe.py"}
+
+
+def test_no_module_but_the_settings_reads_the_data_or_train_section_raw() -> None:
+    files = [
+        p
+        for folder in ("", "data", "models", "bench")
+        for p in (ROOT / folder).glob("*.py")
+        if folder or p.name not in RAW_READERS
+    ]
+    found = [hit for p in sorted(files) for hit in raw_section_reads(p)]
+    assert not found, f"read through settings.DataSettings / TrainSettings instead: {found}"
+
+
+def test_the_raw_read_finder_finds_each_form(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text('a = cfg["data"]\nb = cfg.get("train")\nc = cfg["seed"]\ncfg["train"] = {}\n')
+    assert [h.split(":")[1] for h in raw_section_reads(probe)] == ["1", "2"]
