@@ -1,9 +1,24 @@
-"""Optuna studies that outlive a run: storage, names from the inputs, resume, workers, CSV.
+"""Optuna studies that outlive a run: what optuna does not do itself, and nothing else.
 
 `ensemble.py`, `tune.py` and `hpo.py` search with optuna; a search of a few hundred
 trials over thousands of OOF maps, or of a few dozen trainings, takes hours, so it must
 survive a kill, be shareable between processes and machines, and be viewable afterwards.
-All three stages go through `run_study`:
+Optuna gives the storages, TPE, the pruners, heartbeats with retry of a dead worker's
+trial, and the trials table (`trials_dataframe`, written as CSV by `export_trials`). It
+does not give, and this module adds, for all three stages through `run_study`:
+
+- an exact trial count across workers (`n_trials` counts one process's trials and
+  `MaxTrialsCallback` stops only after a trial, so K workers overshoot by up to K-1), and
+  a loop that tolerates a trial another worker finished (SQLite has no row locks; inside
+  `study.optimize` that is an error);
+- a study name derived from the inputs, so changed inputs never mix with an old search;
+- a run that resumes a study sampling what one uninterrupted run would (TPE's own seed
+  is one stream per sampler object);
+- failing at once the trials a killed run left RUNNING (heartbeats fail them only after
+  a grace period, and only where heartbeats were recorded);
+- SQLite in WAL mode, and workers in fresh processes.
+
+In detail:
 
 - **Storage**: `sqlite:///<out_dir>/<experiment>/optuna.db` by default (one file per
   experiment); `--storage URL` takes any RDB URL optuna accepts (`postgresql://...`,
@@ -19,7 +34,11 @@ All three stages go through `run_study`:
 - **Killed runs**: the stage owns its study, so a trial still RUNNING when it starts was
   left by a killed run: it is marked FAIL (not counted) and, if it was one of the enqueued
   starting points, enqueued again. Workers joining from other machines (`join=True`) leave
-  RUNNING trials alone, since those may be alive.
+  RUNNING trials alone, since those may be alive. A shared study (several workers, or
+  `--join`) on a database records optuna heartbeats: a trial whose worker died (a machine
+  lost, SIGKILL) is failed by the next worker that looks, once its heartbeat is
+  `HEARTBEAT_GRACE_S` old, and run again with its parameters (optuna's
+  RetryHeartbeatStaleTrialCallback); workers waiting for it go on.
 - **Seeds**: `TrialSeededSampler` reseeds TPE before every trial from (seed, worker, number
   of finished trials), so a study tuned in two runs samples exactly what one run would
   (tested), and the trial replacing a killed one draws what the killed one drew.
@@ -31,16 +50,15 @@ All three stages go through `run_study`:
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
+import contextlib
 import hashlib
 import json
 import logging
-import math
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +67,8 @@ import numpy as np
 import optuna
 from joblib import Parallel, delayed, effective_n_jobs
 from optuna.distributions import BaseDistribution
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
 from config import ConfigError
@@ -61,6 +81,9 @@ log = logging.getLogger("studies")
 
 # Seconds a SQLite writer waits for another one's lock before "database is locked".
 SQLITE_TIMEOUT_S = 60
+# A shared study's trials record a heartbeat this often; one silent this long is dead.
+HEARTBEAT_S = 10
+HEARTBEAT_GRACE_S = 60
 
 Objective = Callable[[optuna.Trial], float]
 
@@ -141,11 +164,24 @@ class WalConnection(sqlite3.Connection):
         self.execute("PRAGMA synchronous=NORMAL")
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+@contextlib.contextmanager
+def quiet_heartbeats() -> Iterator[None]:
+    """optuna warns that heartbeats are experimental and meant for `study.optimize`; this
+    module runs them as study.optimize does (see the module's docstring), so to a user
+    the warnings would only be noise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+        yield
+
+
+def open_storage(url: str, shared: bool = False) -> optuna.storages.BaseStorage:
     """An optuna storage from a URL; `journal:PATH` gives a JournalStorage file.
 
     SQLite gets a 60 s lock timeout: several worker processes write to one file, and the
-    default 5 s ends in "database is locked" under load.
+    default 5 s ends in "database is locked" under load. `shared` (other processes work on
+    the study): a database storage records heartbeats (JournalStorage has none), so a
+    dead worker's trial is failed and retried; a lone run does without the extra writes.
     """
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
@@ -163,7 +199,15 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             connect = {"timeout": SQLITE_TIMEOUT_S, "factory": WalConnection}
             engine_kwargs = {"connect_args": connect}
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        with quiet_heartbeats():
+            heartbeat: dict[str, Any] = {}
+            if shared:
+                heartbeat = {
+                    "heartbeat_interval": HEARTBEAT_S,
+                    "grace_period": HEARTBEAT_GRACE_S,
+                    "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(),
+                }
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
         raise ConfigError(f"optuna storage {redact(url)}: {exc}") from exc
 
@@ -363,14 +407,19 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, worker: str
             break
         if isinstance(study.sampler, TrialSeededSampler):
             study.sampler.expect_complete(complete)
-        trial = study.ask()
+        with quiet_heartbeats():
+            fail_stale_trials(study)
+            trial = study.ask()
         try:
             trial.set_user_attr("worker", worker)
             if _claimed(study, below=trial.number)[0] >= trials:
                 trial.set_user_attr("surplus", True)
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 break
-            value = objective(trial)
+            # optuna's own heartbeat thread, as study.optimize runs it (a no-op without
+            # heartbeats); study.optimize itself cannot be used: see the module docstring
+            with get_heartbeat_thread(trial._trial_id, study._storage):
+                value = objective(trial)
             kill_point("study-trial")
             study.tell(trial, value, skip_if_finished=True)
         except optuna.TrialPruned:
@@ -394,18 +443,23 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, worker: str
 
 
 def _wait_for_others(study: optuna.Study, trials: int, poll_s: float = 2.0) -> None:
-    """Wait for trials RUNNING elsewhere (joined machines) that the count is waiting for."""
+    """Wait for trials RUNNING elsewhere (joined machines) that the count is waiting for;
+    with heartbeats, a dead one is failed (and queued again) and the wait ends."""
     told = False
     while len(counted_trials(study)) < trials:
+        with quiet_heartbeats():
+            fail_stale_trials(study)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
             return
         if not told:
             log.info(
-                "study %s: waiting for trials %s running elsewhere (if their worker was "
-                "killed, stop this run and start it again: that fails them)",
+                "study %s: waiting for trials %s running elsewhere (a dead worker's trial "
+                "is failed and run again once its heartbeat is %d s old; without heartbeats, "
+                "as in a journal file, stop this run and start it again: that fails them)",
                 study.study_name,
                 [t.number for t in running],
+                HEARTBEAT_GRACE_S,
             )
             told = True
         time.sleep(poll_s)
@@ -421,7 +475,7 @@ def _load(
 ) -> optuna.Study:
     return optuna.create_study(
         study_name=name,
-        storage=open_storage(storage) if storage else None,
+        storage=open_storage(storage, shared=parallel) if storage else None,
         direction="maximize",
         sampler=TrialSeededSampler(seed, worker, constant_liar=parallel),
         pruner=pruner,
@@ -500,7 +554,8 @@ def run_study(
         done = len(counted_trials(study))
         if done >= trials:
             break
-        if done == before:
+        retried = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if done == before and not retried:
             raise StudyIncomplete(
                 f"study {study.study_name} has {done} finished trials of {trials} and made "
                 "no progress: its trials were failed while running (by a run started "
@@ -526,52 +581,9 @@ def study_record(
 # ---------------------------------------------------------------- export
 
 
-def _cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, datetime.timedelta):
-        return value.total_seconds()
-    if isinstance(value, datetime.datetime):
-        return value.isoformat(sep=" ")
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict | list | tuple):
-        return json.dumps(value, default=str)
-    return value
-
-
-def trial_rows(study: optuna.Study) -> tuple[list[str], list[dict[str, Any]]]:
-    """`study.trials_dataframe()`'s columns and rows, without needing pandas.
-
-    Same column names (number, value, datetime_start, datetime_complete, duration,
-    params_*, user_attrs_*, state); dict and list attributes are JSON text.
-    """
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    params = sorted({k for t in trials for k in t.params})
-    attrs = sorted({k for t in trials for k in t.user_attrs})
-    columns = ["number", "value", "datetime_start", "datetime_complete", "duration"]
-    columns += [f"params_{k}" for k in params] + [f"user_attrs_{k}" for k in attrs] + ["state"]
-    rows = []
-    for t in trials:
-        row = {
-            "number": t.number,
-            "value": t.value,
-            "datetime_start": t.datetime_start,
-            "datetime_complete": t.datetime_complete,
-            "duration": t.duration,
-            **{f"params_{k}": t.params.get(k) for k in params},
-            **{f"user_attrs_{k}": t.user_attrs.get(k) for k in attrs},
-            "state": t.state.name,
-        }
-        rows.append({k: _cell(v) for k, v in row.items()})
-    return columns, rows
-
-
 def export_trials(study: optuna.Study, path: str | Path) -> Path:
-    """Every trial of the study as CSV, written atomically."""
-    columns, rows = trial_rows(study)
+    """Every trial of the study as CSV (optuna's `trials_dataframe`), written atomically."""
+    frame = study.trials_dataframe()
     with atomic_write(path, "w") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        frame.to_csv(fh, index=False, lineterminator="\n")
     return Path(path)

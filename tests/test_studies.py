@@ -175,3 +175,39 @@ def test_a_bad_storage_url_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="optuna storage"):
         studies.open_storage("nosuchdb://user:secret@host/db")
     assert "secret" not in studies.redact("postgresql://user:secret@host/db")
+
+
+def dead_worker_trial(place: StudyPlace, name: str) -> optuna.trial.FrozenTrial:
+    """A trial another machine started, recorded one heartbeat for, and died in."""
+    storage = studies.open_storage(place.storage, shared=True)
+    study = optuna.load_study(study_name=name, storage=storage)
+    with studies.quiet_heartbeats():
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(-5.0, 5.0)})
+    storage.record_heartbeat(trial._trial_id)
+    return study.trials[trial.number]
+
+
+@pytest.mark.parametrize("trials", [3, 4])
+def test_a_dead_workers_trial_is_failed_by_its_heartbeat_and_run_again(
+    tmp_path, monkeypatch, trials
+):
+    """With 3 the joiner has nothing to claim and waits for the dead trial; with 4 it
+    finds it stale before asking. Either way it is failed, and its parameters run again."""
+    place = sqlite(tmp_path)
+    name = run_study("demo", objective, 2, 0, place).study_name
+    dead = dead_worker_trial(place, name)
+    monkeypatch.setattr(studies, "HEARTBEAT_GRACE_S", 1)
+    time.sleep(1.5)
+    joined = StudyPlace(place.storage, place.identity, join=True)
+    study = run_study("demo", objective, trials, 0, joined)
+    assert study.trials[dead.number].state == optuna.trial.TrialState.FAIL
+    done = studies.complete_trials(study)
+    assert len(done) == trials
+    again = [t for t in done if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(again) == 1 and again[0].params["x"] == dead.params["x"]
+
+
+def test_a_lone_run_records_no_heartbeats(tmp_path):
+    assert studies.open_storage(sqlite(tmp_path).storage).get_heartbeat_interval() is None
+    shared = studies.open_storage(sqlite(tmp_path).storage, shared=True)
+    assert shared.get_heartbeat_interval() == studies.HEARTBEAT_S
