@@ -15,26 +15,36 @@ from typing import Any
 
 from config import add_config_arguments
 from metrics import OBJECTIVES
+from settings import PRECISIONS
 
 TTA_CHOICES = ("none", "hflip", "flip", "d4")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """--workers and --amp, the flags of the stages that run a model."""
+    """--workers, --precision and --amp, the flags of the stages that run a model."""
     parser.add_argument(
         "--workers", type=int, help="data loader worker processes; overrides data.num_workers"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="overrides train.precision (auto: bf16 on GPUs of compute capability >= 8.0, "
+        "fp16 below, fp32 on the CPU)",
     )
     parser.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="mixed precision on GPU (bf16, else fp16); overrides train.amp",
+        help="--amp is --precision auto, --no-amp is --precision fp32",
     )
 
 
 def runtime_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The config keys that `add_runtime_arguments` flags override (None = not given)."""
-    return {"data.num_workers": args.workers, "train.amp": args.amp}
+    precision = args.precision
+    if precision is None and args.amp is not None:
+        precision = "auto" if args.amp else "fp32"
+    return {"data.num_workers": args.workers, "train.precision": precision}
 
 
 def add_search_arguments(p: argparse.ArgumentParser, section: str) -> None:

@@ -310,7 +310,7 @@ def build_learner(
 ) -> Learner:
     """Model (initialised from (seed, fold)), optimizer, per-step schedule, EMA, loss."""
     train = TrainSettings.from_config(cfg)
-    precision = choose_precision(dist.device, train.amp, train.channels_last)
+    precision = choose_precision(dist.device, train.precision, train.channels_last)
     torch.manual_seed(derive_seed(int(cfg["seed"]), fold))
     raw = build_model(
         entry["arch"],
@@ -433,6 +433,7 @@ def run_epoch(
         **rates,
         "images_per_s": train["images_per_s"],
         "epoch_time_s": time.perf_counter() - started,
+        "precision": learner.precision.name,
     }
 
 

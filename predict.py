@@ -190,7 +190,7 @@ def predict_model(
     size = list(settings.img_size)
     runs = trained_folds(cfg, model_name, folds.n_folds)
     train = TrainSettings.from_config(cfg)
-    precision: Precision = choose_precision(device, train.amp, train.channels_last)
+    precision: Precision = choose_precision(device, train.precision, train.channels_last)
     transform = transforms_for(settings, train=False)
 
     def loader(items: list[CachedItem], name: str) -> Any:

@@ -19,6 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from config import ConfigError
+from settings import PRECISIONS
+
 # Same inputs, same weights, on any x86 machine with AVX2: oneDNN (convolutions) and MKL
 # (matrix products) pick their kernels by the CPU's widest instructions, and an AVX-512
 # kernel sums in another order than an AVX2 one (measured here: logits 0.16 apart after 5
@@ -69,6 +72,13 @@ def init_dist() -> Dist:
     return Dist(rank=rank, world_size=world, device=device)
 
 
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# The first compute capability whose tensor cores do bf16 (Ampere: A100, A10, L4; H100 is
+# 9.0). Below it (T4 7.5, V100 7.0, P100 6.0) cuDNN has no bf16 convolutions and torch
+# emulates them, while `torch.cuda.is_bf16_supported()` still says yes.
+NATIVE_BF16 = (8, 0)
+
+
 @dataclass(frozen=True)
 class Precision:
     """Autocast dtype (None = fp32) and memory format for one device."""
@@ -76,6 +86,11 @@ class Precision:
     device_type: str
     dtype: torch.dtype | None
     channels_last: bool
+
+    @property
+    def name(self) -> str:
+        """bf16, fp16 or fp32: what a fold's log records."""
+        return next(k for k, v in _DTYPES.items() if v == self.dtype)
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.dtype is None:
@@ -87,15 +102,26 @@ class Precision:
         return self.dtype == torch.float16
 
 
-def choose_precision(device: torch.device, amp: bool, channels_last: bool) -> Precision:
-    """bf16 where the GPU has it, else fp16 + GradScaler; CPUs train in fp32 (bf16 autocast
-    on CPUs without AMX is slower, and channels_last does not help the CPU kernels here)."""
+def choose_precision(device: torch.device, precision: str, channels_last: bool) -> Precision:
+    """`train.precision` on this device. `auto`: bf16 on a GPU of compute capability 8.0 or
+    more, fp16 with a GradScaler below it. A CPU computes in fp32 whatever is asked (bf16
+    autocast on CPUs without AMX is slower, and channels_last does not help the CPU kernels
+    here), so a config made for a GPU still predicts on a laptop. bf16 asked of a GPU
+    without it is an error: emulated, it is slower than fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if device.type != "cuda":
         return Precision(device.type, None, False)
-    dtype = None
-    if amp:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return Precision("cuda", dtype, channels_last)
+    capability = torch.cuda.get_device_capability(device)
+    native = capability >= NATIVE_BF16
+    if precision == "bf16" and not native:
+        raise ConfigError(
+            f"train.precision bf16: this GPU (compute capability {capability[0]}.{capability[1]}) "
+            "has no native bf16; use auto or fp16"
+        )
+    if precision == "auto":
+        precision = "bf16" if native else "fp16"
+    return Precision("cuda", _DTYPES[precision], channels_last)
 
 
 def configure_cpu_threads(threads: int) -> None:

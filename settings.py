@@ -16,6 +16,7 @@ from typing import Any
 from config import ConfigError, defaults, settings_from
 
 STRATA = ("red", "green", "both", "none")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision (runtime.choose_precision)
 
 
 def _section(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -112,7 +113,7 @@ class TrainSettings:
     grad_clip: float
     early_stop_patience: int
     best_metric: str
-    amp: bool
+    precision: str  # PRECISIONS
     channels_last: bool
     compile: bool
     sync_bn: bool
@@ -135,6 +136,10 @@ class TrainSettings:
         scales = self.multiscale or [1.0]
         if not all(isinstance(x, int | float) and 0.25 <= x <= 4 for x in scales):
             raise ConfigError(f"train.multiscale must list scales in [0.25, 4], got {scales!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"train.precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
         if self.ema is not None and not 0 < float(self.ema) < 1:
             raise ConfigError(f"train.ema is the EMA decay, in (0, 1) or null; got {self.ema!r}")
         _set(

@@ -142,7 +142,7 @@ def test_dataset_items(tiny_data: Path, tmp_path: Path) -> None:
     # uint8 through the loader, normalised on the device: the same floats as on the host
     batch = {k: torch.stack([dataset[i][k] for i in range(2)]) for k in ("image", "mask")}
     images, masks = to_device(
-        batch, torch.device("cpu"), choose_precision(torch.device("cpu"), False, False)
+        batch, torch.device("cpu"), choose_precision(torch.device("cpu"), "fp32", False)
     )
     expected = torch.stack([to_tensor(im.permute(1, 2, 0).numpy()) for im in batch["image"]])
     assert torch.equal(images, expected) and masks.dtype == torch.int64

@@ -16,8 +16,12 @@ from config import (
 def test_overrides_parse_yaml_values_and_create_nested_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 50\n  lr: 0.0001\nmodels:\n  m: {arch: unet}\n")
-    cfg = load_config(path, ["train.epochs=3", "+data.img_size=[64, 96]", "+train.amp=false"])
-    assert (cfg["train"]["epochs"], cfg["train"]["lr"], cfg["train"]["amp"]) == (3, 0.0001, False)
+    cfg = load_config(path, ["train.epochs=3", "+data.img_size=[64, 96]", "+train.compile=true"])
+    assert (cfg["train"]["epochs"], cfg["train"]["lr"], cfg["train"]["compile"]) == (
+        3,
+        0.0001,
+        True,
+    )
     assert cfg["data"]["img_size"] == [64, 96]
 
 

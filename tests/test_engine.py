@@ -20,7 +20,7 @@ class Recorded:
     def __init__(self, losses: list[tuple[float, float]]) -> None:
         self.losses = iter(losses)
         self.train_net = torch.nn.Identity()
-        self.precision = choose_precision(CPU, False, False)
+        self.precision = choose_precision(CPU, "fp32", False)
         self.multiscale = (1.0,)
         self.ema = None
         self.scheduled = 0
@@ -108,7 +108,7 @@ def test_a_learners_step_clips_the_gradient_norm_it_was_built_with() -> None:
         scheduler=None,
         scaler=torch.amp.GradScaler("cpu", enabled=False),
         loss_fn=SquareLoss(),
-        precision=choose_precision(CPU, False, False),
+        precision=choose_precision(CPU, "fp32", False),
         grad_clip=0.5,
     )
     learner.step(torch.randn(5, 4) * 100, None)

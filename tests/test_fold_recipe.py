@@ -26,7 +26,7 @@ def recipe(*overrides: str, model: str = MODEL, split_id: str = "s") -> dict:
         "train.optimizer.weight_decay=0.0",
         "train.scheduler.pct_start=0.3",
         "train.loss.dice_weight=0.5",
-        "train.amp=false",
+        "train.precision=fp32",
         "train.channels_last=false",
         "data.img_size=[320, 384]",
         "data.augment.affine=0.0",

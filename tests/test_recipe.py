@@ -167,6 +167,7 @@ def test_a_timm_optimizer_and_a_library_transform_train_a_fold_as_its_recipe_and
         assert record["encoder_lr"] == pytest.approx(0.1 * record["lr"])
         assert {"train_loss", "train_loss_total", "images_per_s"} <= set(record)
         assert 0 < record["epoch_time_s"] < took  # a duration, not a clock reading
+        assert record["precision"] == "fp32"  # the CPU's, whatever train.precision says
     assert log[1]["lr"] == pytest.approx(0.5 * log[0]["lr"])  # the step schedule of both groups
 
 
@@ -367,7 +368,7 @@ def test_grad_clip_bounds_the_update() -> None:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     from runtime import choose_precision
 
-    precision = choose_precision(torch.device("cpu"), False, False)
+    precision = choose_precision(torch.device("cpu"), "fp32", False)
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(5, 4) * 100
 

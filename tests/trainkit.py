@@ -48,7 +48,7 @@ def write_config(tmp_path: Path, data_dir: Path, **train_cfg) -> Path:
             "lr_step": 1,
             "lr_gamma": 0.5,
             "loss": {},
-            "amp": False,
+            "precision": "fp32",
             "compile": False,
             "wandb": False,
             "cpu_threads": 1,  # 2 threads on a busy 2-core machine thrash
