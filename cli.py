@@ -218,8 +218,9 @@ def pipeline_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--parallel",
         type=int,
-        default=1,
-        help="train up to N folds at once, each its own process (one per GPU when several)",
+        help="train up to N folds at once, each its own process on the GPU running the "
+        "fewest folds (default: one per GPU when there are several, else 1; more than the "
+        "GPUs share them)",
     )
     p.add_argument(
         "--wandb",

@@ -89,16 +89,24 @@ def run_stage(name: str, main: Callable[[Sequence[str]], int], argv: Sequence[st
     return time.perf_counter() - start
 
 
+def visible_gpus(count: int) -> list[str]:
+    """The ids to give a child's CUDA_VISIBLE_DEVICES: the parent's own list when it has
+    one (`CUDA_VISIBLE_DEVICES=2,3 python pipeline.py` uses GPUs 2 and 3), else 0..count-1."""
+    listed = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
 def train_in_parallel(
     cfg: dict[str, Any], common: Sequence[str], jobs: Sequence[tuple[str, int]], parallel: int
 ) -> float:
     """Every (model, fold) of `jobs` as its own `train.py` process, up to `parallel` at once.
 
     Folds are independent and seeded by (seed, fold), so the result is the sequential
-    one. With several GPUs each process is pinned to one (nnU-Net's way of using several
-    GPUs for cross-validation); on one GPU they share it; on the CPU each process computes
-    on `train.cpu_threads` (one by default, as a sequential run does: runtime.py). Each
-    fold's full log goes to `<exp>/logs/`; the console gets one line per fold.
+    one. With several GPUs each process is pinned to the GPU running the fewest folds at
+    its start (nnU-Net's way of using several GPUs for cross-validation), so a GPU whose
+    fold ended gets the next one; on one GPU they share it; on the CPU each process
+    computes on `train.cpu_threads` (one by default, as a sequential run does: runtime.py).
+    Each fold's full log goes to `<exp>/logs/`; the console gets one line per fold.
     """
     import torch
 
@@ -106,9 +114,10 @@ def train_in_parallel(
     logs.mkdir(parents=True, exist_ok=True)
     # The split is made once, before any fold starts, so no two processes race to write it.
     prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
-    gpus = torch.cuda.device_count()
+    gpus = visible_gpus(torch.cuda.device_count())
+    folds_on = dict.fromkeys(gpus, 0)
     jobs = list(jobs)
-    running: list[tuple[str, int, subprocess.Popen, Any]] = []
+    running: list[tuple[str, int, subprocess.Popen, Any, str | None]] = []
     failed: list[str] = []
     start = time.perf_counter()
     try:
@@ -116,18 +125,24 @@ def train_in_parallel(
             while jobs and len(running) < parallel:
                 model, fold = jobs.pop(0)
                 env = {**os.environ, PARENT_ENV: str(os.getpid())}
-                if gpus > 1:
-                    env["CUDA_VISIBLE_DEVICES"] = str(fold % gpus)
+                gpu = None
+                if len(gpus) > 1:
+                    gpu = min(gpus, key=lambda g: (folds_on[g], gpus.index(g)))
+                    folds_on[gpu] += 1
+                    env["CUDA_VISIBLE_DEVICES"] = gpu
                 log_file = (logs / f"train_{model}_fold{fold}.log").open("w")
                 cmd = [sys.executable, str(Path(train.__file__).resolve()), "--model", model]
                 cmd += ["--fold", str(fold), "--resume", *common]
                 proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-                running.append((model, fold, proc, log_file))
-                log.info("train %s fold %d: started (log %s)", model, fold, log_file.name)
+                running.append((model, fold, proc, log_file, gpu))
+                on = f" on GPU {gpu}" if gpu is not None else ""
+                log.info("train %s fold %d: started%s (log %s)", model, fold, on, log_file.name)
             time.sleep(0.2)
             for entry in [r for r in running if r[2].poll() is not None]:
-                model, fold, proc, log_file = entry
+                model, fold, proc, log_file, gpu = entry
                 running.remove(entry)
+                if gpu is not None:
+                    folds_on[gpu] -= 1
                 log_file.close()
                 tail = Path(log_file.name).read_text().strip().splitlines()[-1:] or [""]
                 if proc.returncode:
@@ -137,7 +152,7 @@ def train_in_parallel(
                     log.info("train %s", tail[0])
     finally:
         # an interrupt (Ctrl-C, an error here) ends the children too; SIGKILL: end_with_parent
-        for _, _, proc, log_file in running:
+        for _, _, proc, log_file, _ in running:
             proc.terminate()
             proc.wait()
             log_file.close()
@@ -263,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = resolve_cli_config(args)
         if not cfg.get("data_dir"):
             raise ConfigError("no data dir: give --data-dir or set data_dir in the config")
+        if args.parallel is None:
+            import torch
+
+            args.parallel = max(1, torch.cuda.device_count())
         if args.parallel < 1:
             raise ConfigError(f"--parallel must be at least 1, got {args.parallel}")
         search: list[str] = []
