@@ -44,6 +44,8 @@ IGNORED = {
     "train.cpu_threads",
     "train.deterministic",
     "train.epochs",
+    "train.keep_last",
+    "train.half_best",
 }
 
 

@@ -113,6 +113,8 @@ class TrainSettings:
     grad_clip: float
     early_stop_patience: int
     best_metric: str
+    keep_last: bool
+    half_best: bool
     precision: str  # PRECISIONS
     channels_last: bool
     compile: bool

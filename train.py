@@ -133,7 +133,15 @@ def _resume(
     """(epochs done, best score, history) from last.pt, or a fresh start."""
     last = out.last
     if not last.exists():
-        if resume:
+        if resume and out.best.is_file():
+            log.warning(
+                "%s: %s was removed when the fold completed (train.keep_last: false), so it "
+                "cannot be extended to %d epochs: training it again from scratch",
+                name,
+                last,
+                epochs,
+            )
+        elif resume:
             log.info("%s: nothing to resume in %s; starting from scratch", name, out.dir)
         return 0, -math.inf, []
     if not resume:
@@ -251,8 +259,13 @@ def train_fold(
                 }
                 if record["best"]:
                     # best.pt is for inference: the optimizer state would triple its size.
+                    weights = learner.inference_weights()
+                    if train.half_best:
+                        weights = {
+                            k: v.half() if v.is_floating_point() else v for k, v in weights.items()
+                        }
                     inference = {
-                        "model": learner.inference_weights(),
+                        "model": weights,
                         "ema": None,
                         "optimizer": None,
                         "scheduler": None,
@@ -270,6 +283,9 @@ def train_fold(
             log_epoch(name, epochs, record)
         if dist.is_main:
             write_fold_oof(cfg, out, loaders.val_items, split_id, model_name, fold, learner)
+            if not train.keep_last:
+                # complete now (best.pt, OOF maps, log): the optimizer state is dead weight
+                out.last.unlink(missing_ok=True)
         dist.barrier()
     finally:
         if wandb_run is not None:

@@ -466,3 +466,32 @@ def test_a_damaged_log_or_cache_array_is_repaired_by_a_rerun(
     assert run_main(config, "--fold", "0", "--resume") == 0
     assert history(out) == records
     assert np.load(arrays[0]).shape[:2] == (64, 64)
+
+
+def test_a_complete_fold_drops_its_optimizer_state_and_half_best_halves_its_weights(
+    tmp_path: Path, tiny_data: Path, trained: Path, caplog
+) -> None:
+    """The defaults of a Kaggle-sized disk: no last.pt once a fold is complete; with
+    `half_best` the same weights, rounded to fp16, and the OOF maps made from them."""
+    config = write_config(tmp_path, tiny_data, keep_last=False, half_best=True)
+    assert run_main(config, "--fold", "0") == 0
+    out = fold_path(tmp_path)
+    assert not (out / "last.pt").exists()
+    best = load_checkpoint(out / "best.pt")
+    full = fold_path(trained) / "best.pt"
+    reference = load_checkpoint(full)["model"]
+    assert best["model"].keys() == reference.keys()
+    for key, value in best["model"].items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float16 and torch.equal(value, reference[key].half()), key
+    assert (out / "best.pt").stat().st_size < 0.6 * full.stat().st_size
+    oof = load_probs(out / "oof")
+    expected = softmax_of(best, train_items(config), oof.ids)
+    assert np.abs(oof.as_float() - expected).max() < 1.5 / 255
+    # complete without last.pt; extending it is a fresh start, said so
+    assert run_main(config, "--fold", "0", "--resume") == 0
+    assert [r["epoch"] for r in history(out)] == [1, 2]
+    assert run_main(config, "--fold", "0", "--resume", "--epochs", "3") == 0
+    assert "removed when the fold completed" in caplog.text
+    assert [r["epoch"] for r in history(out)] == [1, 2, 3]
+    assert not (out / "last.pt").exists()

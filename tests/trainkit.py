@@ -52,6 +52,9 @@ def write_config(tmp_path: Path, data_dir: Path, **train_cfg) -> Path:
             "compile": False,
             "wandb": False,
             "cpu_threads": 1,  # 2 threads on a busy 2-core machine thrash
+            # the resume tests read a finished fold's last.pt; the default (drop it) is
+            # tested in test_train
+            "keep_last": True,
             **train_cfg,
         },
         "models": {"tiny": demo_model()},
