@@ -197,6 +197,16 @@ def _checked_value(key: str, old: Any, new: Any, where: str = "override") -> Any
     return new
 
 
+def _in_open_section(dotted: str) -> bool:
+    """Whether the defaults leave the section holding `dotted` open (see `merge`)."""
+    schema: Any = defaults()
+    for part in dotted.split(".")[:-1]:
+        if _is_open(schema):
+            return True
+        schema = schema.get(part)
+    return _is_open(schema)
+
+
 def apply_overrides(
     cfg: dict[str, Any], overrides: Iterable[str], strict: bool = True
 ) -> dict[str, Any]:
@@ -205,7 +215,9 @@ def apply_overrides(
     Strict by default, as a misspelt key would otherwise train silently with the default:
     the key must exist in the config and the value must have its type (`train.epocs=3`
     and `train.epochs=abc` are errors, the first with a did-you-mean). A genuinely new key
-    is added with a leading `+` (`+train.ema=0.9`), Hydra's convention.
+    is added with a leading `+` (`+train.ema=0.9`), Hydra's convention. Under a section
+    the defaults leave open (a model's `kwargs`, `train.loss`, `data.augment`...), any key
+    is accepted without `+`, as a YAML file may add it there: its reader checks it.
     """
     cfg = copy.deepcopy(cfg)
     for item in overrides:
@@ -214,6 +226,7 @@ def apply_overrides(
         key = key.removeprefix("+")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        add = add or _in_open_section(key)
         node = cfg
         *parents, leaf = key.split(".")
         for part in parents:

@@ -1,4 +1,5 @@
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +82,20 @@ def test_strict_overrides_accept_new_keys_with_plus_and_numbers_as_yaml_writes_t
     out = apply_overrides(cfg, ["+train.grad_clip=1.0", "train.lr=1e-3", "train.ema=0.9"])
     assert out["train"] == {"epochs": 50, "lr": 1e-3, "ema": 0.9, "grad_clip": 1.0}
     assert apply_overrides(cfg, ["train.lr=3"])["train"]["lr"] == 3.0
+
+
+def test_keys_under_an_open_section_need_no_plus_as_in_a_yaml_file():
+    """The README's `--set models.unet.kwargs.encoder_name=resnet50` said "no key": a
+    model's kwargs (and train.loss, data.augment, ...) are open in the defaults, so a YAML
+    file could add the key and an override can too; their readers check the names."""
+    bkai = Path(__file__).resolve().parents[1] / "configs" / "bkai.yaml"
+    cfg = load_config(
+        bkai, ["models.unet.kwargs.encoder_name=resnet50", "data.augment.CLAHE=0.5"]
+    )
+    assert cfg["models"]["unet"]["kwargs"]["encoder_name"] == "resnet50"
+    assert cfg["data"]["augment"]["CLAHE"] == 0.5
+    with pytest.raises(ConfigError, match=r"did you mean 'train\.epochs'"):
+        load_config(bkai, ["train.epocs=3"])
 
 
 def _write(path, text):
