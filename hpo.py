@@ -150,9 +150,10 @@ def check_space(cfg: dict[str, Any], space: Mapping[str, BaseDistribution]) -> N
 def experiment_diff(values: Mapping[str, Any], model: str) -> dict[str, Any]:
     """The diff a best-trial file states over its base. `train.*` values go under
     `models.<model>.train`, as in the trials they win over the model's own recipe there,
-    and they were searched for this model only."""
+    and they were searched for this model only. `ensemble.models` is that model alone:
+    `pipeline.py` on the file trains the tuned model, not every model of the base."""
     moved = {(f"models.{model}.{k}" if k.startswith("train.") else k): v for k, v in values.items()}
-    return nested(moved)
+    return nested({"ensemble.models": [model], **moved})
 
 
 # ---------------------------------------------------------------- pruner and identity

@@ -16,6 +16,9 @@ from config import ConfigError, load_config, model_config
 from tests.trainkit import run_main, write_config
 
 
+BKAI = Path(__file__).resolve().parents[1] / "configs" / "bkai.yaml"
+
+
 def hpo_config(tmp_path: Path, data_dir: Path, epochs: int, **section: Any) -> Path:
     """The tiny experiment with an `hpo:` section."""
     path = write_config(tmp_path, data_dir, epochs=epochs)
@@ -132,3 +135,23 @@ def test_a_bad_space_exits_2_before_training(
     assert search(config, "--trials", "1") == 2
     assert named in capsys.readouterr().err
     assert not (tmp_path / "out" / "tiny" / "hpo").exists()
+
+
+def test_the_best_file_trains_the_tuned_model_alone() -> None:
+    """It inherited every model of its base: `pipeline.py` on it retrained all six."""
+    diff = hpo.experiment_diff({"train.lr": 0.01, "data.augment.affine": 0.3}, "unet")
+    assert diff == {
+        "ensemble": {"models": ["unet"]},
+        "models": {"unet": {"train": {"lr": 0.01}}},
+        "data": {"augment": {"affine": 0.3}},
+    }
+
+
+@pytest.mark.parametrize("model", ["unet", "pranet", "emcad"])
+def test_the_shipped_config_has_a_search_space_its_models_accept(model: str) -> None:
+    """The README's `hpo.py --config configs/bkai.yaml --model unet` said "hpo.space is
+    empty": no shipped config had one."""
+    cfg = model_config(load_config(BKAI), model)
+    space = hpo.parse_space(cfg["hpo"]["space"])
+    assert {"train.lr", "train.encoder_lr_ratio"} <= set(space)
+    hpo.check_space(cfg, space)
