@@ -50,6 +50,7 @@ from config import (
 from data.atomic import write_json
 from data.cache import load_targets
 from data.probstore import (
+    META_FILE,
     ProbMaps,
     align_stores,
     blend,
@@ -348,6 +349,21 @@ def write_blends(
     )
 
 
+def check_predicted(names: Sequence[str], layout: Layout, config: str) -> None:
+    """Every blended model has its OOF maps, or a DataError saying which models lack them
+    and the commands that make them (the stage-by-stage path trains one model at a time)."""
+    missing = [m for m in names if not (layout.store(m, "oof") / META_FILE).is_file()]
+    if not missing:
+        return
+    present = [m for m in names if m not in missing]
+    raise DataError(
+        f"no out-of-fold maps for {', '.join(missing)} (e.g. {layout.store(missing[0], 'oof')}): "
+        f"for each, python train.py --config {config} --model M --fold all --resume, then "
+        f"python predict.py --config {config} --model M"
+        + (f"; or blend the predicted ones: --models {' '.join(present)}" if present else "")
+    )
+
+
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("ensemble").parse_args(argv)
@@ -361,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("no models to blend: give --models or set ensemble.models")
         trials, objective = search_settings(cfg, "ensemble", args.trials, args.objective)
         layout = Layout.of(cfg)
+        check_predicted(names, layout, args.config)
         oof = align_stores([load_probs(layout.store(m, "oof")) for m in names])
         rule = Rule.from_config(cfg)
         folds = oof[0].meta.get("folds")

@@ -274,3 +274,18 @@ def test_cli_refuses_mixed_splits_before_writing(experiment, capsys):
     assert ensemble.main(["--config", str(root / "c.yaml"), "--models", "good", "other"]) == 2
     assert "different fold splits" in capsys.readouterr().err
     assert not (exp / "ensemble").exists()
+
+
+def test_a_model_without_oof_maps_is_named_with_the_commands_that_make_them(
+    experiment, capsys
+):
+    """The README's stage-by-stage path trained one model, then blended all six: the
+    error said only "probability store not found"."""
+    root, exp, _ = experiment
+    config = str(root / "c.yaml")
+    assert ensemble.main(["--config", config, "--models", "good", "unet", "pranet"]) == 2
+    err = capsys.readouterr().err
+    assert "no out-of-fold maps for unet, pranet" in err
+    assert f"python predict.py --config {config} --model M" in err
+    assert "--models good" in err
+    assert not (exp / "ensemble").exists()
