@@ -32,11 +32,13 @@ from typing import Any
 
 import locks
 import predict
+import progress
 import refine
 import studies
 import train
 from config import (
     ConfigError,
+    model_config,
     reports_environment_errors,
     resolve_cli_config,
     setup_logging,
@@ -57,7 +59,7 @@ from evaluation import (
 from paths import Layout
 from recipe import RetryPolicy, check_config, check_recipes_early
 from runtime import PARENT_ENV, Dist
-from settings import DataSettings
+from settings import DataSettings, TrainSettings
 from stages import STAGES, Plan, model_names
 from stamps import Stamps, digest
 
@@ -96,6 +98,24 @@ def visible_gpus(count: int) -> list[str]:
     return listed[:count] if listed else [str(i) for i in range(count)]
 
 
+def training_progress(
+    layout: Layout,
+    recipes: dict[str, TrainSettings],
+    running: Sequence[tuple[str, int]],
+    queued: Sequence[tuple[str, int]],
+    done: int,
+    parallel: int,
+) -> str:
+    """The progress line of a parallel training run, from the running folds' logs."""
+    in_flight = [
+        progress.FoldProgress.read(
+            f"{m} fold {k}", layout.fold(m, k), recipes[m].epochs, recipes[m].best_metric
+        )
+        for m, k in running
+    ]
+    return progress.progress_line(in_flight, [recipes[m].epochs for m, _ in queued], done, parallel)
+
+
 def train_in_parallel(
     cfg: dict[str, Any], common: Sequence[str], jobs: Sequence[tuple[str, int]], parallel: int
 ) -> float:
@@ -106,17 +126,22 @@ def train_in_parallel(
     its start (nnU-Net's way of using several GPUs for cross-validation), so a GPU whose
     fold ended gets the next one; on one GPU they share it; on the CPU each process
     computes on `train.cpu_threads` (one by default, as a sequential run does: runtime.py).
-    Each fold's full log goes to `<exp>/logs/`; the console gets one line per fold.
+    Each fold's full log goes to `<exp>/logs/`; the console gets a line when a fold
+    starts or ends, and a progress line (progress.py) at least every PROGRESS_S seconds.
     """
     import torch
 
-    logs = Layout.of(cfg).root / "logs"
+    layout = Layout.of(cfg)
+    logs = layout.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     # The split is made once, before any fold starts, so no two processes race to write it.
     prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
     gpus = visible_gpus(torch.cuda.device_count())
     folds_on = dict.fromkeys(gpus, 0)
     jobs = list(jobs)
+    recipes = {m: TrainSettings.from_config(model_config(cfg, m)) for m, _ in jobs}
+    done = 0
+    told = time.monotonic()
     running: list[tuple[str, int, subprocess.Popen, Any, str | None]] = []
     failed: list[str] = []
     start = time.perf_counter()
@@ -150,6 +175,11 @@ def train_in_parallel(
                     log.error("train %s fold %d failed: %s", model, fold, tail[0])
                 else:
                     log.info("train %s", tail[0])
+                done += 1
+            if time.monotonic() - told >= progress.PROGRESS_S:
+                folds = [(m, k) for m, k, *_ in running]
+                log.info("%s", training_progress(layout, recipes, folds, jobs, done, parallel))
+                told = time.monotonic()
     finally:
         # an interrupt (Ctrl-C, an error here) ends the children too; SIGKILL: end_with_parent
         for _, _, proc, log_file, _ in running:

@@ -89,9 +89,7 @@ def test_keys_under_an_open_section_need_no_plus_as_in_a_yaml_file():
     model's kwargs (and train.loss, data.augment, ...) are open in the defaults, so a YAML
     file could add the key and an override can too; their readers check the names."""
     bkai = Path(__file__).resolve().parents[1] / "configs" / "bkai.yaml"
-    cfg = load_config(
-        bkai, ["models.unet.kwargs.encoder_name=resnet50", "data.augment.CLAHE=0.5"]
-    )
+    cfg = load_config(bkai, ["models.unet.kwargs.encoder_name=resnet50", "data.augment.CLAHE=0.5"])
     assert cfg["models"]["unet"]["kwargs"]["encoder_name"] == "resnet50"
     assert cfg["data"]["augment"]["CLAHE"] == 0.5
     with pytest.raises(ConfigError, match=r"did you mean 'train\.epochs'"):

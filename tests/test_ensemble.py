@@ -276,9 +276,7 @@ def test_cli_refuses_mixed_splits_before_writing(experiment, capsys):
     assert not (exp / "ensemble").exists()
 
 
-def test_a_model_without_oof_maps_is_named_with_the_commands_that_make_them(
-    experiment, capsys
-):
+def test_a_model_without_oof_maps_is_named_with_the_commands_that_make_them(experiment, capsys):
     """The README's stage-by-stage path trained one model, then blended all six: the
     error said only "probability store not found"."""
     root, exp, _ = experiment

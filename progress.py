@@ -1,0 +1,79 @@
+"""What a `--parallel` training run says while it runs: the folds in flight and the time left.
+
+Fold processes write their epochs to their own log files, so the console of a parallel
+run was silent for the length of a fold (minutes on the demo, hours on real data), and a
+notebook showed nothing at all. The pipeline prints one plain line at least every
+`PROGRESS_S` seconds instead, built from the folds' `log.jsonl` files, which every epoch
+rewrites atomically: no carriage returns, so notebooks and log files read it as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from data.foldlog import read_log
+from data.reader import DataError
+from paths import RunFiles
+
+# The console hears from a parallel training run at least this often.
+PROGRESS_S = 60.0
+
+
+@dataclass(frozen=True)
+class FoldProgress:
+    """One fold in flight: how far its log has come."""
+
+    name: str  # "unet fold 2"
+    epochs: int  # the fold's train.epochs
+    done: int  # epochs in its log
+    score: float | None  # the last epoch's validation score (train.best_metric)
+    epoch_s: float | None  # mean seconds per epoch so far
+
+    @classmethod
+    def read(cls, name: str, run: RunFiles, epochs: int, metric: str) -> FoldProgress:
+        try:
+            history = read_log(run.log)
+        except DataError:  # a log from another attempt being replaced: no news yet
+            history = []
+        if not history:
+            return cls(name, epochs, 0, None, None)
+        seconds = [float(r["epoch_time_s"]) for r in history]
+        last = history[-1]
+        return cls(name, epochs, len(history), last.get(metric), sum(seconds) / len(seconds))
+
+    @property
+    def left_s(self) -> float | None:
+        return None if self.epoch_s is None else self.epoch_s * max(0, self.epochs - self.done)
+
+    def describe(self) -> str:
+        if not self.done:
+            return f"{self.name}: starting"
+        score = f", val {self.score:.4f}" if self.score is not None else ""
+        return f"{self.name}: epoch {self.done}/{self.epochs}{score}, {minutes(self.left_s)} left"
+
+
+def minutes(seconds: float | None) -> str:
+    return "?" if seconds is None else f"~{seconds / 60:.1f} min"
+
+
+def run_left_s(
+    running: Sequence[FoldProgress], queued_epochs: Sequence[int], parallel: int
+) -> float | None:
+    """The run's time left: the running folds' own estimates plus the queued folds at the
+    mean epoch time seen so far, shared by `parallel` processes. None before any epoch."""
+    rates = [f.epoch_s for f in running if f.epoch_s is not None]
+    if not rates:
+        return None
+    epoch_s = sum(rates) / len(rates)
+    left = sum(f.left_s if f.left_s is not None else epoch_s * f.epochs for f in running)
+    return (left + epoch_s * sum(queued_epochs)) / max(1, parallel)
+
+
+def progress_line(
+    running: Sequence[FoldProgress], queued_epochs: Sequence[int], done: int, parallel: int
+) -> str:
+    """`training: 2 running, 3 queued, 1 done | <fold> | <fold> | run ~12.5 min left`."""
+    head = f"training: {len(running)} running, {len(queued_epochs)} queued, {done} done"
+    tail = f"run {minutes(run_left_s(running, queued_epochs, parallel))} left"
+    return " | ".join([head, *(f.describe() for f in running), tail])
