@@ -332,6 +332,30 @@ def model_entry(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return entry
 
 
+def encoder_file(pretrained_dir: str | Path, name: str) -> Path:
+    """Where `python -m models.weights` writes, and an offline run reads, model `name`'s
+    ImageNet encoder."""
+    return Path(pretrained_dir).expanduser() / f"{name}.safetensors"
+
+
+def build_entry(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """`model_entry` as the network is built: with `pretrained_dir` set, `imagenet` is read
+    from its file there (no hub). The fold's identity keeps `imagenet`, so the same fold is
+    recognised on a machine with network and on an offline one."""
+    entry = model_entry(cfg, name)
+    folder = cfg.get("pretrained_dir")
+    if folder and str(entry.get("pretrained")).lower() == "imagenet":
+        path = encoder_file(folder, name)
+        if not path.is_file():
+            raise ConfigError(
+                f"pretrained_dir: {path} not found for model {name!r}; write the encoders "
+                f"with network access: python -m models.weights --config <this config> "
+                f"--out {folder}"
+            )
+        entry["pretrained"] = str(path)
+    return entry
+
+
 def config_hash(cfg: dict[str, Any]) -> str:
     blob = json.dumps(cfg, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

@@ -49,6 +49,7 @@ import studies
 from config import (
     ConfigError,
     apply_overrides,
+    build_entry,
     defaults,
     merge,
     model_entry,
@@ -218,7 +219,7 @@ def run_trial(
     data = prepare_train_data(tcfg, dist)
     loaders = build_loaders(tcfg, data, fold, dist)
     learner = build_learner(
-        tcfg, model_entry(tcfg, model), fold, dist, steps_per_epoch=len(loaders.train)
+        tcfg, build_entry(tcfg, model), fold, dist, steps_per_epoch=len(loaders.train)
     )
     state = FitState()
     name = f"{model} trial {trial.number}"

@@ -39,7 +39,7 @@ import locks
 import tracking
 from config import (
     ConfigError,
-    model_entry,
+    build_entry,
     parse_img_size,
     provenance,
     reports_environment_errors,
@@ -114,7 +114,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg = resolve_cli_config(args, flags, model=args.model)
     check_config(cfg)
     # A missing pretrained file is an error now, not after the data has been cached.
-    parse_pretrained(model_entry(cfg, args.model).get("pretrained"))
+    parse_pretrained(build_entry(cfg, args.model).get("pretrained"))
     return cfg
 
 
@@ -217,7 +217,7 @@ def train_fold(
             TrainSettings.from_config(cfg).lr,
         )
 
-    entry = model_entry(cfg, model_name)
+    entry = build_entry(cfg, model_name)
     split_id = data.folds.split_id
     loaders = build_loaders(cfg, data, fold, dist)
     learner = build_learner(cfg, entry, fold, dist, steps_per_epoch=len(loaders.train))
