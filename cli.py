@@ -60,7 +60,9 @@ def add_search_arguments(p: argparse.ArgumentParser, section: str) -> None:
         choices=OBJECTIVES,
         help=f"OOF score to maximise (default: {section}.objective, else competition)",
     )
-    p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
+    p.add_argument(
+        "--jobs", type=int, default=-1, help="threads over images (default: -1, all cores)"
+    )
     add_study_arguments(p)
 
 
@@ -69,13 +71,15 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage",
         help="optuna storage URL (postgresql://..., mysql://..., sqlite:///FILE) or "
-        "journal:PATH; default sqlite:///<out_dir>/<experiment>/optuna.db",
+        "journal:PATH (default: sqlite:///<out_dir>/<experiment>/optuna.db)",
     )
     p.add_argument(
-        "--n-workers",
+        "--parallel",
+        dest="n_workers",
+        metavar="N",
         type=int,
         default=1,
-        help="processes working on the study at once, through its storage",
+        help="processes working on the study at once, through its storage (default: 1)",
     )
     p.add_argument(
         "--join",
@@ -87,7 +91,6 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a model of the config's zoo on one or more folds of the shared split.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="name of an entry in the config's `models:`")
     p.add_argument(
@@ -128,7 +131,6 @@ def train_parser() -> argparse.ArgumentParser:
 def predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Out-of-fold and test probabilities of one model's fold checkpoints, with TTA.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="name of an entry in the config's `models:`")
     add_config_arguments(p)
@@ -199,9 +201,11 @@ def postprocess_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--params",
         type=Path,
-        help="tuned parameters (default <out>/<exp>/postprocess.json; missing = plain argmax)",
+        help="tuned parameters (default: <out>/<exp>/postprocess.json; missing = plain argmax)",
     )
-    p.add_argument("--jobs", type=int, default=-1, help="threads over images (-1 = all cores)")
+    p.add_argument(
+        "--jobs", type=int, default=-1, help="threads over images (default: -1, all cores)"
+    )
     p.add_argument(
         "--message", default=None, help="submission message for the printed kaggle command"
     )
@@ -212,7 +216,6 @@ def pipeline_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train, predict, blend, tune and submit for every model and fold of a "
         "config, skipping what is complete; ends with a score table and report.html.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_arguments(p)
     p.add_argument(
@@ -264,6 +267,11 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "experiments", nargs="+", help="experiment folders (<out_dir>/<experiment>), first = base"
     )
-    p.add_argument("--confidence", type=float, default=0.9, help="two-sided level of the intervals")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=0.9,
+        help="two-sided level of the intervals (default: 0.9)",
+    )
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default: 2000)")
     return p

@@ -266,7 +266,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     override syntax, `--set KEY=VALUE`, so a command line moves between stages unchanged.
     """
     parser.add_argument(
-        "--config", default=DEFAULT_CONFIG, help=f"experiment YAML file (default {DEFAULT_CONFIG})"
+        "--config", default=DEFAULT_CONFIG, help=f"experiment YAML file (default: {DEFAULT_CONFIG})"
     )
     parser.add_argument(
         "--data-dir", help="dataset folder (train/, train_gt/, test/); overrides data_dir"

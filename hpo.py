@@ -1,7 +1,7 @@
 """Training hyper-parameter search: optuna over the config's `hpo.space`, with pruning.
 
     python hpo.py --config configs/bkai.yaml --model unet --trials 30
-    python hpo.py --config configs/bkai.yaml --model unet --trials 30 --epochs 10 --n-workers 2
+    python hpo.py --config configs/bkai.yaml --model unet --trials 30 --epochs 10 --parallel 2
 
 Each trial applies its sampled values to the model's config (through the same strict
 merge as a `base:` file, so an unknown key is an error with a did-you-mean before any
@@ -13,7 +13,7 @@ is its best validation score.
 Trials train in `<exp>/hpo/<study>/trial<n>/` (their config and log, no checkpoint: the
 search keeps scores, not weights), on the experiment's split (its folds.json), never in
 a fold folder of the experiment. The study lives with the others (studies.py: resumable,
-`--n-workers`, `--join`, `--storage`), named after the model, fold, space, epochs and the
+`--parallel`, `--join`, `--storage`), named after the model, fold, space, epochs and the
 fold's recipe (recipe.py); `--trials N` counts complete and pruned trials. The best trial
 is written as `<exp>/hpo/best_<model>.yaml`, an experiment file whose `base:` is the
 searched config, ready for `python pipeline.py --config <exp>/hpo/best_<model>.yaml`.

@@ -126,9 +126,9 @@ class StudyPlace:
 def place_from_args(
     args: argparse.Namespace, layout: Layout, identity: Mapping[str, Any]
 ) -> StudyPlace:
-    """The StudyPlace of a stage's command line (--storage, --n-workers, --join)."""
+    """The StudyPlace of a stage's command line (--storage, --parallel, --join)."""
     if args.n_workers < 1:
-        raise ConfigError(f"--n-workers must be at least 1, got {args.n_workers}")
+        raise ConfigError(f"--parallel must be at least 1, got {args.n_workers}")
     return StudyPlace(args.storage or default_storage(layout), identity, args.n_workers, args.join)
 
 

@@ -168,7 +168,7 @@ def test_cli_writes_postprocess_json(blended, capsys):
 def test_cli_two_workers_then_a_killed_trial_is_failed_on_restart(blended):
     config, exp = blended
     argv = ["--config", str(config), "--objective", "competition"]
-    assert tune.main([*argv, "--trials", "8", "--n-workers", "2"]) == 0
+    assert tune.main([*argv, "--trials", "8", "--parallel", "2"]) == 0
     doc = json.loads((exp / "postprocess.json").read_text())
     storage, name = f"sqlite:///{exp / 'optuna.db'}", doc["study"]["name"]
     assert name.startswith("tune-") and doc["trials"] == 8
