@@ -236,6 +236,20 @@ def pipeline_parser() -> argparse.ArgumentParser:
         help="optuna storage of the ensemble and tune studies, passed to both "
         "(default: sqlite:///<out_dir>/<experiment>/optuna.db)",
     )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="train nothing: measure each model on this machine (cached) and print the time "
+        "per fold, per stage and in total, and the disk of the finished run",
+    )
+    p.add_argument(
+        "--budget-hours",
+        type=float,
+        metavar="H",
+        help="refuse (exit 1) a plan that takes more than H hours or more disk than is "
+        "free, naming the settings that would make it fit; without --plan, checked "
+        "before the run starts",
+    )
     return p
 
 

@@ -95,6 +95,11 @@ class Layout:
         return self.out_dir / "cache"
 
     @property
+    def plan_calibration(self) -> Path:
+        """pipeline.py --plan's measurements, shared by the experiments of this out_dir."""
+        return self.out_dir / "plan_calibration.json"
+
+    @property
     def folds(self) -> Path:
         return self.root / "folds.json"
 

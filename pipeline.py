@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import locks
+import planning
 import predict
 import progress
 import refine
@@ -59,7 +60,7 @@ from evaluation import (
 from paths import Layout
 from recipe import RetryPolicy, check_config, check_recipes_early
 from runtime import PARENT_ENV, Dist
-from settings import DataSettings, TrainSettings
+from settings import DataSettings, TrainSettings, refining
 from stages import STAGES, Plan, model_names
 from stamps import Stamps, digest
 
@@ -191,6 +192,27 @@ def train_in_parallel(
     return time.perf_counter() - start
 
 
+def print_plan(
+    cfg: dict[str, Any],
+    model_cfgs: dict[str, dict[str, Any]],
+    parallel: int,
+    budget_h: float | None,
+) -> list[str]:
+    """Print the run's plan (planning.py); why it does not fit the budget, if it does not."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
+    transforms = predict.tta_transforms(str((cfg.get("predict") or {}).get("tta", "none")))
+    views = len(list(transforms)) if transforms is not None else 1
+    n_test = len(list_test(Path(cfg["data_dir"])))
+    lines, problems = planning.plan_lines(
+        model_cfgs, data, n_test, views, parallel, refining(cfg), budget_h, device
+    )
+    print("\n".join(lines))
+    return problems
+
+
 def preflight(cfg: dict[str, Any], model_cfgs: dict[str, dict[str, Any]]) -> None:
     """Everything that can be checked before training, in one pass, so that a typo in a
     later stage's settings or a missing test folder fails in seconds, not after every fold.
@@ -320,6 +342,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             search = ["--storage", args.storage]
         model_cfgs = {n: resolve_cli_config(args, model=n) for n in model_names(cfg)}
         preflight(cfg, model_cfgs)  # reads only: a typo fails before the folder exists
+        if args.plan or args.budget_hours is not None:
+            problems = print_plan(cfg, model_cfgs, args.parallel, args.budget_hours)
+            for problem in problems:
+                print(f"does not fit: {problem}", file=sys.stderr)
+            if args.plan or problems:
+                return 1 if problems else 0
         layout = Layout.of(cfg)
         with locks.hold(layout.lock, f"experiment {layout.root}"):
             timings = run_stages(cfg, model_cfgs, common, args.parallel, search, started)

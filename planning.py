@@ -1,0 +1,303 @@
+"""`pipeline.py --plan`: the run's time and disk, before any of it is spent.
+
+A competitor's session has a clock (Kaggle: 12 hours) and a disk (about 20 GB); the
+default recipe is 6 models x 5 folds x 50 epochs, and nothing said before hours were
+spent whether it fits. The plan measures each model on this machine (a few training steps
+on the real loader and device, and a few predicted images), caches that per model, size,
+batch, precision and device, and multiplies out: the training and prediction time per
+fold, per stage and in total (with `--parallel`), and the disk each artefact will take
+against the free space under `out_dir`. Ensemble, refine, tune and the submission take
+minutes where training takes hours; they are listed, not estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from config import build_entry, config_hash
+from data.atomic import write_json
+from data.dataset import to_device
+from data.prepare import TrainData
+from engine import build_learner, build_loaders
+from models.inference import NUM_CLASSES
+from paths import Layout
+from runtime import Dist
+from settings import DataSettings, TrainSettings
+
+CALIBRATION_STEPS = 4  # timed training steps per model, after one warm-up step
+ADAM_BYTES = 12  # last.pt per parameter: the weights and Adam's two moments, fp32
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One model measured on this machine."""
+
+    step_s: float  # one training step of train.batch_size images, loading included
+    predict_s: float  # one image predicted, one view (no TTA)
+    params: int
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    name: str
+    folds: int
+    epochs: int
+    train_images: int  # per fold
+    val_images: int  # per fold
+    batch_size: int
+    calibration: Calibration
+
+    @property
+    def fold_s(self) -> float:
+        """Training epochs with their validation, then the fold's OOF maps (one view)."""
+        steps = max(1, self.train_images // self.batch_size)
+        epoch = steps * self.calibration.step_s + self.val_images * self.calibration.predict_s
+        return self.epochs * epoch + self.val_images * self.calibration.predict_s
+
+
+@dataclass(frozen=True)
+class Plan:
+    models: list[ModelPlan]
+    parallel: int
+    test_images: int
+    views: int  # TTA views per predicted image
+    disk: dict[str, int]  # artefact -> bytes when the run is finished
+    free: int  # bytes free under out_dir
+
+    @property
+    def train_s(self) -> float:
+        return sum(m.fold_s * m.folds for m in self.models) / max(1, self.parallel)
+
+    @property
+    def predict_s(self) -> float:
+        """predict.py: every fold's test maps with TTA (the OOF maps come from training)."""
+        return sum(
+            m.folds * self.test_images * self.views * m.calibration.predict_s for m in self.models
+        )
+
+    @property
+    def total_s(self) -> float:
+        return self.train_s + self.predict_s
+
+    @property
+    def disk_total(self) -> int:
+        return sum(self.disk.values())
+
+
+def calibration_key(cfg: dict[str, Any], name: str, device: torch.device) -> str:
+    """What a measurement depends on: the network, the working size, the batch, the
+    augmentation and loader, the precision, the threads and the device."""
+    train = TrainSettings.from_config(cfg)
+    data = DataSettings.from_config(cfg)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return config_hash(
+        {
+            "entry": build_entry(cfg, name),
+            "data": asdict(data),
+            "train": [train.batch_size, train.precision, train.channels_last, train.cpu_threads],
+            "train_loss": train.loss,
+            "device": [device.type, gpu, platform.machine()],
+        }
+    )
+
+
+def calibrate(cfg: dict[str, Any], name: str, data: TrainData, dist: Dist) -> Calibration:
+    """A few training steps of model `name` on fold 0's real loader, and a few predicted
+    images, on this device."""
+    loaders = build_loaders(cfg, data, 0, dist)
+    learner = build_learner(cfg, build_entry(cfg, name), 0, dist, len(loaders.train))
+    learner.train_net.train()
+
+    def batches(loader: Any) -> Any:
+        while True:
+            yield from loader
+
+    train = batches(loaders.train)
+    timed = 0.0
+    for step in range(CALIBRATION_STEPS + 1):
+        start = time.perf_counter()
+        images, masks = to_device(next(train), dist.device, learner.precision)
+        learner.step(images, masks)
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        if step:  # the first step starts the loader workers and warms the kernels
+            timed += time.perf_counter() - start
+    model = learner.raw.eval()
+    seen, spent = 0, 0.0
+    with torch.no_grad():
+        for batch in loaders.val:
+            images, _ = to_device(batch, dist.device, learner.precision)
+            start = time.perf_counter()
+            with learner.precision.autocast():
+                model(images)
+            if dist.device.type == "cuda":
+                torch.cuda.synchronize()
+            spent += time.perf_counter() - start
+            seen += images.shape[0]
+            if seen >= 2 * TrainSettings.from_config(cfg).batch_size:
+                break
+    params = sum(p.numel() for p in learner.raw.parameters())
+    return Calibration(timed / CALIBRATION_STEPS, spent / max(1, seen), params)
+
+
+def calibrations(
+    model_cfgs: dict[str, dict[str, Any]], data: TrainData, dist: Dist, cache: Path
+) -> dict[str, Calibration]:
+    """Each model's calibration, measured once per key and kept in `cache`."""
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    out = {}
+    for name, cfg in model_cfgs.items():
+        key = calibration_key(cfg, name, dist.device)
+        if key not in known:
+            known[key] = asdict(calibrate(cfg, name, data, dist))
+            write_json(cache, known)
+        out[name] = Calibration(**known[key])
+    return out
+
+
+def disk_bytes(
+    model_cfgs: dict[str, dict[str, Any]],
+    calibrated: dict[str, Calibration],
+    n_train: int,
+    n_test: int,
+    refining: bool,
+) -> dict[str, int]:
+    """Bytes of each kind of artefact of the finished run (last.pt: the folds in flight
+    hold one each while training; kept after only with train.keep_last)."""
+    first = next(iter(model_cfgs.values()))
+    height, width = DataSettings.from_config(first).img_size
+    n_folds = DataSettings.from_config(first).n_folds
+    maps = (n_train + n_test) * NUM_CLASSES * height * width  # uint8 probabilities
+    best = last = 0
+    for name, cfg in model_cfgs.items():
+        train = TrainSettings.from_config(cfg)
+        params = calibrated[name].params
+        best += params * (2 if train.half_best else 4) * n_folds
+        last += params * ADAM_BYTES * (n_folds if train.keep_last else 0)
+    return {
+        "best.pt": best,
+        "last.pt (kept)": last,
+        "probability maps": maps * (len(model_cfgs) + 1 + int(refining)),
+        "image cache": (n_train + n_test) * height * width * 4,
+    }
+
+
+def free_bytes(out_dir: Path) -> int:
+    """Free space on the filesystem that will hold `out_dir` (its nearest existing parent)."""
+    path = out_dir.resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def make_plan(
+    model_cfgs: dict[str, dict[str, Any]],
+    data: TrainData,
+    n_test: int,
+    views: int,
+    parallel: int,
+    refining: bool,
+    dist: Dist,
+) -> Plan:
+    first = next(iter(model_cfgs.values()))
+    layout = Layout.of(first)
+    calibrated = calibrations(model_cfgs, data, dist, layout.plan_calibration)
+    folds = data.folds
+    models = [
+        ModelPlan(
+            name,
+            folds.n_folds,
+            TrainSettings.from_config(cfg).epochs,
+            len(folds.train_ids(0)),
+            len(folds.val_ids(0)),
+            TrainSettings.from_config(cfg).batch_size,
+            calibrated[name],
+        )
+        for name, cfg in model_cfgs.items()
+    ]
+    n_train = len(data.items)
+    disk = disk_bytes(model_cfgs, calibrated, n_train, n_test, refining)
+    return Plan(models, parallel, n_test, views, disk, free_bytes(layout.out_dir))
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def report(plan: Plan) -> list[str]:
+    """The plan as the lines pipeline.py prints."""
+    lines = [
+        f"plan: {len(plan.models)} models x {plan.models[0].folds} folds, "
+        f"{plan.parallel} fold(s) at once, test {plan.test_images} images x {plan.views} "
+        "TTA view(s)",
+        "model | epochs | train images/fold | s/step | ms/image | per fold | all folds",
+    ]
+    for m in plan.models:
+        c = m.calibration
+        lines.append(
+            f"{m.name} | {m.epochs} | {m.train_images} | {c.step_s:.3f} | "
+            f"{1000 * c.predict_s:.1f} | {hours(m.fold_s)} | {hours(m.fold_s * m.folds)}"
+        )
+    lines += [
+        f"train (with --parallel {plan.parallel}): {hours(plan.train_s)}",
+        f"predict (test maps, every fold, TTA): {hours(plan.predict_s)}",
+        "ensemble, refine, tune, postprocess, report: minutes, not estimated",
+        f"total: {hours(plan.total_s)}",
+        "disk when finished: "
+        + ", ".join(f"{k} {gigabytes(v)}" for k, v in plan.disk.items() if v)
+        + f"; total {gigabytes(plan.disk_total)} of {gigabytes(plan.free)} free",
+    ]
+    return lines
+
+
+def over_budget(plan: Plan, budget_h: float | None) -> list[str]:
+    """Why the plan does not fit (time budget, free disk) and the knobs that would make it
+    fit; empty when it fits."""
+    problems = []
+    if budget_h is not None and plan.total_s > budget_h * 3600:
+        budget = budget_h * 3600
+        scale = budget / plan.total_s
+        slowest = max(plan.models, key=lambda m: m.fold_s * m.folds)
+        without = plan.total_s - slowest.fold_s * slowest.folds / max(1, plan.parallel)
+        epochs = max(1, int(min(m.epochs for m in plan.models) * scale))
+        problems.append(
+            f"the plan takes {hours(plan.total_s)}, over the budget of {hours(budget)}. To fit: "
+            f"fewer epochs (train.epochs {epochs} at most, about x{scale:.2f}), or drop the "
+            f"slowest model ({slowest.name}: {hours(without)} without it; ensemble.models), "
+            "or a smaller data.img_size, or more --parallel on a machine with room for it"
+        )
+    if plan.disk_total > plan.free:
+        problems.append(
+            f"the finished run needs {gigabytes(plan.disk_total)}, over the "
+            f"{gigabytes(plan.free)} free under out_dir: keep train.keep_last false, set "
+            "train.half_best true, or fewer models"
+        )
+    return problems
+
+
+def plan_lines(
+    model_cfgs: dict[str, dict[str, Any]],
+    data: TrainData,
+    n_test: int,
+    views: int,
+    parallel: int,
+    refining: bool,
+    budget_h: float | None,
+    device: torch.device,
+) -> tuple[list[str], list[str]]:
+    """(the plan's lines, why it does not fit) for pipeline.py."""
+    dist = Dist(rank=0, world_size=1, device=device)
+    plan = make_plan(model_cfgs, data, n_test, views, parallel, refining, dist)
+    return report(plan), over_budget(plan, budget_h)

@@ -1,0 +1,63 @@
+"""pipeline.py --plan: measured per model (cached), multiplied out per fold, stage and run,
+with the disk of the finished run; --budget-hours refuses a plan that does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import pipeline
+import planning
+from planning import Calibration, ModelPlan, Plan
+from tests.trainkit import write_config
+
+GB = 10**9
+
+
+def two_models(parallel: int = 2, free: int = 100 * GB) -> Plan:
+    calibration = Calibration(step_s=0.5, predict_s=0.01, params=10**6)
+    models = [ModelPlan(n, 5, 10, 80, 20, 8, calibration) for n in ("a", "b")]
+    return Plan(models, parallel, test_images=40, views=4, disk={"best.pt": GB}, free=free)
+
+
+def test_the_plan_multiplies_the_measurements_out() -> None:
+    plan = two_models()
+    # an epoch: 10 steps of 0.5 s and 20 validation images of 10 ms; then the OOF maps
+    assert plan.models[0].fold_s == pytest.approx(10 * (10 * 0.5 + 20 * 0.01) + 20 * 0.01)
+    assert plan.train_s == pytest.approx(2 * 5 * 52.2 / 2)  # two folds at a time
+    assert plan.predict_s == pytest.approx(2 * 5 * 40 * 4 * 0.01)  # every fold, 4 views
+    assert plan.total_s == pytest.approx(261 + 16)
+    assert any(line.startswith("total: 4.6 min") for line in planning.report(plan))
+
+
+def test_a_plan_over_budget_names_the_settings_that_would_fit() -> None:
+    plan = two_models()
+    assert planning.over_budget(plan, budget_h=1.0) == []
+    (problem,) = planning.over_budget(plan, budget_h=180 / 3600)
+    assert "over the budget of 3.0 min" in problem
+    assert "train.epochs 6 at most" in problem  # 180 / 277 of 10 epochs
+    assert "drop the slowest model (a" in problem
+    (disk,) = planning.over_budget(two_models(free=GB // 2), budget_h=None)
+    assert "1.00 GB, over the 0.50 GB free" in disk and "train.keep_last" in disk
+
+
+def test_plan_measures_once_trains_nothing_and_refuses_a_short_budget(
+    tmp_path: Path, tiny_data: Path, capsys, monkeypatch
+) -> None:
+    config = str(write_config(tmp_path, tiny_data))
+    assert pipeline.main(["--config", config, "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 1 models x 2 folds" in out and "tiny | 2 |" in out
+    assert "total: " in out and "disk when finished: best.pt" in out
+    exp = tmp_path / "out" / "tiny"
+    assert not (exp / "tiny").exists()  # no fold trained
+    assert (tmp_path / "out" / "plan_calibration.json").is_file()
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("the calibration is cached per model, size, batch and device")
+
+    monkeypatch.setattr(planning, "calibrate", measured_again)
+    assert pipeline.main(["--config", config, "--budget-hours", "1e-6"]) == 1
+    assert "does not fit: the plan takes" in capsys.readouterr().err
+    assert not (exp / "tiny").exists()  # refused before training
