@@ -183,8 +183,8 @@ def disk_bytes(
         best += params * (2 if train.half_best else 4) * n_folds
         last += params * ADAM_BYTES * (n_folds if train.keep_last else 0)
     return {
-        "best.pt": best,
-        "last.pt (kept)": last,
+        "best weights": best,
+        "last checkpoints (kept)": last,
         "probability maps": maps * (len(model_cfgs) + 1 + int(refining)),
         "image cache": (n_train + n_test) * height * width * 4,
     }

@@ -49,7 +49,7 @@ def test_plan_measures_once_trains_nothing_and_refuses_a_short_budget(
     assert pipeline.main(["--config", config, "--plan"]) == 0
     out = capsys.readouterr().out
     assert "plan: 1 models x 2 folds" in out and "tiny | 2 |" in out
-    assert "total: " in out and "disk when finished: best.pt" in out
+    assert "total: " in out and "disk when finished: best weights" in out
     exp = tmp_path / "out" / "tiny"
     assert not (exp / "tiny").exists()  # no fold trained
     assert (tmp_path / "out" / "plan_calibration.json").is_file()
