@@ -13,6 +13,7 @@ minutes where training takes hours; they are listed, not estimated.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -29,10 +30,10 @@ from data.prepare import TrainData
 from engine import build_learner, build_loaders
 from models.inference import NUM_CLASSES
 from paths import Layout
-from runtime import Dist
+from runtime import Dist, configure_cpu_threads
 from settings import DataSettings, TrainSettings
 
-CALIBRATION_STEPS = 4  # timed training steps per model, after one warm-up step
+CALIBRATION_STEPS = 8  # timed training steps per model, after the loader's warm-up
 ADAM_BYTES = 12  # last.pt per parameter: the weights and Adam's two moments, fp32
 
 
@@ -67,6 +68,7 @@ class ModelPlan:
 class Plan:
     models: list[ModelPlan]
     parallel: int
+    lanes: float  # folds that truly run side by side (`lanes`)
     test_images: int
     views: int  # TTA views per predicted image
     disk: dict[str, int]  # artefact -> bytes when the run is finished
@@ -74,7 +76,7 @@ class Plan:
 
     @property
     def train_s(self) -> float:
-        return sum(m.fold_s * m.folds for m in self.models) / max(1, self.parallel)
+        return sum(m.fold_s * m.folds for m in self.models) / self.lanes
 
     @property
     def predict_s(self) -> float:
@@ -90,6 +92,16 @@ class Plan:
     @property
     def disk_total(self) -> int:
         return sum(self.disk.values())
+
+
+def lanes(parallel: int, device: torch.device, loader_workers: int) -> float:
+    """How many of `parallel` fold processes gain time: one per GPU; on a CPU, the cores
+    over what one fold keeps busy (its compute thread and its loader workers). Measured on
+    the demo (2 cores, 2 loader workers): --parallel 2 trained 1.14x faster than one fold
+    at a time, and this gives 1 (BENCHMARKS.md, plan)."""
+    if device.type == "cuda":
+        return float(min(parallel, max(1, torch.cuda.device_count())))
+    return float(min(parallel, max(1.0, (os.cpu_count() or 1) / (1 + loader_workers))))
 
 
 def calibration_key(cfg: dict[str, Any], name: str, device: torch.device) -> str:
@@ -112,6 +124,8 @@ def calibration_key(cfg: dict[str, Any], name: str, device: torch.device) -> str
 def calibrate(cfg: dict[str, Any], name: str, data: TrainData, dist: Dist) -> Calibration:
     """A few training steps of model `name` on fold 0's real loader, and a few predicted
     images, on this device."""
+    # train.py's threads: on a CPU one thread per fold process (runtime.py), not all cores
+    configure_cpu_threads(TrainSettings.from_config(cfg).cpu_threads)
     loaders = build_loaders(cfg, data, 0, dist)
     learner = build_learner(cfg, build_entry(cfg, name), 0, dist, len(loaders.train))
     learner.train_net.train()
@@ -121,14 +135,17 @@ def calibrate(cfg: dict[str, Any], name: str, data: TrainData, dist: Dist) -> Ca
             yield from loader
 
     train = batches(loaders.train)
+    # The loader's workers start and prefetch two batches each meanwhile: steps until
+    # those are used up would time the model without its loading, the real pace's half.
+    warm = 2 * DataSettings.from_config(cfg).num_workers + 1
     timed = 0.0
-    for step in range(CALIBRATION_STEPS + 1):
+    for step in range(warm + CALIBRATION_STEPS):
         start = time.perf_counter()
         images, masks = to_device(next(train), dist.device, learner.precision)
         learner.step(images, masks)
         if dist.device.type == "cuda":
             torch.cuda.synchronize()
-        if step:  # the first step starts the loader workers and warms the kernels
+        if step >= warm:
             timed += time.perf_counter() - start
     model = learner.raw.eval()
     seen, spent = 0, 0.0
@@ -225,7 +242,16 @@ def make_plan(
     ]
     n_train = len(data.items)
     disk = disk_bytes(model_cfgs, calibrated, n_train, n_test, refining)
-    return Plan(models, parallel, n_test, views, disk, free_bytes(layout.out_dir))
+    workers = DataSettings.from_config(first).num_workers
+    return Plan(
+        models,
+        parallel,
+        lanes(parallel, dist.device, workers),
+        n_test,
+        views,
+        disk,
+        free_bytes(layout.out_dir),
+    )
 
 
 def hours(seconds: float) -> str:
@@ -251,7 +277,7 @@ def report(plan: Plan) -> list[str]:
             f"{1000 * c.predict_s:.1f} | {hours(m.fold_s)} | {hours(m.fold_s * m.folds)}"
         )
     lines += [
-        f"train (with --parallel {plan.parallel}): {hours(plan.train_s)}",
+        f"train (--parallel {plan.parallel}, {plan.lanes:g} at full speed): {hours(plan.train_s)}",
         f"predict (test maps, every fold, TTA): {hours(plan.predict_s)}",
         "ensemble, refine, tune, postprocess, report: minutes, not estimated",
         f"total: {hours(plan.total_s)}",
@@ -270,13 +296,13 @@ def over_budget(plan: Plan, budget_h: float | None) -> list[str]:
         budget = budget_h * 3600
         scale = budget / plan.total_s
         slowest = max(plan.models, key=lambda m: m.fold_s * m.folds)
-        without = plan.total_s - slowest.fold_s * slowest.folds / max(1, plan.parallel)
+        without = plan.total_s - slowest.fold_s * slowest.folds / plan.lanes
         epochs = max(1, int(min(m.epochs for m in plan.models) * scale))
         problems.append(
             f"the plan takes {hours(plan.total_s)}, over the budget of {hours(budget)}. To fit: "
             f"fewer epochs (train.epochs {epochs} at most, about x{scale:.2f}), or drop the "
             f"slowest model ({slowest.name}: {hours(without)} without it; ensemble.models), "
-            "or a smaller data.img_size, or more --parallel on a machine with room for it"
+            "or a smaller data.img_size, or more GPUs with --parallel"
         )
     if plan.disk_total > plan.free:
         problems.append(

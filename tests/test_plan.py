@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import pipeline
 import planning
@@ -18,14 +19,14 @@ GB = 10**9
 def two_models(parallel: int = 2, free: int = 100 * GB) -> Plan:
     calibration = Calibration(step_s=0.5, predict_s=0.01, params=10**6)
     models = [ModelPlan(n, 5, 10, 80, 20, 8, calibration) for n in ("a", "b")]
-    return Plan(models, parallel, test_images=40, views=4, disk={"best.pt": GB}, free=free)
+    return Plan(models, parallel, parallel, 40, 4, {"best weights": GB}, free)
 
 
 def test_the_plan_multiplies_the_measurements_out() -> None:
     plan = two_models()
     # an epoch: 10 steps of 0.5 s and 20 validation images of 10 ms; then the OOF maps
     assert plan.models[0].fold_s == pytest.approx(10 * (10 * 0.5 + 20 * 0.01) + 20 * 0.01)
-    assert plan.train_s == pytest.approx(2 * 5 * 52.2 / 2)  # two folds at a time
+    assert plan.train_s == pytest.approx(2 * 5 * 52.2 / 2)  # two folds at full speed
     assert plan.predict_s == pytest.approx(2 * 5 * 40 * 4 * 0.01)  # every fold, 4 views
     assert plan.total_s == pytest.approx(261 + 16)
     assert any(line.startswith("total: 4.6 min") for line in planning.report(plan))
@@ -61,3 +62,13 @@ def test_plan_measures_once_trains_nothing_and_refuses_a_short_budget(
     assert pipeline.main(["--config", config, "--budget-hours", "1e-6"]) == 1
     assert "does not fit: the plan takes" in capsys.readouterr().err
     assert not (exp / "tiny").exists()  # refused before training
+
+
+def test_parallel_folds_gain_time_only_where_there_is_room(monkeypatch) -> None:
+    monkeypatch.setattr(planning.os, "cpu_count", lambda: 16)
+    assert planning.lanes(4, torch.device("cpu"), loader_workers=3) == 4.0  # 16 / (1 + 3)
+    assert planning.lanes(8, torch.device("cpu"), loader_workers=3) == 4.0
+    monkeypatch.setattr(planning.os, "cpu_count", lambda: 2)
+    assert planning.lanes(2, torch.device("cpu"), loader_workers=2) == 1.0  # the demo's
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert planning.lanes(4, torch.device("cuda"), loader_workers=2) == 2.0
