@@ -117,6 +117,20 @@ def training_progress(
     return progress.progress_line(in_flight, [recipes[m].epochs for m, _ in queued], done, parallel)
 
 
+def start_fold(
+    model: str, fold: int, common: Sequence[str], logs: Path, gpu: str | None
+) -> tuple[subprocess.Popen, Any]:
+    """A `train.py --resume` process of one fold, writing to its log file in `logs`, on
+    `gpu` (a CUDA_VISIBLE_DEVICES id) when given; the process and the open log file."""
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    log_file = (logs / f"train_{model}_fold{fold}.log").open("w")
+    cmd = [sys.executable, str(Path(train.__file__).resolve()), "--model", model]
+    cmd += ["--fold", str(fold), "--resume", *common]
+    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file
+
+
 def train_in_parallel(
     cfg: dict[str, Any], common: Sequence[str], jobs: Sequence[tuple[str, int]], parallel: int
 ) -> float:
@@ -150,16 +164,11 @@ def train_in_parallel(
         while jobs or running:
             while jobs and len(running) < parallel:
                 model, fold = jobs.pop(0)
-                env = {**os.environ, PARENT_ENV: str(os.getpid())}
                 gpu = None
                 if len(gpus) > 1:
                     gpu = min(gpus, key=lambda g: (folds_on[g], gpus.index(g)))
                     folds_on[gpu] += 1
-                    env["CUDA_VISIBLE_DEVICES"] = gpu
-                log_file = (logs / f"train_{model}_fold{fold}.log").open("w")
-                cmd = [sys.executable, str(Path(train.__file__).resolve()), "--model", model]
-                cmd += ["--fold", str(fold), "--resume", *common]
-                proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+                proc, log_file = start_fold(model, fold, common, logs, gpu)
                 running.append((model, fold, proc, log_file, gpu))
                 on = f" on GPU {gpu}" if gpu is not None else ""
                 log.info("train %s fold %d: started%s (log %s)", model, fold, on, log_file.name)
@@ -206,11 +215,10 @@ def print_plan(
     transforms = predict.tta_transforms(str((cfg.get("predict") or {}).get("tta", "none")))
     views = len(list(transforms)) if transforms is not None else 1
     n_test = len(list_test(Path(cfg["data_dir"])))
-    lines, problems = planning.plan_lines(
-        model_cfgs, data, n_test, views, parallel, refining(cfg), budget_h, device
-    )
-    print("\n".join(lines))
-    return problems
+    dist = Dist(rank=0, world_size=1, device=device)
+    plan = planning.make_plan(model_cfgs, data, n_test, views, parallel, refining(cfg), dist)
+    print("\n".join(planning.report(plan)))
+    return planning.over_budget(plan, budget_h)
 
 
 def preflight(cfg: dict[str, Any], model_cfgs: dict[str, dict[str, Any]]) -> None:

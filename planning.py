@@ -311,19 +311,3 @@ def over_budget(plan: Plan, budget_h: float | None) -> list[str]:
             "train.half_best true, or fewer models"
         )
     return problems
-
-
-def plan_lines(
-    model_cfgs: dict[str, dict[str, Any]],
-    data: TrainData,
-    n_test: int,
-    views: int,
-    parallel: int,
-    refining: bool,
-    budget_h: float | None,
-    device: torch.device,
-) -> tuple[list[str], list[str]]:
-    """(the plan's lines, why it does not fit) for pipeline.py."""
-    dist = Dist(rank=0, world_size=1, device=device)
-    plan = make_plan(model_cfgs, data, n_test, views, parallel, refining, dist)
-    return report(plan), over_budget(plan, budget_h)
