@@ -41,7 +41,10 @@ In detail:
   RetryHeartbeatStaleTrialCallback); workers waiting for it go on.
 - **Seeds**: `TrialSeededSampler` reseeds TPE before every trial from (seed, worker, number
   of finished trials), so a study tuned in two runs samples exactly what one run would
-  (tested), and the trial replacing a killed one draws what the killed one drew.
+  (tested), and the trial replacing a killed one draws what the killed one drew. A
+  joining process (`join=True`) numbers its workers from a random base instead of 0, so
+  its draws never repeat the owner's; a study shared by machines depends on their timing
+  anyway, so it is not reproducible draw for draw.
 - **Workers**: `n_workers > 1` runs that many processes on the study through its storage
   (joblib's loky: fresh interpreters, never a fork of a stage that has run OpenCV threads;
   the probability maps reach them as memory maps, not copies).
@@ -54,6 +57,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import secrets
 import socket
 import sqlite3
 import time
@@ -84,6 +88,8 @@ SQLITE_TIMEOUT_S = 60
 # A shared study's trials record a heartbeat this often; one silent this long is dead.
 HEARTBEAT_S = 10
 HEARTBEAT_GRACE_S = 60
+# Seconds to let another process finish creating optuna's tables in an empty database.
+SCHEMA_RACE_WAIT_S = 2.0
 
 Objective = Callable[[optuna.Trial], float]
 
@@ -207,7 +213,13 @@ def open_storage(url: str, shared: bool = False) -> optuna.storages.BaseStorage:
                     "grace_period": HEARTBEAT_GRACE_S,
                     "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(),
                 }
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # Another process was creating optuna's tables in the same empty database
+                # at the same moment (two machines started together): let it finish.
+                time.sleep(SCHEMA_RACE_WAIT_S)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
         raise ConfigError(f"optuna storage {redact(url)}: {exc}") from exc
 
@@ -532,7 +544,10 @@ def run_study(
         }
         name = study_name(stage, identity)
     parallel = place is not None and (place.n_workers > 1 or place.join)
-    study = _load(name, place.storage if place else None, seed, 0, parallel, pruner)
+    # A joining process draws its own seed streams: with the owner's (0, 1, ...) its
+    # trials would repeat the owner's draws trial for trial.
+    base = secrets.randbits(31) if place is not None and place.join else 0
+    study = _load(name, place.storage if place else None, seed, base, parallel, pruner)
     if place is None or not place.join:
         fail_abandoned(study)
     if not study.get_trials(deepcopy=False):
@@ -543,11 +558,11 @@ def run_study(
     while True:
         before = len(counted_trials(study))
         if n_workers == 1:
-            optimize(study, objective, trials, f"{socket.gethostname()}/0")
+            optimize(study, objective, trials, f"{socket.gethostname()}/{base}")
         else:
             assert place is not None and name is not None
             Parallel(n_jobs=n_workers, backend="loky")(
-                delayed(_worker)(place.storage, name, objective, trials, seed, w, pruner)
+                delayed(_worker)(place.storage, name, objective, trials, seed, base + w, pruner)
                 for w in range(n_workers)
             )
         _wait_for_others(study, trials)
