@@ -140,6 +140,23 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, help="images per forward pass; overrides predict.batch_size"
     )
+    p.add_argument(
+        "--num-parts",
+        type=int,
+        default=1,
+        metavar="K",
+        help="predict one of K shares of the images (one machine each; default: 1)",
+    )
+    p.add_argument(
+        "--part-id", type=int, default=0, metavar="I", help="the share this call predicts, 0..K-1"
+    )
+    p.add_argument(
+        "--merge-parts",
+        type=int,
+        metavar="K",
+        help="join the K shares written with --num-parts K into the model's stores, checked "
+        "for completeness",
+    )
     add_runtime_arguments(p)
     return p
 

@@ -120,6 +120,11 @@ class Layout:
         """A model's probability store of `kind` "oof" or "test" (predict.py)."""
         return self.root / model / kind
 
+    def store_part(self, model: str, kind: str, part: int, parts: int) -> Path:
+        """One machine's share of a model's store (`predict.py --num-parts K --part-id i`),
+        until `--merge-parts K` joins the shares into `store(model, kind)`."""
+        return self.root / model / "parts" / f"{kind}-{part}of{parts}"
+
     def blend(self, kind: str) -> Path:
         return self.root / "ensemble" / kind
 

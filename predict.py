@@ -176,14 +176,22 @@ def prepare_test_items(cfg: dict[str, Any]) -> list[CachedItem]:
 
 
 def predict_model(
-    cfg: dict[str, Any], model_name: str, tta: str, batch_size: int, device: torch.device
+    cfg: dict[str, Any],
+    model_name: str,
+    tta: str,
+    batch_size: int,
+    device: torch.device,
+    part: tuple[int, int] = (0, 1),
 ) -> tuple[Path, Path]:
-    """Write `<model>/oof/` and `<model>/test/`; returns their paths."""
+    """Write `<model>/oof/` and `<model>/test/`; returns their paths. `part` (i, K): only
+    every K-th image from the i-th of each fold's validation images and of the test
+    images, written as the model's part stores (nnU-Net's --num-parts / --part-id)."""
+    part_id, parts = part
     entry = model_entry(cfg, model_name)
     tta_transforms(tta)
     dist = Dist(rank=0, world_size=1, device=device)
     data = prepare_train_data(cfg, dist)
-    test_items = prepare_test_items(cfg)
+    test_items = prepare_test_items(cfg)[part_id::parts]
     folds = data.folds
     split_id = folds.split_id
     settings = DataSettings.from_config(cfg)
@@ -207,6 +215,9 @@ def predict_model(
         probs_model = probability_model(model, tta)
         val_ids = folds.val_ids(k)
         part = reusable_oof(run.oof, tta, split_id, val_ids, size, ckpt["epoch"])
+        val_ids = val_ids[part_id::parts]
+        if part is not None:
+            part = part.subset(val_ids)
         if part is None:
             val_items = data.subset(val_ids)
             raw = quantise(
@@ -235,13 +246,19 @@ def predict_model(
 
     joined = concat(oof_parts)
     ids = sorted(joined.ids)
-    expected = sorted(it.id for it in data.items)
+    expected = sorted(i for k in range(folds.n_folds) for i in folds.val_ids(k)[part_id::parts])
     if ids != expected:
         raise DataError(
             f"{model_name}: the fold OOF maps do not cover the {len(expected)} train images once"
         )
     joined = joined.subset(ids)
     layout = Layout.of(cfg)
+
+    def store(kind: str) -> Path:
+        if parts == 1:
+            return layout.store(model_name, kind)
+        return layout.store_part(model_name, kind, part_id, parts)
+
     common = {
         "model": model_name,
         "split_id": split_id,
@@ -251,7 +268,7 @@ def predict_model(
         ),
     }
     save_probs(
-        layout.store(model_name, "oof"),
+        store("oof"),
         ids,
         joined.raw,
         joined.orig_sizes,
@@ -260,7 +277,7 @@ def predict_model(
         **common,
     )
     save_probs(
-        layout.store(model_name, "test"),
+        store("test"),
         [it.id for it in test_items],
         test_sum / len(runs),
         [it.orig_size for it in test_items],
@@ -274,8 +291,53 @@ def predict_model(
         len(ids),
         len(test_items),
         tta,
-        layout.root / model_name,
+        store("oof").parent,
     )
+    return store("oof"), store("test")
+
+
+def merge_parts(cfg: dict[str, Any], model_name: str, parts: int) -> tuple[Path, Path]:
+    """Join the `parts` shares of a model's stores into its stores: every share present,
+    all of one split and TTA, every train and test image exactly once, in the order an
+    unsharded run writes them."""
+    layout = Layout.of(cfg)
+    data = prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
+    expected = {
+        "oof": sorted(it.id for it in data.items),
+        "test": [s.id for s in list_test(Path(cfg["data_dir"]))],
+    }
+    shares = {
+        kind: [layout.store_part(model_name, kind, i, parts) for i in range(parts)]
+        for kind in expected
+    }
+    missing = [str(p) for paths in shares.values() for p in paths if not p.is_dir()]
+    if missing:
+        raise DataError(f"{model_name}: {len(missing)} share(s) not predicted yet: {missing}")
+    for kind, paths in shares.items():
+        stores = [load_probs(p) for p in paths]
+        tta = {s.meta.get("tta") for s in stores}
+        if len(tta) != 1:
+            raise DataError(f"{model_name}: the {kind} shares were predicted with TTA {tta}")
+        joined = concat(stores)
+        if sorted(joined.ids) != sorted(expected[kind]):
+            raise DataError(
+                f"{model_name}: the {kind} shares hold {len(joined.ids)} images, not the "
+                f"{len(expected[kind])} {kind} images once each"
+            )
+        joined = joined.subset(expected[kind])
+        first = stores[0].meta
+        save_probs(
+            layout.store(model_name, kind),
+            joined.ids,
+            joined.raw,
+            joined.orig_sizes,
+            kind=kind,
+            model=model_name,
+            split_id=first.get("split_id"),
+            folds=joined.meta["folds"] if kind == "oof" else first.get("folds"),
+            tta=first.get("tta"),
+            provenance={**first.get("provenance", {}), "merged_parts": parts},
+        )
     return layout.store(model_name, "oof"), layout.store(model_name, "test")
 
 
@@ -299,9 +361,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_cpu_threads(train.cpu_threads)
         configure_determinism(train.deterministic, device)
         pcfg = cfg.get("predict") or {}
-        oof, test = predict_model(
-            cfg, args.model, str(pcfg.get("tta", "none")), int(pcfg.get("batch_size", 16)), device
-        )
+        if not 0 <= args.part_id < args.num_parts:
+            raise ConfigError(f"--part-id {args.part_id} is not in 0..{args.num_parts - 1}")
+        if args.merge_parts:
+            oof, test = merge_parts(cfg, args.model, args.merge_parts)
+        else:
+            oof, test = predict_model(
+                cfg,
+                args.model,
+                str(pcfg.get("tta", "none")),
+                int(pcfg.get("batch_size", 16)),
+                device,
+                (args.part_id, args.num_parts),
+            )
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

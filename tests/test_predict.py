@@ -184,3 +184,33 @@ def test_a_checkpoint_of_another_split_size_or_model_is_refused(
     assert predict.main(["--config", str(config), "--model", "tiny"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "tiny" / "tiny" / "test").exists()
+
+
+def test_shards_predicted_apart_merge_into_the_stores_of_one_call(
+    trained: Path, tmp_path: Path
+) -> None:
+    """`--num-parts 3 --part-id i` on three "machines", then `--merge-parts 3`: the stores
+    of one unsharded call (images within one quantisation step: other batch shapes), every
+    image once, in its order; a missing share or a share of another TTA is refused."""
+    config = trained / "tiny.yaml"
+    base = ["--config", str(config), "--model", "tiny", "--tta", "hflip"]
+    model_dir = trained / "out" / "tiny" / "tiny"
+    assert predict.main(base) == 0
+    whole = {kind: load_probs(model_dir / kind) for kind in ("oof", "test")}
+    for i in (0, 1):
+        assert predict.main([*base, "--num-parts", "3", "--part-id", str(i)]) == 0
+    assert predict.main([*base, "--merge-parts", "3"]) == 2  # share 2 is missing
+    assert predict.main([*base, "--num-parts", "3", "--part-id", "2"]) == 0
+    shares = [load_probs(model_dir / "parts" / f"test-{i}of3") for i in range(3)]
+    assert sum(len(s) for s in shares) == len(whole["test"]) and all(len(s) for s in shares)
+    assert predict.main([*base, "--merge-parts", "3"]) == 0
+    for kind, reference in whole.items():
+        merged = load_probs(model_dir / kind)
+        assert merged.ids == reference.ids and merged.orig_sizes == reference.orig_sizes
+        assert merged.meta["folds"] == reference.meta["folds"], kind
+        assert merged.meta["tta"] == "hflip" and merged.split_id == reference.split_id
+        assert np.abs(merged.as_float() - reference.as_float()).max() <= STEP, kind
+    other = ["--config", str(config), "--model", "tiny", "--tta", "none"]
+    assert predict.main([*other, "--num-parts", "3", "--part-id", "1"]) == 0
+    assert predict.main([*base, "--merge-parts", "3"]) == 2
+    assert predict.main([*base, "--num-parts", "3", "--part-id", "3"]) == 2
