@@ -6,7 +6,7 @@ DEMO_SEED ?= 0
 DEMO_DATA ?= demo_data_seed$(DEMO_SEED)
 DEMO_OUT ?= outputs
 
-.PHONY: install test lint format demo mutation clean
+.PHONY: install services test lint format demo mutation clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +23,12 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
+# The SLURM test starts its own one-node cluster from Debian's packages (installed here
+# when missing; root), the PostgreSQL test its own server.
+services:
+	bash scripts/test_services.sh
+
+test: lint services
 	$(PY) -m pytest -q -n 2
 
 # Full-size frames (1280 x 959-1024) as in the real set; two fold processes use both cores.

@@ -254,6 +254,14 @@ def pipeline_parser() -> argparse.ArgumentParser:
         "(default: sqlite:///<out_dir>/<experiment>/optuna.db)",
     )
     p.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="where the fold processes run: this machine (--parallel at a time), or one "
+        "SLURM job each through submitit, with the config's slurm: section (partition, "
+        "account, gpus_per_node, cpus_per_task, mem_gb, timeout_min) (default: local)",
+    )
+    p.add_argument(
         "--plan",
         action="store_true",
         help="train nothing: measure each model on this machine (cached) and print the time "

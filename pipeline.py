@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import launchers
 import locks
 import planning
 import predict
@@ -99,24 +100,6 @@ def visible_gpus(count: int) -> list[str]:
     return listed[:count] if listed else [str(i) for i in range(count)]
 
 
-def training_progress(
-    layout: Layout,
-    recipes: dict[str, TrainSettings],
-    running: Sequence[tuple[str, int]],
-    queued: Sequence[tuple[str, int]],
-    done: int,
-    parallel: int,
-) -> str:
-    """The progress line of a parallel training run, from the running folds' logs."""
-    in_flight = [
-        progress.FoldProgress.read(
-            f"{m} fold {k}", layout.fold(m, k), recipes[m].epochs, recipes[m].best_metric
-        )
-        for m, k in running
-    ]
-    return progress.progress_line(in_flight, [recipes[m].epochs for m, _ in queued], done, parallel)
-
-
 def start_fold(
     model: str, fold: int, common: Sequence[str], logs: Path, gpu: str | None
 ) -> tuple[subprocess.Popen, Any]:
@@ -149,8 +132,6 @@ def train_in_parallel(
     layout = Layout.of(cfg)
     logs = layout.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    # The split is made once, before any fold starts, so no two processes race to write it.
-    prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
     gpus = visible_gpus(torch.cuda.device_count())
     folds_on = dict.fromkeys(gpus, 0)
     jobs = list(jobs)
@@ -188,7 +169,7 @@ def train_in_parallel(
                 done += 1
             if time.monotonic() - told >= progress.PROGRESS_S:
                 folds = [(m, k) for m, k, *_ in running]
-                log.info("%s", training_progress(layout, recipes, folds, jobs, done, parallel))
+                log.info("%s", progress.training_line(layout, recipes, folds, jobs, done, parallel))
                 told = time.monotonic()
     finally:
         # an interrupt (Ctrl-C, an error here) ends the children too; SIGKILL: end_with_parent
@@ -199,6 +180,28 @@ def train_in_parallel(
     if failed:
         raise StageFailed("training failed: " + "; ".join(failed))
     return time.perf_counter() - start
+
+
+def train_folds(
+    cfg: dict[str, Any],
+    common: Sequence[str],
+    jobs: Sequence[tuple[str, int]],
+    parallel: int,
+    launcher: str,
+) -> float:
+    """Each (model, fold) of `jobs` in a process of its own: `parallel` local ones at a
+    time, or SLURM jobs (launchers.py); the seconds it took. StageFailed names the
+    failed ones with their logs."""
+    import torch
+
+    # The split is made once, before any fold starts, so no two processes race to write it.
+    prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
+    if launcher == "local":
+        return train_in_parallel(cfg, common, jobs, parallel)
+    seconds, failed = launchers.train_on_slurm(cfg, common, jobs)
+    if failed:
+        raise StageFailed("training failed: " + "; ".join(failed))
+    return seconds
 
 
 def print_plan(
@@ -249,6 +252,7 @@ def run_stages(
     parallel: int = 1,
     search: Sequence[str] = (),
     started: float | None = None,
+    launcher: str = "local",
 ) -> dict[str, float]:
     """Every stale stage, in order (after `preflight`); returns the seconds per stage.
 
@@ -269,9 +273,10 @@ def run_stages(
 
     for name, model_cfg in model_cfgs.items():
         check_recipes_early(model_cfg, name, range(n_folds))
-    if parallel > 1:
+    if parallel > 1 or launcher != "local":
         jobs = [(m, k) for m in names for k in range(n_folds)]
-        timings["train (parallel)"] = train_in_parallel(cfg, common, jobs, parallel)
+        label = "train (parallel)" if launcher == "local" else f"train ({launcher})"
+        timings[label] = train_folds(cfg, common, jobs, parallel, launcher)
         # A fold is judged against its model's other folds, which finish in other
         # processes: judge them all now, and retrain the failed ones (train.py applies the
         # retry policy and stops when its attempts are spent).
@@ -280,7 +285,7 @@ def run_stages(
             if not failed:
                 break
             log.warning("failed folds to retrain: %s", ", ".join(f"{m} {k}" for m, k in failed))
-            seconds = train_in_parallel(cfg, common, failed, parallel)
+            seconds = train_folds(cfg, common, failed, parallel, launcher)
             timings["train (retrain)"] = timings.get("train (retrain)", 0.0) + seconds
     else:
         for name in names:
@@ -358,7 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1 if problems else 0
         layout = Layout.of(cfg)
         with locks.hold(layout.lock, f"experiment {layout.root}"):
-            timings = run_stages(cfg, model_cfgs, common, args.parallel, search, started)
+            timings = run_stages(
+                cfg, model_cfgs, common, args.parallel, search, started, args.launcher
+            )
     except (ConfigError, DataError, StageFailed, locks.InUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

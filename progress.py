@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from data.foldlog import read_log
 from data.reader import DataError
-from paths import RunFiles
+from paths import Layout, RunFiles
+from settings import TrainSettings
 
 # The console hears from a parallel training run at least this often.
 PROGRESS_S = 60.0
@@ -77,3 +78,21 @@ def progress_line(
     head = f"training: {len(running)} running, {len(queued_epochs)} queued, {done} done"
     tail = f"run {minutes(run_left_s(running, queued_epochs, parallel))} left"
     return " | ".join([head, *(f.describe() for f in running), tail])
+
+
+def training_line(
+    layout: Layout,
+    recipes: dict[str, TrainSettings],
+    running: Sequence[tuple[str, int]],
+    queued: Sequence[tuple[str, int]],
+    done: int,
+    parallel: int,
+) -> str:
+    """The progress line of a parallel training run, from the running folds' logs."""
+    in_flight = [
+        FoldProgress.read(
+            f"{m} fold {k}", layout.fold(m, k), recipes[m].epochs, recipes[m].best_metric
+        )
+        for m, k in running
+    ]
+    return progress_line(in_flight, [recipes[m].epochs for m, _ in queued], done, parallel)

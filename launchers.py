@@ -1,0 +1,117 @@
+"""Fold jobs on a SLURM cluster, through submitit (`pipeline.py --launcher slurm`).
+
+A lab trains the 6 x 5 folds on a cluster, not on the machine that runs `pipeline.py`.
+Each (model, fold) becomes one SLURM job running `train.py --resume` (submitit's own
+executor: sbatch, the job's stdout and stderr under `<exp>/logs/slurm/`); the pipeline
+waits with a progress line, collects the exit codes, and runs the later stages itself.
+A job that SLURM preempts or times out is requeued by submitit (`Checkpointable`) and its
+fold continues from `last.pt`. Everything the jobs share lives under `out_dir`, which
+must be on a filesystem every node sees; the atomic renames stay within it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from config import model_config, settings_from
+from paths import Layout
+from progress import PROGRESS_S, training_line
+from settings import TrainSettings
+
+log = logging.getLogger("launchers")
+
+ROOT = Path(__file__).resolve().parent
+POLL_S = 5.0
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    """The `slurm:` section: what each fold job asks of the cluster."""
+
+    partition: str | None = None
+    account: str | None = None
+    gpus_per_node: int = 0
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    timeout_min: int = 720
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> SlurmSettings:
+        return settings_from(cls, cfg.get("slurm"), "slurm")
+
+    def parameters(self, name: str) -> dict[str, Any]:
+        """submitit's executor parameters (the unset ones left to the cluster's defaults)."""
+        chosen = {
+            "name": name,
+            "timeout_min": self.timeout_min,
+            "gpus_per_node": self.gpus_per_node,
+            "slurm_partition": self.partition,
+            "slurm_account": self.account,
+            "cpus_per_task": self.cpus_per_task,
+            "mem_gb": self.mem_gb,
+            # the job imports the project's modules from this checkout
+            "slurm_setup": [f"export PYTHONPATH={ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"],
+        }
+        return {k: v for k, v in chosen.items() if v is not None}
+
+
+class FoldJob(submitit.helpers.Checkpointable):
+    """One fold's `train.py` in a SLURM job. Checkpointable: on preemption or timeout
+    submitit resubmits the same call, and `--resume` continues from `last.pt`."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        import train
+
+        return train.main(self.argv)
+
+
+def train_on_slurm(
+    cfg: dict[str, Any], common: Sequence[str], jobs: Sequence[tuple[str, int]]
+) -> tuple[float, list[str]]:
+    """Every (model, fold) of `jobs` as a SLURM job; (seconds, the failed jobs)."""
+    layout = Layout.of(cfg)
+    settings = SlurmSettings.from_config(cfg)
+    executor = submitit.AutoExecutor(folder=layout.root / "logs" / "slurm", cluster="slurm")
+    executor.update_parameters(**settings.parameters(f"neopolyp-{cfg['experiment']}"))
+    start = time.perf_counter()
+    with executor.batch():
+        submitted = [
+            executor.submit(FoldJob(["--model", m, "--fold", str(k), "--resume", *common]))
+            for m, k in jobs
+        ]
+    for (model, fold), job in zip(jobs, submitted, strict=True):
+        log.info(
+            "train %s fold %d: SLURM job %s (logs %s)", model, fold, job.job_id, job.paths.stdout
+        )
+    recipes = {m: TrainSettings.from_config(model_config(cfg, m)) for m, _ in jobs}
+    told = time.monotonic()
+    while not all(job.done() for job in submitted):
+        time.sleep(POLL_S)
+        if time.monotonic() - told >= PROGRESS_S:
+            running = [fold for fold, job in zip(jobs, submitted, strict=True) if not job.done()]
+            finished = len(jobs) - len(running)
+            log.info("%s", training_line(layout, recipes, running, [], finished, len(jobs)))
+            told = time.monotonic()
+    failed = []
+    for (model, fold), job in zip(jobs, submitted, strict=True):
+        try:
+            code = job.result()
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
+            code, why = None, str(exc).splitlines()[0]
+        else:
+            why = f"exit {code}"
+        if code != 0:
+            failed.append(
+                f"{model} fold {fold} (SLURM job {job.job_id}: {why}; {job.paths.stderr})"
+            )
+    return time.perf_counter() - start, failed
