@@ -51,6 +51,8 @@ def settings_from(cls: type[T], section: dict[str, Any] | None, name: str) -> T:
 
 
 DEFAULTS_FILE = Path(__file__).resolve().parent / "configs" / "defaults.yaml"
+# Keys an older config may still hold -> what replaced them (said instead of did-you-mean).
+RENAMED = {"train.amp": "train.precision (amp: true is auto, amp: false is fp32)"}
 BASE_KEY = "base"
 
 
@@ -112,6 +114,7 @@ def merge(
             known = [f"{prefix}{k}" for k in (schema or {})]
             close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; it is now {RENAMED[dotted]}" if dotted in RENAMED else hint
             raise ConfigError(
                 f"{where}: unknown key {dotted!r}{hint} (a genuinely new key is written +{key})"
             )
@@ -244,6 +247,7 @@ def apply_overrides(
         else:
             close = difflib.get_close_matches(key, _dotted_keys(cfg), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; it is now {RENAMED[key]}" if key in RENAMED else hint
             raise ConfigError(
                 f"override {item!r}: no key {key!r} in the config{hint} "
                 f"(add a new key with +{key}=...)"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cli
-from config import ConfigError
+from config import ConfigError, apply_overrides, load_config
 from runtime import choose_precision
 from settings import PRECISIONS
 
@@ -62,3 +62,12 @@ def test_the_amp_flags_map_onto_train_precision(argv: list[str], precision: str 
     parser = argparse.ArgumentParser()
     cli.add_runtime_arguments(parser)
     assert cli.runtime_flags(parser.parse_args(argv))["train.precision"] == precision
+
+
+def test_a_config_with_the_old_amp_key_is_told_what_replaced_it(tmp_path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text("train: {amp: false}\n")
+    with pytest.raises(ConfigError, match=r"train\.amp'; it is now train\.precision"):
+        load_config(old)
+    with pytest.raises(ConfigError, match=r"it is now train\.precision"):
+        apply_overrides({"train": {"epochs": 1}}, ["train.amp=false"])
