@@ -30,10 +30,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_munge() -> None:
-    """munged as the munge user, with a key made once; a running one is left as it is."""
+def start_munge() -> bool:
+    """munged as the munge user, with a key made once; whether this call started it (a
+    munged already running is the machine's, and is left as it is)."""
     if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
-        return
+        return False
     if not MUNGE_KEY.is_file():
         subprocess.run(["mungekey", "-c", "-k", str(MUNGE_KEY)], check=True)
     for folder in ("/run/munge", "/var/lib/munge", "/var/log/munge"):
@@ -42,6 +43,7 @@ def start_munge() -> None:
     shutil.chown(MUNGE_KEY, "munge", "munge")
     MUNGE_KEY.chmod(0o400)
     subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
+    return True
 
 
 def slurm_conf(base: Path) -> str:
@@ -80,7 +82,7 @@ def slurm() -> Iterator[Path]:
         pytest.fail("the SLURM test starts slurmctld and slurmd, which needs root")
     if not shutil.which("slurmctld"):
         pytest.fail("SLURM is not installed: run scripts/test_services.sh (make test does)")
-    start_munge()
+    started_munge = start_munge()
     base = Path(tempfile.mkdtemp(prefix="neopolyp-slurm-"))
     for folder in ("state", "spool"):
         (base / folder).mkdir()
@@ -107,6 +109,8 @@ def slurm() -> Iterator[Path]:
             pid = base / f"{daemon}.pid"
             if pid.is_file():
                 os.kill(int(pid.read_text()), signal.SIGTERM)
+        if started_munge:
+            subprocess.run(["pkill", "-x", "munged"], check=False)
         if saved is None:
             os.environ.pop("SLURM_CONF", None)
         else:
