@@ -99,7 +99,7 @@ def train_on_slurm(
         time.sleep(POLL_S)
         if time.monotonic() - told >= PROGRESS_S:
             running = [fold for fold, job in zip(jobs, submitted, strict=True) if not job.done()]
-            finished = len(jobs) - len(running)
+            finished = [fold for fold in jobs if fold not in running]
             log.info("%s", training_line(layout, recipes, running, [], finished, len(jobs)))
             told = time.monotonic()
     failed = []

@@ -136,7 +136,7 @@ def train_in_parallel(
     folds_on = dict.fromkeys(gpus, 0)
     jobs = list(jobs)
     recipes = {m: TrainSettings.from_config(model_config(cfg, m)) for m, _ in jobs}
-    done = 0
+    finished: list[tuple[str, int]] = []
     told = time.monotonic()
     running: list[tuple[str, int, subprocess.Popen, Any, str | None]] = []
     failed: list[str] = []
@@ -166,10 +166,11 @@ def train_in_parallel(
                     log.error("train %s fold %d failed: %s", model, fold, tail[0])
                 else:
                     log.info("train %s", tail[0])
-                done += 1
+                finished.append((model, fold))
             if time.monotonic() - told >= progress.PROGRESS_S:
                 folds = [(m, k) for m, k, *_ in running]
-                log.info("%s", progress.training_line(layout, recipes, folds, jobs, done, parallel))
+                line = progress.training_line(layout, recipes, folds, jobs, finished, parallel)
+                log.info("%s", line)
                 told = time.monotonic()
     finally:
         # an interrupt (Ctrl-C, an error here) ends the children too; SIGKILL: end_with_parent

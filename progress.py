@@ -9,6 +9,7 @@ rewrites atomically: no carriage returns, so notebooks and log files read it as 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,7 +50,8 @@ class FoldProgress:
 
     def describe(self) -> str:
         if not self.done:
-            return f"{self.name}: starting"
+            pace = f", {minutes(self.left_s)} left" if self.epoch_s is not None else ""
+            return f"{self.name}: starting{pace}"
         score = f", val {self.score:.4f}" if self.score is not None else ""
         return f"{self.name}: epoch {self.done}/{self.epochs}{score}, {minutes(self.left_s)} left"
 
@@ -85,14 +87,28 @@ def training_line(
     recipes: dict[str, TrainSettings],
     running: Sequence[tuple[str, int]],
     queued: Sequence[tuple[str, int]],
-    done: int,
+    finished: Sequence[tuple[str, int]],
     parallel: int,
 ) -> str:
-    """The progress line of a parallel training run, from the running folds' logs."""
-    in_flight = [
-        FoldProgress.read(
-            f"{m} fold {k}", layout.fold(m, k), recipes[m].epochs, recipes[m].best_metric
+    """The progress line of a parallel training run, from the folds' logs. A fold that has
+    not finished an epoch yet is timed at its model's finished folds' pace, if any."""
+
+    def read(model: str, fold: int) -> FoldProgress:
+        recipe = recipes[model]
+        return FoldProgress.read(
+            f"{model} fold {fold}", layout.fold(model, fold), recipe.epochs, recipe.best_metric
         )
-        for m, k in running
-    ]
-    return progress_line(in_flight, [recipes[m].epochs for m, _ in queued], done, parallel)
+
+    pace: dict[str, list[float]] = {}
+    for model, fold in finished:
+        seconds = read(model, fold).epoch_s
+        if seconds is not None:
+            pace.setdefault(model, []).append(seconds)
+    in_flight = []
+    for model, fold in running:
+        state = read(model, fold)
+        if state.epoch_s is None and model in pace:
+            state = dataclasses.replace(state, epoch_s=sum(pace[model]) / len(pace[model]))
+        in_flight.append(state)
+    queued_epochs = [recipes[m].epochs for m, _ in queued]
+    return progress_line(in_flight, queued_epochs, len(finished), parallel)

@@ -16,6 +16,7 @@ import pipeline
 import progress
 from data.foldlog import write_log
 from paths import RunFiles
+from settings import TrainSettings
 
 STEP_S = 25.0
 EPOCHS = 4
@@ -119,3 +120,22 @@ def test_a_parallel_run_prints_progress_at_least_every_interval(monkeypatch, tmp
     assert "unet fold 0: epoch 3/4, val 0.5000, ~0.4 min left" in first
     # the run: 25 s left on each running fold + 4 epochs of 25 s queued, over 2 processes
     assert first.endswith(f"run ~{(25 + 25 + 4 * 25) / 2 / 60:.1f} min left")
+
+
+def test_a_fold_without_an_epoch_yet_is_timed_at_its_models_finished_folds_pace(
+    tmp_path: Path,
+) -> None:
+    cfg = {"out_dir": str(tmp_path), "experiment": "exp", "train": {"epochs": EPOCHS}}
+    layout = pipeline.Layout.of(cfg)
+    done = layout.fold("unet", 0)
+    done.dir.mkdir(parents=True)
+    write_log(
+        done.log, [{"epoch": e, "epoch_time_s": STEP_S, "competition": 0.5} for e in (1, 2, 3, 4)]
+    )
+    recipes = {"unet": TrainSettings.from_config(cfg)}
+    line = progress.training_line(layout, recipes, [("unet", 1)], [], [("unet", 0)], 1)
+    assert "unet fold 1: starting, ~1.7 min left" in line  # 4 epochs of 25 s
+    assert line.startswith("training: 1 running, 0 queued, 1 done")
+    assert line.endswith("run ~1.7 min left")
+    alone = progress.training_line(layout, recipes, [("unet", 1)], [], [], 1)
+    assert alone.endswith("unet fold 1: starting | run ? left")
