@@ -64,13 +64,15 @@ def run_left_s(
     running: Sequence[FoldProgress], queued_epochs: Sequence[int], parallel: int
 ) -> float | None:
     """The run's time left: the running folds' own estimates plus the queued folds at the
-    mean epoch time seen so far, shared by `parallel` processes. None before any epoch."""
+    mean epoch time seen so far, shared by `parallel` processes, and never less than the
+    slowest running fold's own time left. None before any epoch."""
     rates = [f.epoch_s for f in running if f.epoch_s is not None]
     if not rates:
         return None
     epoch_s = sum(rates) / len(rates)
-    left = sum(f.left_s if f.left_s is not None else epoch_s * f.epochs for f in running)
-    return (left + epoch_s * sum(queued_epochs)) / max(1, parallel)
+    lefts = [f.left_s if f.left_s is not None else epoch_s * f.epochs for f in running]
+    shared = (sum(lefts) + epoch_s * sum(queued_epochs)) / max(1, parallel)
+    return max(shared, *lefts)
 
 
 def progress_line(

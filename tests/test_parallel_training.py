@@ -137,5 +137,8 @@ def test_a_fold_without_an_epoch_yet_is_timed_at_its_models_finished_folds_pace(
     assert "unet fold 1: starting, ~1.7 min left" in line  # 4 epochs of 25 s
     assert line.startswith("training: 1 running, 0 queued, 1 done")
     assert line.endswith("run ~1.7 min left")
+    # the last fold of a --parallel 2 run: the run ends when it does, not in half its time
+    last = progress.training_line(layout, recipes, [("unet", 1)], [], [("unet", 0)], 2)
+    assert last.endswith("run ~1.7 min left")
     alone = progress.training_line(layout, recipes, [("unet", 1)], [], [], 1)
     assert alone.endswith("unet fold 1: starting | run ? left")
