@@ -20,7 +20,7 @@ from typing import Any
 
 import submitit
 
-from config import model_config, settings_from
+from config import settings_from
 from paths import Layout
 from progress import PROGRESS_S, training_line
 from settings import TrainSettings
@@ -76,9 +76,13 @@ class FoldJob(submitit.helpers.Checkpointable):
 
 
 def train_on_slurm(
-    cfg: dict[str, Any], common: Sequence[str], jobs: Sequence[tuple[str, int]]
+    cfg: dict[str, Any],
+    common: Sequence[str],
+    jobs: Sequence[tuple[str, int]],
+    recipes: dict[str, TrainSettings],
 ) -> tuple[float, list[str]]:
-    """Every (model, fold) of `jobs` as a SLURM job; (seconds, the failed jobs)."""
+    """Every (model, fold) of `jobs` as a SLURM job; (seconds, the failed jobs). `recipes`:
+    each model's training settings, for the progress lines."""
     layout = Layout.of(cfg)
     settings = SlurmSettings.from_config(cfg)
     executor = submitit.AutoExecutor(folder=layout.root / "logs" / "slurm", cluster="slurm")
@@ -93,7 +97,6 @@ def train_on_slurm(
         log.info(
             "train %s fold %d: SLURM job %s (logs %s)", model, fold, job.job_id, job.paths.stdout
         )
-    recipes = {m: TrainSettings.from_config(model_config(cfg, m)) for m, _ in jobs}
     told = time.monotonic()
     while not all(job.done() for job in submitted):
         time.sleep(POLL_S)

@@ -40,7 +40,6 @@ import studies
 import train
 from config import (
     ConfigError,
-    model_config,
     reports_environment_errors,
     resolve_cli_config,
     setup_logging,
@@ -115,7 +114,11 @@ def start_fold(
 
 
 def train_in_parallel(
-    cfg: dict[str, Any], common: Sequence[str], jobs: Sequence[tuple[str, int]], parallel: int
+    cfg: dict[str, Any],
+    common: Sequence[str],
+    jobs: Sequence[tuple[str, int]],
+    parallel: int,
+    recipes: dict[str, TrainSettings],
 ) -> float:
     """Every (model, fold) of `jobs` as its own `train.py` process, up to `parallel` at once.
 
@@ -125,7 +128,8 @@ def train_in_parallel(
     fold ended gets the next one; on one GPU they share it; on the CPU each process
     computes on `train.cpu_threads` (one by default, as a sequential run does: runtime.py).
     Each fold's full log goes to `<exp>/logs/`; the console gets a line when a fold
-    starts or ends, and a progress line (progress.py) at least every PROGRESS_S seconds.
+    starts or ends, and a progress line (progress.py, from each model's `recipes`) at
+    least every PROGRESS_S seconds.
     """
     import torch
 
@@ -135,7 +139,6 @@ def train_in_parallel(
     gpus = visible_gpus(torch.cuda.device_count())
     folds_on = dict.fromkeys(gpus, 0)
     jobs = list(jobs)
-    recipes = {m: TrainSettings.from_config(model_config(cfg, m)) for m, _ in jobs}
     finished: list[tuple[str, int]] = []
     told = time.monotonic()
     running: list[tuple[str, int, subprocess.Popen, Any, str | None]] = []
@@ -189,17 +192,18 @@ def train_folds(
     jobs: Sequence[tuple[str, int]],
     parallel: int,
     launcher: str,
+    recipes: dict[str, TrainSettings],
 ) -> float:
     """Each (model, fold) of `jobs` in a process of its own: `parallel` local ones at a
-    time, or SLURM jobs (launchers.py); the seconds it took. StageFailed names the
-    failed ones with their logs."""
+    time, or SLURM jobs (launchers.py); the seconds it took. `recipes`: each model's
+    training settings, for the progress lines. StageFailed names the failed ones."""
     import torch
 
     # The split is made once, before any fold starts, so no two processes race to write it.
     prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
     if launcher == "local":
-        return train_in_parallel(cfg, common, jobs, parallel)
-    seconds, failed = launchers.train_on_slurm(cfg, common, jobs)
+        return train_in_parallel(cfg, common, jobs, parallel, recipes)
+    seconds, failed = launchers.train_on_slurm(cfg, common, jobs, recipes)
     if failed:
         raise StageFailed("training failed: " + "; ".join(failed))
     return seconds
@@ -276,8 +280,9 @@ def run_stages(
         check_recipes_early(model_cfg, name, range(n_folds))
     if parallel > 1 or launcher != "local":
         jobs = [(m, k) for m in names for k in range(n_folds)]
+        recipes = {m: TrainSettings.from_config(c) for m, c in model_cfgs.items()}
         label = "train (parallel)" if launcher == "local" else f"train ({launcher})"
-        timings[label] = train_folds(cfg, common, jobs, parallel, launcher)
+        timings[label] = train_folds(cfg, common, jobs, parallel, launcher, recipes)
         # A fold is judged against its model's other folds, which finish in other
         # processes: judge them all now, and retrain the failed ones (train.py applies the
         # retry policy and stops when its attempts are spent).
@@ -286,7 +291,7 @@ def run_stages(
             if not failed:
                 break
             log.warning("failed folds to retrain: %s", ", ".join(f"{m} {k}" for m, k in failed))
-            seconds = train_folds(cfg, common, failed, parallel, launcher)
+            seconds = train_folds(cfg, common, failed, parallel, launcher, recipes)
             timings["train (retrain)"] = timings.get("train (retrain)", 0.0) + seconds
     else:
         for name in names:

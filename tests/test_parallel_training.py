@@ -46,12 +46,7 @@ def schedule(
 ) -> dict[int, str | None]:
     """{fold: the CUDA_VISIBLE_DEVICES its process got} for folds lasting `polls` polls."""
     started: dict[int, str | None] = {}
-    cfg = {
-        "out_dir": str(tmp_path),
-        "experiment": "exp",
-        "train": {"epochs": EPOCHS},
-        "models": {"unet": {}},
-    }
+    cfg = {"out_dir": str(tmp_path), "experiment": "exp", "train": {"epochs": EPOCHS}}
     layout = pipeline.Layout.of(cfg)
 
     def popen(cmd, stdout, stderr, env):
@@ -70,7 +65,8 @@ def schedule(
     monkeypatch.setattr(pipeline.time, "sleep", sleep)
     monkeypatch.setattr(pipeline.time, "monotonic", lambda: clock[0])
     jobs = [("unet", k) for k in sorted(polls)]
-    pipeline.train_in_parallel(cfg, [], jobs, parallel)
+    recipes = {"unet": TrainSettings.from_config(cfg)}
+    pipeline.train_in_parallel(cfg, [], jobs, parallel, recipes)
     return started
 
 
