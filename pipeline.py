@@ -60,7 +60,7 @@ from evaluation import (
 from paths import Layout
 from recipe import RetryPolicy, check_config, check_recipes_early
 from runtime import PARENT_ENV, Dist
-from settings import DataSettings, TrainSettings, refining
+from settings import DataSettings, TrainSettings
 from stages import STAGES, Plan, model_names
 from stamps import Stamps, digest
 
@@ -219,12 +219,8 @@ def print_plan(
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
-    transforms = predict.tta_transforms(str((cfg.get("predict") or {}).get("tta", "none")))
-    views = len(list(transforms)) if transforms is not None else 1
-    n_test = len(list_test(Path(cfg["data_dir"])))
-    dist = Dist(rank=0, world_size=1, device=device)
-    plan = planning.make_plan(model_cfgs, data, n_test, views, parallel, refining(cfg), dist)
+    views = predict.tta_views(str((cfg.get("predict") or {}).get("tta", "none")))
+    plan = planning.plan_run(cfg, model_cfgs, views, parallel, device)
     print("\n".join(planning.report(plan)))
     return planning.over_budget(plan, budget_h)
 

@@ -26,12 +26,13 @@ import torch
 from config import build_entry, config_hash
 from data.atomic import write_json
 from data.dataset import to_device
-from data.prepare import TrainData
+from data.prepare import TrainData, prepare_train_data
+from data.reader import list_test
 from engine import build_learner, build_loaders
 from models.inference import NUM_CLASSES
 from paths import Layout
 from runtime import Dist, configure_cpu_threads
-from settings import DataSettings, TrainSettings
+from settings import DataSettings, TrainSettings, refining
 
 CALIBRATION_STEPS = 8  # timed training steps per model, after the loader's warm-up
 ADAM_BYTES = 12  # last.pt per parameter: the weights and Adam's two moments, fp32
@@ -96,9 +97,10 @@ class Plan:
 
 def lanes(parallel: int, device: torch.device, loader_workers: int) -> float:
     """How many of `parallel` fold processes gain time: one per GPU; on a CPU, the cores
-    over what one fold keeps busy (its compute thread and its loader workers). Measured on
-    the demo (2 cores, 2 loader workers): --parallel 2 trained 1.14x faster than one fold
-    at a time, and this gives 1 (BENCHMARKS.md, plan)."""
+    over what one fold keeps busy (its compute thread and its loader workers), which errs
+    on the long side for a budget. On the demo (2 cores, 2 loader workers) this gives 1,
+    where --parallel 2 trained 1.5x faster than one fold at a time on an idle machine and
+    1.14x with other work running (BENCHMARKS.md, plan)."""
     if device.type == "cuda":
         return float(min(parallel, max(1, torch.cuda.device_count())))
     return float(min(parallel, max(1.0, (os.cpu_count() or 1) / (1 + loader_workers))))
@@ -252,6 +254,21 @@ def make_plan(
         disk,
         free_bytes(layout.out_dir),
     )
+
+
+def plan_run(
+    cfg: dict[str, Any],
+    model_cfgs: dict[str, dict[str, Any]],
+    views: int,
+    parallel: int,
+    device: torch.device,
+) -> Plan:
+    """The plan of an experiment's run on `device`: its split (made now if it is the first
+    call), its test images with `views` TTA passes each, refinement as configured."""
+    data = prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
+    n_test = len(list_test(Path(cfg["data_dir"])))
+    dist = Dist(rank=0, world_size=1, device=device)
+    return make_plan(model_cfgs, data, n_test, views, parallel, refining(cfg), dist)
 
 
 def hours(seconds: float) -> str:

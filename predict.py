@@ -86,6 +86,12 @@ def tta_transforms(name: str) -> ttach.Compose | None:
     raise ConfigError(f"unknown TTA {name!r}; choose one of {', '.join(cli.TTA_CHOICES)}")
 
 
+def tta_views(name: str) -> int:
+    """Forward passes per image of a TTA setting (1 without TTA)."""
+    transforms = tta_transforms(name)
+    return 1 if transforms is None else len(list(transforms))
+
+
 def probability_model(model: nn.Module, tta: str) -> nn.Module:
     """A module mapping images to class probabilities, averaged over the TTA views."""
     probs = Probabilities(model)

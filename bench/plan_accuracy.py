@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
 import planning
 import predict
 from config import load_config, model_config
-from data.prepare import prepare_train_data
-from data.reader import list_test
 from paths import Layout
-from runtime import Dist
-from settings import refining
 from stages import model_names
 
 
@@ -39,13 +34,8 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.config, [f"data_dir={args.data_dir}", f"out_dir={args.out_dir}"])
     model_cfgs = {n: model_config(cfg, n) for n in model_names(cfg)}
-    cpu = torch.device("cpu")
-    dist = Dist(rank=0, world_size=1, device=cpu)
-    data = prepare_train_data(cfg, dist)
-    transforms = predict.tta_transforms(str((cfg.get("predict") or {}).get("tta", "none")))
-    views = len(list(transforms)) if transforms is not None else 1
-    n_test = len(list_test(Path(args.data_dir)))
-    plan = planning.make_plan(model_cfgs, data, n_test, views, args.parallel, refining(cfg), dist)
+    views = predict.tta_views(str((cfg.get("predict") or {}).get("tta", "none")))
+    plan = planning.plan_run(cfg, model_cfgs, views, args.parallel, torch.device("cpu"))
     recorded = json.loads(Layout.of(cfg).timings.read_text())
     train = recorded.get("train (parallel)") or sum(
         v for k, v in recorded.items() if k.startswith("train ")

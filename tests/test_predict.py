@@ -118,7 +118,7 @@ def test_tta_of_a_flip_equivariant_model_changes_nothing(tta: str, passes: int) 
         plain = Probabilities(pointwise)(images)
         pointwise.calls = 0
         merged = predict.probability_model(pointwise, tta)(images)
-    assert pointwise.calls == passes
+    assert pointwise.calls == passes == predict.tta_views(tta)  # what --plan counts
     torch.testing.assert_close(merged, plain)
 
     spatial = nn.Conv2d(3, 3, kernel_size=3, padding=1)  # not flip-equivariant
