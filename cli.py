@@ -15,9 +15,7 @@ from typing import Any
 
 from config import add_config_arguments
 from metrics import OBJECTIVES
-from settings import PRECISIONS
-
-TTA_CHOICES = ("none", "hflip", "flip", "d4")
+from settings import PRECISIONS, TTA_CHOICES
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -313,4 +311,86 @@ def compare_parser() -> argparse.ArgumentParser:
         help="two-sided level of the intervals (default: 0.9)",
     )
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    return p
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Gather a finished experiment's submission chain (every blended model's "
+        "fold weights, blend weights, refiner, post-processing, working size, TTA) into one "
+        "package that infer.py applies without the experiment folder or the training data."
+    )
+    add_config_arguments(p)
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="package to write: a folder, or a zip when the name ends in .zip; an existing "
+        "one is replaced only once the new one is complete",
+    )
+    p.add_argument(
+        "--half",
+        action="store_true",
+        help="store the weights in fp16: half the size, but the predictions move by the "
+        "rounding, so the submission is no longer byte-identical to the pipeline's",
+    )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write every network as ONNX (opset 17, dynamic batch and image size) for "
+        "infer.py --runtime onnx and other programs",
+    )
+    return p
+
+
+def infer_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Apply an exported package to a folder of images (JPEG or PNG, any size, "
+        "flat or nested) with exactly the experiment's chain (TTA, blend, refiner if kept, "
+        "post-processing); writes <out>/submission.csv in the competition format."
+    )
+    p.add_argument("--package", type=Path, required=True, help="package folder or zip (export.py)")
+    p.add_argument("--images", type=Path, required=True, help="folder of images to predict")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--masks",
+        action="store_true",
+        help="also write <out>/masks/<id>.png: class ids (0, 1, 2) at each image's own size",
+    )
+    p.add_argument(
+        "--overlays",
+        action="store_true",
+        help="also write <out>/overlays/<id>.jpg: the classes' colours over each image",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch, or onnxruntime with a package exported with --onnx (default: torch)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the networks run (default: auto, a GPU when there is one)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of the networks (default: the experiment's train.cpu_threads, "
+        "which gives the pipeline's bytes; more is faster and may move a few pixels)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=-1,
+        help="threads decoding images and post-processing (default: -1, all cores)",
+    )
+    p.add_argument(
+        "--bad-images",
+        choices=("skip", "stop"),
+        default="skip",
+        help="an unreadable image is named and skipped, or stops the run with exit 1 "
+        "(default: skip; the run ends with the count)",
+    )
     return p

@@ -8,7 +8,8 @@
                                         failed_attempt<n>.jsonl if retrained
     <model>/oof, <model>/test           predict.py: the model's probability stores
     ensemble/oof, ensemble/test         ensemble.py: the blend
-    refine/oof, refine/test             refine.py: the region-refined blend, and refine.json
+    refine/oof, refine/test             refine.py: the region-refined blend, refine.json and
+                                        refiners.safetensors (the fold refiners)
     ensemble/weights.json, trials.csv
     postprocess.json, tune_trials.csv   tune.py
     submission.csv                      postprocess.py
@@ -74,6 +75,24 @@ class RunFiles:
 
 
 @dataclass(frozen=True)
+class InferFiles:
+    """What infer.py writes under its --out folder."""
+
+    dir: Path
+
+    @property
+    def submission(self) -> Path:
+        return self.dir / "submission.csv"
+
+    def mask(self, image_id: str) -> Path:
+        """Class ids (0, 1, 2) at the image's own size; `image_id` may hold subfolders."""
+        return self.dir / "masks" / f"{image_id}.png"
+
+    def overlay(self, image_id: str) -> Path:
+        return self.dir / "overlays" / f"{image_id}.jpg"
+
+
+@dataclass(frozen=True)
 class Layout:
     """The artefact paths of one experiment (`root` = <out_dir>/<experiment>)."""
 
@@ -131,6 +150,11 @@ class Layout:
     def refined(self, kind: str) -> Path:
         """refine.py's store of `kind` "oof" or "test"."""
         return self.root / "refine" / kind
+
+    @property
+    def refiners(self) -> Path:
+        """refine.py's fold refiners (refinement.save_refiners), for export.py."""
+        return self.root / "refine" / "refiners.safetensors"
 
     @property
     def refine_record(self) -> Path:

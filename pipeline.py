@@ -33,7 +33,6 @@ from typing import Any
 import launchers
 import locks
 import planning
-import predict
 import progress
 import refine
 import studies
@@ -57,6 +56,7 @@ from evaluation import (
     format_rows,
     read_json,
 )
+from models import inference
 from paths import Layout
 from recipe import RetryPolicy, check_config, check_recipes_early
 from runtime import PARENT_ENV, Dist
@@ -219,7 +219,7 @@ def print_plan(
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    views = predict.tta_views(str((cfg.get("predict") or {}).get("tta", "none")))
+    views = inference.tta_views(str((cfg.get("predict") or {}).get("tta", "none")))
     plan = planning.plan_run(cfg, model_cfgs, views, parallel, device)
     print("\n".join(planning.report(plan)))
     return planning.over_budget(plan, budget_h)
@@ -232,7 +232,7 @@ def preflight(cfg: dict[str, Any], model_cfgs: dict[str, dict[str, Any]]) -> Non
     """
     for model_cfg in model_cfgs.values():
         check_config(model_cfg)
-    predict.tta_transforms(str((cfg.get("predict") or {}).get("tta", "none")))
+    inference.tta_transforms(str((cfg.get("predict") or {}).get("tta", "none")))
     for section in ("ensemble", "tune"):
         value = (cfg.get(section) or {}).get("trials", 100)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

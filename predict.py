@@ -9,16 +9,7 @@ Reads every fold's `best.pt` and writes two probability stores (docs/contracts.m
   made with the requested TTA; otherwise the fold's validation images are predicted again.
 - `test/`: the mean over the fold models of the test images' probabilities.
 
-TTA (ttach) wraps a module that returns *softmax probabilities*, so the views are averaged
-as probabilities, not as logits. The transform lists are built here because ttach's own
-aliases do not fit: its `d4_transform` runs 16 passes for the 8 distinct elements of the
-dihedral group, and its vertical-flip alias is misspelt `vlip_transform`.
-- `hflip`: identity, horizontal flip (2 passes);
-- `flip`: {identity, h-flip} x {identity, v-flip} (4 passes);
-- `d4`: {identity, h-flip} x rotations by 0/90/180/270 (the 8 elements of D4).
-`d4` on a non-square working size feeds the model W x H images for the 90/270 rotations:
-every zoo model is fully convolutional and both sides are multiples of 32, so this works,
-and ttach rotates each prediction back to H x W before averaging.
+TTA: models/inference.py (`probability_model`), shared with infer.py.
 """
 
 from __future__ import annotations
@@ -39,8 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import ttach
-from torch import nn
 
 from config import (
     ConfigError,
@@ -57,9 +46,15 @@ from data.loader import LoaderStalled, config_loader
 from data.prepare import prepare_train_data
 from data.probstore import META_FILE, ProbMaps, concat, load_probs, quantise, save_probs
 from data.reader import DataError, list_test, list_train
-from models.inference import Probabilities, load_checkpoint, model_from_checkpoint, predict_probs
+from models.inference import (
+    load_checkpoint,
+    model_from_checkpoint,
+    predict_probs,
+    probability_model,
+    tta_transforms,
+)
 from paths import Layout, RunFiles
-from recipe import recipe_hash, recorded_recipe
+from recipe import check_fold_checkpoint
 from runtime import (
     Dist,
     Precision,
@@ -71,34 +66,6 @@ from runtime import (
 from settings import DataSettings, TrainSettings
 
 log = logging.getLogger("predict")
-
-
-def tta_transforms(name: str) -> ttach.Compose | None:
-    """The ttach transform list of a TTA setting; None for no TTA."""
-    if name == "none":
-        return None
-    if name == "hflip":
-        return ttach.Compose([ttach.HorizontalFlip()])
-    if name == "flip":
-        return ttach.Compose([ttach.HorizontalFlip(), ttach.VerticalFlip()])
-    if name == "d4":
-        return ttach.Compose([ttach.HorizontalFlip(), ttach.Rotate90(angles=[0, 90, 180, 270])])
-    raise ConfigError(f"unknown TTA {name!r}; choose one of {', '.join(cli.TTA_CHOICES)}")
-
-
-def tta_views(name: str) -> int:
-    """Forward passes per image of a TTA setting (1 without TTA)."""
-    transforms = tta_transforms(name)
-    return 1 if transforms is None else len(list(transforms))
-
-
-def probability_model(model: nn.Module, tta: str) -> nn.Module:
-    """A module mapping images to class probabilities, averaged over the TTA views."""
-    probs = Probabilities(model)
-    transforms = tta_transforms(tta)
-    if transforms is None:
-        return probs
-    return ttach.SegmentationTTAWrapper(probs, transforms, merge_mode="mean")
 
 
 def trained_folds(cfg: dict[str, Any], model_name: str, n_folds: int) -> list[RunFiles]:
@@ -131,49 +98,6 @@ def reusable_oof(
         and list(store.size) == list(size)
     )
     return store if same else None
-
-
-def _check_checkpoint(
-    ckpt: dict[str, Any],
-    run: RunFiles,
-    fold: int,
-    split_id: str,
-    size: list[int],
-    model_name: str,
-    arch: str,
-) -> None:
-    """Refuse a checkpoint that would give leaked, mis-sized or mislabelled maps.
-
-    A checkpoint copied from another fold folder has seen this fold's validation images;
-    one from another recipe (learning rate, seed, ...) is not the model its folder's
-    `recipe.json` describes, which train.py checks against the config.
-    """
-    path = run.best
-    if (ckpt.get("model_name"), ckpt.get("arch")) != (model_name, arch):
-        raise DataError(
-            f"{path} is a checkpoint of {ckpt.get('model_name')} ({ckpt.get('arch')}), not of "
-            f"{model_name} ({arch}); it was copied into the wrong fold folder"
-        )
-    if ckpt["split_id"] != split_id:
-        raise DataError(
-            f"{path} was trained on split {ckpt['split_id']} but folds.json is split {split_id}"
-        )
-    if ckpt.get("fold") != fold:
-        raise DataError(
-            f"{path} was trained as fold {ckpt.get('fold')}, not fold {fold}: it has seen "
-            f"this fold's validation images; put it back, or retrain fold {fold} "
-            f"(train.py --model {model_name} --fold {fold} --force)"
-        )
-    folder = recorded_recipe(run)
-    if ckpt.get("recipe_hash") != recipe_hash(folder or {}):
-        raise DataError(
-            f"{path} was trained with another recipe than {run.recipe} records"
-            f" (recipe hash {ckpt.get('recipe_hash')}, the folder's {recipe_hash(folder or {})}); "
-            f"retrain the fold (train.py --model {model_name} --fold {fold} --force)"
-        )
-    trained = list(DataSettings.from_config(ckpt["config"]).img_size)
-    if trained != list(size):
-        raise ConfigError(f"{path} was trained at {trained} but data.img_size is {size}")
 
 
 def prepare_test_items(cfg: dict[str, Any]) -> list[CachedItem]:
@@ -214,7 +138,7 @@ def predict_model(
     test_sum = np.zeros((len(test_items), 3, *size), np.float32)
     for k, run in enumerate(runs):
         ckpt = load_checkpoint(run.best, device)
-        _check_checkpoint(ckpt, run, k, split_id, size, model_name, entry["arch"])
+        check_fold_checkpoint(ckpt, run, k, split_id, size, model_name, entry["arch"])
         model = model_from_checkpoint(ckpt, device)
         if precision.channels_last:
             model = model.to(memory_format=torch.channels_last)

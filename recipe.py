@@ -256,3 +256,46 @@ class RetryPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_fold_checkpoint(
+    ckpt: dict[str, Any],
+    run: RunFiles,
+    fold: int,
+    split_id: str,
+    size: list[int],
+    model_name: str,
+    arch: str,
+) -> None:
+    """Refuse a checkpoint that would give leaked, mis-sized or mislabelled maps.
+
+    A checkpoint copied from another fold folder has seen this fold's validation images;
+    one from another recipe (learning rate, seed, ...) is not the model its folder's
+    `recipe.json` describes, which train.py checks against the config.
+    """
+    path = run.best
+    if (ckpt.get("model_name"), ckpt.get("arch")) != (model_name, arch):
+        raise DataError(
+            f"{path} is a checkpoint of {ckpt.get('model_name')} ({ckpt.get('arch')}), not of "
+            f"{model_name} ({arch}); it was copied into the wrong fold folder"
+        )
+    if ckpt["split_id"] != split_id:
+        raise DataError(
+            f"{path} was trained on split {ckpt['split_id']} but folds.json is split {split_id}"
+        )
+    if ckpt.get("fold") != fold:
+        raise DataError(
+            f"{path} was trained as fold {ckpt.get('fold')}, not fold {fold}: it has seen "
+            f"this fold's validation images; put it back, or retrain fold {fold} "
+            f"(train.py --model {model_name} --fold {fold} --force)"
+        )
+    folder = recorded_recipe(run)
+    if ckpt.get("recipe_hash") != recipe_hash(folder or {}):
+        raise DataError(
+            f"{path} was trained with another recipe than {run.recipe} records"
+            f" (recipe hash {ckpt.get('recipe_hash')}, the folder's {recipe_hash(folder or {})}); "
+            f"retrain the fold (train.py --model {model_name} --fold {fold} --force)"
+        )
+    trained = list(DataSettings.from_config(ckpt["config"]).img_size)
+    if trained != list(size):
+        raise ConfigError(f"{path} was trained at {trained} but data.img_size is {size}")

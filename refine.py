@@ -36,11 +36,9 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -50,7 +48,6 @@ from config import (
     provenance,
     reports_environment_errors,
     resolve_cli_config,
-    settings_from,
     setup_logging,
 )
 from data.atomic import write_json
@@ -61,16 +58,18 @@ from decisions import Candidate, Rule, choose, format_decision, map_stats, pick
 from metrics import class_stats
 from models.refiner import RegionRefiner
 from paths import Layout
-from regions import (
-    CROP_CHANNELS,
-    FALSE_POSITIVE,
-    Region,
-    crop_target,
-    paste_region,
-    predicted_regions,
-    region_crop,
-    true_labels,
+from refinement import (
+    RefineSettings,
+    RegionSet,
+    collect_regions,
+    paste,
+    portable_numerics,
+    predict_regions,
+    refine_test,
+    save_refiners,
+    tensor,
 )
+from regions import CROP_CHANNELS, FALSE_POSITIVE
 from runtime import derive_seed
 
 log = logging.getLogger("refine")
@@ -79,103 +78,11 @@ log = logging.getLogger("refine")
 N_MOST_CHANGED = 6
 
 
-@dataclass(frozen=True)
-class RefineSettings:
-    """The `refine:` section of a config (besides `enabled`)."""
-
-    crop: int = 64  # side of the square crop, a multiple of 8
-    margin: float = 0.25  # context around the region's box, per side, as a fraction of it
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 3e-3
-    width: int = 16  # channels of the refiner's first level
-    # Tiny convolutions: more threads only add synchronisation (on 2 busy cores, one
-    # thread trained a fold 15x faster than two).
-    cpu_threads: int = 1
-
-    def __post_init__(self) -> None:
-        if self.crop < 16 or self.crop % 8:
-            raise ConfigError(f"refine.crop must be a multiple of 8, at least 16, got {self.crop}")
-        for name in ("epochs", "batch_size", "width", "cpu_threads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"refine.{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.margin <= 2.0 or self.lr <= 0:
-            raise ConfigError(f"refine.margin must be in [0, 2] and refine.lr positive: {self}")
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> RefineSettings:
-        section = dict(cfg.get("refine") or {})
-        section.pop("enabled", None)
-        return settings_from(cls, section, "refine")
-
-
-@dataclass
-class RegionSet:
-    """The regions of some images, as crops, with their truth when the images have one."""
-
-    image_ids: list[str]  # per region
-    image_index: np.ndarray  # per region: the image's row in the store
-    regions: list[Region]
-    crops: np.ndarray  # float16 (M, CROP_CHANNELS, side, side)
-    labels: np.ndarray | None  # (M,) true label: FALSE_POSITIVE, 1 or 2
-    masks: np.ndarray | None  # float16 (M, side, side) mask targets
-
-    def __len__(self) -> int:
-        return len(self.regions)
-
-    def take(self, rows: np.ndarray) -> RegionSet:
-        return RegionSet(
-            [self.image_ids[r] for r in rows],
-            self.image_index[rows],
-            [self.regions[r] for r in rows],
-            self.crops[rows],
-            None if self.labels is None else self.labels[rows],
-            None if self.masks is None else self.masks[rows],
-        )
-
-
-def collect_regions(
-    ids: Sequence[str],
-    images: Sequence[np.ndarray],
-    probs: np.ndarray,
-    targets: np.ndarray | None,
-    settings: RefineSettings,
-) -> RegionSet:
-    """Every predicted region of every image as a crop (and its truth when `targets`)."""
-    image_ids, index, regions, crops, labels, masks = [], [], [], [], [], []
-    for i, image_id in enumerate(ids):
-        p = probs[i].astype(np.float32) / 255.0 if probs.dtype == np.uint8 else probs[i]
-        region_labels, found, _ = predicted_regions(probs[i], settings.margin)
-        truth = None if targets is None else true_labels(region_labels, len(found), targets[i])
-        for region in found:
-            mask = region_labels == region.label
-            image_ids.append(image_id)
-            index.append(i)
-            regions.append(region)
-            crops.append(region_crop(images[i], p, mask, region.box, settings.crop))
-            if truth is not None:
-                labels.append(truth[region.label])
-                masks.append(crop_target(targets[i], region_labels, region, settings.crop))
-    side = settings.crop
-    return RegionSet(
-        image_ids,
-        np.asarray(index, np.int64),
-        regions,
-        np.asarray(crops, np.float16).reshape(-1, CROP_CHANNELS, side, side),
-        None if targets is None else np.asarray(labels, np.int64),
-        None if targets is None else np.asarray(masks, np.float16).reshape(-1, side, side),
-    )
-
-
 def _dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
     """One of the 8 flips/rotations of the square crops (dims -2, -1)."""
     if code & 4:
         x = x.flip(-1)
     return torch.rot90(x, code & 3, dims=(-2, -1))
-
-
-def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(a.astype(np.float32)).to(device)
 
 
 def train_refiner(data: RegionSet, settings: RefineSettings, seed: int) -> RegionRefiner:
@@ -203,8 +110,8 @@ def train_refiner(data: RegionSet, settings: RefineSettings, seed: int) -> Regio
             if len(rows) < 2:
                 continue  # BatchNorm needs two samples
             code = int(rng.integers(8))
-            x = _dihedral(_tensor(data.crops[rows], device), code)
-            y_mask = _dihedral(_tensor(data.masks[rows], device), code)
+            x = _dihedral(tensor(data.crops[rows], device), code)
+            y_mask = _dihedral(tensor(data.masks[rows], device), code)
             y_class = torch.from_numpy(data.labels[rows]).to(device)
             class_logits, mask_logits = model(x)
             loss = F.cross_entropy(class_logits, y_class) + F.binary_cross_entropy_with_logits(
@@ -215,42 +122,6 @@ def train_refiner(data: RegionSet, settings: RefineSettings, seed: int) -> Regio
             optimiser.step()
             schedule.step()
     return model.eval()
-
-
-@torch.no_grad()
-def predict_regions(
-    models: Sequence[RegionRefiner], data: RegionSet, batch_size: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
-    """(class probabilities (M, 3), polyp probabilities (M, side, side)), mean over models."""
-    side = data.crops.shape[-1]
-    classes = np.zeros((len(data), 3), np.float32)
-    polyp = np.zeros((len(data), side, side), np.float32)
-    for lo in range(0, len(data), batch_size):
-        for model in models:
-            x = _tensor(data.crops[lo : lo + batch_size], next(model.parameters()).device)
-            class_logits, mask_logits = model(x)
-            classes[lo : lo + len(x)] += class_logits.softmax(1).cpu().numpy() / len(models)
-            polyp[lo : lo + len(x)] += torch.sigmoid(mask_logits).cpu().numpy() / len(models)
-    return classes, polyp
-
-
-def paste(
-    probs: np.ndarray, data: RegionSet, classes: np.ndarray, polyp: np.ndarray | None
-) -> np.ndarray:
-    """Refined uint8 maps: `probs` (uint8 codes) with every region of `data` rewritten;
-    `polyp` None keeps the first stage's masks and refines only the regions' classes."""
-    out = probs.copy()
-    by_image: dict[int, list[int]] = {}
-    for row, i in enumerate(data.image_index.tolist()):
-        by_image.setdefault(i, []).append(row)
-    for i, rows in by_image.items():
-        labels, _, _ = predicted_regions(probs[i])
-        refined = probs[i].astype(np.float32) / 255.0
-        for row in rows:
-            mask = None if polyp is None else polyp[row]
-            paste_region(refined, labels, data.regions[row], classes[row], mask)
-        out[i] = np.rint(np.clip(refined, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return out
 
 
 def cross_refine(
@@ -422,21 +293,6 @@ def refine_oof(
     return refined, models, doc
 
 
-def refine_test(
-    models: Sequence[RegionRefiner],
-    ids: Sequence[str],
-    images: Sequence[np.ndarray],
-    probs: np.ndarray,
-    settings: RefineSettings,
-    use_mask: bool,
-) -> np.ndarray:
-    """Test maps refined with the mean of the fold refiners' outputs (their masks too
-    only when `use_mask`, the OOF decision in refine.json's `refined_mask`)."""
-    data = collect_regions(ids, images, probs, None, settings)
-    classes, polyp = predict_regions(models, data)
-    return paste(probs, data, classes, polyp if use_mask else None)
-
-
 def check_split(split_file: Path, oof: ProbMaps, test: ProbMaps) -> list[int]:
     """The OOF store's per-image folds, after checking every split id agrees."""
     check_compatible([oof, test], "refined together")
@@ -482,12 +338,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     targets = np.stack([load_item(it)[1] for it in items])
     probs = np.asarray(oof.raw)
     start = time.perf_counter()
-    threads, optimized = torch.get_num_threads(), cv2.useOptimized()
-    torch.set_num_threads(settings.cpu_threads)
-    # The crops are resized in float, where OpenCV's AVX2 and AVX-512 code paths round
-    # differently (1e-5, enough to move a trained refiner): the portable path everywhere.
-    cv2.setUseOptimized(False)
-    try:  # the pipeline calls this stage in-process: its settings are given back
+    with portable_numerics(settings.cpu_threads):
         refined, models, doc = refine_oof(
             oof.ids,
             _images(items),
@@ -506,9 +357,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             settings,
             doc["refined_mask"]["kept"],
         )
-    finally:
-        torch.set_num_threads(threads)
-        cv2.setUseOptimized(optimized)
+    save_refiners(layout.refiners, models, settings.width)
     record = provenance(cfg, stage="refine", split_id=oof.split_id)
     common = {"model": "refine", "split_id": oof.split_id, "provenance": record}
     save_probs(

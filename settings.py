@@ -17,6 +17,7 @@ from config import ConfigError, defaults, settings_from
 
 STRATA = ("red", "green", "both", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision (runtime.choose_precision)
+TTA_CHOICES = ("none", "hflip", "flip", "d4")  # predict.tta (models.inference.tta_transforms)
 
 
 def _section(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:

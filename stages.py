@@ -194,6 +194,8 @@ STAGES: tuple[Stage, ...] = (
 TOOLS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "pipeline": cli.pipeline_parser,
     "compare": cli.compare_parser,
+    "export": cli.export_parser,
+    "infer": cli.infer_parser,
 }
 
 

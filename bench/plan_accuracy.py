@@ -19,8 +19,8 @@ import json
 import torch
 
 import planning
-import predict
 from config import load_config, model_config
+from models import inference
 from paths import Layout
 from stages import model_names
 
@@ -34,7 +34,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.config, [f"data_dir={args.data_dir}", f"out_dir={args.out_dir}"])
     model_cfgs = {n: model_config(cfg, n) for n in model_names(cfg)}
-    views = predict.tta_views(str((cfg.get("predict") or {}).get("tta", "none")))
+    views = inference.tta_views(str((cfg.get("predict") or {}).get("tta", "none")))
     plan = planning.plan_run(cfg, model_cfgs, views, args.parallel, torch.device("cpu"))
     recorded = json.loads(Layout.of(cfg).timings.read_text())
     train = recorded.get("train (parallel)") or sum(

@@ -47,10 +47,19 @@ def to_device(
     batch: dict[str, Any], device: torch.device, precision: Precision
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images and masks to the device, then normalised and widened there."""
-    images = normalise(batch["image"].to(device, non_blocking=True))
+    return images_to_device(batch["image"], device, precision), batch["mask"].to(
+        device, non_blocking=True
+    ).long()
+
+
+def images_to_device(
+    images: torch.Tensor, device: torch.device, precision: Precision
+) -> torch.Tensor:
+    """uint8 (N, 3, H, W) images to the device, normalised there, in the model's layout."""
+    images = normalise(images.to(device, non_blocking=True))
     if precision.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return images, batch["mask"].to(device, non_blocking=True).long()
+    return images
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

@@ -149,6 +149,36 @@ def list_images(folder: Path) -> dict[str, Path]:
     return found
 
 
+def list_image_tree(folder: str | Path) -> list[tuple[str, Path]]:
+    """(id, file) of every image under `folder`, at any depth, sorted by id. The id is the
+    path below `folder` without its extension ("a" for a.jpeg, "video1/0001" for
+    video1/0001.png), so frames of two videos never collide; a flat folder gives the
+    competition's ids. A folder holding only a folder of its own name (Kaggle's test/test/)
+    is read as that one. Two files of one id, or no image at all, are errors."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder of images")
+    inner = folder / folder.name
+    if inner.is_dir() and [p.name for p in folder.iterdir() if not p.name.startswith(".")] == [
+        folder.name
+    ]:
+        folder = inner
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.suffix.lower() not in IMAGE_EXTS or not (path.is_file() or path.is_symlink()):
+            continue  # a broken link is kept: decoding it names it as a bad image
+        image_id = relative.with_suffix("").as_posix()
+        if image_id in found:
+            raise DataError(f"two files with the same id {image_id!r}: {found[image_id]}, {path}")
+        found[image_id] = path
+    if not found:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) at any depth")
+    return sorted(found.items())
+
+
 def pair_folders(images_dir: Path, masks_dir: Path) -> Pairing:
     """Match images to masks by stem, returning the pairs and both kinds of leftovers."""
     images, masks = list_images(images_dir), list_images(masks_dir)

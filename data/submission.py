@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +102,12 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def check_submission(path: str | Path, data_dir: str | Path) -> list[str]:
     """Every reason `path` is not a valid submission for the test images in `data_dir`."""
+    return check_rows(path, {s.id: image_size(s.image) for s in list_test(data_dir)})
+
+
+def check_rows(path: str | Path, sizes: Mapping[str, tuple[int, int]]) -> list[str]:
+    """Every reason `path` is not a valid submission for images of these ids and (h, w)."""
     path = Path(path)
-    sizes = {s.id: image_size(s.image) for s in list_test(data_dir)}
     try:
         # csv's default field limit (128 KiB) refused the valid runs of a large detailed
         # image; no field is longer than the file

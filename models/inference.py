@@ -1,6 +1,18 @@
 """Trained checkpoints back into models, and models into probability maps.
 
-Used by train.py (each fold's out-of-fold maps) and predict.py (OOF and test maps, TTA).
+Used by train.py (each fold's out-of-fold maps), predict.py (OOF and test maps, TTA) and
+infer.py (an exported package's networks, torch or ONNX, on new images).
+
+TTA (ttach) wraps a module that returns *softmax probabilities*, so the views are averaged
+as probabilities, not as logits. The transform lists are built here because ttach's own
+aliases do not fit: its `d4_transform` runs 16 passes for the 8 distinct elements of the
+dihedral group, and its vertical-flip alias is misspelt `vlip_transform`.
+- `hflip`: identity, horizontal flip (2 passes);
+- `flip`: {identity, h-flip} x {identity, v-flip} (4 passes);
+- `d4`: {identity, h-flip} x rotations by 0/90/180/270 (the 8 elements of D4).
+`d4` on a non-square working size feeds the model W x H images for the 90/270 rotations:
+every zoo model is fully convolutional and both sides are multiples of 32, so this works,
+and ttach rotates each prediction back to H x W before averaging.
 """
 
 from __future__ import annotations
@@ -11,14 +23,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import ttach
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from config import ConfigError
 from data.dataset import to_device
 from data.reader import DataError
 from models.registry import build_model
 from runtime import Precision
+from settings import TTA_CHOICES
 
 NUM_CLASSES = 3
 
@@ -51,6 +66,34 @@ def predict_probs(
             probs = prob_model(images)
         out.append(probs.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES, 0, 0), np.float32)
+
+
+def tta_transforms(name: str) -> ttach.Compose | None:
+    """The ttach transform list of a TTA setting; None for no TTA."""
+    if name == "none":
+        return None
+    if name == "hflip":
+        return ttach.Compose([ttach.HorizontalFlip()])
+    if name == "flip":
+        return ttach.Compose([ttach.HorizontalFlip(), ttach.VerticalFlip()])
+    if name == "d4":
+        return ttach.Compose([ttach.HorizontalFlip(), ttach.Rotate90(angles=[0, 90, 180, 270])])
+    raise ConfigError(f"unknown TTA {name!r}; choose one of {', '.join(TTA_CHOICES)}")
+
+
+def tta_views(name: str) -> int:
+    """Forward passes per image of a TTA setting (1 without TTA)."""
+    transforms = tta_transforms(name)
+    return 1 if transforms is None else len(list(transforms))
+
+
+def probability_model(model: nn.Module, tta: str) -> nn.Module:
+    """A module mapping images to class probabilities, averaged over the TTA views."""
+    probs = Probabilities(model)
+    transforms = tta_transforms(tta)
+    if transforms is None:
+        return probs
+    return ttach.SegmentationTTAWrapper(probs, transforms, merge_mode="mean")
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import predict
 from config import load_config, model_entry
-from models import ZOO, build_model
+from models import ZOO, build_model, inference
 from recipe import check_config
 
 CONFIGS = sorted(
@@ -31,7 +30,7 @@ def test_shipped_config_is_consistent(path: Path) -> None:
         assert entry["arch"] in ZOO or entry["arch"].startswith("smp.")
         with torch.device("meta"):  # arguments checked without allocating 100M parameters
             build_model(entry["arch"], pretrained=None, **entry["kwargs"])
-    predict.tta_transforms(cfg["predict"]["tta"])  # ConfigError for an unknown TTA
+    inference.tta_transforms(cfg["predict"]["tta"])  # ConfigError for an unknown TTA
 
 
 def test_demo_config_trains_two_architectures_on_three_folds() -> None:

@@ -15,6 +15,7 @@ from data.cache import load_item
 from data.dataset import to_tensor
 from data.probstore import load_probs
 from data.reader import list_test, list_train, load_image
+from models import inference
 from models.inference import Probabilities, load_checkpoint, model_from_checkpoint
 from tests.trainkit import fold_path, run_main, split_of, train_items, write_config
 
@@ -117,13 +118,13 @@ def test_tta_of_a_flip_equivariant_model_changes_nothing(tta: str, passes: int) 
     with torch.no_grad():
         plain = Probabilities(pointwise)(images)
         pointwise.calls = 0
-        merged = predict.probability_model(pointwise, tta)(images)
-    assert pointwise.calls == passes == predict.tta_views(tta)  # what --plan counts
+        merged = inference.probability_model(pointwise, tta)(images)
+    assert pointwise.calls == passes == inference.tta_views(tta)  # what --plan counts
     torch.testing.assert_close(merged, plain)
 
     spatial = nn.Conv2d(3, 3, kernel_size=3, padding=1)  # not flip-equivariant
     with torch.no_grad():
-        changed = predict.probability_model(spatial, tta)(images)
+        changed = inference.probability_model(spatial, tta)(images)
         assert not torch.allclose(changed, Probabilities(spatial)(images), atol=1e-3)
     torch.testing.assert_close(changed.sum(1), torch.ones(2, 64, 96))
 

@@ -1,0 +1,364 @@
+"""Apply an exported package (export.py) to any folder of images.
+
+    python infer.py --package bkai_package --images frames/ --out predictions/ [--masks]
+
+Runs exactly the chain the experiment submitted, with the same functions the stages use:
+each image decoded and resized to the working size as the cache does, every fold network
+with the model's TTA, the fold mean quantised as a probability store is, the blend, the
+refiner when the chain uses it, and the tuned post-processing at the image's own size.
+With the experiment's thread setting (the default) a package reproduces the pipeline's
+`submission.csv` byte for byte.
+
+Images stream through in chunks of a few batches (a multiple of the experiment's
+predict batch size, so each batch holds the images the pipeline's did): memory holds one
+chunk and a few post-processed maps, whatever the folder's size. A line every
+`PROGRESS_S` seconds gives images/s and the time left.
+"""
+
+from __future__ import annotations
+
+import stages
+
+if __name__ == "__main__":
+    stages.exit_if_help("infer")
+
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from joblib import effective_n_jobs
+from torch import nn
+
+from config import reports_environment_errors, setup_logging
+from data.atomic import atomic_write
+from data.augment import build_transforms
+from data.cache import resize_pair
+from data.dataset import chw_uint8, images_to_device
+from data.probstore import ProbMaps, blend_rows, normalised, quantise
+from data.reader import DataError, list_image_tree, load_image
+from data.submission import check_rows, write_submission
+from models.inference import probability_model
+from package import Chain, Network, PackageError, open_package
+from paths import InferFiles
+from postprocessing import class_maps
+from refinement import RefineSettings, load_refiners, portable_numerics, refine_test
+from runtime import Precision, choose_precision, configure_cpu_threads, configure_determinism
+
+log = logging.getLogger("infer")
+
+# Images decoded and predicted together: a few batches, so memory stays bounded.
+CHUNK_IMAGES = 64
+PROGRESS_S = 30.0
+OVERLAY_ALPHA = 0.45
+
+
+class OnnxNetwork(nn.Module):
+    """An ONNX network behind torch's interface, so TTA (ttach) and the chain stay the
+    torch runtime's: only the forward pass changes."""
+
+    def __init__(self, path: Path, threads: int, device: torch.device) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise PackageError(f"{path}: onnxruntime cannot load it ({exc})") from exc
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().float().cpu().contiguous().numpy()
+        logits = self.session.run(None, {"images": array})[0]
+        return torch.from_numpy(logits).to(images.device)
+
+
+@dataclass
+class Decoded:
+    """One image ready for the networks: its working-size pixels and original size."""
+
+    id: str
+    path: Path
+    orig_size: tuple[int, int]
+    small: np.ndarray  # uint8 (h, w, 3) at the working size, as the cache stores it
+
+
+@dataclass
+class Counts:
+    """What a run did, for its last line."""
+
+    predicted: int = 0
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class BadImage(DataError):
+    """An image that cannot be read, with --bad-images stop."""
+
+
+def fold_networks(
+    root: Path,
+    chain: Chain,
+    runtime: str,
+    device: torch.device,
+    precision: Precision,
+    threads: int,
+) -> list[list[nn.Module]]:
+    """For each network of the chain, its folds as probability models (with its TTA)."""
+    models = []
+    for net in chain.networks:
+        models.append(
+            [
+                probability_model(
+                    _network(root, net, k, runtime, device, precision, threads), net.tta
+                )
+                for k in range(len(net.folds))
+            ]
+        )
+    return models
+
+
+def _network(
+    root: Path,
+    net: Network,
+    fold: int,
+    runtime: str,
+    device: torch.device,
+    precision: Precision,
+    threads: int,
+) -> nn.Module:
+    if runtime == "onnx":
+        if not net.onnx:
+            raise PackageError(
+                f"{root}: {net.name} has no ONNX files; export the package with --onnx"
+            )
+        return OnnxNetwork(root / net.onnx[fold], threads, device)
+    model = net.build(root, fold, device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def decode(image_id: str, path: Path, size: tuple[int, int]) -> Decoded | DataError:
+    """The image at the working size (INTER_AREA, as data.cache), or the error naming it."""
+    try:
+        image = load_image(path)
+    except DataError as exc:
+        return exc
+    small, _ = resize_pair(image, None, size)
+    return Decoded(image_id, path, image.shape[:2], small)
+
+
+@torch.no_grad()
+def chunk_probs(
+    networks: list[list[nn.Module]],
+    chain: Chain,
+    smalls: list[np.ndarray],
+    device: torch.device,
+    precision: Precision,
+) -> list[np.ndarray]:
+    """Each network's uint8 codes for a chunk: the mean over its folds of the TTA
+    probabilities, summed fold by fold and quantised, as predict.py stores them."""
+    transform = build_transforms(chain.img_size, train=False)
+    images = torch.stack([chw_uint8(transform(image=im)["image"]) for im in smalls])
+    codes = []
+    for folds in networks:
+        total = np.zeros((len(images), 3, *chain.img_size), np.float32)
+        for model in folds:
+            model.eval()
+            for lo in range(0, len(images), chain.batch_size):
+                x = images_to_device(images[lo : lo + chain.batch_size], device, precision)
+                with precision.autocast():
+                    probs = model(x)
+                total[lo : lo + len(x)] += probs.float().cpu().numpy()
+        codes.append(quantise(total / len(folds)))
+    return codes
+
+
+def chunk_maps(
+    decoded: list[Decoded],
+    networks: list[list[nn.Module]],
+    refiners: list[nn.Module] | None,
+    chain: Chain,
+    device: torch.device,
+    precision: Precision,
+    jobs: int,
+) -> Iterator[tuple[Decoded, np.ndarray]]:
+    """(image, class map at its own size) for a chunk: networks, blend, refiner, post."""
+    smalls = [d.small for d in decoded]
+    codes = chunk_probs(networks, chain, smalls, device, precision)
+    rows = np.arange(len(decoded))
+    maps = blend_rows(codes, normalised(chain.weights), rows)
+    ids = [d.id for d in decoded]
+    if refiners is not None and chain.refiner is not None:
+        settings = RefineSettings(**chain.refiner["settings"])
+        with portable_numerics(settings.cpu_threads):
+            maps = refine_test(refiners, ids, smalls, maps, settings, chain.refiner["use_mask"])
+    store = ProbMaps(ids, [d.orig_size for d in decoded], {}, maps)
+    with closing(class_maps(store, chain.postprocess, jobs)) as stream:
+        for d, (_, class_map) in zip(decoded, stream, strict=True):
+            yield d, class_map
+
+
+def progress_line(counts: Counts, total: int, seconds: float) -> str:
+    done = counts.predicted + len(counts.skipped)
+    rate = counts.predicted / seconds if seconds > 0 else 0.0
+    left = (total - done) / rate if rate > 0 else float("nan")
+    return f"infer: {done}/{total} images, {rate:.2f} images/s, about {left / 60:.1f} min left"
+
+
+def _write_image(path: Path, image: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(path.suffix, image)
+    if not ok:
+        raise DataError(f"{path}: OpenCV could not encode it")
+    with atomic_write(path, "wb") as fh:
+        fh.write(encoded.tobytes())
+
+
+def write_extras(
+    d: Decoded, class_map: np.ndarray, out: InferFiles, chain: Chain, masks: bool, overlays: bool
+) -> None:
+    """masks/<id>.png (class ids) and overlays/<id>.jpg (class colours over the image)."""
+    if masks:
+        _write_image(out.mask(d.id), class_map)
+    if overlays:
+        image = load_image(d.path).astype(np.float32)
+        colours = np.asarray([chain.classes[str(c)]["colour"] for c in range(3)], np.float32)
+        polyp = (class_map > 0)[..., None]
+        mixed = image * (1 - OVERLAY_ALPHA) + colours[class_map] * OVERLAY_ALPHA
+        overlay = np.where(polyp, mixed, image).round().astype(np.uint8)
+        _write_image(out.overlay(d.id), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+
+
+def run_chain(
+    root: Path,
+    chain: Chain,
+    images: Sequence[tuple[str, Path]],
+    out: Path,
+    *,
+    runtime: str = "torch",
+    device: torch.device | None = None,
+    threads: int | None = None,
+    jobs: int = -1,
+    bad_images: str = "skip",
+    masks: bool = False,
+    overlays: bool = False,
+) -> Counts:
+    """Predict `images` with the package at `root` into `out` (submission.csv and, by
+    flag, masks/ and overlays/); returns the counts. BadImage with `bad_images="stop"`."""
+    device = device or torch.device("cpu")
+    threads = threads or chain.cpu_threads
+    configure_cpu_threads(threads)
+    configure_determinism(True, device)
+    precision = choose_precision(device, chain.precision, chain.channels_last)
+    networks = fold_networks(root, chain, runtime, device, precision, threads)
+    refiners = load_refiners(root / chain.refiner["file"], device) if chain.refines else None
+    workers = effective_n_jobs(jobs)
+    step = chain.batch_size * max(1, CHUNK_IMAGES // chain.batch_size)
+    counts = Counts()
+    sizes: dict[str, tuple[int, int]] = {}
+    start = last_line = time.perf_counter()
+
+    def stream() -> Iterator[tuple[str, np.ndarray]]:
+        nonlocal last_line
+        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+            for lo in range(0, len(images), step):
+                decoded = []
+                for item in pool.map(
+                    lambda it: decode(*it, chain.img_size), images[lo : lo + step]
+                ):
+                    if isinstance(item, Decoded):
+                        decoded.append(item)
+                    elif bad_images == "stop":
+                        raise BadImage(f"{item} (--bad-images stop)")
+                    else:
+                        log.warning("skipped: %s", item)
+                        counts.skipped.append(str(item))
+                for d, class_map in chunk_maps(
+                    decoded, networks, refiners, chain, device, precision, workers
+                ):
+                    write_extras(d, class_map, files, chain, masks, overlays)
+                    sizes[d.id] = d.orig_size
+                    counts.predicted += 1
+                    yield d.id, class_map
+                if time.perf_counter() - last_line >= PROGRESS_S:
+                    last_line = time.perf_counter()
+                    log.info(progress_line(counts, len(images), last_line - start))
+
+    files = InferFiles(out)
+    submission = files.submission
+    write_submission(submission, stream())
+    counts.seconds = time.perf_counter() - start
+    problems = check_rows(submission, sizes)
+    if problems:
+        submission.unlink()
+        raise DataError(f"{submission} failed its check and was removed: {problems[:3]}")
+    return counts
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no GPU is visible to torch here")
+    return torch.device(name)
+
+
+@reports_environment_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    args = stages.parser("infer").parse_args(argv)
+    setup_logging()
+    try:
+        device = choose_device(args.device)
+        images = list_image_tree(args.images)
+        with open_package(args.package) as (root, manifest):
+            chain = Chain.read(root)
+            log.info(
+                "package %s (%s, chain: %s): %d images",
+                args.package,
+                manifest["provenance"].get("experiment"),
+                manifest["provenance"].get("chain"),
+                len(images),
+            )
+            counts = run_chain(
+                root,
+                chain,
+                images,
+                args.out,
+                runtime=args.runtime,
+                device=device,
+                threads=args.threads,
+                jobs=args.jobs,
+                bad_images=args.bad_images,
+                masks=args.masks,
+                overlays=args.overlays,
+            )
+    except BadImage as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rate = counts.predicted / counts.seconds if counts.seconds else 0.0
+    print(
+        f"wrote {InferFiles(args.out).submission}: {counts.predicted} images predicted, "
+        f"{len(counts.skipped)} skipped, {rate:.2f} images/s"
+    )
+    for line in counts.skipped:
+        print(f"  skipped: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
