@@ -221,7 +221,7 @@ def load_refiners(path: Path, device: torch.device | str = "cpu") -> list[Region
     try:
         with safetensors.safe_open(str(path), "pt", device=str(device)) as fh:
             meta = fh.metadata() or {}
-            tensors = {key: fh.gettensor(key) for key in fh.keys()}  # noqa: SIM118
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
         folds, width = int(meta["folds"]), int(meta["width"])
         models = []
         for k in range(folds):
