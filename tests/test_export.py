@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -120,8 +121,10 @@ def test_a_package_alone_reproduces_the_submission_byte_for_byte(experiment, tmp
     assert manifest["provenance"]["split_id"] and manifest["provenance"]["chain"]
 
 
-def test_the_refined_chain_is_reproduced_too(experiment, tmp_path):
-    """A chain that submits the refined maps: the package carries the fold refiners."""
+def test_the_refined_chain_is_reproduced_too(experiment, tmp_path, monkeypatch):
+    """A chain that submits the refined maps: the package carries the fold refiners.
+    Streamed a batch at a time (two chunks here), it still gives the same bytes."""
+    monkeypatch.setattr(infer, "CHUNK_IMAGES", 1)
     root, flags = private_copy(experiment, tmp_path)
     tuned = root / "out" / "tiny" / "postprocess.json"
     doc = json.loads(tuned.read_text())
@@ -167,7 +170,11 @@ def test_a_zipped_package_works_and_a_changed_file_is_refused(experiment, tmp_pa
     assert str(weights) in err and "sha256 differs" in err
 
 
-def test_a_corrupt_image_is_skipped_and_counted_or_stops_the_run(experiment, tmp_path, capsys):
+def test_a_corrupt_image_is_skipped_and_counted_or_stops_the_run(
+    experiment, tmp_path, capsys, caplog, monkeypatch
+):
+    monkeypatch.setattr(infer, "PROGRESS_S", 0.0)  # a progress line after every chunk
+    caplog.set_level(logging.INFO, logger="infer")
     root, flags = private_copy(experiment, tmp_path)
     package = tmp_path / "package"
     assert export.main([*flags, "--out", str(package)]) == 0
@@ -180,6 +187,7 @@ def test_a_corrupt_image_is_skipped_and_counted_or_stops_the_run(experiment, tmp
     assert infer.main(base) == 0
     printed = capsys.readouterr().out
     assert "6 images predicted, 1 skipped" in printed and str(bad) in printed
+    assert "infer: 7/7 images" in caplog.text and "images/s, about 0.0 min left" in caplog.text
     sizes = {p.stem: image_size(p) for p in images.iterdir() if p != bad}
     assert check_rows(out / "submission.csv", sizes) == []
     before = (out / "submission.csv").read_bytes()
@@ -209,6 +217,27 @@ def test_nested_full_size_frames_keep_their_folders_and_sizes(experiment, tmp_pa
         assert overlay.shape == (h, w, 3)
     rows = [r[0] for r in csv.reader((out / "submission.csv").open())][1:]
     assert rows == ["video1/0001_0", "video1/0001_1", "video2/0001_0", "video2/0001_1"]
+
+
+def test_a_half_precision_package_is_half_the_size_and_still_predicts(experiment, tmp_path):
+    _, flags = private_copy(experiment, tmp_path)
+    sizes = {}
+    for name, extra in (("full", []), ("half", ["--half"])):
+        package = tmp_path / name
+        assert export.main([*flags, "--out", str(package), *extra]) == 0
+        sizes[name] = sum(p.stat().st_size for p in package.rglob("*.safetensors"))
+    assert sizes["half"] < 0.55 * sizes["full"]
+    images = experiment / "data" / "test"
+    out = tmp_path / "out"
+    argv = ["--package", str(tmp_path / "half"), "--images", str(images), "--out", str(out)]
+    assert infer.main(argv) == 0
+    assert (
+        check_rows(
+            out / "submission.csv",
+            {s.id: image_size(s.image) for s in list_test(experiment / "data")},
+        )
+        == []
+    )
 
 
 def test_export_refuses_an_unfinished_experiment(experiment, tmp_path, capsys):
