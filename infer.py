@@ -54,7 +54,8 @@ from runtime import Precision, choose_precision, configure_cpu_threads, configur
 
 log = logging.getLogger("infer")
 
-# Images decoded and predicted together: a few batches, so memory stays bounded.
+# Images predicted together: a few batches (two chunks in memory: the next one decodes
+# while the networks run), so memory stays bounded whatever the folder holds.
 CHUNK_IMAGES = 64
 PROGRESS_S = 30.0
 OVERLAY_ALPHA = 0.45
@@ -196,6 +197,8 @@ def chunk_maps(
     jobs: int,
 ) -> Iterator[tuple[Decoded, np.ndarray]]:
     """(image, class map at its own size) for a chunk: networks, blend, refiner, post."""
+    if not decoded:
+        return
     smalls = [d.small for d in decoded]
     codes = chunk_probs(networks, chain, smalls, device, precision)
     rows = np.arange(len(decoded))
@@ -270,14 +273,21 @@ def run_chain(
     sizes: dict[str, tuple[int, int]] = {}
     start = last_line = time.perf_counter()
 
+    def decoded_chunks(pool: ThreadPoolExecutor) -> Iterator[list[Decoded | DataError]]:
+        """The chunks in order, the next one decoding while the networks run this one."""
+        chunks = [images[lo : lo + step] for lo in range(0, len(images), step)]
+        pending = [pool.submit(decode, *it, chain.img_size) for it in chunks[0]]
+        for following in [*chunks[1:], []]:
+            current = pending
+            pending = [pool.submit(decode, *it, chain.img_size) for it in following]
+            yield [job.result() for job in current]
+
     def stream() -> Iterator[tuple[str, np.ndarray]]:
         nonlocal last_line
         with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-            for lo in range(0, len(images), step):
+            for chunk in decoded_chunks(pool):
                 decoded = []
-                for item in pool.map(
-                    lambda it: decode(*it, chain.img_size), images[lo : lo + step]
-                ):
+                for item in chunk:
                     if isinstance(item, Decoded):
                         decoded.append(item)
                     elif bad_images == "stop":
@@ -350,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if counts.predicted == 0:
+        print(f"error: none of the {len(images)} images could be read", file=sys.stderr)
+        return 1
     rate = counts.predicted / counts.seconds if counts.seconds else 0.0
     print(
         f"wrote {InferFiles(args.out).submission}: {counts.predicted} images predicted, "

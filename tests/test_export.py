@@ -194,6 +194,13 @@ def test_a_corrupt_image_is_skipped_and_counted_or_stops_the_run(
     assert infer.main([*base, "--bad-images", "stop"]) == 1
     assert str(bad) in capsys.readouterr().err
     assert (out / "submission.csv").read_bytes() == before  # the earlier file is kept
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    shutil.copyfile(bad, only_bad / "a.jpg")
+    shutil.copyfile(bad, only_bad / "b.jpg")
+    argv = ["--package", str(package), "--images", str(only_bad), "--out", str(tmp_path / "o")]
+    assert infer.main(argv) == 1
+    assert "none of the 2 images could be read" in capsys.readouterr().err
 
 
 def test_nested_full_size_frames_keep_their_folders_and_sizes(experiment, tmp_path, full_size_data):
