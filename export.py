@@ -145,6 +145,8 @@ def write_package(
         entry = model_entry(cfg, name)
         test_store = load_probs(layout.store(name, "test"))
         folds = test_store.meta.get("folds") or []
+        if not folds:
+            raise DataError(f"{test_store.where}: records no folds; run predict.py again")
         files, onnx_files = [], []
         for k in folds:
             run = layout.fold(name, int(k))
