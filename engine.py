@@ -51,6 +51,7 @@ from models.inference import NUM_CLASSES
 from models.losses import SegLoss
 from optim import build_optimizer, build_scheduler, param_groups
 from paths import Layout, RunFiles
+from progress import Ticker
 from recipe import RetryPolicy
 from runtime import (
     Dist,
@@ -139,29 +140,32 @@ def train_epoch(
     bar = tqdm(
         loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if dist.is_main else True
     )
-    for step, batch in enumerate(bar, 1):
-        images, masks = to_device(batch, device, learner.precision)
-        images, masks = scaled_batch(images, masks, learner.multiscale, derive_seed(seed, step))
-        losses = torch.stack(learner.step(images, masks))
-        learner.scheduler.step()
-        if learner.ema is not None:
-            learner.ema.update_parameters(learner.raw)
-        total += losses * images.shape[0]
-        seen += images.shape[0]
-        if step % LOSS_CHECK_EVERY == 0 or step == len(loader):
-            mean = total[1].item() / seen
-            # Every rank must stop together: one that raised alone would leave the others
-            # waiting in the next all-reduce.
-            bad = torch.tensor(float(not math.isfinite(mean)), device=device)
-            if dist.enabled:
-                tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
-            if bad.item():
-                raise TrainingError(
-                    f"{desc}: training loss became non-finite ({mean} on rank {dist.rank}) "
-                    f"by step {step}"
-                )
-            rate = seen * dist.world_size / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.1f}")
+    # plain lines within a long epoch (hours of them on real data) for notebooks and logs
+    ticker = Ticker(desc, len(loader), "batches", logger=log, enabled=dist.is_main)
+    with ticker:
+        for step, batch in enumerate(ticker.track(bar), 1):
+            images, masks = to_device(batch, device, learner.precision)
+            images, masks = scaled_batch(images, masks, learner.multiscale, derive_seed(seed, step))
+            losses = torch.stack(learner.step(images, masks))
+            learner.scheduler.step()
+            if learner.ema is not None:
+                learner.ema.update_parameters(learner.raw)
+            total += losses * images.shape[0]
+            seen += images.shape[0]
+            if step % LOSS_CHECK_EVERY == 0 or step == len(loader):
+                mean = total[1].item() / seen
+                # Every rank must stop together: one that raised alone would leave the others
+                # waiting in the next all-reduce.
+                bad = torch.tensor(float(not math.isfinite(mean)), device=device)
+                if dist.enabled:
+                    tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
+                if bad.item():
+                    raise TrainingError(
+                        f"{desc}: training loss became non-finite ({mean} on rank {dist.rank}) "
+                        f"by step {step}"
+                    )
+                rate = seen * dist.world_size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.1f}")
     elapsed = time.perf_counter() - start
     stats = torch.cat([total, torch.tensor([float(seen)], dtype=torch.float64, device=device)])
     if dist.enabled:

@@ -12,7 +12,7 @@ With the experiment's thread setting (the default) a package reproduces the pipe
 Images stream through in chunks of a few batches (a multiple of the experiment's
 predict batch size, so each batch holds the images the pipeline's did): memory holds one
 chunk and a few post-processed maps, whatever the folder's size. A line every
-`PROGRESS_S` seconds gives images/s and the time left.
+`progress.PROGRESS_S` seconds gives images/s and the time left.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from models.inference import probability_model
 from package import Chain, Network, PackageError, open_package
 from paths import InferFiles
 from postprocessing import class_maps
+from progress import Ticker
 from refinement import RefineSettings, load_refiners, portable_numerics, refine_test
 from runtime import Precision, choose_precision, configure_cpu_threads, configure_determinism
 
@@ -57,7 +58,6 @@ log = logging.getLogger("infer")
 # Images predicted together: a few batches (two chunks in memory: the next one decodes
 # while the networks run), so memory stays bounded whatever the folder holds.
 CHUNK_IMAGES = 64
-PROGRESS_S = 30.0
 OVERLAY_ALPHA = 0.45
 
 
@@ -214,13 +214,6 @@ def chunk_maps(
             yield d, class_map
 
 
-def progress_line(counts: Counts, total: int, seconds: float) -> str:
-    done = counts.predicted + len(counts.skipped)
-    rate = counts.predicted / seconds if seconds > 0 else 0.0
-    left = (total - done) / rate if rate > 0 else float("nan")
-    return f"infer: {done}/{total} images, {rate:.2f} images/s, about {left / 60:.1f} min left"
-
-
 def _write_image(path: Path, image: np.ndarray) -> None:
     ok, encoded = cv2.imencode(path.suffix, image)
     if not ok:
@@ -271,7 +264,8 @@ def run_chain(
     step = chain.batch_size * max(1, CHUNK_IMAGES // chain.batch_size)
     counts = Counts()
     sizes: dict[str, tuple[int, int]] = {}
-    start = last_line = time.perf_counter()
+    start = time.perf_counter()
+    ticker = Ticker("infer", len(images), "images", logger=log)
 
     def decoded_chunks(pool: ThreadPoolExecutor) -> Iterator[list[Decoded | DataError]]:
         """The chunks in order, the next one decoding while the networks run this one."""
@@ -283,7 +277,6 @@ def run_chain(
             yield [job.result() for job in current]
 
     def stream() -> Iterator[tuple[str, np.ndarray]]:
-        nonlocal last_line
         with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
             for chunk in decoded_chunks(pool):
                 decoded = []
@@ -295,20 +288,20 @@ def run_chain(
                     else:
                         log.warning("skipped: %s", item)
                         counts.skipped.append(str(item))
+                        ticker.step()
                 for d, class_map in chunk_maps(
                     decoded, networks, refiners, chain, device, precision, workers
                 ):
                     write_extras(d, class_map, files, chain, masks, overlays)
                     sizes[d.id] = d.orig_size
                     counts.predicted += 1
+                    ticker.step()
                     yield d.id, class_map
-                if time.perf_counter() - last_line >= PROGRESS_S:
-                    last_line = time.perf_counter()
-                    log.info(progress_line(counts, len(images), last_line - start))
 
     files = InferFiles(out)
     submission = files.submission
-    write_submission(submission, stream())
+    with ticker:
+        write_submission(submission, stream())
     counts.seconds = time.perf_counter() - start
     problems = check_rows(submission, sizes)
     if problems:

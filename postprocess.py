@@ -34,6 +34,7 @@ from data.reader import DataError, list_test
 from data.submission import check_submission, image_size, write_submission
 from paths import Layout
 from postprocessing import PostprocessParams, class_maps, input_store, load_params
+from progress import Ticker
 
 log = logging.getLogger("postprocess")
 
@@ -60,8 +61,12 @@ def make_submission(
     """Write `out` only if it passes `check_submission`; returns the problems otherwise."""
     check_store_matches_test(store, data_dir)
     tmp = out.with_name(f".{out.name}.unchecked")
-    with closing(class_maps(store, params, n_jobs)) as maps:
-        write_submission(tmp, tqdm(maps, total=len(store), desc="post-process", disable=None))
+    with (
+        closing(class_maps(store, params, n_jobs)) as maps,
+        Ticker("post-process", len(store), "images", logger=log) as ticker,
+    ):
+        bar = tqdm(maps, total=len(store), desc="post-process", disable=None)
+        write_submission(tmp, ticker.track(bar))
     problems = check_submission(tmp, data_dir)
     if problems:
         tmp.unlink()

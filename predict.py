@@ -54,6 +54,7 @@ from models.inference import (
     tta_transforms,
 )
 from paths import Layout, RunFiles
+from progress import Ticker
 from recipe import check_fold_checkpoint
 from runtime import (
     Dist,
@@ -136,43 +137,51 @@ def predict_model(
 
     oof_parts: list[ProbMaps] = []
     test_sum = np.zeros((len(test_items), 3, *size), np.float32)
-    for k, run in enumerate(runs):
-        ckpt = load_checkpoint(run.best, device)
-        check_fold_checkpoint(ckpt, run, k, split_id, size, model_name, entry["arch"])
-        model = model_from_checkpoint(ckpt, device)
-        if precision.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        probs_model = probability_model(model, tta)
-        val_ids = folds.val_ids(k)
-        part = reusable_oof(run.oof, tta, split_id, val_ids, size, ckpt["epoch"])
-        val_ids = val_ids[part_id::parts]
-        if part is not None:
-            part = part.subset(val_ids)
-        if part is None:
-            val_items = data.subset(val_ids)
-            raw = quantise(
-                predict_probs(
-                    probs_model,
-                    loader(val_items, f"{model_name} fold {k} OOF"),
-                    device,
-                    precision,
-                    f"fold {k} oof",
+    n_oof = sum(len(folds.val_ids(k)[part_id::parts]) for k in range(len(runs)))
+    ticker = Ticker(
+        f"predict {model_name}", n_oof + len(runs) * len(test_items), "images", logger=log
+    )
+    with ticker:
+        for k, run in enumerate(runs):
+            ckpt = load_checkpoint(run.best, device)
+            check_fold_checkpoint(ckpt, run, k, split_id, size, model_name, entry["arch"])
+            model = model_from_checkpoint(ckpt, device)
+            if precision.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            probs_model = probability_model(model, tta)
+            val_ids = folds.val_ids(k)
+            part = reusable_oof(run.oof, tta, split_id, val_ids, size, ckpt["epoch"])
+            val_ids = val_ids[part_id::parts]
+            if part is not None:
+                part = part.subset(val_ids)
+            if part is None:
+                val_items = data.subset(val_ids)
+                raw = quantise(
+                    predict_probs(
+                        probs_model,
+                        loader(val_items, f"{model_name} fold {k} OOF"),
+                        device,
+                        precision,
+                        f"fold {k} oof",
+                        ticker.step,
+                    )
                 )
+                meta = {"split_id": split_id, "folds": [k] * len(val_ids)}
+                part = ProbMaps(val_ids, [it.orig_size for it in val_items], meta, raw)
+            else:
+                log.info("fold %d: reusing %s (same TTA and split)", k, run.oof)
+                ticker.step(len(val_ids))
+            oof_parts.append(part)
+            test_probs = predict_probs(
+                probs_model,
+                loader(test_items, f"{model_name} fold {k} test"),
+                device,
+                precision,
+                f"fold {k} test",
+                ticker.step,
             )
-            meta = {"split_id": split_id, "folds": [k] * len(val_ids)}
-            part = ProbMaps(val_ids, [it.orig_size for it in val_items], meta, raw)
-        else:
-            log.info("fold %d: reusing %s (same TTA and split)", k, run.oof)
-        oof_parts.append(part)
-        test_probs = predict_probs(
-            probs_model,
-            loader(test_items, f"{model_name} fold {k} test"),
-            device,
-            precision,
-            f"fold {k} test",
-        )
-        test_sum += test_probs
-        kill_point("predict-fold")
+            test_sum += test_probs
+            kill_point("predict-fold")
 
     joined = concat(oof_parts)
     ids = sorted(joined.ids)

@@ -58,6 +58,7 @@ from decisions import Candidate, Rule, choose, format_decision, map_stats, pick
 from metrics import class_stats
 from models.refiner import RegionRefiner
 from paths import Layout
+from progress import Ticker
 from refinement import (
     RefineSettings,
     RegionSet,
@@ -144,27 +145,32 @@ def cross_refine(
     classes = np.zeros((len(data), 3), np.float32)
     polyp = np.zeros((len(data), settings.crop, settings.crop), np.float32)
     models, records = [], []
-    for k in sorted(set(folds)):
-        train_rows = np.flatnonzero(fold_of_region != k)
-        val_rows = np.flatnonzero(fold_of_region == k)
-        seen = {data.image_ids[r] for r in train_rows}
-        if seen & {data.image_ids[r] for r in val_rows}:
-            raise RuntimeError(f"fold {k}: an image is both trained on and refined")
-        start = time.perf_counter()
-        model = train_refiner(data.take(train_rows), settings, derive_seed(seed, k))
-        classes[val_rows], polyp[val_rows] = predict_regions([model], data.take(val_rows))
-        models.append(model)
-        log.info("fold %d: trained on %d regions, refined %d", k, len(train_rows), len(val_rows))
-        records.append(
-            {
-                "fold": int(k),
-                "train_images": len(seen),
-                "train_regions": len(train_rows),
-                "val_images": sum(int(f == k) for f in folds),
-                "val_regions": len(val_rows),
-                "seconds": round(time.perf_counter() - start, 1),
-            }
-        )
+    fold_ids = sorted(set(folds))
+    with Ticker("refine", len(fold_ids), "folds", logger=log) as ticker:
+        for k in fold_ids:
+            train_rows = np.flatnonzero(fold_of_region != k)
+            val_rows = np.flatnonzero(fold_of_region == k)
+            seen = {data.image_ids[r] for r in train_rows}
+            if seen & {data.image_ids[r] for r in val_rows}:
+                raise RuntimeError(f"fold {k}: an image is both trained on and refined")
+            start = time.perf_counter()
+            model = train_refiner(data.take(train_rows), settings, derive_seed(seed, k))
+            classes[val_rows], polyp[val_rows] = predict_regions([model], data.take(val_rows))
+            models.append(model)
+            log.info(
+                "fold %d: trained on %d regions, refined %d", k, len(train_rows), len(val_rows)
+            )
+            ticker.step()
+            records.append(
+                {
+                    "fold": int(k),
+                    "train_images": len(seen),
+                    "train_regions": len(train_rows),
+                    "val_images": sum(int(f == k) for f in folds),
+                    "val_regions": len(val_rows),
+                    "seconds": round(time.perf_counter() - start, 1),
+                }
+            )
     return models, records, data, classes, polyp
 
 

@@ -79,6 +79,7 @@ from config import ConfigError
 from data.atomic import atomic_write
 from metrics import OBJECTIVES
 from paths import Layout
+from progress import Ticker
 from runtime import kill_point
 
 log = logging.getLogger("studies")
@@ -553,14 +554,35 @@ def run_study(
     if not study.get_trials(deepcopy=False):
         for params in start:
             study.enqueue_trial(dict(params))
-    n_workers = place.n_workers if place else 1
     first = len(counted_trials(study))
+    ticker = Ticker(f"{stage} study", trials, "trials", lambda: len(counted_trials(study)), log)
+    with ticker:
+        _run_to(study, objective, trials, seed, base, place, pruner)
+    done = len(counted_trials(study))
+    where = f" in {redact(place.storage)}" if place else ""
+    log.info("study %s%s: %d finished trials (%d new)", study.study_name, where, done, done - first)
+    return study
+
+
+def _run_to(
+    study: optuna.Study,
+    objective: Objective,
+    trials: int,
+    seed: int,
+    base: int,
+    place: StudyPlace | None,
+    pruner: optuna.pruners.BasePruner | None,
+) -> None:
+    """Workers (this process or `place.n_workers` loky ones) until `trials` are counted,
+    again while failed trials were queued for a retry."""
+    n_workers = place.n_workers if place else 1
+    name = study.study_name
     while True:
         before = len(counted_trials(study))
         if n_workers == 1:
             optimize(study, objective, trials, f"{socket.gethostname()}/{base}")
         else:
-            assert place is not None and name is not None
+            assert place is not None
             Parallel(n_jobs=n_workers, backend="loky")(
                 delayed(_worker)(place.storage, name, objective, trials, seed, base + w, pruner)
                 for w in range(n_workers)
@@ -576,9 +598,6 @@ def run_study(
                 "no progress: its trials were failed while running (by a run started "
                 "without --join?)"
             )
-    where = f" in {redact(place.storage)}" if place else ""
-    log.info("study %s%s: %d finished trials (%d new)", study.study_name, where, done, done - first)
-    return study
 
 
 def study_record(

@@ -38,6 +38,7 @@ from data.reader import (
     stratum,
 )
 from paths import Layout
+from progress import Ticker
 from settings import DataSettings
 
 log = logging.getLogger(__name__)
@@ -206,15 +207,13 @@ def prepare(
             n_jobs=workers or os.cpu_count() or 1, prefer="threads", return_as="generator"
         )(jobs)
         errors = []
-        for (index, _, _), result in zip(
-            todo,
-            tqdm(results, total=len(todo), desc="cache", unit="img", disable=None),
-            strict=True,
-        ):
-            if isinstance(result, DataError):
-                errors.append(str(result))
-            else:
-                items[index] = result
+        with Ticker(f"cache {folder.name}", len(todo), "images", logger=log) as ticker:
+            bar = tqdm(results, total=len(todo), desc="cache", unit="img", disable=None)
+            for (index, _, _), result in zip(todo, ticker.track(bar), strict=True):
+                if isinstance(result, DataError):
+                    errors.append(str(result))
+                else:
+                    items[index] = result
         if errors:
             raise DataError("cannot cache:\n  " + "\n  ".join(errors))
     log.info("cache %s: %d reused, %d processed", folder, len(samples) - len(todo), len(todo))

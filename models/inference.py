@@ -18,6 +18,7 @@ and ttach rotates each prediction back to H x W before averaging.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,10 @@ def predict_probs(
     device: torch.device,
     precision: Precision,
     desc: str = "predict",
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """float32 (N, 3, H, W) probabilities of a loader's images, in loader order."""
+    """float32 (N, 3, H, W) probabilities of a loader's images, in loader order.
+    `on_batch(n)` after each batch of n images (a progress.Ticker's step)."""
     prob_model.eval()
     out = []
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
@@ -65,6 +68,8 @@ def predict_probs(
         with precision.autocast():
             probs = prob_model(images)
         out.append(probs.float().cpu().numpy())
+        if on_batch is not None:
+            on_batch(len(images))
     return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES, 0, 0), np.float32)
 
 
