@@ -6,7 +6,7 @@ DEMO_SEED ?= 0
 DEMO_DATA ?= demo_data_seed$(DEMO_SEED)
 DEMO_OUT ?= outputs
 
-.PHONY: install services test lint format demo mutation clean
+.PHONY: install services test doctest lint format demo mutation clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ services:
 
 test: lint services
 	$(PY) -m pytest -q -n 2
+
+# Every fenced command of the README, run in order on tiny data (tests/test_readme_commands.py).
+doctest: install
+	$(PY) -m pytest -q -m readme_commands tests/test_readme_commands.py
 
 # Full-size frames (1280 x 959-1024) as in the real set; two fold processes use both cores.
 demo: install
