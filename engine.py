@@ -51,7 +51,6 @@ from models.inference import NUM_CLASSES
 from models.losses import SegLoss
 from optim import build_optimizer, build_scheduler, param_groups
 from paths import Layout, RunFiles
-from progress import Ticker
 from recipe import RetryPolicy
 from runtime import (
     Dist,
@@ -63,6 +62,7 @@ from runtime import (
     set_rng_state,
 )
 from settings import DataSettings, TrainSettings
+from ticker import Ticker
 
 log = logging.getLogger("engine")
 

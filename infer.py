@@ -49,9 +49,9 @@ from models.inference import probability_model
 from package import Chain, Network, PackageError, open_package
 from paths import InferFiles
 from postprocessing import class_maps
-from progress import Ticker
 from refinement import RefineSettings, load_refiners, portable_numerics, refine_test
 from runtime import Precision, choose_precision, configure_cpu_threads, configure_determinism
+from ticker import Ticker
 
 log = logging.getLogger("infer")
 

@@ -34,7 +34,7 @@ from data.reader import DataError, list_test
 from data.submission import check_submission, image_size, write_submission
 from paths import Layout
 from postprocessing import PostprocessParams, class_maps, input_store, load_params
-from progress import Ticker
+from ticker import Ticker
 
 log = logging.getLogger("postprocess")
 

@@ -54,7 +54,6 @@ from models.inference import (
     tta_transforms,
 )
 from paths import Layout, RunFiles
-from progress import Ticker
 from recipe import check_fold_checkpoint
 from runtime import (
     Dist,
@@ -65,6 +64,7 @@ from runtime import (
     kill_point,
 )
 from settings import DataSettings, TrainSettings
+from ticker import Ticker
 
 log = logging.getLogger("predict")
 

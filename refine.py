@@ -58,7 +58,6 @@ from decisions import Candidate, Rule, choose, format_decision, map_stats, pick
 from metrics import class_stats
 from models.refiner import RegionRefiner
 from paths import Layout
-from progress import Ticker
 from refinement import (
     RefineSettings,
     RegionSet,
@@ -72,6 +71,7 @@ from refinement import (
 )
 from regions import CROP_CHANNELS, FALSE_POSITIVE
 from runtime import derive_seed
+from ticker import Ticker
 
 log = logging.getLogger("refine")
 

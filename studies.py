@@ -79,8 +79,8 @@ from config import ConfigError
 from data.atomic import atomic_write
 from metrics import OBJECTIVES
 from paths import Layout
-from progress import Ticker
 from runtime import kill_point
+from ticker import Ticker
 
 log = logging.getLogger("studies")
 

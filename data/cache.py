@@ -38,8 +38,8 @@ from data.reader import (
     stratum,
 )
 from paths import Layout
-from progress import Ticker
 from settings import DataSettings
+from ticker import Ticker
 
 log = logging.getLogger(__name__)
 

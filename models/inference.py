@@ -60,7 +60,7 @@ def predict_probs(
     on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """float32 (N, 3, H, W) probabilities of a loader's images, in loader order.
-    `on_batch(n)` after each batch of n images (a progress.Ticker's step)."""
+    `on_batch(n)` after each batch of n images (a ticker.Ticker's step)."""
     prob_model.eval()
     out = []
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):

@@ -19,7 +19,7 @@ import export
 import infer
 import pipeline
 import postprocess
-import progress
+import ticker
 from data.probstore import align_stores, load_probs
 from data.reader import list_test
 from data.submission import check_rows, image_size, rle_decode
@@ -175,7 +175,7 @@ def test_a_zipped_package_works_and_a_changed_file_is_refused(experiment, tmp_pa
 def test_a_corrupt_image_is_skipped_and_counted_or_stops_the_run(
     experiment, tmp_path, capsys, caplog, monkeypatch
 ):
-    monkeypatch.setattr(progress, "PROGRESS_S", 0.01)  # progress lines as it runs
+    monkeypatch.setattr(ticker, "PROGRESS_S", 0.01)  # progress lines as it runs
     caplog.set_level(logging.INFO, logger="infer")
     root, flags = private_copy(experiment, tmp_path)
     package = tmp_path / "package"

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-import progress
 import studies
-from progress import Ticker
+import ticker as ticker_module
+from ticker import Ticker
 
 INTERVAL_S = 0.05
 LATE_S = 0.5  # how late a thread may wake on a loaded 2-core machine
@@ -21,7 +21,7 @@ LATE_S = 0.5  # how late a thread may wake on a loaded 2-core machine
 
 @pytest.fixture
 def fast(monkeypatch, caplog):
-    monkeypatch.setattr(progress, "PROGRESS_S", INTERVAL_S)
+    monkeypatch.setattr(ticker_module, "PROGRESS_S", INTERVAL_S)
     caplog.set_level(logging.INFO)
     return caplog
 
