@@ -12,7 +12,7 @@ With the experiment's thread setting (the default) a package reproduces the pipe
 Images stream through in chunks of a few batches (a multiple of the experiment's
 predict batch size, so each batch holds the images the pipeline's did): memory holds one
 chunk and a few post-processed maps, whatever the folder's size. A line every
-`progress.PROGRESS_S` seconds gives images/s and the time left.
+`ticker.PROGRESS_S` seconds gives images/s and the time left.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ import submitit
 
 from config import settings_from
 from paths import Layout
-from progress import PROGRESS_S, training_line
+from progress import training_line
 from settings import TrainSettings
+from ticker import PROGRESS_S
 
 log = logging.getLogger("launchers")
 

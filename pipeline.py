@@ -36,6 +36,7 @@ import planning
 import progress
 import refine
 import studies
+import ticker
 import train
 from config import (
     ConfigError,
@@ -170,7 +171,7 @@ def train_in_parallel(
                 else:
                     log.info("train %s", tail[0])
                 finished.append((model, fold))
-            if time.monotonic() - told >= progress.PROGRESS_S:
+            if time.monotonic() - told >= ticker.PROGRESS_S:
                 folds = [(m, k) for m, k, *_ in running]
                 line = progress.training_line(layout, recipes, folds, jobs, finished, parallel)
                 log.info("%s", line)

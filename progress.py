@@ -3,7 +3,7 @@
 Fold processes write their epochs to their own log files, so the console of a parallel
 run was silent for the length of a fold (minutes on the demo, hours on real data), and a
 notebook showed nothing at all. The pipeline prints one plain line at least every
-`PROGRESS_S` seconds instead, built from the folds' `log.jsonl` files, which every epoch
+`ticker.PROGRESS_S` seconds instead, built from the folds' `log.jsonl` files, which every epoch
 rewrites atomically: no carriage returns, so notebooks and log files read it as it is.
 
 The other long loops tell the same way through ticker.Ticker.
@@ -19,7 +19,7 @@ from data.foldlog import read_log
 from data.reader import DataError
 from paths import Layout, RunFiles
 from settings import TrainSettings
-from ticker import PROGRESS_S, minutes  # noqa: F401  (PROGRESS_S: the pipeline reads it here)
+from ticker import minutes
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 
 import pipeline
 import progress
+import ticker
 from data.foldlog import write_log
 from paths import RunFiles
 from settings import TrainSettings
@@ -109,8 +110,8 @@ def test_a_parallel_run_prints_progress_at_least_every_interval(monkeypatch, tmp
     monkeypatch.setattr(progress, "progress_line", recorded)
     schedule(monkeypatch, tmp_path, {0: EPOCHS, 1: EPOCHS, 2: EPOCHS}, parallel=2, gpus=0)
     times = [t for t, _ in lines]
-    assert len(times) >= 2 and times[0] <= progress.PROGRESS_S + STEP_S
-    assert all(b - a < progress.PROGRESS_S + STEP_S for a, b in itertools.pairwise(times))
+    assert len(times) >= 2 and times[0] <= ticker.PROGRESS_S + STEP_S
+    assert all(b - a < ticker.PROGRESS_S + STEP_S for a, b in itertools.pairwise(times))
     first = lines[0][1]  # 3 polls (75 s) in: folds 0 and 1 at epoch 3 of 4, fold 2 queued
     assert first.startswith("training: 2 running, 1 queued, 0 done | ")
     assert "unet fold 0: epoch 3/4, val 0.5000, ~0.4 min left" in first
