@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.report import update_section
+from evaluation import GAIN
 from paths import Layout
 
 KEYS = ("competition", "dice_seg", "dice_neo", "dice_non")
@@ -64,10 +66,17 @@ def table(runs: dict[str, Path]) -> list[str]:
     return lines
 
 
-def submission_and_gap(run: Path) -> tuple[np.ndarray, float]:
-    """The submission's test scores and its rows-Dice minus the best simple chain's."""
+def submission_and_gap(run: Path) -> tuple[np.ndarray, str]:
+    """The submission's test scores and its rows-Dice minus the best simple chain's, with
+    the paired interval when the run recorded one (the simple chain's gain over the
+    submission, so its ends are negated)."""
     rows = list(run_rows(run).values())
-    return np.array([rows[2][k] for k in KEYS]), _score(rows[2]) - _score(rows[1])
+    gap = f"{_score(rows[2]) - _score(rows[1]):+.3f}"
+    recorded = rows[1].get(GAIN)
+    if recorded:
+        _, low, high = (float(v) for v in re.findall(r"[-+]\d\.\d+", recorded))
+        gap += f" [{-high:+.3f}, {-low:+.3f}]"
+    return np.array([rows[2][k] for k in KEYS]), gap
 
 
 def ablation_table(variants: dict[str, list[Path]]) -> list[str]:
@@ -114,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} {m:.3f} (min {lo:.3f})"
             for k, m, lo in zip(KEYS, values.mean(0), values.min(0), strict=True)
         )
-        + "; against the best simple chain on the test set: "
-        + ", ".join(f"{g:+.3f}" for g in gaps)
+        + "; against the best simple chain on the test set (paired per-image interval): "
+        + ", ".join(gaps)
         + ".",
     ]
     if args.wall:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from data.probstore import blend as blend_maps
 from data.probstore import load_probs, save_probs
 from data.reader import list_test, list_test_gt, load_mask
 from data.submission import check_submission
+from evaluation import GAIN
 from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps
 from reporting import read_submission
@@ -150,6 +152,13 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     assert submitted["competition"] == pytest.approx(
         _competition_by_hand(store, tiny_data, tuned["params"])
     )
+    # every chain's paired gain over the submission, with its interval around it
+    for row in test_rows[1:-1]:
+        gain, low, high = map(float, re.findall(r"[-+]\d\.\d{4}", row[GAIN]))
+        assert gain == pytest.approx(row["competition"] - submitted["competition"], abs=1e-4)
+        assert low <= gain <= high
+    notes = json.loads((exp / "scores.json").read_text())["notes"]
+    assert any(f"paired bootstrap over the {len(masks)} test images" in n for n in notes)
     # report.py alone rebuilds the report and the tables from the artefacts
     scores = (exp / "scores.json").read_text()
     (exp / "report.html").unlink()
