@@ -11,6 +11,7 @@ this final scoring does.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,13 @@ def _image_stats(
 
 def _interval(gain: Mapping[str, float]) -> str:
     return f"{gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]"
+
+
+def parse_interval(text: str) -> tuple[float, float, float]:
+    """(gain, low, high) of a "+g [lo, hi]" cell of the test table, for readers of
+    scores.json."""
+    gain, low, high = (float(v) for v in re.findall(r"[-+]\d+\.\d+", text))
+    return gain, low, high
 
 
 def test_truth(cfg: dict[str, Any], ids: Sequence[str]) -> dict[str, np.ndarray]:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.report import update_section
-from evaluation import GAIN
+from evaluation import GAIN, parse_interval
 from paths import Layout
 
 KEYS = ("competition", "dice_seg", "dice_neo", "dice_non")
@@ -74,7 +73,7 @@ def submission_and_gap(run: Path) -> tuple[np.ndarray, str]:
     gap = f"{_score(rows[2]) - _score(rows[1]):+.3f}"
     recorded = rows[1].get(GAIN)
     if recorded:
-        _, low, high = (float(v) for v in re.findall(r"[-+]\d\.\d+", recorded))
+        _, low, high = parse_interval(recorded)
         gap += f" [{-high:+.3f}, {-low:+.3f}]"
     return np.array([rows[2][k] for k in KEYS]), gap
 

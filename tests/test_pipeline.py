@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from data.probstore import blend as blend_maps
 from data.probstore import load_probs, save_probs
 from data.reader import list_test, list_test_gt, load_mask
 from data.submission import check_submission
-from evaluation import GAIN
+from evaluation import GAIN, parse_interval
 from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps
 from reporting import read_submission
@@ -154,7 +153,7 @@ def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, cap
     )
     # every chain's paired gain over the submission, with its interval around it
     for row in test_rows[1:-1]:
-        gain, low, high = map(float, re.findall(r"[-+]\d\.\d{4}", row[GAIN]))
+        gain, low, high = parse_interval(row[GAIN])
         assert gain == pytest.approx(row["competition"] - submitted["competition"], abs=1e-4)
         assert low <= gain <= high
     notes = json.loads((exp / "scores.json").read_text())["notes"]
