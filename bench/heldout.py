@@ -59,7 +59,8 @@ def data_folder(train_from: Path, test_from: Path, out: Path) -> Path:
 def score_copy(run: Path, heldout: Path, work: Path, parallel: int) -> Path:
     """Copy the run's output folder, point it at the held-out images, rerun the pipeline;
     the copy's experiment folder."""
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    config = Layout.at(run).config
+    cfg = yaml.safe_load(config.read_text())
     out_root = Path(cfg["out_dir"])
     copy = work / f"out_{run.parent.name}_{run.name}"
     if not copy.exists():
@@ -70,7 +71,7 @@ def score_copy(run: Path, heldout: Path, work: Path, parallel: int) -> Path:
         sys.executable,
         "pipeline.py",
         "--config",
-        str(run / "config.yaml"),
+        str(config),
         "--data-dir",
         str(data),
         "--out-dir",
