@@ -10,7 +10,7 @@ reruns `pipeline.py` on the copy. Every fold is reused; the models predict the n
 images, and the decisions, made on the same OOF maps as before, come out the same.
 
     python -m bench.heldout --runs outputs/seed0/demo outputs/seed1/demo outputs/seed2/demo \\
-        --work /tmp/heldout --n-test 200 --seed 1000
+        --labels "seed 0" "seed 1" "seed 2" --work /tmp/heldout --n-test 200 --seed 1000
 
 Per run, the section lists the submitted chain and the best simple chain that predicts
 something else on the held-out images, their paired per-image difference with its interval
@@ -120,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=200, help="held-out images (the real set: 200)")
     p.add_argument("--seed", type=int, default=1000, help="generator seed of the held-out set")
     p.add_argument("--parallel", type=int, default=1, help="pipeline.py --parallel")
+    p.add_argument("--labels", nargs="*", default=[], help="a name per run for the table")
     args = p.parse_args(argv)
+    if args.labels and len(args.labels) != len(args.runs):
+        p.error(f"--labels: give one per run ({len(args.runs)})")
+    labels = args.labels or [str(r) for r in args.runs]
     heldout = args.work / f"heldout_seed{args.seed}_n{args.n_test}"
     if not heldout.is_dir():
         generate(heldout, 1, args.n_test, args.seed)
@@ -132,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         "| refined maps, region vote (vs submission) |",
         "|---|---|---|---|---|",
     ]
-    for run in args.runs:
+    for label, run in zip(labels, args.runs, strict=True):
         exp = score_copy(run.resolve(), heldout, args.work.resolve(), args.parallel)
-        lines.append(summary_row(str(run), exp))
+        lines.append(summary_row(label, exp))
     update_section("heldout", "\n".join(lines))
     print("\n".join(lines))
     return 0
