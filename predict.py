@@ -170,7 +170,7 @@ def predict_model(
                 part = ProbMaps(val_ids, [it.orig_size for it in val_items], meta, raw)
             else:
                 log.info("fold %d: reusing %s (same TTA and split)", k, run.oof)
-                ticker.step(len(val_ids))
+                ticker.skip(len(val_ids))
             oof_parts.append(part)
             test_probs = predict_probs(
                 probs_model,

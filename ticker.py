@@ -67,6 +67,12 @@ class Ticker:
     def step(self, n: int = 1) -> None:
         self._stepped += n
 
+    def skip(self, n: int = 1) -> None:
+        """Steps done without the work (a result reused from an earlier run): counted as
+        done, left out of the pace, so the time left is not read off free steps."""
+        self._first += n
+        self._stepped += n
+
     def track(self, items: Iterable[T]) -> Iterator[T]:
         """`items`, one step each."""
         for item in items:

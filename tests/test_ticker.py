@@ -45,6 +45,17 @@ def test_a_slow_step_still_gets_lines_with_the_time_left_and_a_closing_line(fast
     assert not any(t.name == "ticker work" for t in threading.enumerate())
 
 
+def test_skipped_steps_count_as_done_but_not_in_the_pace(monkeypatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(ticker_module.time, "perf_counter", lambda: now[0])
+    with Ticker("predict", 100, "images", enabled=False) as ticker:
+        ticker.skip(90)  # maps reused from an earlier run: no work done
+        now[0] = 60.0
+        ticker.step(5)
+        # 5 images in a minute, 5 left: one more minute, not the 6 s that 95 would say
+        assert ticker.line() == "predict: 95/100 images, 5.00 images/min, ~1.0 min left"
+
+
 def test_lines_come_at_least_every_interval(fast) -> None:
     with Ticker("steady", 10, "items") as ticker:
         for item in ticker.track(range(10)):
