@@ -10,6 +10,7 @@ this final scoring does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -131,10 +132,13 @@ def _interval(gain: Mapping[str, float]) -> str:
     return f"{gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]"
 
 
-def parse_interval(text: str) -> tuple[float, float, float]:
+def parse_interval(text: str | None) -> tuple[float, float, float]:
     """(gain, low, high) of a "+g [lo, hi]" cell of the test table, for readers of
     scores.json."""
-    gain, low, high = (float(v) for v in re.findall(r"[-+]\d+\.\d+", text))
+    values = re.findall(r"[-+]\d+\.\d+", text or "")
+    if len(values) != 3:
+        raise ValueError(f"not an interval cell: {text!r}")
+    gain, low, high = (float(v) for v in values)
     return gain, low, high
 
 
@@ -212,7 +216,9 @@ def test_rows(
         )
     )
     submission = chains[-1][1]
-    rule = Rule.from_config(cfg)
+    # the table's scores are the competition's, so its intervals are too, whatever
+    # decide.metric the decisions were made on
+    rule = dataclasses.replace(Rule.from_config(cfg), metric="competition")
     rows = [
         {
             **nothing_row(list(truth.values()), model="predict nothing", variant="baseline"),

@@ -92,16 +92,20 @@ def summary_row(label: str, exp: Path) -> str:
     the refined maps."""
     rows: list[dict[str, Any]] = json.loads(Layout.at(exp).scores.read_text())["tables"][TEST_TABLE]
     submitted = next(r for r in rows if r["role"] == SUBMITTED)
+    if any(r.get(GAIN) is None for r in rows if r["role"] == SIMPLE):
+        raise SystemExit(f"{exp}: scores.json predates the test table's intervals; rerun report.py")
     others = [r for r in rows if r["role"] == SIMPLE and parse_interval(r[GAIN]) != (0, 0, 0)]
-    simple = max(others, key=lambda r: r["competition"])
+    simple = max(others, key=lambda r: r["competition"], default=None)
     refined = next(
         (r for r in rows if r["model"] == "refined" and r["variant"] == "region vote"), None
     )
     cells = [
         label,
         f"{submitted['variant']}: {submitted['competition']:.4f}",
-        f"{simple['model']}, {simple['variant']}: {simple['competition']:.4f}",
-        _negated(simple[GAIN]),
+        "-"
+        if simple is None
+        else f"{simple['model']}, {simple['variant']}: {simple['competition']:.4f}",
+        "-" if simple is None else _negated(simple[GAIN]),
         "-" if refined is None else f"{refined['competition']:.4f} ({refined[GAIN]})",
     ]
     return "| " + " | ".join(cells) + " |"

@@ -9,7 +9,7 @@ import pytest
 
 from bench.heldout import data_folder, summary_row
 from data.reader import DataError
-from evaluation import GAIN, SIMPLE, SUBMITTED, TEST_TABLE
+from evaluation import GAIN, SIMPLE, SUBMITTED, TEST_TABLE, parse_interval
 
 
 def _flat(root, names):
@@ -66,3 +66,29 @@ def test_summary_row_sets_the_submission_against_the_best_chain_that_differs(tmp
         "+0.0015 [-0.0129, +0.0151]",
         "0.9182 (+0.0151 [-0.0017, +0.0339])",
     ]
+
+
+def test_summary_row_without_another_simple_chain_and_an_old_scores_file(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    rows = [
+        _row("predict nothing", "baseline", 0.47, None),
+        _row("one", "argmax", 0.90, "+0.0000 [+0.0000, +0.0000]", SIMPLE),
+        _row("one", "region vote", 0.90, "+0.0000 [+0.0000, +0.0000]", SIMPLE),
+        _row("submission (blend maps)", "one, argmax", 0.90, None, SUBMITTED),
+    ]
+    scores = exp / "scores.json"
+    scores.write_text(json.dumps({"tables": {TEST_TABLE: rows}, "notes": []}))
+    cells = [c.strip() for c in summary_row("single", exp).strip("|").split("|")]
+    assert cells == ["single", "one, argmax: 0.9000", "-", "-", "-"]
+    for row in rows:
+        row.pop(GAIN)  # written before the test table had intervals
+    scores.write_text(json.dumps({"tables": {TEST_TABLE: rows}, "notes": []}))
+    with pytest.raises(SystemExit, match=r"rerun report\.py"):
+        summary_row("old", exp)
+
+
+def test_parse_interval_reads_a_cell_and_names_a_bad_one():
+    assert parse_interval("-0.0000 [-0.0129, +0.0151]") == (0.0, -0.0129, 0.0151)
+    with pytest.raises(ValueError, match="not an interval cell: None"):
+        parse_interval(None)
