@@ -142,6 +142,15 @@ def parse_interval(text: str | None) -> tuple[float, float, float]:
     return gain, low, high
 
 
+def submission_gain(row: Mapping[str, Any]) -> tuple[float, float, float] | None:
+    """(gain, low, high) of the submission over a test-table row's chain: its cell turned
+    around (None for a row without one). `0.0 - x` keeps a zero from printing as -0."""
+    if row.get(GAIN) is None:
+        return None
+    gain, low, high = parse_interval(row[GAIN])
+    return 0.0 - gain, 0.0 - high, 0.0 - low
+
+
 def test_truth(cfg: dict[str, Any], ids: Sequence[str]) -> dict[str, np.ndarray]:
     """The test masks at original size, by id; DataError when one is missing."""
     data_dir = Path(cfg["data_dir"])

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.report import update_section
-from evaluation import GAIN, parse_interval
+from evaluation import submission_gain
 from paths import Layout
 
 KEYS = ("competition", "dice_seg", "dice_neo", "dice_non")
@@ -67,14 +67,12 @@ def table(runs: dict[str, Path]) -> list[str]:
 
 def submission_and_gap(run: Path) -> tuple[np.ndarray, str]:
     """The submission's test scores and its rows-Dice minus the best simple chain's, with
-    the paired interval when the run recorded one (the simple chain's gain over the
-    submission, so its ends are negated)."""
+    the paired interval when the run recorded one."""
     rows = list(run_rows(run).values())
     gap = f"{_score(rows[2]) - _score(rows[1]):+.3f}"
-    recorded = rows[1].get(GAIN)
+    recorded = submission_gain(rows[1])
     if recorded:
-        _, low, high = parse_interval(recorded)
-        gap += f" [{0.0 - high:+.3f}, {0.0 - low:+.3f}]"
+        gap += f" [{recorded[1]:+.3f}, {recorded[2]:+.3f}]"
     return np.array([rows[2][k] for k in KEYS]), gap
 
 

@@ -32,7 +32,7 @@ import yaml
 from bench.report import update_section
 from data.reader import DataError
 from data.synthetic import generate
-from evaluation import GAIN, SIMPLE, SUBMITTED, TEST_TABLE, parse_interval
+from evaluation import GAIN, SIMPLE, SUBMITTED, TEST_TABLE, parse_interval, submission_gain
 from paths import Layout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,16 +105,15 @@ def summary_row(label: str, exp: Path) -> str:
         "-"
         if simple is None
         else f"{simple['model']}, {simple['variant']}: {simple['competition']:.4f}",
-        "-" if simple is None else _negated(simple[GAIN]),
+        "-" if simple is None else _turned(simple),
         "-" if refined is None else f"{refined['competition']:.4f} ({refined[GAIN]})",
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-def _negated(interval: str) -> str:
-    """The simple chain's gain over the submission as the submission's gain over it."""
-    gain, low, high = parse_interval(interval)
-    return f"{0.0 - gain:+.4f} [{0.0 - high:+.4f}, {0.0 - low:+.4f}]"
+def _turned(row: dict[str, Any]) -> str:
+    gain, low, high = submission_gain(row)
+    return f"{gain:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,9 +44,15 @@ def _row(model, variant, score, gain, role=""):
     return {"model": model, "variant": variant, "competition": score, GAIN: gain, "role": role}
 
 
-def test_summary_row_sets_the_submission_against_the_best_chain_that_differs(tmp_path):
+def _cells(tmp_path, label, rows):
+    """summary_row's cells for an experiment whose scores.json holds `rows`."""
     exp = tmp_path / "exp"
-    exp.mkdir()
+    exp.mkdir(exist_ok=True)
+    (exp / "scores.json").write_text(json.dumps({"tables": {TEST_TABLE: rows}, "notes": []}))
+    return [c.strip() for c in summary_row(label, exp).strip("|").split("|")]
+
+
+def test_summary_row_sets_the_submission_against_the_best_chain_that_differs(tmp_path):
     rows = [
         _row("predict nothing", "baseline", 0.47, None),
         _row("fpn", "region vote", 0.9016, "-0.0015 [-0.0151, +0.0129]", SIMPLE),
@@ -55,8 +61,7 @@ def test_summary_row_sets_the_submission_against_the_best_chain_that_differs(tmp
         _row("refined", "region vote", 0.9182, "+0.0151 [-0.0017, +0.0339]"),
         _row("submission (blend maps)", "blend, region vote", 0.9031, None, SUBMITTED),
     ]
-    (exp / "scores.json").write_text(json.dumps({"tables": {TEST_TABLE: rows}, "notes": []}))
-    cells = [c.strip() for c in summary_row("seed 0", exp).strip("|").split("|")]
+    cells = _cells(tmp_path, "seed 0", rows)
     # the equal blend with the vote is the submission itself, so FPN is the one to beat,
     # and its interval is turned around to read as the submission's gain over it
     assert cells == [
@@ -69,23 +74,17 @@ def test_summary_row_sets_the_submission_against_the_best_chain_that_differs(tmp
 
 
 def test_summary_row_without_another_simple_chain_and_an_old_scores_file(tmp_path):
-    exp = tmp_path / "exp"
-    exp.mkdir()
     rows = [
         _row("predict nothing", "baseline", 0.47, None),
         _row("one", "argmax", 0.90, "+0.0000 [+0.0000, +0.0000]", SIMPLE),
         _row("one", "region vote", 0.90, "+0.0000 [+0.0000, +0.0000]", SIMPLE),
         _row("submission (blend maps)", "one, argmax", 0.90, None, SUBMITTED),
     ]
-    scores = exp / "scores.json"
-    scores.write_text(json.dumps({"tables": {TEST_TABLE: rows}, "notes": []}))
-    cells = [c.strip() for c in summary_row("single", exp).strip("|").split("|")]
-    assert cells == ["single", "one, argmax: 0.9000", "-", "-", "-"]
+    assert _cells(tmp_path, "single", rows) == ["single", "one, argmax: 0.9000", "-", "-", "-"]
     for row in rows:
         row.pop(GAIN)  # written before the test table had intervals
-    scores.write_text(json.dumps({"tables": {TEST_TABLE: rows}, "notes": []}))
     with pytest.raises(SystemExit, match=r"rerun report\.py"):
-        summary_row("old", exp)
+        _cells(tmp_path, "old", rows)
 
 
 def test_parse_interval_reads_a_cell_and_names_a_bad_one():
