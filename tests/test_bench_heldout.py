@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.heldout import data_folder, summary_row
+from bench.heldout import data_folder, summary_row, work_tag
 from data.reader import DataError
 from evaluation import GAIN, SIMPLE, SUBMITTED, TEST_TABLE, parse_interval
 
@@ -38,6 +38,13 @@ def test_data_folder_names_a_missing_folder(tmp_path):
     heldout = _flat(tmp_path / "heldout", ["test", "test_gt"])
     with pytest.raises(DataError, match="train_gt"):
         data_folder(train, heldout, tmp_path / "linked")
+
+
+def test_work_tag_keeps_runs_under_same_named_folders_apart(tmp_path):
+    a, b = tmp_path / "a" / "x" / "demo", tmp_path / "b" / "x" / "demo"
+    assert work_tag(a) != work_tag(b)
+    assert work_tag(a) == work_tag(tmp_path / "a" / "x" / ".." / "x" / "demo")
+    assert work_tag(a).startswith("x_demo_")
 
 
 def _row(model, variant, score, gain, role=""):
