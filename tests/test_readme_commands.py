@@ -32,7 +32,7 @@ from tests.trainkit import ROOT
 SKIPPED = {
     r"^make install\b": "creates the environment these tests run in",
     r"^make test\b": "runs the tests this one is part of",
-    r"^make demo\b": "the 25-minute demo; its config's pipeline runs below (demo_ema)",
+    r"^make demo\b": "the half-hour demo; its config's pipeline runs below (demo_ema)",
     r"^kaggle ": "the Kaggle API: an account and network",
     r"^pip install\b": "the environment is installed",
     r"--storage postgresql://": "a PostgreSQL server: tests/test_postgres_studies.py runs one",
