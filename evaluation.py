@@ -128,8 +128,13 @@ def _image_stats(
     return class_stats([maps[i] for i in ids], [truth[i] for i in ids])
 
 
+def interval_cell(gain: float, low: float, high: float) -> str:
+    """A "+g [lo, hi]" cell of the test table, the form parse_interval reads back."""
+    return f"{gain:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
 def _interval(gain: Mapping[str, float]) -> str:
-    return f"{gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]"
+    return interval_cell(gain["gain"], gain["low"], gain["high"])
 
 
 def parse_interval(text: str | None) -> tuple[float, float, float]:

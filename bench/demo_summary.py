@@ -71,7 +71,7 @@ def submission_and_gap(run: Path) -> tuple[np.ndarray, str]:
     rows = list(run_rows(run).values())
     gap = f"{_score(rows[2]) - _score(rows[1]):+.3f}"
     recorded = submission_gain(rows[1])
-    if recorded:
+    if recorded is not None:
         gap += f" [{recorded[1]:+.3f}, {recorded[2]:+.3f}]"
     return np.array([rows[2][k] for k in KEYS]), gap
 

@@ -34,7 +34,15 @@ import yaml
 from bench.report import update_section
 from data.reader import DataError
 from data.synthetic import generate
-from evaluation import GAIN, SIMPLE, SUBMITTED, TEST_TABLE, parse_interval, submission_gain
+from evaluation import (
+    GAIN,
+    SIMPLE,
+    SUBMITTED,
+    TEST_TABLE,
+    interval_cell,
+    parse_interval,
+    submission_gain,
+)
 from paths import Layout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,15 +124,10 @@ def summary_row(label: str, exp: Path) -> str:
         "-"
         if simple is None
         else f"{simple['model']}, {simple['variant']}: {simple['competition']:.4f}",
-        "-" if simple is None else _turned(simple),
+        "-" if simple is None else interval_cell(*submission_gain(simple)),
         "-" if refined is None else f"{refined['competition']:.4f} ({refined[GAIN]})",
     ]
     return "| " + " | ".join(cells) + " |"
-
-
-def _turned(row: dict[str, Any]) -> str:
-    gain, low, high = submission_gain(row)
-    return f"{gain:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
