@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from paths import reserved_names
+
 DEFAULT_CONFIG = "configs/bkai.yaml"
 
 
@@ -144,7 +146,41 @@ def _resolve_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """The resolved config of a file: defaults, then its `base:` chain, then the file,
     then `overrides`. `experiment` is never inherited: it defaults to the file's stem."""
-    return apply_overrides(_resolve_file(Path(path)), overrides)
+    return check_names(apply_overrides(_resolve_file(Path(path)), overrides))
+
+
+def _folder_name(what: str, value: Any, reserved: frozenset[str], owner: str) -> None:
+    """Refuse a name that is not one plain folder of its parent, or is one the layout
+    itself gives to something else there (compared caseless, as macOS and Windows do)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ConfigError(f"{what} {value!r}: must be a name, got a {type(value).__name__}")
+    name = str(value)
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise ConfigError(
+            f"{what} {name!r}: must be a single folder name (not empty, no '/' or '\\', "
+            "not starting with '.')"
+        )
+    taken = {r.casefold(): r for r in reserved}
+    if name.casefold() in taken:
+        raise ConfigError(
+            f"{what} {name!r}: {taken[name.casefold()]!r} is {owner}'s own entry "
+            f"(reserved: {', '.join(sorted(reserved))}); choose another name"
+        )
+
+
+def check_names(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg`, once its experiment and model names are safe folder names: each becomes a
+    folder (`<out_dir>/<experiment>/<model>/`), and `../x` or a model named `ensemble`
+    would write outside the experiment or into a stage's folder."""
+    reserved = reserved_names()
+    if cfg.get("experiment") is not None:
+        _folder_name("experiment", cfg["experiment"], reserved.in_out_dir, "out_dir")
+    own = "the experiment folder"
+    for name in cfg.get("models") or {}:
+        _folder_name("models key", name, reserved.in_experiment, own)
+    for name in (cfg.get("ensemble") or {}).get("models") or []:
+        _folder_name("ensemble.models entry", name, reserved.in_experiment, own)
+    return cfg
 
 
 def model_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
@@ -285,6 +321,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def config_argv(args: argparse.Namespace) -> list[str]:
+    """The `add_config_arguments` flags of `args` as a command line: what a printed hint
+    must repeat so the command it names reads the same config."""
+    argv = ["--config", str(args.config)]
+    for flag, value in (("--data-dir", args.data_dir), ("--out-dir", args.out_dir)):
+        if value:
+            argv += [flag, str(value)]
+    for item in args.set:
+        argv += ["--set", item]
+    return argv
+
+
 def resolve_cli_config(
     args: argparse.Namespace, flags: Mapping[str, Any] | None = None, model: str | None = None
 ) -> dict[str, Any]:
@@ -293,7 +341,7 @@ def resolve_cli_config(
 
     `flags` maps dotted keys to flag values; None means the flag was not given.
     """
-    cfg = load_config(args.config)
+    cfg = _resolve_file(Path(args.config))
     if model is not None:
         cfg = model_config(cfg, model)
     cfg = apply_overrides(cfg, args.set)
@@ -305,7 +353,7 @@ def resolve_cli_config(
     for key in ("experiment", "out_dir"):
         if not cfg.get(key):
             raise ConfigError(f"{args.config}: missing key {key!r}")
-    return cfg
+    return check_names(cfg)
 
 
 def parse_img_size(text: str) -> list[int]:

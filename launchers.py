@@ -11,7 +11,10 @@ must be on a filesystem every node sees; the atomic renames stay within it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from typing import Any
 
 import submitit
 
-from config import settings_from
+from config import ConfigError, settings_from
 from paths import Layout
 from progress import training_line
 from settings import TrainSettings
@@ -76,6 +79,26 @@ class FoldJob(submitit.helpers.Checkpointable):
         return train.main(self.argv)
 
 
+def check_slurm() -> None:
+    """sbatch and srun on PATH, checked before any work: submitit needs both, and without
+    them fails with a traceback once the split is made."""
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(
+            f"--launcher slurm: {' and '.join(missing)} not found on PATH (not a SLURM "
+            "login node?): run pipeline.py where SLURM's commands are, or with --launcher local"
+        )
+
+
+def submission_problem(exc: submitit.core.utils.FailedJobError) -> str:
+    """sbatch's refusal in one line: its stderr (submitit's message), else its exit code."""
+    said = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if said:
+        return said
+    cause = exc.__cause__
+    return f"exit status {getattr(cause, 'returncode', '?')}"
+
+
 def train_on_slurm(
     cfg: dict[str, Any],
     common: Sequence[str],
@@ -86,14 +109,23 @@ def train_on_slurm(
     each model's training settings, for the progress lines."""
     layout = Layout.of(cfg)
     settings = SlurmSettings.from_config(cfg)
-    executor = submitit.AutoExecutor(folder=layout.root / "logs" / "slurm", cluster="slurm")
+    executor = submitit.AutoExecutor(folder=layout.logs / "slurm", cluster="slurm")
     executor.update_parameters(**settings.parameters(f"neopolyp-{cfg['experiment']}"))
+    check_slurm()
     start = time.perf_counter()
-    with executor.batch():
-        submitted = [
-            executor.submit(FoldJob(["--model", m, "--fold", str(k), "--resume", *common]))
-            for m, k in jobs
-        ]
+    try:
+        # submitit prints sbatch's stderr itself before raising it: said once, below
+        with contextlib.redirect_stderr(io.StringIO()), executor.batch():
+            submitted = [
+                executor.submit(FoldJob(["--model", m, "--fold", str(k), "--resume", *common]))
+                for m, k in jobs
+            ]
+    except submitit.core.utils.FailedJobError as exc:
+        raise ConfigError(
+            f"sbatch refused the fold jobs: {submission_problem(exc)} (the config's slurm. "
+            "keys choose partition, account, gpus_per_node, cpus_per_task, mem_gb, "
+            "timeout_min)"
+        ) from exc
     for (model, fold), job in zip(jobs, submitted, strict=True):
         log.info(
             "train %s fold %d: SLURM job %s (logs %s)", model, fold, job.job_id, job.paths.stdout

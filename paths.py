@@ -16,6 +16,7 @@
     report.html, scores.json            report.py
     config.yaml, timings.json           pipeline.py: the resolved config, stage times
     stamps.json                         pipeline.py: digests of the inputs each stage ran on
+    logs/                               pipeline.py: each fold process's log (slurm/: SLURM's)
     optuna.db                           every study of the experiment
     wandb/                              offline W&B runs (outside the fold folders)
     hpo/<study>/trial<n>/               hpo.py (RunFiles): each trial's config and log
@@ -24,6 +25,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,12 +87,31 @@ class InferFiles:
     def submission(self) -> Path:
         return self.dir / "submission.csv"
 
+    @property
+    def masks(self) -> Path:
+        return self.dir / "masks"
+
+    @property
+    def overlays(self) -> Path:
+        return self.dir / "overlays"
+
+    @property
+    def outputs(self) -> tuple[Path, Path, Path]:
+        """What one run replaces as a whole when it succeeds."""
+        return self.submission, self.masks, self.overlays
+
+    @property
+    def lock(self) -> Path:
+        """Held by the run writing here (locks.py); that it exists marks the outputs beside
+        it as infer.py's, which a later run may replace."""
+        return self.dir / ".infer.lock"
+
     def mask(self, image_id: str) -> Path:
         """Class ids (0, 1, 2) at the image's own size; `image_id` may hold subfolders."""
-        return self.dir / "masks" / f"{image_id}.png"
+        return self.masks / f"{image_id}.png"
 
     def overlay(self, image_id: str) -> Path:
-        return self.dir / "overlays" / f"{image_id}.jpg"
+        return self.overlays / f"{image_id}.jpg"
 
 
 @dataclass(frozen=True)
@@ -204,6 +226,16 @@ class Layout:
         return self.root / "stamps.json"
 
     @property
+    def logs(self) -> Path:
+        """The fold processes' logs (pipeline.py --parallel, --launcher slurm)."""
+        return self.root / "logs"
+
+    @property
+    def wandb(self) -> Path:
+        """Where `wandb.init(dir=root)` writes the offline runs (tracking.py)."""
+        return self.root / "wandb"
+
+    @property
     def optuna_db(self) -> Path:
         return self.root / "optuna.db"
 
@@ -221,3 +253,46 @@ class Layout:
 
     def hpo_trials(self, model: str) -> Path:
         return self.hpo / f"trials_{model}.csv"
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """Names the layout itself gives to entries of an experiment folder (`in_experiment`)
+    and of out_dir beside the experiments (`in_out_dir`)."""
+
+    in_experiment: frozenset[str]
+    in_out_dir: frozenset[str]
+
+
+_PROBE = "<probe>"
+
+
+@functools.cache
+def reserved_names() -> Reserved:
+    """What a model may not be named (its folder would be a stage's) and what an
+    experiment may not be named (its folder would be the cache's).
+
+    Read off a probe Layout, every property and every path method called with probe
+    arguments, so a path added to Layout is reserved with no second list to keep.
+    """
+    out_dir = Path("/out")
+    layout = Layout(out_dir / _PROBE, out_dir)
+    paths: list[Path] = []
+    for name, member in vars(Layout).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(member, property):
+            paths.append(member.fget(layout))
+        elif inspect.isfunction(member):
+            params = list(inspect.signature(member, eval_str=True).parameters.values())[1:]
+            args = [0 if p.annotation is int else _PROBE for p in params]
+            paths.append(member(layout, *args))
+    in_experiment, in_out_dir = set(), set()
+    for path in paths:
+        path = path.dir if isinstance(path, RunFiles) else path
+        top = path.relative_to(out_dir).parts[0]
+        if top != _PROBE:
+            in_out_dir.add(top)
+        elif path != layout.root:
+            in_experiment.add(path.relative_to(layout.root).parts[0])
+    return Reserved(frozenset(in_experiment - {_PROBE}), frozenset(in_out_dir))

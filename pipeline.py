@@ -50,6 +50,7 @@ from data.reader import (
     DataError,
     check_image_file,
     list_test,
+    list_test_gt,
 )
 from decisions import Rule
 from engine import judge_fold
@@ -59,7 +60,7 @@ from evaluation import (
 )
 from models import inference
 from paths import Layout
-from recipe import RetryPolicy, check_config, check_recipes_early
+from recipe import RetryPolicy, check_config, check_recipes_early, stale_training_data
 from runtime import PARENT_ENV, Dist
 from settings import DataSettings, TrainSettings
 from stages import STAGES, Plan, model_names
@@ -135,7 +136,7 @@ def train_in_parallel(
     import torch
 
     layout = Layout.of(cfg)
-    logs = layout.root / "logs"
+    logs = layout.logs
     logs.mkdir(parents=True, exist_ok=True)
     gpus = visible_gpus(torch.cuda.device_count())
     folds_on = dict.fromkeys(gpus, 0)
@@ -201,7 +202,12 @@ def train_folds(
     import torch
 
     # The split is made once, before any fold starts, so no two processes race to write it.
-    prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
+    data = prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
+    for model, fold in jobs:
+        # its own process retrains it, saying why in its log file: the console says it too
+        stale = stale_training_data(Layout.of(cfg).fold(model, fold), data, model, fold)
+        if stale:
+            log.info("%s", stale)
     if launcher == "local":
         return train_in_parallel(cfg, common, jobs, parallel, recipes)
     seconds, failed = launchers.train_on_slurm(cfg, common, jobs, recipes)
@@ -235,16 +241,17 @@ def preflight(cfg: dict[str, Any], model_cfgs: dict[str, dict[str, Any]]) -> Non
         check_config(model_cfg)
     inference.tta_transforms(str((cfg.get("predict") or {}).get("tta", "none")))
     for section in ("ensemble", "tune"):
-        value = (cfg.get(section) or {}).get("trials", 100)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{section}.trials must be a positive whole number, got {value!r}")
         studies.search_settings(cfg, section)
     refine.RefineSettings.from_config(cfg)
     Rule.from_config(cfg)
     RetryPolicy.from_config(cfg)
-    # Unreadable or truncated test images are named now, not after training.
-    for sample in list_test(Path(cfg["data_dir"])):
+    # Unreadable or truncated test images are named now, not after training; so are
+    # unpaired or unreadable test_gt/ files, which only the last stage (report) reads.
+    data_dir = Path(cfg["data_dir"])
+    for sample in list_test(data_dir):
         check_image_file(sample.image)
+    for sample in list_test_gt(data_dir) or []:
+        check_image_file(sample.mask)
 
 
 def run_stages(
@@ -356,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.storage:
             studies.open_storage(args.storage)  # a bad URL fails now, not after training
             search = ["--storage", args.storage]
+        if args.launcher == "slurm":
+            launchers.check_slurm()
         model_cfgs = {n: resolve_cli_config(args, model=n) for n in model_names(cfg)}
         preflight(cfg, model_cfgs)  # reads only: a typo fails before the folder exists
         if args.plan or args.budget_hours is not None:

@@ -44,7 +44,7 @@ def start_run(cfg: dict[str, Any], job_type: str, group: str, name: str, **extra
     account or a network."""
     import wandb
 
-    directory = Layout.of(cfg).root  # wandb writes its runs to <root>/wandb/
+    directory = Layout.of(cfg).wandb.parent  # wandb.init(dir=D) writes to D/wandb/
     directory.mkdir(parents=True, exist_ok=True)
     mode = {} if "WANDB_MODE" in os.environ else {"mode": "offline"}
     return wandb.init(

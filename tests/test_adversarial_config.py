@@ -1,0 +1,99 @@
+"""Adversarial names, numbers and encoders (issue 39, items 6, 10 and 11): each is refused
+where the config or the flags are read, in one line naming the key or flag and the value,
+exit 2, before any folder is made; or it gets its natural behaviour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import paths
+import pipeline
+import train
+from config import ConfigError, load_config
+from paths import Layout
+from tests.trainkit import write_config
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """What the command printed on stderr, which must be one `error:` line."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def config_named(tmp_path: Path, data: Path, model: str = "tiny", **top: object) -> Path:
+    """The tiny experiment's config with its model called `model` and `top` keys set."""
+    path = write_config(tmp_path, data, epochs=1)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["models"] = {model: cfg["models"]["tiny"]}
+    cfg.update(top)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def made_nothing(tmp_path: Path) -> bool:
+    """Nothing beside the config in tmp_path, and nothing escaped to its parent."""
+    return [p.name for p in tmp_path.iterdir()] == ["tiny.yaml"] and not any(
+        (tmp_path.parent / name).exists() for name in ("escaped", "evil")
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["../../escaped", "../escaped", "a/b", "a\\b", ".hidden", "..", "cache", "''"]
+)
+def test_an_experiment_that_is_not_one_plain_folder_is_refused_before_any_folder(
+    tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    config = str(write_config(tmp_path, tiny_data))
+    assert pipeline.main(["--config", config, "--set", f"experiment={name}"]) == 2
+    line = one_error_line(capsys)
+    expected = f"experiment {name!r}:" if name != "''" else "missing key 'experiment'"
+    assert expected in line
+    assert made_nothing(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name", ["../evil", "a/b", "a\\b", ".x", "ensemble", "Refine", "hpo", "logs", "wandb"]
+)
+def test_a_model_name_that_is_a_path_or_a_stage_folder_is_refused_by_every_stage(
+    tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    config = str(config_named(tmp_path, tiny_data, model=name))
+    assert pipeline.main(["--config", config]) == 2
+    assert f"models key {name!r}:" in one_error_line(capsys)
+    assert train.main(["--config", config, "--model", name, "--fold", "0"]) == 2
+    assert f"models key {name!r}:" in one_error_line(capsys)
+    assert made_nothing(tmp_path)
+
+
+def test_a_blended_model_is_checked_too_and_plain_names_pass(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"ensemble": {"models": ["../x"]}}))
+    with pytest.raises(ConfigError, match=r"ensemble.models entry '\.\./x'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"experiment 'logs/x'"):
+        load_config(path, ["ensemble.models=[a]", "experiment=logs/x"])
+    path.write_text(yaml.safe_dump({"models": {"unet.v2_1-a": {"arch": "unet"}}}))
+    # a model may be named like a folder inside another one's (parts, fold0, oof)
+    cfg = load_config(path, ["experiment=run.1", "+models.parts={arch: unet}"])
+    assert set(cfg["models"]) == {"unet.v2_1-a", "parts"}
+
+
+def test_the_reserved_names_are_read_off_the_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    reserved = paths.reserved_names()
+    assert {"ensemble", "refine", "hpo", "logs", "config.yaml", "folds.json"} <= (
+        reserved.in_experiment
+    )
+    assert reserved.in_out_dir == {"cache", "plan_calibration.json"}
+    # a stage folder added to the layout is reserved with no list to update
+    monkeypatch.setattr(Layout, "extra", property(lambda self: self.root / "extra" / "x"), False)
+    paths.reserved_names.cache_clear()
+    try:
+        assert "extra" in paths.reserved_names().in_experiment
+    finally:
+        monkeypatch.undo()
+        paths.reserved_names.cache_clear()
+    assert "extra" not in paths.reserved_names().in_experiment
