@@ -59,6 +59,7 @@ from evaluation import (
     read_json,
 )
 from models import inference
+from models.registry import check_model
 from paths import Layout
 from recipe import RetryPolicy, check_config, check_recipes_early, stale_training_data
 from runtime import PARENT_ENV, Dist
@@ -366,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.launcher == "slurm":
             launchers.check_slurm()
         model_cfgs = {n: resolve_cli_config(args, model=n) for n in model_names(cfg)}
+        for name, model_cfg in model_cfgs.items():
+            check_model(model_cfg, name)  # an unknown encoder fails before the data is read
         preflight(cfg, model_cfgs)  # reads only: a typo fails before the folder exists
         if args.plan or args.budget_hours is not None:
             problems = print_plan(cfg, model_cfgs, args.parallel, args.budget_hours)

@@ -70,6 +70,7 @@ from engine import (
 )
 from models.inference import Probabilities, load_checkpoint, predict_probs
 from models.pretrained import parse_pretrained
+from models.registry import check_model
 from paths import Layout, RunFiles
 from recipe import (
     RetryPolicy,
@@ -408,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(logging.INFO if dist.is_main else logging.WARNING)
     try:
         cfg = resolve_config(args)
+        check_model(cfg, args.model)
         folds = parse_folds(args.fold, DataSettings.from_config(cfg).n_folds)
         if not args.force:
             check_recipes_early(cfg, args.model, folds)

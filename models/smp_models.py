@@ -12,12 +12,36 @@ import inspect
 from typing import Any
 
 import segmentation_models_pytorch as smp
+import timm
 from torch import nn
+
+TIMM_PREFIX = "tu-"
 
 
 def _weights(encoder_name: str) -> str | bool:
     # smp wants True for timm encoders (the tag in the name picks the weights).
-    return True if encoder_name.startswith("tu-") else "imagenet"
+    return True if encoder_name.startswith(TIMM_PREFIX) else "imagenet"
+
+
+def is_encoder(name: str) -> bool:
+    """Whether smp builds encoder `name`: one of its own, a deprecated `timm-` name it maps
+    to timm, or any timm model (a pretrained tag after the dot aside) as `tu-<name>`."""
+    if name.startswith(TIMM_PREFIX):
+        return timm.is_model(name.removeprefix(TIMM_PREFIX))
+    return name in smp.encoders.encoders or smp.encoders.is_equivalent_to_timm_universal(name)
+
+
+def encoder_names() -> list[str]:
+    """Every encoder name smp takes, for a did-you-mean."""
+    return [*smp.encoders.get_encoder_names(), *(TIMM_PREFIX + m for m in timm.list_models())]
+
+
+def architecture(arch: str) -> type[nn.Module]:
+    """smp's class for architecture `arch` (any case); a ValueError listing smp's names."""
+    known = smp.MODEL_ARCHITECTURES_MAPPING
+    if arch.lower() not in known:
+        raise ValueError(f"unknown smp architecture {arch!r}; smp has: {sorted(known)}")
+    return known[arch.lower()]
 
 
 def build_smp(
@@ -28,11 +52,8 @@ def build_smp(
     **kwargs: Any,
 ) -> nn.Module:
     """An smp model; `pretrained=True` asks smp for its ImageNet encoder weights."""
-    known = smp.MODEL_ARCHITECTURES_MAPPING
-    if arch.lower() not in known:
-        raise ValueError(f"unknown smp architecture {arch!r}; smp has: {sorted(known)}")
-    cls = known[arch.lower()]
-    if not encoder_name.startswith("tu-"):
+    cls = architecture(arch)
+    if not encoder_name.startswith(TIMM_PREFIX):
         # smp forwards extra arguments to timm encoders only and drops them silently for
         # its own encoders; a typo in a config must not vanish like that.
         unknown = sorted(set(kwargs) - set(inspect.signature(cls).parameters))

@@ -13,6 +13,7 @@ import paths
 import pipeline
 import train
 from config import ConfigError, load_config
+from models import build_model, weights
 from paths import Layout
 from tests.trainkit import write_config
 
@@ -97,3 +98,36 @@ def test_the_reserved_names_are_read_off_the_layout(monkeypatch: pytest.MonkeyPa
         monkeypatch.undo()
         paths.reserved_names.cache_clear()
     assert "extra" not in paths.reserved_names().in_experiment
+
+
+def test_an_unknown_timm_encoder_is_one_line_with_the_nearest_names_before_any_work(
+    tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(write_config(tmp_path, tiny_data))
+    typo = ["--set", "models.tiny.kwargs.encoder_name=tu-mobilenetv3_smal_100"]
+    for main, extra in (
+        (pipeline.main, ["--plan"]),
+        (train.main, ["--model", "tiny", "--fold", "0"]),
+    ):
+        assert main(["--config", config, *typo, *extra]) == 2
+        line = one_error_line(capsys)
+        assert "models.tiny: unknown encoder_name 'tu-mobilenetv3_smal_100'" in line
+        assert "did you mean 'tu-mobilenetv3_small_100'" in line
+        assert made_nothing(tmp_path)  # no cache, no split
+
+
+@pytest.mark.parametrize(
+    "arch, encoder, nearest",
+    [("smp.Unet", "resnet343", "resnet34"), ("pranet", "res2net50_26w_4x", "res2net50_26w_4s")],
+)
+def test_every_zoo_builder_names_an_unknown_encoder(arch: str, encoder: str, nearest: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown encoder_name '{encoder}'.*'{nearest}'"):
+        build_model(arch, encoder_name=encoder)
+
+
+def test_an_unknown_smp_architecture_is_named(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"models": {"m": {"arch": "smp.Unett"}}}))
+    args = ["--config", str(config), "--out", str(tmp_path / "enc"), "--models", "m"]
+    assert weights.main(args) == 2
+    assert "unknown smp architecture 'Unett'" in one_error_line(capsys)
