@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from config import ConfigError
 from data.reader import DataError
-from decisions import Rule, bootstrap_gain
+from decisions import MIN_N_BOOT, Rule, bootstrap_gain
 from evaluation import SUBMITTED, TEST_TABLE, format_rows, read_json
 from paths import Layout
 from recipe import flatten
@@ -139,11 +140,21 @@ def paired_rows(experiments: Sequence[Experiment], rule: Rule) -> list[dict[str,
     return rows
 
 
+def check_flags(confidence: float, n_boot: int) -> None:
+    """The intervals' flags, by their names and before any experiment is read (Rule's own
+    check names the config's decide.* keys)."""
+    if not 0.0 < confidence < 1.0:  # nan too
+        raise ConfigError(f"--confidence {confidence}: must be between 0 and 1, e.g. 0.9")
+    if n_boot < MIN_N_BOOT:
+        raise ConfigError(f"--n-boot {n_boot}: must be at least {MIN_N_BOOT}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("compare").parse_args(argv)
     try:
+        check_flags(args.confidence, args.n_boot)
         experiments = [Experiment(Path(p)) for p in args.experiments]
-    except DataError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     metric = experiments[0].metric

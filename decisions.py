@@ -46,6 +46,8 @@ LENSES = {
     "region": PostprocessParams(region_mode="prob"),
 }
 ADJUSTMENTS = ("bonferroni", "none")
+# Fewer resamples put the interval's ends (the 5th and 95th percentiles) on a handful of draws.
+MIN_N_BOOT = 100
 SCORE_KEYS = (
     "competition",
     "competition_neo",
@@ -76,8 +78,8 @@ class Rule:
             raise ConfigError(f"decide.confidence must be in (0, 1), got {self.confidence}")
         if self.adjust not in ADJUSTMENTS:
             raise ConfigError(f"decide.adjust must be one of {ADJUSTMENTS}, got {self.adjust!r}")
-        if self.n_boot < 100:
-            raise ConfigError(f"decide.n_boot must be at least 100, got {self.n_boot}")
+        if self.n_boot < MIN_N_BOOT:
+            raise ConfigError(f"decide.n_boot must be at least {MIN_N_BOOT}, got {self.n_boot}")
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Rule:

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+import compare
 import paths
 import pipeline
 import train
 from config import ConfigError, load_config
 from models import build_model, weights
 from paths import Layout
+from tests.test_compare import experiment as finished_by_hand
 from tests.trainkit import write_config
 
 
@@ -131,3 +133,24 @@ def test_an_unknown_smp_architecture_is_named(tmp_path: Path, capsys) -> None:
     args = ["--config", str(config), "--out", str(tmp_path / "enc"), "--models", "m"]
     assert weights.main(args) == 2
     assert "unknown smp architecture 'Unett'" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--confidence", "1.5"], "--confidence 1.5: must be between 0 and 1"),
+        (["--confidence", "0"], "--confidence 0.0: must be between 0 and 1"),
+        (["--confidence", "nan"], "--confidence nan: must be between 0 and 1"),
+        (["--n-boot", "0"], "--n-boot 0: must be at least 100"),
+        (["--n-boot", "-5"], "--n-boot -5: must be at least 100"),
+    ],
+)
+def test_compare_refuses_an_interval_it_cannot_draw_by_its_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], said: str
+) -> None:
+    a, b = (finished_by_hand(tmp_path, name, 24, [0.5, 0.7, 0.9]) for name in "ab")
+    assert compare.main([str(a), str(b), *flags]) == 2
+    assert said in one_error_line(capsys)
+    # checked first: no experiment needs to be read to say so
+    assert compare.main([str(tmp_path / "none"), *flags]) == 2
+    assert said in one_error_line(capsys)
