@@ -141,12 +141,14 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--num-parts",
         type=int,
-        default=1,
         metavar="K",
         help="predict one of K shares of the images (one machine each; default: 1)",
     )
     p.add_argument(
-        "--part-id", type=int, default=0, metavar="I", help="the share this call predicts, 0..K-1"
+        "--part-id",
+        type=int,
+        metavar="I",
+        help="the share this call predicts, 0..K-1 (default: 0)",
     )
     p.add_argument(
         "--merge-parts",

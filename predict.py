@@ -280,6 +280,33 @@ def merge_parts(cfg: dict[str, Any], model_name: str, parts: int) -> tuple[Path,
     return layout.store(model_name, "oof"), layout.store(model_name, "test")
 
 
+def checked_share(args: argparse.Namespace) -> tuple[int, int] | None:
+    """(--part-id, --num-parts) of a call that predicts, or None for --merge-parts, which
+    joins shares already written and so takes neither flag (once ignored silently)."""
+    if args.merge_parts is not None:
+        flags = {"--num-parts": args.num_parts, "--part-id": args.part_id}
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise ConfigError(
+                f"--merge-parts joins the shares already predicted and takes no "
+                f"{' or '.join(given)}: "
+                "predict each share with --num-parts K --part-id I first, then merge alone"
+            )
+        if args.merge_parts < 2:
+            raise ConfigError(
+                f"--merge-parts {args.merge_parts}: must be at least 2, the K of the "
+                "--num-parts K the shares were predicted with"
+            )
+        return None
+    parts = 1 if args.num_parts is None else args.num_parts
+    part_id = 0 if args.part_id is None else args.part_id
+    if parts < 1:
+        raise ConfigError(f"--num-parts {parts}: must be at least 1")
+    if not 0 <= part_id < parts:
+        raise ConfigError(f"--part-id {part_id} is not in 0..{parts - 1} (--num-parts {parts})")
+    return part_id, parts
+
+
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     flags = {
         "predict.tta": args.tta,
@@ -295,14 +322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        share = checked_share(args)
         cfg = resolve_config(args)
         train = TrainSettings.from_config(cfg)
         configure_cpu_threads(train.cpu_threads)
         configure_determinism(train.deterministic, device)
         pcfg = cfg.get("predict") or {}
-        if not 0 <= args.part_id < args.num_parts:
-            raise ConfigError(f"--part-id {args.part_id} is not in 0..{args.num_parts - 1}")
-        if args.merge_parts:
+        if share is None:
             oof, test = merge_parts(cfg, args.model, args.merge_parts)
         else:
             oof, test = predict_model(
@@ -311,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 str(pcfg.get("tta", "none")),
                 int(pcfg.get("batch_size", 16)),
                 device,
-                (args.part_id, args.num_parts),
+                share,
             )
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

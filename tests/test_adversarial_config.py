@@ -12,6 +12,7 @@ import yaml
 import compare
 import paths
 import pipeline
+import predict
 import train
 from config import ConfigError, load_config
 from models import build_model, weights
@@ -154,3 +155,25 @@ def test_compare_refuses_an_interval_it_cannot_draw_by_its_flag(
     # checked first: no experiment needs to be read to say so
     assert compare.main([str(tmp_path / "none"), *flags]) == 2
     assert said in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--num-parts", "0"], "--num-parts 0: must be at least 1"),
+        (["--num-parts", "-2", "--part-id", "0"], "--num-parts -2: must be at least 1"),
+        (["--num-parts", "2", "--part-id", "2"], "--part-id 2 is not in 0..1"),
+        (["--part-id", "1"], "--part-id 1 is not in 0..0"),
+        (["--merge-parts", "2", "--num-parts", "2"], "takes no --num-parts"),
+        (["--merge-parts", "2", "--part-id", "0"], "takes no --part-id"),
+        (["--merge-parts", "1"], "--merge-parts 1: must be at least 2"),
+        (["--merge-parts", "0"], "--merge-parts 0: must be at least 2"),
+    ],
+)
+def test_predict_refuses_shares_that_mean_nothing_before_any_work(
+    tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str], flags, said
+) -> None:
+    config = str(write_config(tmp_path, tiny_data))
+    assert predict.main(["--config", config, "--model", "tiny", *flags]) == 2
+    assert said in one_error_line(capsys)
+    assert made_nothing(tmp_path)
