@@ -8,7 +8,8 @@
   * a path to a `.pth`/`.pt`/`.bin`/`.safetensors` file holding an **encoder** state dict,
     e.g. timm's own `model.safetensors` for the backbone, or one written by
     `export_encoder`. Keys are matched to `model.encoder` (every zoo model keeps its
-    encoder there); missing and unexpected keys are logged, shape mismatches refused.
+    encoder there); missing and unexpected keys are logged; shape mismatches, and a
+    file holding less than MIN_COVERED of the encoder's weights, are refused.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ HOW_TO_PROVIDE = (
 _WRAPPERS = ("state_dict", "model")
 _STRIP = ("", "module.", "encoder.", "module.encoder.")
 _ADD = ("", "model.")  # smp's `tu-` encoders hold the timm model under `.model`
+# A file of the encoder's own architecture holds all its weights (a counter buffer or two
+# aside); one of another that shares some names (resnet18's layers inside resnet34, a stem)
+# holds a part, and loading it would leave the rest at random init behind a warning.
+MIN_COVERED = 0.9
 
 
 class PretrainedWeightsError(ConfigError):
@@ -134,6 +139,14 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> LoadReport:
         raise PretrainedWeightsError(
             f"{path}: {len(bad)} encoder weights have the wrong shape ({details}); "
             "was it exported from a different encoder?"
+        )
+    weights = [k for k in target if not k.endswith("num_batches_tracked")]
+    covered = [k for k in weights if k in state]
+    if len(covered) < MIN_COVERED * len(weights):
+        raise PretrainedWeightsError(
+            f"{path}: holds only {len(covered)} of the encoder's {len(weights)} weight "
+            f"tensors (at least {MIN_COVERED:.0%} are needed); was it exported from a "
+            "different encoder?"
         )
     encoder.load_state_dict({k: state[k] for k in matched}, strict=False)
     report = LoadReport(

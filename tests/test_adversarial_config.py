@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import save_file
 
 import compare
 import paths
@@ -15,10 +16,10 @@ import pipeline
 import predict
 import train
 from config import ConfigError, load_config
-from models import build_model, weights
+from models import PretrainedWeightsError, build_model, export_encoder, weights
 from paths import Layout
 from tests.test_compare import experiment as finished_by_hand
-from tests.trainkit import write_config
+from tests.trainkit import demo_model, write_config
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -177,3 +178,20 @@ def test_predict_refuses_shares_that_mean_nothing_before_any_work(
     assert predict.main(["--config", config, "--model", "tiny", *flags]) == 2
     assert said in one_error_line(capsys)
     assert made_nothing(tmp_path)
+
+
+def test_a_pretrained_file_holding_a_sliver_of_the_encoder_is_refused(tmp_path: Path) -> None:
+    # resnet18's tensors all sit, with their shapes, inside resnet34: 100 of its 180
+    small = build_model("unet", encoder_name="resnet18")
+    path = export_encoder(small, tmp_path / "resnet18.safetensors")
+    with pytest.raises(
+        PretrainedWeightsError,
+        match=r"resnet18\.safetensors: holds only 100 of the encoder's 180 weight tensors",
+    ):
+        build_model("unet", encoder_name="resnet34", pretrained=path)
+    # one tensor of the demo's encoder, as the issue found
+    arch, kwargs = demo_model()["arch"], demo_model()["kwargs"]
+    name, tensor = next(iter(build_model(arch, **kwargs).encoder.state_dict().items()))
+    save_file({name: tensor.contiguous()}, str(tmp_path / "one.safetensors"))
+    with pytest.raises(PretrainedWeightsError, match=r"one\.safetensors: holds only 1 of"):
+        build_model(arch, pretrained=tmp_path / "one.safetensors", **kwargs)
