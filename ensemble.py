@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except studies.StudyIncomplete as exc:
+    except studies.StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     write_json(layout.weights, doc)

@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hcfg = cfg.get("hpo") or {}
         epochs = int(args.epochs or hcfg.get("epochs") or TrainSettings.from_config(cfg).epochs)
         fold = int(args.fold if args.fold is not None else hcfg.get("fold", 0))
-        trials = int(args.trials or hcfg.get("trials", 20))
+        trials = studies.trial_count(cfg, "hpo", args.trials, default=20)
         cfg = apply_overrides(cfg, [f"train.epochs={epochs}"])
         check_config(cfg)
         model_entry(cfg, args.model)
@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (studies.StudyIncomplete, LoaderStalled) as exc:
+    except (studies.StudyError, LoaderStalled) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     csv_path = studies.export_trials(study, layout.hpo_trials(args.model))

@@ -22,7 +22,8 @@ In detail:
 
 - **Storage**: `sqlite:///<out_dir>/<experiment>/optuna.db` by default (one file per
   experiment); `--storage URL` takes any RDB URL optuna accepts (`postgresql://...`,
-  `mysql://...`) or `journal:PATH` for a `JournalStorage` file (e.g. on a network drive).
+  `mysql://...`; one that names no driver gets an installed one, `storage_url`) or
+  `journal:PATH` for a `JournalStorage` file (e.g. on a network drive).
 - **Name**: `<stage>-<12 hex>`, a hash of the identity of the inputs (the blended models,
   split id, the OOF stores' meta.json and content, the targets, the objective, the seed).
   A changed input starts a new study instead of mixing its trials with an old search.
@@ -33,12 +34,18 @@ In detail:
   count gave.
 - **Killed runs**: the stage owns its study, so a trial still RUNNING when it starts was
   left by a killed run: it is marked FAIL (not counted) and, if it was one of the enqueued
-  starting points, enqueued again. Workers joining from other machines (`join=True`) leave
-  RUNNING trials alone, since those may be alive. A shared study (several workers, or
-  `--join`) on a database records optuna heartbeats: a trial whose worker died (a machine
-  lost, SIGKILL) is failed by the next worker that looks, once its heartbeat is
+  starting points, enqueued again. Never a live worker's, though (it would run twice): each
+  trial records its process (host, pid, start time), and a RUNNING trial whose process is
+  alive on this machine, or whose heartbeat elsewhere is fresh, or which another machine
+  runs without heartbeats, makes the run refuse (StudyInUse, naming --join) before it
+  fails anything. Workers joining from other machines (`join=True`) leave RUNNING trials
+  alone. A study on a database server, or shared on SQLite (several workers, or
+  `--join`), records optuna heartbeats: a trial whose worker died (a machine lost,
+  SIGKILL) is failed by the next worker that looks, once its heartbeat is
   `HEARTBEAT_GRACE_S` old, and run again with its parameters (optuna's
   RetryHeartbeatStaleTrialCallback); workers waiting for it go on.
+- **Errors**: a URL whose driver is missing, or a storage that fails (a damaged SQLite
+  file, a lost server), is one line naming the storage and the database's own message.
 - **Seeds**: `TrialSeededSampler` reseeds TPE before every trial from (seed, worker, number
   of finished trials), so a study tuned in two runs samples exactly what one run would
   (tested), and the trial replacing a killed one draws what the killed one drew. A
@@ -57,7 +64,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import secrets
+import shlex
 import socket
 import sqlite3
 import time
@@ -72,7 +81,7 @@ import optuna
 from joblib import Parallel, delayed, effective_n_jobs
 from optuna.distributions import BaseDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from config import ConfigError
@@ -98,22 +107,49 @@ Objective = Callable[[optuna.Trial], float]
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-class StudyIncomplete(RuntimeError):
+class StudyError(RuntimeError):
+    """A study this run cannot work on; the stages print it as one line and exit 1."""
+
+
+class StudyIncomplete(StudyError):
     """The study cannot reach its trial count: its trials were failed while running."""
 
 
+class StudyInUse(StudyError):
+    """A run without --join found a trial of its study that a live process may be running."""
+
+
+class StorageFailed(StudyError):
+    """The storage failed while the study ran (a damaged SQLite file, a lost server)."""
+
+
 # ---------------------------------------------------------------- settings shared by the stages
+
+
+def trial_count(
+    cfg: dict[str, Any], section: str, trials: int | None = None, default: int = 100
+) -> int:
+    """The trial count from `--trials`, else `<section>.trials`, else `default`: the one
+    place every optuna stage and the pipeline's preflight read it, so a count below 1 is
+    refused by the name the user wrote it under (0 used to fall back to the config, and
+    a negative one to end in a traceback from `run_study`)."""
+    if trials is not None:
+        value, key = trials, "--trials"
+    else:
+        value, key = (cfg.get(section) or {}).get("trials", default), f"{section}.trials"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a whole number of at least 1, got {value!r}")
+    return value
 
 
 def search_settings(
     cfg: dict[str, Any], section: str, trials: int | None = None, objective: str | None = None
 ) -> tuple[int, str]:
     """(trials, objective) from the flags, else the config's `section`, else defaults."""
-    scfg = cfg.get(section) or {}
-    objective = objective or scfg.get("objective", "competition")
+    objective = objective or (cfg.get(section) or {}).get("objective", "competition")
     if objective not in OBJECTIVES:
         raise ConfigError(f"{section}.objective must be one of {OBJECTIVES}, got {objective!r}")
-    return int(trials or scfg.get("trials", 100)), objective
+    return trial_count(cfg, section, trials), objective
 
 
 @dataclass(frozen=True)
@@ -136,7 +172,8 @@ def place_from_args(
     """The StudyPlace of a stage's command line (--storage, --parallel, --join)."""
     if args.n_workers < 1:
         raise ConfigError(f"--parallel must be at least 1, got {args.n_workers}")
-    return StudyPlace(args.storage or default_storage(layout), identity, args.n_workers, args.join)
+    storage = storage_url(args.storage) if args.storage else default_storage(layout)
+    return StudyPlace(storage, identity, args.n_workers, args.join)
 
 
 def threads_per_worker(n_jobs: int, n_workers: int) -> int:
@@ -182,13 +219,92 @@ def quiet_heartbeats() -> Iterator[None]:
         yield
 
 
+# For a URL that names no driver, when SQLAlchemy's default for its database is not
+# installed: the driver to use instead, and the package that installs it.
+FALLBACK_DRIVERS = {"postgresql": ("psycopg2", "psycopg2-binary"), "mysql": ("pymysql", "pymysql")}
+
+
+def storage_url(url: str) -> str:
+    """`url` with a database driver that is installed here; ConfigError naming the package
+    to install when there is none.
+
+    SQLAlchemy 2 maps a plain `postgresql://` to psycopg 3, while the project installs
+    psycopg2 (requirements-dev.txt), so the URLs as users write them failed with optuna's
+    "Failed to import DB access module". A URL that names no driver gets the installed
+    one (`postgres://`, as many hosts print it, is PostgreSQL's); one that names its
+    driver is used as written.
+    """
+    if url.startswith("journal:"):
+        return url
+    import sqlalchemy
+
+    try:
+        written = sqlalchemy.engine.make_url(url)
+        parsed = written
+        if written.drivername == "postgres":
+            parsed = written.set(drivername="postgresql")
+        dialect = parsed.get_dialect()
+    except (ValueError, sqlalchemy.exc.ArgumentError) as exc:
+        raise ConfigError(storage_problem(url, exc)) from exc
+    candidates = [parsed]
+    if parsed.drivername in FALLBACK_DRIVERS:
+        driver, _ = FALLBACK_DRIVERS[parsed.drivername]
+        candidates.append(parsed.set(drivername=f"{parsed.drivername}+{driver}"))
+    for candidate in candidates:
+        try:
+            candidate.get_dialect().import_dbapi()
+        except ImportError:
+            continue
+        return url if candidate == written else candidate.render_as_string(hide_password=False)
+    package = FALLBACK_DRIVERS.get(parsed.drivername, (None, dialect.driver))[1]
+    raise ConfigError(
+        f"optuna storage {redact(url)}: no {parsed.get_backend_name()} driver is installed "
+        f"(SQLAlchemy's for {parsed.drivername}:// is {dialect.driver}): pip install {package}"
+    )
+
+
+def storage_problem(url: str, exc: BaseException) -> str:
+    """`optuna storage URL: <the database's own message>` in one line (optuna's and
+    SQLAlchemy's wrappers add a generic sentence, the SQL and a link); for a damaged
+    SQLite file, the command that moves it aside."""
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(getattr(seen, "orig", None), BaseException):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        lines = str(exc).strip().splitlines()
+        return f"optuna storage {redact(url)}: {lines[0] if lines else type(exc).__name__}"
+    orig = seen.orig
+    why = " ".join(str(orig).split()) or type(orig).__name__
+    # sqlite3 raises DatabaseError itself, not a subclass, for a damaged file
+    if type(orig) is sqlite3.DatabaseError:
+        import sqlalchemy
+
+        db = shlex.quote(str(sqlalchemy.engine.make_url(url).database))
+        why += f" (the file is damaged; to start its studies afresh: mv {db} {db}.damaged)"
+    return f"optuna storage {redact(url)}: {why}"
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """A storage's failure inside the block as one line: StorageFailed (exit 1)."""
+    import sqlalchemy
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        raise StorageFailed(storage_problem(url, exc)) from exc
+
+
 def open_storage(url: str, shared: bool = False) -> optuna.storages.BaseStorage:
     """An optuna storage from a URL; `journal:PATH` gives a JournalStorage file.
 
     SQLite gets a 60 s lock timeout: several worker processes write to one file, and the
-    default 5 s ends in "database is locked" under load. `shared` (other processes work on
-    the study): a database storage records heartbeats (JournalStorage has none), so a
-    dead worker's trial is failed and retried; a lone run does without the extra writes.
+    default 5 s ends in "database is locked" under load. Heartbeats (a dead worker's
+    trial is failed and retried; a run without --join tells a live worker elsewhere from
+    a dead one) are recorded on a database server, where other machines may join at any
+    time, and on SQLite when `shared` (other processes work on the study): a lone run on
+    a local file does without the extra writes, and its trials are checked through the
+    process table. A JournalStorage has none.
     """
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
@@ -198,17 +314,19 @@ def open_storage(url: str, shared: bool = False) -> optuna.storages.BaseStorage:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     import sqlalchemy
 
+    url = storage_url(url)
     try:
         parsed = sqlalchemy.engine.make_url(url)
         engine_kwargs: dict[str, Any] = {}
-        if parsed.get_backend_name() == "sqlite":
+        is_sqlite = parsed.get_backend_name() == "sqlite"
+        if is_sqlite:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             connect = {"timeout": SQLITE_TIMEOUT_S, "factory": WalConnection}
             engine_kwargs = {"connect_args": connect}
         with quiet_heartbeats():
             heartbeat: dict[str, Any] = {}
-            if shared:
+            if shared or not is_sqlite:
                 heartbeat = {
                     "heartbeat_interval": HEARTBEAT_S,
                     "grace_period": HEARTBEAT_GRACE_S,
@@ -222,7 +340,7 @@ def open_storage(url: str, shared: bool = False) -> optuna.storages.BaseStorage:
                 time.sleep(SCHEMA_RACE_WAIT_S)
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
-        raise ConfigError(f"optuna storage {redact(url)}: {exc}") from exc
+        raise ConfigError(storage_problem(url, exc)) from exc
 
 
 def redact(url: str) -> str:
@@ -373,16 +491,83 @@ def _fail(study: optuna.Study, trial: FrozenTrial) -> None:
         study.enqueue_trial(fixed)
 
 
-def fail_abandoned(study: optuna.Study) -> list[int]:
-    """Mark every RUNNING trial FAIL (see `_fail`); returns their numbers.
+# The system attribute of a trial that names the process running it (`this_process`).
+PROCESS_ATTR = "process"
 
-    Only a run that owns the study may call this: a RUNNING trial is then one a killed
-    run left behind.
+
+def process_start(pid: int) -> str | None:
+    """What tells process `pid` from a later one given the same pid: the boot and its start
+    time in clock ticks (/proc); None when no live process has that pid (a zombie is
+    dead). Linux only: elsewhere every trial counts as a killed run's, as before."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return None if fields[0] == "Z" else f"{boot}/{fields[19]}"
+
+
+def this_process(storage: optuna.storages.BaseStorage) -> dict[str, Any]:
+    """The record a trial keeps of the process running it, for `live_holder`."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": process_start(os.getpid()),
+        "heartbeat": is_heartbeat_enabled(storage),
+    }
+
+
+def live_holder(study: optuna.Study, trial: FrozenTrial) -> str | None:
+    """Who may still be running a RUNNING `trial`; None when it was left by a dead process.
+
+    On this machine the process table answers. Elsewhere the trial's heartbeat does:
+    `fail_stale_trials` has failed those silent for HEARTBEAT_GRACE_S, so one still
+    RUNNING with heartbeats is alive. A trial from another machine without heartbeats
+    cannot be judged here, so it is not taken for dead. A trial without a record (asked by
+    hand, or by an older version) is taken for a killed run's, as it always was.
     """
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    record = trial.system_attrs.get(PROCESS_ATTR)
+    if not isinstance(record, dict):
+        return None
+    pid, host = record.get("pid"), record.get("host")
+    if host == socket.gethostname():
+        # our own pid: an earlier call in this process left it (its trials run one at a time)
+        if not isinstance(pid, int) or pid == os.getpid() or record.get("start") is None:
+            return None
+        if process_start(pid) != record.get("start"):
+            return None
+        return f"pid {pid} on this machine"
+    if record.get("heartbeat") and is_heartbeat_enabled(study._storage):
+        return f"pid {pid} on {host} (its heartbeat is under {HEARTBEAT_GRACE_S} s old)"
+    return (
+        f"pid {pid} on {host}, which records no heartbeat this machine could judge (if that "
+        f"process was killed, run this command on {host} without --join: it fails them)"
+    )
+
+
+def fail_abandoned(study: optuna.Study) -> list[int]:
+    """Mark every RUNNING trial FAIL (see `_fail`); returns their numbers. StudyInUse,
+    and nothing failed, when a live process may be running one of them.
+
+    Only a run that owns the study (no --join) calls this: it takes a RUNNING trial for
+    one a killed run left behind, which it must never do to a worker that is alive (that
+    trial would run twice and its worker's result be thrown away).
+    """
+    with quiet_heartbeats():
+        fail_stale_trials(study)  # dead by their heartbeats, retried as a joiner would
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    live = {t.number: who for t in running if (who := live_holder(study, t)) is not None}
+    if live:
+        held = "; ".join(f"trial {n} by {who}" for n, who in live.items())
+        raise StudyInUse(
+            f"study {study.study_name} is being worked on: {held}. To work beside it, run "
+            "this command again with --join; a run without --join takes the study over, "
+            "so only once that process has ended"
+        )
+    for trial in running:
         _fail(study, trial)
-        failed.append(trial.number)
+    failed = [t.number for t in running]
     if failed:
         log.warning(
             "study %s: trials %s were left RUNNING by a killed run: failed",
@@ -414,6 +599,7 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, worker: str
     numbered ones are already complete or running is failed at once, unscored ("surplus").
     """
     ran = 0
+    process = this_process(study._storage)
     while True:
         claimed, complete = _claimed(study)
         if claimed >= trials:
@@ -425,6 +611,7 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, worker: str
             trial = study.ask()
         try:
             trial.set_user_attr("worker", worker)
+            study._storage.set_trial_system_attr(trial._trial_id, PROCESS_ATTR, process)
             if _claimed(study, below=trial.number)[0] >= trials:
                 trial.set_user_attr("surplus", True)
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -469,7 +656,8 @@ def _wait_for_others(study: optuna.Study, trials: int, poll_s: float = 2.0) -> N
             log.info(
                 "study %s: waiting for trials %s running elsewhere (a dead worker's trial "
                 "is failed and run again once its heartbeat is %d s old; without heartbeats, "
-                "as in a journal file, stop this run and start it again: that fails them)",
+                "as in a journal file, stop this run and start it again without --join on "
+                "the machine that ran them: that fails them once their process is gone)",
                 study.study_name,
                 [t.number for t in running],
                 HEARTBEAT_GRACE_S,
@@ -508,8 +696,10 @@ def _worker(
     """One worker process: the study through its storage, its own seed stream. A pruner
     is not kept in the storage, so each worker gets the stage's own."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = _load(name, storage, seed, worker, parallel=True, pruner=pruner)
-    return optimize(study, objective, trials, f"{socket.gethostname()}/{worker}")
+    # converted here: the database's message does not cross the process boundary
+    with storage_errors(storage):
+        study = _load(name, storage, seed, worker, parallel=True, pruner=pruner)
+        return optimize(study, objective, trials, f"{socket.gethostname()}/{worker}")
 
 
 def run_study(
@@ -548,17 +738,18 @@ def run_study(
     # A joining process draws its own seed streams: with the owner's (0, 1, ...) its
     # trials would repeat the owner's draws trial for trial.
     base = secrets.randbits(31) if place is not None and place.join else 0
-    study = _load(name, place.storage if place else None, seed, base, parallel, pruner)
-    if place is None or not place.join:
-        fail_abandoned(study)
-    if not study.get_trials(deepcopy=False):
-        for params in start:
-            study.enqueue_trial(dict(params))
-    first = len(counted_trials(study))
-    ticker = Ticker(f"{stage} study", trials, "trials", lambda: len(counted_trials(study)), log)
-    with ticker:
-        _run_to(study, objective, trials, seed, base, place, pruner)
-    done = len(counted_trials(study))
+    with storage_errors(place.storage) if place else contextlib.nullcontext():
+        study = _load(name, place.storage if place else None, seed, base, parallel, pruner)
+        if place is None or not place.join:
+            fail_abandoned(study)
+        if not study.get_trials(deepcopy=False):
+            for params in start:
+                study.enqueue_trial(dict(params))
+        first = len(counted_trials(study))
+        ticker = Ticker(f"{stage} study", trials, "trials", lambda: len(counted_trials(study)), log)
+        with ticker:
+            _run_to(study, objective, trials, seed, base, place, pruner)
+        done = len(counted_trials(study))
     where = f" in {redact(place.storage)}" if place else ""
     log.info("study %s%s: %d finished trials (%d new)", study.study_name, where, done, done - first)
     return study
