@@ -122,9 +122,9 @@ def train_on_slurm(
             ]
     except submitit.core.utils.FailedJobError as exc:
         raise ConfigError(
-            f"sbatch refused the fold jobs: {submission_problem(exc)} (the config's slurm. "
-            "keys choose partition, account, gpus_per_node, cpus_per_task, mem_gb, "
-            "timeout_min)"
+            f"sbatch refused the fold jobs: {submission_problem(exc)} (their partition, "
+            "account, gpus_per_node, cpus_per_task, mem_gb and timeout_min come from the "
+            "config's slurm: section, e.g. --set slurm.partition=gpu)"
         ) from exc
     for (model, fold), job in zip(jobs, submitted, strict=True):
         log.info(

@@ -189,7 +189,7 @@ def test_a_failing_sbatch_is_one_line_naming_its_error(
     assert pipeline.main(["--config", str(config), "--launcher", "slurm"]) == 2
     line = one_error_line(capsys)
     assert "sbatch" in line and "Invalid partition name specified" in line
-    assert "slurm." in line  # the section that chooses partition and account
+    assert "slurm: section" in line and "--set slurm.partition=" in line
 
 
 def test_a_machine_without_slurm_is_told_before_any_work(
