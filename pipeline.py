@@ -22,12 +22,14 @@ if __name__ == "__main__":
 
 
 import logging
+import math
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import launchers
@@ -64,7 +66,7 @@ from paths import Layout
 from recipe import RetryPolicy, check_config, check_recipes_early, stale_training_data
 from runtime import PARENT_ENV, Dist
 from settings import DataSettings, TrainSettings
-from stages import STAGES, Plan, model_names
+from stages import STAGES, Plan, Stage, model_names
 from stamps import Stamps, digest
 
 log = logging.getLogger("pipeline")
@@ -83,6 +85,30 @@ def made_otherwise(path: Path, settings: dict[str, Any]) -> bool:
     """
     doc = read_json(path)
     return any(doc.get(k) != v for k, v in settings.items())
+
+
+def stage_label(stage: Stage, model: str) -> str:
+    """The stage's name in stamps.json and timings.json: `predict unet`, `ensemble`."""
+    return f"{stage.name} {model}".strip()
+
+
+def stage_due(
+    stage: Stage, plan: Plan, model: str, stamps: Stamps, module: ModuleType
+) -> tuple[str | None, bool]:
+    """(the digest of the stage's inputs for `model`, None when one is missing; whether the
+    stage must run): an output missing, inputs other than it last ran on, or settings
+    recorded other than the config's. A stage without inputs and outputs always runs."""
+    if stage.outputs is None or stage.inputs is None:
+        return None, True
+    inputs = stage.inputs(plan, model)
+    # with an input missing the stage runs and names it in its own words
+    ident = digest(inputs) if all(p.exists() for p in inputs) else None
+    due = (
+        ident is None
+        or stamps.changed(stage_label(stage, model), ident, stage.outputs(plan, model))
+        or (stage.record is not None and made_otherwise(*stage.record(plan, module, model)))
+    )
+    return ident, due
 
 
 def run_stage(name: str, main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> float:
@@ -223,12 +249,19 @@ def print_plan(
     parallel: int,
     budget_h: float | None,
 ) -> list[str]:
-    """Print the run's plan (planning.py); why it does not fit the budget, if it does not."""
+    """Print what is left of the run (planning.py), and why it does not fit the budget if it
+    does not. A model's predictions count as done when this call's run would not predict
+    it again (`stage_due`), so a run continued in a new session is planned for what is left."""
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     views = inference.tta_views(str((cfg.get("predict") or {}).get("tta", "none")))
-    plan = planning.plan_run(cfg, model_cfgs, views, parallel, device)
+    layout = Layout.of(cfg)
+    predict = next(stage for stage in STAGES if stage.name == "predict")
+    stages_plan = Plan(cfg, layout, list(model_cfgs), [], [])
+    stamps, module = Stamps(layout.stamps), predict.module()
+    predicted = [m for m in model_cfgs if not stage_due(predict, stages_plan, m, stamps, module)[1]]
+    plan = planning.plan_run(cfg, model_cfgs, views, parallel, device, predicted)
     print("\n".join(planning.report(plan)))
     return planning.over_budget(plan, budget_h)
 
@@ -314,20 +347,8 @@ def run_stages(
             continue
         module = stage.module()
         for model in names if stage.per_model else [""]:
-            label = f"{stage.name} {model}".strip()
-            ident, due = None, True  # a stage without inputs and outputs always runs
-            if stage.outputs is not None and stage.inputs is not None:
-                inputs = stage.inputs(plan, model)
-                # with an input missing the stage runs and names it in its own words
-                ident = digest(inputs) if all(p.exists() for p in inputs) else None
-                due = (
-                    ident is None
-                    or stamps.changed(label, ident, stage.outputs(plan, model))
-                    or (
-                        stage.record is not None
-                        and made_otherwise(*stage.record(plan, module, model))
-                    )
-                )
+            label = stage_label(stage, model)
+            ident, due = stage_due(stage, plan, model, stamps, module)
             if due:
                 timings[label] = run_stage(stage.name, module.main, stage.argv(plan, model))
                 keep([label])
@@ -360,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.parallel = max(1, torch.cuda.device_count())
         if args.parallel < 1:
             raise ConfigError(f"--parallel must be at least 1, got {args.parallel}")
+        budget = args.budget_hours
+        if budget is not None and not (math.isfinite(budget) and budget > 0):
+            raise ConfigError(f"--budget-hours {budget:g}: must be a positive number of hours")
         search: list[str] = []
         if args.storage:
             studies.open_storage(args.storage)  # a bad URL fails now, not after training

@@ -12,12 +12,15 @@ minutes where training takes hours; they are listed, not estimated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +29,10 @@ import torch
 from config import build_entry, config_hash
 from data.atomic import write_json
 from data.dataset import to_device
+from data.foldlog import read_log
 from data.prepare import TrainData, prepare_train_data
-from data.reader import list_test
-from engine import build_learner, build_loaders
+from data.reader import DataError, list_test
+from engine import build_learner, build_loaders, fold_complete
 from models.inference import NUM_CLASSES
 from paths import Layout
 from runtime import Dist, configure_cpu_threads
@@ -56,13 +60,36 @@ class ModelPlan:
     val_images: int  # per fold
     batch_size: int
     calibration: Calibration
+    # The epochs each fold not complete yet has trained (0: not started); None: every fold.
+    unfinished: tuple[int, ...] | None = None
+    predicts: bool = True  # predict.py has to run for this model (its stores are stale)
+
+    @property
+    def epoch_s(self) -> float:
+        """One training epoch with its validation."""
+        steps = max(1, self.train_images // self.batch_size)
+        return steps * self.calibration.step_s + self.val_images * self.calibration.predict_s
+
+    @property
+    def oof_s(self) -> float:
+        """A finished fold's OOF maps (one view)."""
+        return self.val_images * self.calibration.predict_s
 
     @property
     def fold_s(self) -> float:
         """Training epochs with their validation, then the fold's OOF maps (one view)."""
-        steps = max(1, self.train_images // self.batch_size)
-        epoch = steps * self.calibration.step_s + self.val_images * self.calibration.predict_s
-        return self.epochs * epoch + self.val_images * self.calibration.predict_s
+        return self.epochs * self.epoch_s + self.oof_s
+
+    @property
+    def to_train(self) -> tuple[int, ...]:
+        """The epochs already trained by each fold still to finish."""
+        return (0,) * self.folds if self.unfinished is None else self.unfinished
+
+    def left_s(self, epochs: int | None = None) -> float:
+        """The training still to do, with `epochs` per fold (default: the config's): each
+        unfinished fold resumes where it stopped (the pipeline trains with --resume)."""
+        epochs = self.epochs if epochs is None else epochs
+        return sum(max(0, epochs - done) * self.epoch_s + self.oof_s for done in self.to_train)
 
 
 @dataclass(frozen=True)
@@ -74,25 +101,51 @@ class Plan:
     views: int  # TTA views per predicted image
     disk: dict[str, int]  # artefact -> bytes when the run is finished
     free: int  # bytes free under out_dir
+    written: int = 0  # bytes already under the experiment folder and the image cache
+
+    def train_time(self, epochs: int | None = None) -> float:
+        """The training still to do, with `epochs` per fold for every model (default: each
+        model's own), over the lanes."""
+        return sum(m.left_s(epochs) for m in self.models) / self.lanes
 
     @property
     def train_s(self) -> float:
-        return sum(m.fold_s * m.folds for m in self.models) / self.lanes
+        return self.train_time()
 
     @property
     def predict_s(self) -> float:
-        """predict.py: every fold's test maps with TTA (the OOF maps come from training)."""
+        """predict.py: every fold's test maps with TTA (the OOF maps come from training),
+        for the models whose stores are not current."""
         return sum(
-            m.folds * self.test_images * self.views * m.calibration.predict_s for m in self.models
+            m.folds * self.test_images * self.views * m.calibration.predict_s
+            for m in self.models
+            if m.predicts
         )
 
     @property
     def total_s(self) -> float:
         return self.train_s + self.predict_s
 
+    def total_time(self, epochs: int) -> float:
+        """What is left with `epochs` per fold for every model (`--set train.epochs=E`)."""
+        return self.train_time(epochs) + self.predict_s
+
     @property
     def disk_total(self) -> int:
         return sum(self.disk.values())
+
+    @property
+    def disk_left(self) -> int:
+        """What the run still has to write: the finished run less what is on disk."""
+        return max(0, self.disk_total - self.written)
+
+    def without(self, model: ModelPlan) -> Plan:
+        """The plan with one model fewer (`ensemble.models` naming the others)."""
+        return replace(self, models=[m for m in self.models if m is not model])
+
+    @property
+    def done(self) -> bool:
+        return not any(m.to_train or m.predicts for m in self.models)
 
 
 def lanes(parallel: int, device: torch.device, loader_workers: int) -> float:
@@ -209,6 +262,36 @@ def disk_bytes(
     }
 
 
+def unfinished_folds(cfg: dict[str, Any], name: str, n_folds: int) -> tuple[int, ...]:
+    """The epochs each fold of model `name` that is not complete has trained: train.py
+    skips a complete fold, and the pipeline's --resume continues one from its last.pt, whose
+    history the fold's log copies."""
+    epochs = TrainSettings.from_config(cfg).epochs
+    layout = Layout.of(cfg)
+    left = []
+    for k in range(n_folds):
+        run = layout.fold(name, k)
+        if fold_complete(run, epochs):
+            continue
+        history: list[dict[str, Any]] = []
+        if run.last.is_file():
+            with contextlib.suppress(DataError):  # resumed from last.pt, which rewrites it
+                history = read_log(run.log)
+        left.append(history[-1]["epoch"] if history else 0)
+    return tuple(left)
+
+
+def bytes_under(*folders: Path) -> int:
+    """The bytes of every file under `folders` (those that exist)."""
+    return sum(
+        f.stat().st_size
+        for folder in folders
+        if folder.is_dir()
+        for f in folder.rglob("*")
+        if f.is_file()
+    )
+
+
 def free_bytes(out_dir: Path) -> int:
     """Free space on the filesystem that will hold `out_dir` (its nearest existing parent)."""
     path = out_dir.resolve()
@@ -225,23 +308,30 @@ def make_plan(
     parallel: int,
     refining: bool,
     dist: Dist,
+    predicted: Collection[str] = (),
 ) -> Plan:
+    """What is left of the run: the folds not complete and the predictions not current
+    (`predicted`: the models whose stores are, until one of their folds trains again)."""
     first = next(iter(model_cfgs.values()))
     layout = Layout.of(first)
     calibrated = calibrations(model_cfgs, data, dist, layout.plan_calibration)
     folds = data.folds
-    models = [
-        ModelPlan(
-            name,
-            folds.n_folds,
-            TrainSettings.from_config(cfg).epochs,
-            len(folds.train_ids(0)),
-            len(folds.val_ids(0)),
-            TrainSettings.from_config(cfg).batch_size,
-            calibrated[name],
+    models = []
+    for name, cfg in model_cfgs.items():
+        unfinished = unfinished_folds(cfg, name, folds.n_folds)
+        models.append(
+            ModelPlan(
+                name,
+                folds.n_folds,
+                TrainSettings.from_config(cfg).epochs,
+                len(folds.train_ids(0)),
+                len(folds.val_ids(0)),
+                TrainSettings.from_config(cfg).batch_size,
+                calibrated[name],
+                unfinished,
+                bool(unfinished) or name not in predicted,
+            )
         )
-        for name, cfg in model_cfgs.items()
-    ]
     n_train = len(data.items)
     disk = disk_bytes(model_cfgs, calibrated, n_train, n_test, refining)
     workers = DataSettings.from_config(first).num_workers
@@ -253,6 +343,7 @@ def make_plan(
         views,
         disk,
         free_bytes(layout.out_dir),
+        bytes_under(layout.root, layout.cache),
     )
 
 
@@ -262,13 +353,15 @@ def plan_run(
     views: int,
     parallel: int,
     device: torch.device,
+    predicted: Collection[str] = (),
 ) -> Plan:
-    """The plan of an experiment's run on `device`: its split (made now if it is the first
-    call), its test images with `views` TTA passes each, refinement as configured."""
+    """The plan of what is left of an experiment's run on `device`: its split (made now
+    if it is the first call), its test images with `views` TTA passes each, refinement as
+    configured; `predicted`: the models whose prediction stores are current."""
     data = prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
     n_test = len(list_test(Path(cfg["data_dir"])))
     dist = Dist(rank=0, world_size=1, device=device)
-    return make_plan(model_cfgs, data, n_test, views, parallel, refining(cfg), dist)
+    return make_plan(model_cfgs, data, n_test, views, parallel, refining(cfg), dist, predicted)
 
 
 def hours(seconds: float) -> str:
@@ -285,46 +378,74 @@ def report(plan: Plan) -> list[str]:
         f"plan: {len(plan.models)} models x {plan.models[0].folds} folds, "
         f"{plan.parallel} fold(s) at once, test {plan.test_images} images x {plan.views} "
         "TTA view(s)",
-        "model | epochs | train images/fold | s/step | ms/image | per fold | all folds",
+        "model | epochs | train images/fold | s/step | ms/image | per fold | all folds | "
+        "folds to train",
     ]
     for m in plan.models:
         c = m.calibration
         lines.append(
             f"{m.name} | {m.epochs} | {m.train_images} | {c.step_s:.3f} | "
-            f"{1000 * c.predict_s:.1f} | {hours(m.fold_s)} | {hours(m.fold_s * m.folds)}"
+            f"{1000 * c.predict_s:.1f} | {hours(m.fold_s)} | {hours(m.fold_s * m.folds)} | "
+            f"{len(m.to_train)} of {m.folds}"
         )
+    predicting = [m for m in plan.models if m.predicts]
     lines += [
-        f"train (--parallel {plan.parallel}, {plan.lanes:g} at full speed): {hours(plan.train_s)}",
-        f"predict (test maps, every fold, TTA): {hours(plan.predict_s)}",
+        f"train, what is left (--parallel {plan.parallel}, {plan.lanes:g} at full speed): "
+        f"{hours(plan.train_s)}",
+        f"predict (test maps, every fold, TTA; {len(predicting)} of {len(plan.models)} "
+        f"models): {hours(plan.predict_s)}",
         "ensemble, refine, tune, postprocess, report: minutes, not estimated",
-        f"total: {hours(plan.total_s)}",
+        f"total: {hours(plan.total_s)}"
+        + (" (nothing left to train or predict)" if plan.done else ""),
         "disk when finished: "
         + ", ".join(f"{k} {gigabytes(v)}" for k, v in plan.disk.items() if v)
-        + f"; total {gigabytes(plan.disk_total)} of {gigabytes(plan.free)} free",
+        + f"; total {gigabytes(plan.disk_total)}, {gigabytes(plan.disk_left)} still to "
+        f"write, of {gigabytes(plan.free)} free",
     ]
     return lines
 
 
+def epochs_that_fit(plan: Plan, budget_s: float) -> int | None:
+    """The most epochs per fold, the same for every model as `--set train.epochs=E` makes
+    them, with which what is left fits in `budget_s`; None when not even one does."""
+    top = max(m.epochs for m in plan.models)
+    return next((e for e in range(top, 0, -1) if plan.total_time(e) <= budget_s), None)
+
+
+def setting(override: str) -> str:
+    """`--set KEY=VALUE` as a shell reads it back (a YAML list's brackets quoted)."""
+    return shlex.join(["--set", override])
+
+
 def over_budget(plan: Plan, budget_h: float | None) -> list[str]:
-    """Why the plan does not fit (time budget, free disk) and the knobs that would make it
-    fit; empty when it fits."""
+    """Why what is left of the plan does not fit (time budget, free disk), and settings of
+    the same command that would make it fit; empty when it fits."""
     problems = []
     if budget_h is not None and plan.total_s > budget_h * 3600:
         budget = budget_h * 3600
-        scale = budget / plan.total_s
-        slowest = max(plan.models, key=lambda m: m.fold_s * m.folds)
-        without = plan.total_s - slowest.fold_s * slowest.folds / plan.lanes
-        epochs = max(1, int(min(m.epochs for m in plan.models) * scale))
+        fits = epochs_that_fit(plan, budget)
+        if fits is None:
+            knobs = [f"no epoch count does (1 epoch per fold: {hours(plan.total_time(1))})"]
+        else:
+            knobs = [f"{setting(f'train.epochs={fits}')} ({hours(plan.total_time(fits))})"]
+        if len(plan.models) > 1:
+            slowest = min(plan.models, key=lambda m: plan.without(m).total_s)
+            kept = plan.without(slowest)
+            names = ",".join(m.name for m in kept.models)
+            knobs.append(
+                f"{setting(f'ensemble.models=[{names}]')} ({hours(kept.total_s)} without "
+                f"the slowest model, {slowest.name})"
+            )
+        knobs.append("a smaller data.img_size, or more GPUs with --parallel")
         problems.append(
-            f"the plan takes {hours(plan.total_s)}, over the budget of {hours(budget)}. To fit: "
-            f"fewer epochs (train.epochs {epochs} at most, about x{scale:.2f}), or drop the "
-            f"slowest model ({slowest.name}: {hours(without)} without it; ensemble.models), "
-            "or a smaller data.img_size, or more GPUs with --parallel"
+            f"what is left takes {hours(plan.total_s)}, over the budget of {hours(budget)}. "
+            "To fit: " + "; or ".join(knobs)
         )
-    if plan.disk_total > plan.free:
+    if plan.disk_left > plan.free:
         problems.append(
-            f"the finished run needs {gigabytes(plan.disk_total)}, over the "
-            f"{gigabytes(plan.free)} free under out_dir: keep train.keep_last false, set "
-            "train.half_best true, or fewer models"
+            f"the run still has to write {gigabytes(plan.disk_left)}, over the "
+            f"{gigabytes(plan.free)} free under out_dir: "
+            f"{setting('train.keep_last=false')}, {setting('train.half_best=true')}, or "
+            "fewer models"
         )
     return problems

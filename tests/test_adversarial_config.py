@@ -4,6 +4,8 @@ exit 2, before any folder is made; or it gets its natural behaviour."""
 
 from __future__ import annotations
 
+import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,11 @@ from safetensors.torch import save_file
 import compare
 import paths
 import pipeline
+import planning
 import predict
+import stages
 import train
-from config import ConfigError, load_config
+from config import ConfigError, load_config, resolve_cli_config
 from models import PretrainedWeightsError, build_model, export_encoder, weights
 from paths import Layout
 from tests.test_compare import experiment as finished_by_hand
@@ -195,3 +199,77 @@ def test_a_pretrained_file_holding_a_sliver_of_the_encoder_is_refused(tmp_path: 
     save_file({name: tensor.contiguous()}, str(tmp_path / "one.safetensors"))
     with pytest.raises(PretrainedWeightsError, match=r"one\.safetensors: holds only 1 of"):
         build_model(arch, pretrained=tmp_path / "one.safetensors", **kwargs)
+
+
+@pytest.mark.parametrize("hours, shown", [("0", "0"), ("-1", "-1"), ("nan", "nan"), ("inf", "inf")])
+def test_a_budget_must_be_a_positive_number_of_hours(
+    tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str], hours: str, shown: str
+) -> None:
+    config = str(write_config(tmp_path, tiny_data))
+    assert pipeline.main(["--config", config, "--budget-hours", hours]) == 2
+    line = one_error_line(capsys)
+    assert f"--budget-hours {shown}: must be a positive number of hours" in line
+    assert made_nothing(tmp_path)
+
+
+def small_plan(epochs: int = 10) -> planning.Plan:
+    """Two models of 5 folds: 26 s per epoch over all folds, 17 s of predicting and OOF."""
+    calibration = planning.Calibration(step_s=0.5, predict_s=0.01, params=10**6)
+    models = [planning.ModelPlan(n, 5, epochs, 80, 20, 8, calibration) for n in ("a", "b")]
+    return planning.Plan(models, 2, 2, 40, 4, {"best weights": 10**9}, 10**12)
+
+
+def advice(problem: str) -> list[str]:
+    """The `--set KEY=VALUE` settings an over-budget line advises, as the shell passes them."""
+    words = shlex.split(problem.replace("(", " ").replace(")", " ").replace(";", " "))
+    return [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+
+
+@pytest.mark.parametrize("budget_s", [180.0, 60.0, 44.0])
+def test_the_budget_advice_is_a_setting_the_same_command_accepts_and_then_fits(
+    tmp_path: Path, budget_s: float
+) -> None:
+    (problem,) = planning.over_budget(small_plan(), budget_h=budget_s / 3600)
+    settings = advice(problem)
+    epochs = [s for s in settings if s.startswith("train.epochs=")]
+    assert epochs, problem
+    cfg = load_config(write_config(tmp_path, tmp_path), settings)  # accepted as typed
+    fitted = small_plan(cfg["train"]["epochs"])
+    assert planning.over_budget(fitted, budget_h=budget_s / 3600) == []
+    # the most that fits: one epoch more does not
+    assert planning.over_budget(small_plan(cfg["train"]["epochs"] + 1), budget_s / 3600)
+    assert cfg["ensemble"]["models"] == ["b"]  # the other advice, parsed the same way
+
+
+def test_a_budget_no_epoch_count_meets_says_so_instead_of_zero_epochs() -> None:
+    (problem,) = planning.over_budget(small_plan(), budget_h=30 / 3600)  # 1 epoch: 43 s
+    assert "no epoch count does (1 epoch per fold: 0.7 min)" in problem
+    assert "train.epochs" not in problem and "x0" not in problem and "x-" not in problem
+
+
+def test_the_plan_counts_only_what_is_left_so_a_finished_run_fits_any_budget(
+    tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, tiny_data, epochs=1)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["tune"] = {"trials": 3}
+    config.write_text(yaml.safe_dump(cfg))
+    base = ["--config", str(config)]
+    assert pipeline.main(base) == 0
+    capsys.readouterr()
+    # the next session runs the same command: nothing is left, so no budget refuses it
+    assert pipeline.main([*base, "--budget-hours", "1e-6"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny | 1 | 12 |" in out and "| 0 of 2" in out
+    assert "(nothing left to train or predict)" in out and "Stages run in this call" in out
+    # what is left of a cut run: one fold gone, and two more epochs for the other
+    fold1 = tmp_path / "out" / "tiny" / "tiny" / "fold1"
+    shutil.rmtree(fold1)
+    assert pipeline.main([*base, "--plan", "--set", "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 of 2" in out and "predict (test maps, every fold, TTA; 1 of 1 models)" in out
+    args = stages.parser("pipeline").parse_args([*base, "--set", "train.epochs=3"])
+    model_cfg = resolve_cli_config(args, model="tiny")
+    assert planning.unfinished_folds(model_cfg, "tiny", 2) == (1, 0)  # fold 0 resumes at 1
+    assert pipeline.main([*base, "--budget-hours", "1e-6"]) == 1
+    assert not fold1.exists()  # refused before training
