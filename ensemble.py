@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import optuna
 
+import lineage
 import studies
 from config import (
     ConfigError,
@@ -317,6 +318,10 @@ def write_blends(
     ensemble/test (the all-folds weights); the test blend needs every model's test store."""
     names, weights = doc["models"], doc["weights"]
     common = {"model": "ensemble", "models": list(names), "weights": list(weights)}
+
+    def made_from(kind: str) -> dict[str, Any]:
+        return {lineage.KEY: lineage.made_from(layout.root, [layout.store(m, kind) for m in names])}
+
     first = oof[0]
     fold_weights = {int(k): w for k, w in doc["fold_weights"].items()}
     save_probs(
@@ -330,6 +335,7 @@ def write_blends(
         fold_weights=doc["fold_weights"],
         provenance=provenance(cfg, stage="ensemble", split_id=first.split_id),
         **common,
+        **made_from("oof"),
     )
     missing = [layout.store(m, "test") for m in names if not layout.store(m, "test").is_dir()]
     if missing:
@@ -346,6 +352,7 @@ def write_blends(
         folds=tests[0].meta.get("folds"),
         provenance=provenance(cfg, stage="ensemble", split_id=first.split_id),
         **common,
+        **made_from("test"),
     )
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import lineage
 from config import (
     ConfigError,
     model_entry,
@@ -128,6 +129,8 @@ def predict_model(
     settings = DataSettings.from_config(cfg)
     size = list(settings.img_size)
     runs = trained_folds(cfg, model_name, folds.n_folds)
+    # digested before any is read: a fold retrained meanwhile shows as stale, not current
+    checkpoints = lineage.made_from(Layout.of(cfg).root, [run.best for run in runs])
     train = TrainSettings.from_config(cfg)
     precision: Precision = choose_precision(device, train.precision, train.channels_last)
     transform = transforms_for(settings, train=False)
@@ -205,6 +208,7 @@ def predict_model(
         "provenance": provenance(
             cfg, model=model_name, split_id=split_id, tta=tta, stage="predict"
         ),
+        lineage.KEY: checkpoints,
     }
     save_probs(
         store("oof"),
@@ -265,6 +269,11 @@ def merge_parts(cfg: dict[str, Any], model_name: str, parts: int) -> tuple[Path,
             )
         joined = joined.subset(expected[kind])
         first = stores[0].meta
+        if any(s.meta.get(lineage.KEY) != first.get(lineage.KEY) for s in stores):
+            raise DataError(
+                f"{model_name}: the {kind} shares were predicted from different checkpoints "
+                "(a fold was retrained between them): predict every share again"
+            )
         save_probs(
             layout.store(model_name, kind),
             joined.ids,
@@ -276,6 +285,7 @@ def merge_parts(cfg: dict[str, Any], model_name: str, parts: int) -> tuple[Path,
             folds=joined.meta["folds"] if kind == "oof" else first.get("folds"),
             tta=first.get("tta"),
             provenance={**first.get("provenance", {}), "merged_parts": parts},
+            **{lineage.KEY: first.get(lineage.KEY)},
         )
     return layout.store(model_name, "oof"), layout.store(model_name, "test")
 

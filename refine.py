@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import lineage
 from config import (
     ConfigError,
     provenance,
@@ -337,6 +338,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """The stage: refine the blend's OOF and test maps, decide, write stores and refine.json."""
     settings = RefineSettings.from_config(cfg)
     layout = Layout.of(cfg)
+    inputs = lineage.made_from(layout.root, [layout.blend("oof"), layout.blend("test")])
     oof = load_probs(layout.blend("oof"))
     test = load_probs(layout.blend("test"))
     folds = check_split(layout.folds, oof, test)
@@ -365,7 +367,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     save_refiners(layout.refiners, models, settings.width)
     record = provenance(cfg, stage="refine", split_id=oof.split_id)
-    common = {"model": "refine", "split_id": oof.split_id, "provenance": record}
+    common = {
+        "model": "refine",
+        "split_id": oof.split_id,
+        "provenance": record,
+        lineage.KEY: inputs,
+    }
     save_probs(
         layout.refined("oof"),
         oof.ids,
@@ -388,6 +395,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         split_id=oof.split_id,
         seconds=round(time.perf_counter() - start, 1),
         provenance=record,
+        **{lineage.KEY: inputs},
     )
     write_json(layout.refine_record, doc)
     return doc

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import optuna
 
+import lineage
 import studies
 from config import (
     ConfigError,
@@ -398,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trials, objective = search_settings(cfg, "tune", args.trials, args.objective)
         layout = Layout.of(cfg)
         sources, ids, folds, blend = load_sources(cfg, args, layout)
+        stores = {"blend": layout.blend("oof"), "refined": layout.refined("oof")}
+        inputs = lineage.made_from(layout.root, [stores[s.name] for s in sources])
         log.info("tuning on %s", ", ".join(s.name for s in sources))
         targets = load_targets(cfg, ids, blend.size)
         doc = tune(
@@ -419,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     doc["image_ids"] = ids
     doc["provenance"] = provenance(cfg, stage="tune", split_id=blend.split_id)
+    doc[lineage.KEY] = inputs
     out = layout.postprocess
     write_json(out, doc)
     print(format_decision("post-processing and refinement", doc["decision"]))
