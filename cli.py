@@ -327,14 +327,21 @@ def export_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         required=True,
-        help="package to write: a folder, or a zip when the name ends in .zip; an existing "
-        "one is replaced only once the new one is complete",
+        help="package to write: a folder, or a zip when the name ends in .zip; it must be "
+        "new, an empty folder, or a package (with --force); anything else is refused",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the package at --out (only once the new one is complete); a folder "
+        "or file that is not a package is never replaced",
     )
     p.add_argument(
         "--half",
         action="store_true",
-        help="store the weights in fp16: half the size, but the predictions move by the "
-        "rounding, so the submission is no longer byte-identical to the pipeline's",
+        help="store the weights in fp16 (ONNX files too, computed in fp32): half the size, "
+        "but the predictions move by the rounding, so the submission is no longer "
+        "byte-identical to the pipeline's",
     )
     p.add_argument(
         "--onnx",
@@ -353,7 +360,13 @@ def infer_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--package", type=Path, required=True, help="package folder or zip (export.py)")
     p.add_argument("--images", type=Path, required=True, help="folder of images to predict")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder, outside --images; its submission.csv, masks/ and overlays/ are "
+        "replaced only when a run succeeds, and only if infer.py wrote them",
+    )
     p.add_argument(
         "--masks",
         action="store_true",
@@ -379,14 +392,16 @@ def infer_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         type=int,
-        help="CPU threads of the networks (default: the experiment's train.cpu_threads, "
-        "which gives the pipeline's bytes; more is faster and may move a few pixels)",
+        help="CPU threads of the networks, 1 or more (default: the experiment's "
+        "train.cpu_threads, which gives the pipeline's bytes; more is faster and may move a "
+        "few pixels)",
     )
     p.add_argument(
         "--jobs",
         type=int,
         default=-1,
-        help="threads decoding images and post-processing (default: -1, all cores)",
+        help="threads decoding images and post-processing: N, or -1 for all cores, -2 for "
+        "all but one, ... (default: -1)",
     )
     p.add_argument(
         "--bad-images",

@@ -4,9 +4,14 @@
 
 Reads what the stages decided (ensemble/weights.json, refine/, postprocess.json) and the
 fold checkpoints of every model the blend uses, checks that they belong together (one
-split, the working size, each checkpoint its fold's), and writes the package into a
-temporary folder renamed into place, so an existing package is replaced only by a
-complete one. Models the blend gives no weight are left out: they change nothing.
+split, the working size, each checkpoint its fold's) and that the chain is current: every
+artefact from the checkpoints to postprocess.json was made from the bytes its inputs hold
+now (lineage.py), and submission.csv is what postprocess.json makes of the test maps, so
+the package cannot disagree with the submission. The package is written into a temporary
+folder renamed into place, so an existing package is replaced only by a complete one, and
+only with --force: --out must be new, an empty folder, or a package (a folder holding
+anything else is refused, never replaced). Models the blend gives no weight are left out:
+they change nothing.
 """
 
 from __future__ import annotations
@@ -16,21 +21,28 @@ import stages
 if __name__ == "__main__":
     stages.exit_if_help("export")
 
+import copy
+import filecmp
+import io
 import json
 import logging
-import shutil
+import shlex
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+import lineage
 from config import (
     ConfigError,
+    config_argv,
     config_hash,
     git_hash,
     model_entry,
@@ -38,9 +50,10 @@ from config import (
     resolve_cli_config,
     setup_logging,
 )
-from data.atomic import atomic_dir, atomic_write
+from data.atomic import atomic_dir, atomic_write, write_json
 from data.probstore import load_probs
 from data.reader import DataError
+from data.submission import write_submission
 from models.inference import load_checkpoint, model_from_checkpoint
 from package import (
     CHAIN,
@@ -48,14 +61,16 @@ from package import (
     REFINERS,
     Chain,
     Network,
+    is_package,
     onnx_file,
     save_weights,
     weights_file,
+    write_bytes,
     write_manifest,
     zip_folder,
 )
 from paths import Layout
-from postprocessing import PostprocessParams
+from postprocessing import PostprocessParams, class_maps, input_store
 from recipe import check_fold_checkpoint
 from settings import DataSettings, TrainSettings
 
@@ -73,28 +88,81 @@ def _read(path: Path, stage: str) -> dict[str, Any]:
         raise DataError(f"{path}: unreadable ({exc})") from exc
 
 
-def export_onnx(model: torch.nn.Module, path: Path, size: tuple[int, int]) -> None:
+class StaleChain(DataError):
+    """An artefact of the submission chain made from other bytes than its inputs hold now:
+    a package of the files on disk would not give submission.csv. `commands` are the
+    scripts (with their own flags) that bring it up to date, in order; `line` adds the
+    config flags the user gave, so the hint runs as printed."""
+
+    def __init__(self, problem: str, commands: Sequence[Sequence[str]]) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.commands = [list(c) for c in commands]
+
+    def line(self, argv: Sequence[str]) -> str:
+        runs = [shlex.join(["python", c[0], *argv, *c[1:]]) for c in self.commands]
+        return f"{self.problem}; bring it up to date: {', then '.join(runs)}"
+
+
+def export_onnx(
+    model: torch.nn.Module, path: Path, size: tuple[int, int], half: bool = False
+) -> None:
     """The network's logits as ONNX, batch, height and width dynamic. torch's TorchScript
     exporter: its dynamo exporter took 20x as long here (26 s against 1.3 s for the demo
-    FPN) and needs onnxscript; both gave the same outputs to 1e-5."""
+    FPN) and needs onnxscript; both gave the same outputs to 1e-5.
+
+    `half` is --half's meaning for ONNX too: the weights are stored in fp16 (half the file)
+    and computed with in fp32, each cast back in the graph, as a --half package's
+    safetensors are loaded into fp32 networks. An fp16 graph would not do: most of
+    onnxruntime's CPU kernels have no fp16 version.
+    """
+    model = copy.deepcopy(model).float().eval()
+    if half:
+        with torch.no_grad():  # round as save_weights does, before any exporter folding
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.half())
     example = torch.zeros(1, 3, *size)
     dynamic = {0: "batch", 2: "height", 3: "width"}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    graph = io.BytesIO()
     with warnings.catch_warnings():
         # the exporter's own deprecation notice, and the tracer's note on a size check
         # (group norm's "more than one value"), which the ONNX tests cover at other sizes
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            model.float().eval(),
+            model,
             (example,),
-            str(path),
+            graph,
             dynamo=False,
             opset_version=ONNX_OPSET,
             input_names=["images"],
             output_names=["logits"],
             dynamic_axes={"images": dynamic, "logits": dynamic},
         )
+    write_bytes(path, fp16_weights(graph.getvalue()) if half else graph.getvalue())
+
+
+def fp16_weights(graph: bytes) -> bytes:
+    """The ONNX graph with every fp32 initializer stored as fp16 and cast back to fp32
+    where the graph reads it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load_from_string(graph)
+    casts = []
+    for init in model.graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        name = init.name
+        init.CopyFrom(
+            numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{name}.fp16")
+        )
+        casts.append(helper.make_node("Cast", [init.name], [name], to=TensorProto.FLOAT))
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend([*casts, *nodes])
+    return model.SerializeToString()
 
 
 def blended_networks(cfg: dict[str, Any], layout: Layout) -> tuple[list[str], list[float]]:
@@ -111,6 +179,59 @@ def blended_networks(cfg: dict[str, Any], layout: Layout) -> tuple[list[str], li
         )
     used = [(n, w) for n, w in zip(names, weights, strict=True) if w > 0]
     return [n for n, _ in used], [w for _, w in used]
+
+
+def check_current(cfg: dict[str, Any], layout: Layout, tuned: dict[str, Any]) -> None:
+    """StaleChain unless every artefact from the fold checkpoints to submission.csv was
+    made from the inputs on disk now. Upstream first, so the first named is the cause.
+
+    A blended model's stores name its fold checkpoints, the blends the models' stores,
+    the refined stores the blends, postprocess.json the OOF stores it tuned on; then the
+    submission must be byte for byte what postprocess.json makes of the test store it
+    reads (a few seconds: post-processing runs at about 70 images/s).
+    """
+    models = list(_read(layout.weights, "ensemble.py")["models"])
+    links = [
+        (layout.store(m, kind), ["predict.py", "--model", m])
+        for m in models
+        for kind in ("oof", "test")
+    ]
+    links += [(layout.blend(kind), ["ensemble.py"]) for kind in ("oof", "test")]
+    tuned_on = tuned.get(lineage.KEY) or {}
+    refined = layout.refined("oof").relative_to(layout.root).as_posix()
+    if tuned.get("source") == "refined" or refined in tuned_on:
+        links += [(layout.refined(kind), ["refine.py"]) for kind in ("oof", "test")]
+    links.append((layout.postprocess, ["tune.py"]))
+    where = f"{layout.root}: the submission chain is out of date"
+    for artefact, command in links:
+        name = artefact.relative_to(layout.root).as_posix()
+        meta = tuned if artefact == layout.postprocess else load_probs(artefact).meta
+        record = meta.get(lineage.KEY)
+        if record is None:
+            raise StaleChain(
+                f"{where}: {name} records no inputs (made by an older version)",
+                [command, ["pipeline.py"]],
+            )
+        changed = lineage.changed(layout.root, record)
+        if changed:
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise StaleChain(
+                f"{where}: {changed[0]}{more} changed since {command[0]} made {name}",
+                [["pipeline.py"]],
+            )
+    store, _ = input_store(cfg, "test")
+    params = PostprocessParams.from_dict(tuned["params"])
+    with tempfile.TemporaryDirectory(prefix="neopolyp-export-") as tmp:
+        again = Path(tmp) / layout.submission.name
+        with closing(class_maps(load_probs(store), params)) as maps:
+            write_submission(again, maps)
+        if not filecmp.cmp(again, layout.submission, shallow=False):
+            made = store.relative_to(layout.root).as_posix()
+            raise StaleChain(
+                f"{where}: {layout.submission.name} is not what postprocess.json makes of "
+                f"{made} (written by another postprocess.py run, or changed since)",
+                [["postprocess.py"]],
+            )
 
 
 def refiner_record(layout: Layout, source: str) -> dict[str, Any] | None:
@@ -133,8 +254,6 @@ def write_package(
 ) -> dict[str, Any]:
     """Fill the empty folder `root` with the experiment's package; returns its manifest."""
     layout = Layout.of(cfg)
-    if not layout.submission.is_file():
-        raise DataError(f"{layout.submission} not found: finish the experiment first")
     tuned = _read(layout.postprocess, "tune.py")
     names, weights = blended_networks(cfg, layout)
     data, train = DataSettings.from_config(cfg), TrainSettings.from_config(cfg)
@@ -157,7 +276,7 @@ def write_package(
             if onnx:
                 onnx_files.append(onnx_file(name, int(k)))
                 model = model_from_checkpoint(ckpt, torch.device("cpu"))
-                export_onnx(model, root / onnx_files[-1], data.img_size)
+                export_onnx(model, root / onnx_files[-1], data.img_size, half)
             log.info("%s fold %s: packed", name, k)
         networks.append(
             Network(
@@ -171,7 +290,7 @@ def write_package(
         )
     refiner = refiner_record(layout, str(tuned["source"]))
     if refiner is not None:
-        shutil.copyfile(layout.refiners, root / REFINERS)
+        write_bytes(root / REFINERS, layout.refiners.read_bytes())
     chain = Chain(
         img_size=data.img_size,
         batch_size=int((cfg.get("predict") or {}).get("batch_size", 16)),
@@ -185,7 +304,7 @@ def write_package(
         postprocess=PostprocessParams.from_dict(tuned["params"]),
         classes=CLASSES,
     )
-    (root / CHAIN).write_text(json.dumps(chain.to_dict(), indent=2) + "\n")
+    write_json(root / CHAIN, chain.to_dict())
     chosen = str(tuned.get("chosen", ""))
     provenance = {
         "experiment": cfg["experiment"],
@@ -202,17 +321,64 @@ def write_package(
     return write_manifest(root, provenance)
 
 
-def export(cfg: dict[str, Any], out: Path, half: bool = False, onnx: bool = False) -> int:
-    """Write the package at `out` (a folder, or a zip for a .zip name); returns its bytes."""
+def check_out(out: Path, force: bool) -> None:
+    """DataError unless `out` is free to write: absent, an empty folder, or a package
+    (export's own, nothing else in it) with `force`. Anything else is never replaced."""
+    if not out.exists() and not out.is_symlink():
+        return
+    zipped = out.suffix.lower() == ".zip"
+    if zipped and not out.is_file():
+        raise DataError(f"--out {out}: exists and is not a file; choose another --out")
+    if not zipped and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder; choose another --out")
+    if not zipped and not any(out.iterdir()):
+        return
+    if not is_package(out):
+        what = "file" if zipped else "folder"
+        raise DataError(
+            f"--out {out}: a {what} that is not a package export.py wrote; export writes a "
+            "new or empty folder, or replaces a package with --force: choose another --out"
+        )
+    if not force:
+        raise DataError(f"--out {out}: a package is there already; add --force to replace it")
+
+
+@contextmanager
+def named_as(tmp: Path, out: Path) -> Iterator[None]:
+    """An OSError on a file of the temporary folder names the file it was to become."""
+    try:
+        yield
+    except OSError as exc:
+        written = Path(str(exc.filename or ""))
+        if written.is_relative_to(tmp):
+            exc.filename = str(out / written.relative_to(tmp))
+        raise
+
+
+def export(
+    cfg: dict[str, Any],
+    out: Path,
+    half: bool = False,
+    onnx: bool = False,
+    force: bool = False,
+) -> int:
+    """Write the package at `out` (a folder, or a zip for a .zip name); returns its bytes.
+    `out` and the chain are checked before anything is written."""
+    check_out(out, force)
+    layout = Layout.of(cfg)
+    if not layout.submission.is_file():
+        raise DataError(f"{layout.submission} not found: finish the experiment first")
+    check_current(cfg, layout, _read(layout.postprocess, "tune.py"))
     if out.suffix.lower() != ".zip":
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out) as tmp, named_as(tmp, out):
             write_package(cfg, tmp, half, onnx)
         return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         root = Path(tmp) / out.stem
         root.mkdir()
-        write_package(cfg, root, half, onnx)
+        with named_as(root, out):
+            write_package(cfg, root, half, onnx)
         with atomic_write(out, "wb") as fh:
             zip_folder(root, fh)
     return out.stat().st_size
@@ -224,7 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = resolve_cli_config(args)
-        size = export(cfg, args.out, args.half, args.onnx)
+        size = export(cfg, args.out, args.half, args.onnx, args.force)
+    except StaleChain as exc:
+        print(f"error: {exc.line(config_argv(args))}", file=sys.stderr)
+        return 2
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

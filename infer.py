@@ -13,6 +13,12 @@ Images stream through in chunks of a few batches (a multiple of the experiment's
 predict batch size, so each batch holds the images the pipeline's did): memory holds one
 chunk and a few post-processed maps, whatever the folder's size. A line every
 `ticker.PROGRESS_S` seconds gives images/s and the time left.
+
+A run writes into a staging folder inside --out and moves its outputs (submission.csv,
+masks/, overlays/) into place only once it succeeded, replacing the previous run's as a
+whole: a failed run leaves them untouched, a successful one leaves no mask of another
+run. It holds --out's lock meanwhile (a second run on the same folder is refused), and
+replaces only outputs that infer.py wrote there (the lock file marks them).
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ if __name__ == "__main__":
     stages.exit_if_help("infer")
 
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +46,8 @@ import torch
 from joblib import effective_n_jobs
 from torch import nn
 
-from config import reports_environment_errors, setup_logging
+import locks
+from config import ConfigError, reports_environment_errors, setup_logging
 from data.atomic import atomic_write
 from data.augment import build_transforms
 from data.cache import resize_pair
@@ -105,7 +115,11 @@ class Counts:
 
 
 class BadImage(DataError):
-    """An image that cannot be read, with --bad-images stop."""
+    """An image that cannot be read, with --bad-images stop (exit 1)."""
+
+
+class NothingRead(DataError):
+    """Not one image could be read: there is no submission to write (exit 1)."""
 
 
 def fold_networks(
@@ -252,7 +266,69 @@ def run_chain(
     overlays: bool = False,
 ) -> Counts:
     """Predict `images` with the package at `root` into `out` (submission.csv and, by
-    flag, masks/ and overlays/); returns the counts. BadImage with `bad_images="stop"`."""
+    flag, masks/ and overlays/), replacing the previous run's outputs only once this one
+    succeeded; returns the counts. BadImage with `bad_images="stop"`, NothingRead when no
+    image could be read, locks.InUse while another run writes into `out`."""
+    files = InferFiles(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: a file, not a folder; choose another --out")
+    foreign = [] if files.lock.exists() else [p for p in files.outputs if p.exists()]
+    if foreign:
+        raise DataError(
+            f"--out {out}: holds {foreign[0].name}, which infer.py did not write there (no "
+            f"{files.lock.name}); choose another --out, or move it away"
+        )
+    with locks.hold(files.lock, f"--out {out}"):
+        for leftover in out.glob(".staging-*"):  # a killed run's: the lock is ours now
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+        try:
+            counts = _predict(
+                root,
+                chain,
+                images,
+                InferFiles(staging),
+                runtime=runtime,
+                device=device,
+                threads=threads,
+                jobs=jobs,
+                bad_images=bad_images,
+                masks=masks,
+                overlays=overlays,
+            )
+            replace_outputs(InferFiles(staging), files)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return counts
+
+
+def replace_outputs(new: InferFiles, old: InferFiles) -> None:
+    """Each output of the finished run `new` in place of the previous run's; an output
+    this run did not make is removed, as it belongs to other images or another package."""
+    for made, previous in zip(new.outputs, old.outputs, strict=True):
+        if previous.is_dir() and not previous.is_symlink():
+            os.replace(previous, new.dir / f"previous-{previous.name}")  # goes with new.dir
+        elif not (made.is_file() and previous.is_file() and not previous.is_symlink()):
+            previous.unlink(missing_ok=True)  # a file replaced by a file is replaced at once
+        if made.exists():
+            os.replace(made, previous)
+
+
+def _predict(
+    root: Path,
+    chain: Chain,
+    images: Sequence[tuple[str, Path]],
+    files: InferFiles,
+    *,
+    runtime: str,
+    device: torch.device | None,
+    threads: int | None,
+    jobs: int,
+    bad_images: str,
+    masks: bool,
+    overlays: bool,
+) -> Counts:
+    """run_chain's work, every output written under `files`."""
     device = device or torch.device("cpu")
     threads = threads or chain.cpu_threads
     configure_cpu_threads(threads)
@@ -298,16 +374,40 @@ def run_chain(
                     ticker.step()
                     yield d.id, class_map
 
-    files = InferFiles(out)
-    submission = files.submission
     with ticker:
-        write_submission(submission, stream())
+        write_submission(files.submission, stream())
     counts.seconds = time.perf_counter() - start
-    problems = check_rows(submission, sizes)
+    if counts.predicted == 0:
+        raise NothingRead(f"none of the {len(images)} images could be read")
+    problems = check_rows(files.submission, sizes)
     if problems:
-        submission.unlink()
-        raise DataError(f"{submission} failed its check and was removed: {problems[:3]}")
+        raise DataError(f"the submission failed its check, not written: {problems[:3]}")
     return counts
+
+
+def check_flags(threads: int | None, jobs: int) -> None:
+    """torch refuses a thread count below 1 and joblib a job count of 0, both with a
+    traceback deep in the run: refused here, before any work, naming the flag."""
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: give 1 or more")
+    if jobs == 0:
+        raise ConfigError("--jobs 0: give N >= 1, or -1 for all cores (-2 all but one, ...)")
+
+
+def check_apart(images: Path, out: Path) -> None:
+    """--out inside --images: the next run would read its masks and overlays as images;
+    --images inside --out: the run would replace the images it reads."""
+    inner, outer = out.resolve(), images.resolve()
+    if inner.is_relative_to(outer):
+        raise ConfigError(
+            f"--out {out} is inside --images {images}: a later run would read its masks and "
+            "overlays as images; choose an --out outside it"
+        )
+    if outer.is_relative_to(inner):
+        raise ConfigError(
+            f"--images {images} is inside --out {out}: the outputs would replace what is "
+            "read; choose an --out outside it"
+        )
 
 
 def choose_device(name: str) -> torch.device:
@@ -323,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("infer").parse_args(argv)
     setup_logging()
     try:
+        check_flags(args.threads, args.jobs)
+        check_apart(args.images, args.out)
         device = choose_device(args.device)
         images = list_image_tree(args.images)
         with open_package(args.package) as (root, manifest):
@@ -330,8 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info(
                 "package %s (%s, chain: %s): %d images",
                 args.package,
-                manifest["provenance"].get("experiment"),
-                manifest["provenance"].get("chain"),
+                (manifest.get("provenance") or {}).get("experiment"),
+                (manifest.get("provenance") or {}).get("chain"),
                 len(images),
             )
             counts = run_chain(
@@ -347,15 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 masks=args.masks,
                 overlays=args.overlays,
             )
-    except BadImage as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (BadImage, NothingRead) as exc:
+        print(f"error: {exc} (nothing in {args.out} was replaced)", file=sys.stderr)
         return 1
-    except DataError as exc:
+    except (ConfigError, DataError, locks.InUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if counts.predicted == 0:
-        print(f"error: none of the {len(images)} images could be read", file=sys.stderr)
-        return 1
     rate = counts.predicted / counts.seconds if counts.seconds else 0.0
     print(
         f"wrote {InferFiles(args.out).submission}: {counts.predicted} images predicted, "

@@ -17,7 +17,10 @@ folder or the training data:
 
 Nothing in it is a pickle: weights are safetensors, everything else JSON, so a package
 from someone else cannot run code when opened. Every file is checked against the
-manifest before any is used; a file that differs is named and refused.
+manifest before any is used; a file that differs is named and refused. The manifest is
+the whole package: its names are plain relative paths that stay inside the folder
+(symlinks included), a file it does not list is refused, and chain.json may name only
+files it lists, so nothing outside what was hashed is ever read.
 """
 
 from __future__ import annotations
@@ -27,16 +30,17 @@ import json
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import safetensors.torch
 import torch
 from torch import nn
 
+from data.atomic import atomic_write, write_json
 from data.reader import DataError
 from models.inference import NUM_CLASSES
 from models.registry import build_model
@@ -82,8 +86,15 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, half: bool) -> None
         name: (t.half() if half and t.is_floating_point() else t).detach().cpu().contiguous()
         for name, t in state.items()
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(tensors, str(path))
+    # serialised here and written by Python, so a full disk or a file-size limit is an
+    # OSError naming the file (safetensors' own writer raised its SafetensorError)
+    write_bytes(path, safetensors.torch.save(tensors))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """A package file, through atomic_write: an OSError names `path`."""
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
 
 
 def write_manifest(root: Path, provenance: dict[str, Any]) -> dict[str, Any]:
@@ -94,16 +105,32 @@ def write_manifest(root: Path, provenance: dict[str, Any]) -> dict[str, Any]:
         if p.is_file() and p.name != MANIFEST
     }
     manifest = {"format": FORMAT, "files": files, "provenance": provenance}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(root / MANIFEST, manifest)
     return manifest
 
 
-def verify(root: Path) -> dict[str, Any]:
-    """The manifest, once every file it lists is present with its size and sha256."""
+def _inside(root: Path, name: Any, where: Path) -> Path:
+    """`root / name` for a name that is a plain relative path staying inside `root` (no
+    absolute path, no '..', no link leading out), else PackageError naming `where`."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+        raise PackageError(f"{where}: refused, {name!r} is not a relative path inside the package")
+    file = root / name
+    if not file.resolve().is_relative_to(root.resolve()):
+        raise PackageError(
+            f"{where}: refused, {name!r} leads outside the package ({file.resolve()})"
+        )
+    return file
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """manifest.json of the folder `root`, its names checked (`_inside`), not its files."""
     path = root / MANIFEST
     try:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PackageError(f"{path}: not a package manifest ({exc})") from exc
     if manifest.get("format") != FORMAT:
@@ -111,11 +138,42 @@ def verify(root: Path) -> dict[str, Any]:
             f"{path}: package format {manifest.get('format')!r}; this code reads format "
             f"{FORMAT}: export it again with this version"
         )
+    for name in files:
+        _inside(root, name, path)
+    return manifest
+
+
+def unlisted(root: Path, listed: Collection[str]) -> list[Path]:
+    """Files (and links) under `root` that are neither manifest.json nor listed."""
+    names = {*listed, MANIFEST}
+    return [
+        p
+        for p in sorted(root.rglob("*"))
+        if (p.is_file() or p.is_symlink()) and p.relative_to(root).as_posix() not in names
+    ]
+
+
+def verify(root: Path) -> dict[str, Any]:
+    """The manifest, once every file it lists is present with its size and sha256 and the
+    folder holds nothing else."""
+    manifest = read_manifest(root)
+    files = manifest["files"]
+    extra = unlisted(root, files)
+    if extra:
+        raise PackageError(
+            f"{extra[0]}: not listed in {MANIFEST}"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            + ": a package holds only the files its manifest lists; remove it or export "
+            "the package again"
+        )
+    path = root / MANIFEST
     for name, expected in files.items():
         file = root / name
         if not file.is_file():
             raise PackageError(f"{file}: listed in {MANIFEST} but missing")
-        if file.stat().st_size != expected["bytes"] or sha256(file) != expected["sha256"]:
+        if not isinstance(expected, dict):
+            raise PackageError(f"{path}: {name!r} has no sha256 and size")
+        if file.stat().st_size != expected.get("bytes") or sha256(file) != expected.get("sha256"):
             raise PackageError(
                 f"{file}: its sha256 differs from {MANIFEST}: the file was changed or "
                 "damaged after export; export the package again"
@@ -123,6 +181,23 @@ def verify(root: Path) -> dict[str, Any]:
     if CHAIN not in files:
         raise PackageError(f"{path}: lists no {CHAIN}")
     return manifest
+
+
+def is_package(path: Path) -> bool:
+    """Whether `path` is a package folder (its manifest lists every file in it) or a zip
+    holding one: what export.py --force may replace, and nothing else."""
+    if path.is_dir():
+        try:
+            return not unlisted(path, read_manifest(path)["files"])
+        except PackageError:
+            return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    tops = {name.split("/", 1)[0] for name in names}
+    return len(tops) == 1 and {f"{t}/{MANIFEST}" for t in tops} <= set(names)
 
 
 def _extract(archive: Path, into: Path) -> Path:
@@ -208,6 +283,7 @@ class Chain:
 
     @classmethod
     def read(cls, root: Path) -> Chain:
+        """chain.json of a package folder, every file it names listed in the manifest."""
         path = root / CHAIN
         try:
             doc = json.loads(path.read_text())
@@ -231,7 +307,24 @@ class Chain:
             raise PackageError(f"{path}: {len(networks)} networks, {len(chain.weights)} weights")
         if chain.source == "refined" and not chain.refiner:
             raise PackageError(f"{path}: the chain uses refined maps but holds no refiner")
+        for net in networks:
+            if net.onnx is not None and len(net.onnx) != len(net.folds):
+                raise PackageError(
+                    f"{path}: {net.name} has {len(net.onnx)} ONNX files for {len(net.folds)} folds"
+                )
+        listed = read_manifest(root)["files"]
+        for name in chain.files():
+            if not isinstance(name, str) or name not in listed:
+                raise PackageError(
+                    f"{path}: refused, it names {name!r}, which {MANIFEST} does not list: "
+                    "a chain reads only the package's own hashed files"
+                )
         return chain
+
+    def files(self) -> list[Any]:
+        """Every package file the chain reads: fold weights, ONNX files, the refiner."""
+        names = [f for n in self.networks for f in [*n.folds, *(n.onnx or [])]]
+        return names + ([self.refiner.get("file")] if isinstance(self.refiner, dict) else [])
 
     def to_dict(self) -> dict[str, Any]:
         return {

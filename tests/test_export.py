@@ -20,6 +20,7 @@ import infer
 import pipeline
 import postprocess
 import ticker
+import tune
 from data.probstore import align_stores, load_probs
 from data.reader import list_test
 from data.submission import check_rows, image_size, rle_decode
@@ -28,10 +29,9 @@ from paths import Layout
 from tests.trainkit import demo_model, write_config
 
 
-@pytest.fixture(scope="module")
-def experiment(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    """A finished two-model experiment with flip TTA and a refiner (its own data copy)."""
-    root = tmp_path_factory.mktemp("experiment")
+def finished_experiment(root: Path, tiny_data: Path) -> Path:
+    """A finished two-model experiment with flip TTA and a refiner in `root` (its own
+    data copy): the pipeline run on it."""
     data = Path(shutil.copytree(tiny_data, root / "data"))
     config = write_config(root, data, epochs=1)
     cfg = yaml.safe_load(config.read_text())
@@ -43,6 +43,12 @@ def experiment(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Pat
     config.write_text(yaml.safe_dump(cfg))
     assert pipeline.main(["--config", str(config)]) == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """A finished two-model experiment with flip TTA and a refiner (its own data copy)."""
+    return finished_experiment(tmp_path_factory.mktemp("experiment"), tiny_data)
 
 
 def private_copy(experiment: Path, tmp_path: Path) -> tuple[Path, list[str]]:
@@ -61,7 +67,8 @@ def private_copy(experiment: Path, tmp_path: Path) -> tuple[Path, list[str]]:
 
 def blend_both(root: Path, flags: list[str]) -> None:
     """Blend both networks (0.4 / 0.6) whatever the decision was, through ensemble.py's
-    own writer, and submit that blend: a chain of two networks to reproduce."""
+    own writer, tune on that blend and submit it: a current chain of two networks to
+    reproduce (export refuses a chain tuned on another blend)."""
     cfg = yaml.safe_load((root / "tiny.yaml").read_text())
     cfg.update(out_dir=str(root / "out"), data_dir=str(root / "data"))
     layout = Layout.of(cfg)
@@ -71,6 +78,7 @@ def blend_both(root: Path, flags: list[str]) -> None:
     oof = align_stores([load_probs(layout.store(m, "oof")) for m in doc["models"]])
     ensemble.write_blends(layout, doc, oof, oof[0].meta["folds"], cfg)
     layout.weights.write_text(json.dumps(doc))
+    assert tune.main(flags) == 0
     assert postprocess.main(flags) == 0
 
 
