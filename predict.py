@@ -82,12 +82,19 @@ def trained_folds(cfg: dict[str, Any], model_name: str, n_folds: int) -> list[Ru
 
 
 def reusable_oof(
-    path: Path, tta: str, split_id: str, ids: list[str], size: list[int], best_epoch: int
+    path: Path,
+    tta: str,
+    split_id: str,
+    items: list[CachedItem],
+    size: list[int],
+    best_epoch: int,
 ) -> ProbMaps | None:
     """train.py's fold OOF store, if it answers exactly the question asked now.
 
     `best_epoch` must match too: a fold resumed for more epochs rewrites best.pt before its
     OOF maps, and blending stale OOF maps with fresh test maps would tune on another model.
+    So must the bytes of the validation images (`items`): one replaced since the fold
+    trained leaves the fold as it is (it did not train on it), but not its map.
     """
     if not (path / META_FILE).is_file():
         return None
@@ -96,7 +103,8 @@ def reusable_oof(
         store.meta.get("tta") == tta
         and store.meta.get("best_epoch") == best_epoch
         and store.split_id == split_id
-        and store.ids == ids
+        and store.ids == [it.id for it in items]
+        and store.meta.get("image_sha256") == [it.image_sha256 for it in items]
         and list(store.size) == list(size)
     )
     return store if same else None
@@ -153,7 +161,7 @@ def predict_model(
                 model = model.to(memory_format=torch.channels_last)
             probs_model = probability_model(model, tta)
             val_ids = folds.val_ids(k)
-            part = reusable_oof(run.oof, tta, split_id, val_ids, size, ckpt["epoch"])
+            part = reusable_oof(run.oof, tta, split_id, data.subset(val_ids), size, ckpt["epoch"])
             val_ids = val_ids[part_id::parts]
             if part is not None:
                 part = part.subset(val_ids)

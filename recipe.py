@@ -8,6 +8,11 @@ speed or logging but not the weights: loader workers and timeout, wandb, compile
 threads. `train.epochs` is left out too, so a finished fold can be extended with
 `--resume`; train.py refuses that for a schedule whose curve depends on the total
 (cosine, one-cycle, poly, or any warm-up), where the old curve cannot be continued.
+
+The other half of the identity is the data: the sha256 of every image and mask the fold
+trained on, recorded beside the recipe. A changed recipe is the user's choice and is
+refused; a changed training file (a cleaned mask) only makes the fold stale, and
+train.py retrains it from scratch, saying which files changed, never resuming onto them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +30,7 @@ from typing import Any
 from config import ConfigError, model_entry, settings_from
 from data.atomic import write_json
 from data.augment import transforms_for
+from data.prepare import TrainData
 from data.reader import DataError, MaskThresholds
 from metrics import OBJECTIVES
 from models.losses import SegLoss
@@ -31,6 +38,8 @@ from optim import check_recipe
 from paths import Layout, RunFiles
 from runtime import derive_seed
 from settings import DataSettings, TrainSettings
+
+log = logging.getLogger(__name__)
 
 # Mixed into a retrained fold's seed, so its stream differs from every ordinary seed's.
 _RETRY_SALT = 7919
@@ -104,6 +113,12 @@ def refuse_changed(where: str, old: dict[str, Any], new: dict[str, Any], experim
 
 def recorded_recipe(run: RunFiles) -> dict[str, Any] | None:
     """The recipe a fold folder was trained with, or None for a folder never trained."""
+    doc = _recorded(run)
+    return None if doc is None else doc["recipe"]
+
+
+def _recorded(run: RunFiles) -> dict[str, Any] | None:
+    """A trained fold folder's recipe.json, or None for a folder never trained."""
     path = run.recipe
     trained = run.last.exists() or run.best.exists()
     if not trained:
@@ -115,9 +130,12 @@ def recorded_recipe(run: RunFiles) -> dict[str, Any] | None:
             "retrain it with `train.py --force` or use a new experiment name"
         )
     try:
-        return json.loads(path.read_text())["recipe"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc["recipe"], dict):
+            raise TypeError("its recipe is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"{path}: unreadable ({exc}); retrain the fold with --force") from exc
+    return doc
 
 
 def check_fold(
@@ -133,8 +151,46 @@ def check_fold(
     refuse_changed(str(run.dir), old, recipe, experiment)
 
 
-def write_recipe(run: RunFiles, recipe: dict[str, Any]) -> None:
-    write_json(run.recipe, {"recipe_hash": recipe_hash(recipe), "recipe": recipe})
+def write_recipe(
+    run: RunFiles, recipe: dict[str, Any], trained_on: dict[str, dict[str, str | None]]
+) -> None:
+    """The fold's identity: its recipe and the sha256 of the files it trains on
+    (`TrainData.trained_on`), written before its first epoch so a partial fold has it too."""
+    write_json(
+        run.recipe,
+        {"recipe_hash": recipe_hash(recipe), "recipe": recipe, "trained_on": trained_on},
+    )
+
+
+def stale_training_data(run: RunFiles, data: TrainData, model_name: str, fold: int) -> str | None:
+    """The log line of a trained fold whose training images or masks changed since it
+    trained ("unet fold 1: retraining, its training data changed since it trained: 1 mask
+    (train_gt/ab12.jpeg)"), or None when they did not or it never trained.
+
+    A fold trained before recipe.json recorded its files is taken as trained on today's:
+    they are recorded now, with a warning that names the retrain command, rather than
+    retraining every fold of an older experiment unasked.
+    """
+    doc = _recorded(run)
+    if doc is None:
+        return None
+    name = f"{model_name} fold {fold}"
+    if "trained_on" not in doc:
+        log.warning(
+            "%s: %s does not record the files it trained on (it predates that record); "
+            "recording today's. If a training image or mask changed since, retrain it: "
+            "train.py --model %s --fold %d --force",
+            name,
+            run.recipe,
+            model_name,
+            fold,
+        )
+        write_json(run.recipe, {**doc, "trained_on": data.trained_on(fold)})
+        return None
+    changes = data.changes(doc["trained_on"], fold)
+    if changes is None:
+        return None
+    return f"{name}: retraining, its training data changed since it trained: {changes}"
 
 
 # ------------------------------------------------------------------ checks before any work

@@ -19,12 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cli
 from config import ConfigError
 from paths import Layout
 from settings import DataSettings, refining
+
+if TYPE_CHECKING:
+    from data.reader import Sample
 
 
 def model_names(cfg: dict[str, Any]) -> list[str]:
@@ -71,10 +74,22 @@ class Plan:
     @functools.cached_property
     def images(self) -> list[Path]:
         """The split and every image: what each model's predictions read besides weights."""
-        from data.reader import list_test, list_train
+        from data.reader import list_test
 
         data_dir = Path(self.cfg["data_dir"])
-        return [self.layout.folds, *(s.image for s in list_train(data_dir) + list_test(data_dir))]
+        return [self.layout.folds, *(s.image for s in self._train + list_test(data_dir))]
+
+    @functools.cached_property
+    def masks(self) -> list[Path]:
+        """Every training mask: what the stages that score or fit on out-of-fold maps
+        compare them with, so a cleaned mask reruns them even where no map changed."""
+        return [s.mask for s in self._train if s.mask is not None]
+
+    @functools.cached_property
+    def _train(self) -> list[Sample]:
+        from data.reader import list_train
+
+        return list_train(Path(self.cfg["data_dir"]))
 
 
 Paths = Callable[[Plan, str], list[Path]]
@@ -134,7 +149,8 @@ STAGES: tuple[Stage, ...] = (
             plan.layout.blend("test"),
         ],
         inputs=lambda plan, _: [
-            plan.layout.store(m, kind) for m in plan.models for kind in ("oof", "test")
+            *(plan.layout.store(m, kind) for m in plan.models for kind in ("oof", "test")),
+            *plan.masks,
         ],
         record=lambda plan, _, __: (
             plan.layout.weights,
@@ -155,9 +171,10 @@ STAGES: tuple[Stage, ...] = (
             plan.layout.refined("test"),
         ],
         inputs=lambda plan, _: [
-            plan.layout.folds,
             plan.layout.blend("oof"),
             plan.layout.blend("test"),
+            *plan.images,  # it crops the training and test images
+            *plan.masks,
         ],
         record=lambda plan, module, _: (
             plan.layout.refine_record,
@@ -176,6 +193,7 @@ STAGES: tuple[Stage, ...] = (
         inputs=lambda plan, _: [
             plan.layout.blend("oof"),
             *([plan.layout.refined("oof")] if plan.refining else []),
+            *plan.masks,
         ],
         record=lambda plan, _, __: (
             plan.layout.postprocess,

@@ -9,7 +9,9 @@ pipeline records, for every stage it ran, a digest of the bytes that stage read
 outputs is missing, or when the settings its artefacts record differ from the config's.
 
 Hashing costs about a second per GB; the inputs after training are checkpoints,
-probability stores and images, a few GB for the largest recipe: seconds against hours.
+probability stores, images and masks, a few GB for the largest recipe: seconds against
+hours. (Training itself is not a stamped stage: a fold's identity, recipe.py, covers the
+bytes of the files it trained on, hashed as the cache reads them.)
 A folder without `stamps.json` (made before it existed, or deleted) reruns every stage
 after training once.
 """

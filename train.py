@@ -80,6 +80,7 @@ from recipe import (
     fold_recipe,
     parse_folds,
     recipe_hash,
+    stale_training_data,
     write_recipe,
 )
 from runtime import (
@@ -186,7 +187,8 @@ def train_fold(
     resume: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Train one fold to completion (or skip it if complete); returns a summary.
+    """Train one fold to completion (or skip it if complete); returns a summary. A fold
+    whose training images or masks changed since it trained starts again from scratch.
 
     Per epoch, rank 0 writes best.pt (if improved), then last.pt, then the log rewritten
     from the history inside last.pt: a kill between any two writes leaves a state that
@@ -198,10 +200,19 @@ def train_fold(
     out = layout.fold(model_name, fold)
     name = f"{model_name} fold {fold}"
     recipe = fold_recipe(cfg, model_name, data.folds.split_id)
-    if force and dist.is_main and out.dir.exists():
-        shutil.rmtree(out.dir)
+    trained_on = data.trained_on(fold)
+    if not force:
+        # before anything is removed: a changed recipe is refused, never retrained over
+        check_fold(out, recipe, str(cfg["experiment"]))
     dist.barrier()
-    check_fold(out, recipe, str(cfg["experiment"]))
+    if dist.is_main:
+        # changed training files make the fold stale: retrained from scratch, not resumed
+        stale = None if force else stale_training_data(out, data, model_name, fold)
+        if stale:
+            log.info("%s", stale)
+        if (force or stale) and out.dir.exists():
+            shutil.rmtree(out.dir)
+    dist.barrier()
     if fold_complete(out, epochs):
         log.info("%s already complete (%s); skipping (--force retrains)", name, out.dir)
         return _summary(model_name, fold, read_log(out.log), True, best_metric)
@@ -241,7 +252,7 @@ def train_fold(
     }
     if dist.is_main:
         out.dir.mkdir(parents=True, exist_ok=True)
-        write_recipe(out, recipe)
+        write_recipe(out, recipe, trained_on)
         write_yaml(out.config, cfg)
         write_log(out.log, state.history)
     wandb_run = tracking.start_fold(cfg, model_name, fold) if dist.is_main else None
@@ -375,6 +386,7 @@ def write_fold_oof(
         folds=[fold] * len(val_items),
         tta="none",
         best_epoch=best["epoch"],
+        image_sha256=[it.image_sha256 for it in val_items],  # predict.reusable_oof checks
         provenance=provenance(
             cfg, model=model_name, fold=fold, split_id=split_id, stage="train-oof"
         ),

@@ -8,7 +8,9 @@ invented at boundaries). Each item is keyed on its source files (path, mtime, ct
 the working size and the mask thresholds, so a changed file re-processes just that item.
 
 Alongside the arrays each item records its original (h, w), needed to bring predictions
-back to full size, and its stratum, needed by the folds, so neither needs a re-decode.
+back to full size, its stratum, needed by the folds, and the sha256 of its source files,
+a fold's identity (recipe.py): hashed from the bytes read for decoding, so knowing that
+a file is unchanged costs nothing beyond the stat of its key.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from data.reader import (
     DataError,
     MaskThresholds,
     Sample,
+    check_image_file,
+    decode_image,
     decode_mask,
     list_train,
-    load_image,
     stratum,
 )
 from paths import Layout
@@ -43,7 +46,7 @@ from ticker import Ticker
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the items record their files' sha256
 # Stratum recorded for items without a mask (test images).
 UNKNOWN = "unknown"
 
@@ -56,6 +59,8 @@ class CachedItem:
     image_file: Path
     mask_file: Path | None
     ambiguous_pixels: int = 0
+    image_sha256: str = ""
+    mask_sha256: str | None = None
 
 
 def resize_pair(
@@ -115,6 +120,12 @@ def _readable_npy(path: Path) -> bool:
     return True
 
 
+def _read(path: Path) -> tuple[np.ndarray, str]:
+    """The decoded image and the sha256 of the bytes it was decoded from (one read)."""
+    data = check_image_file(path)
+    return decode_image(data, path), hashlib.sha256(data).hexdigest()
+
+
 def _from_cache(sample: Sample, folder: Path, key: str) -> CachedItem | None:
     meta_file, image_file, mask_file = _paths(folder, sample.id)
     try:
@@ -134,6 +145,8 @@ def _from_cache(sample: Sample, folder: Path, key: str) -> CachedItem | None:
         image_file,
         mask_file if has_mask else None,
         int(meta.get("ambiguous_pixels", 0)),
+        meta["sha256"]["image"],
+        meta["sha256"]["mask"],
     )
 
 
@@ -141,10 +154,11 @@ def _process(
     sample: Sample, size: tuple[int, int], folder: Path, thresholds: MaskThresholds, key: str
 ) -> CachedItem:
     meta_file, image_file, mask_file = _paths(folder, sample.id)
-    image = load_image(sample.image)
-    class_map, classes, n_ambiguous = None, UNKNOWN, 0
+    image, image_sha = _read(sample.image)
+    class_map, classes, n_ambiguous, mask_sha = None, UNKNOWN, 0, None
     if sample.mask is not None:
-        class_map, n_ambiguous = decode_mask(load_image(sample.mask), thresholds)
+        rgb, mask_sha = _read(sample.mask)
+        class_map, n_ambiguous = decode_mask(rgb, thresholds)
         if class_map.shape != image.shape[:2]:
             raise DataError(
                 f"{sample.mask}: mask size {class_map.shape} differs from image size "
@@ -159,7 +173,13 @@ def _process(
     # The metadata goes last: its key vouches for the arrays written before it.
     write_json(
         meta_file,
-        {"key": key, "orig_size": [h, w], "classes": classes, "ambiguous_pixels": n_ambiguous},
+        {
+            "key": key,
+            "orig_size": [h, w],
+            "classes": classes,
+            "ambiguous_pixels": n_ambiguous,
+            "sha256": {"image": image_sha, "mask": mask_sha},
+        },
     )
     return CachedItem(
         sample.id,
@@ -168,6 +188,8 @@ def _process(
         image_file,
         mask_file if class_map is not None else None,
         n_ambiguous,
+        image_sha,
+        mask_sha,
     )
 
 

@@ -3,7 +3,8 @@
 Reads every image and mask once and prints what the pipeline will see: counts, image sizes,
 class balance and how many mask pixels were ambiguous, then every problem found
 (unreadable or truncated file, unpaired image or mask, mask size different from its image,
-mask with no red or green pixel, empty or missing folder). In this data every training
+mask with no red or green pixel, empty or missing folder, an id shared by a training and a
+test image, a subfolder of test images). In this data every training
 image contains a polyp, so an all-background mask means a wrong colour or a broken file.
 Exits 1 and names the files when there is a problem, 0 otherwise.
 """
@@ -27,9 +28,11 @@ from data.reader import (
     Sample,
     decode_mask,
     find_dirs,
+    image_subfolders,
     list_images,
     load_image,
     pair_folders,
+    shared_ids,
     stratum,
 )
 from settings import DataSettings
@@ -119,6 +122,7 @@ def _samples(report: Report, data_dir: str | Path) -> tuple[list[Sample], list[S
     if test_dir is None:
         return train, []
     test = [Sample(i, p, None) for i, p in sorted(list_images(test_dir).items())]
+    report.problems += image_subfolders(test_dir) + shared_ids(dirs)
     test_gt_dir = _folder(report, dirs, "test_gt") if dirs["test_gt"] is not None else None
     if test_gt_dir is not None:
         with_gt = {s.id: s for s in _pair(report, test_dir, test_gt_dir)}

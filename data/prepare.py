@@ -13,22 +13,60 @@ from typing import Any
 
 from data.cache import CachedItem, check_masks, prepare_for_config
 from data.folds import Folds, load_or_make_folds
-from data.reader import list_train
+from data.reader import Sample, list_train
 from paths import Layout
 from runtime import Dist
 from settings import DataSettings
 
+_NAMED = 5  # changed files a message names; the rest are counted
+
 
 @dataclass
 class TrainData:
-    """The cached working-size items and the shared split."""
+    """The cached working-size items, the shared split, and the source files by id
+    (`data_dir`: the folder they were listed from, for naming them)."""
 
     items: list[CachedItem]
     folds: Folds
+    samples: dict[str, Sample]
+    data_dir: Path
 
     def subset(self, ids: Sequence[str]) -> list[CachedItem]:
         by_id = {it.id: it for it in self.items}
         return [by_id[i] for i in ids]
+
+    def trained_on(self, fold: int) -> dict[str, dict[str, str | None]]:
+        """The sha256 of every image and mask fold `fold` trains on, by kind and id: what
+        its weights were learnt from besides the recipe. Its validation images are left
+        out: they are predict's inputs (stages.py), and do not shape the weights."""
+        items = self.subset(self.folds.train_ids(fold))
+        return {
+            "images": {it.id: it.image_sha256 for it in items},
+            "masks": {it.id: it.mask_sha256 for it in items},
+        }
+
+    def changes(self, before: dict[str, dict[str, str | None]], fold: int) -> str | None:
+        """What differs between the files `before` records and fold `fold`'s now, as
+        "1 mask (train_gt/ab12.jpeg)" (paths below the data dir); None when nothing does."""
+        now = self.trained_on(fold)
+        parts = []
+        for kind, noun in (("images", "image"), ("masks", "mask")):
+            old, new = before.get(kind) or {}, now[kind]
+            ids = sorted(i for i in old.keys() | new.keys() if old.get(i) != new.get(i))
+            if not ids:
+                continue
+            names = [self._name(i, kind) for i in ids[:_NAMED]]
+            more = f", and {len(ids) - _NAMED} more" if len(ids) > _NAMED else ""
+            plural = "" if len(ids) == 1 else "s"
+            parts.append(f"{len(ids)} {noun}{plural} ({', '.join(names)}{more})")
+        return " and ".join(parts) or None
+
+    def _name(self, image_id: str, kind: str) -> str:
+        sample = self.samples.get(image_id)
+        if sample is None:
+            return f"{image_id} (no longer in the data)"
+        path = sample.image if kind == "images" else sample.mask
+        return Path(path).relative_to(self.data_dir).as_posix()
 
 
 def prepare_train_data(cfg: dict[str, Any], dist: Dist) -> TrainData:
@@ -39,7 +77,8 @@ def prepare_train_data(cfg: dict[str, Any], dist: Dist) -> TrainData:
     `data.fold_seed`, not by the training seed, so a second seed of a model trains on the
     same folds as the first.
     """
-    samples = list_train(Path(cfg["data_dir"]))
+    data_dir = Path(cfg["data_dir"])
+    samples = list_train(data_dir)
     settings = DataSettings.from_config(cfg)
 
     def run() -> TrainData:
@@ -51,7 +90,7 @@ def prepare_train_data(cfg: dict[str, Any], dist: Dist) -> TrainData:
             settings.n_folds,
             settings.fold_seed,
         )
-        return TrainData(items, folds)
+        return TrainData(items, folds, {s.id: s for s in samples}, data_dir)
 
     if dist.is_main:
         data = run()

@@ -224,17 +224,58 @@ def _paired(data_dir: str | Path, image_key: str, mask_key: str) -> list[Sample]
     return pairing.samples
 
 
+def shared_ids(dirs: dict[str, Path | None]) -> list[str]:
+    """One line per id that names both a training and a test image, naming both files.
+
+    Every stage keys its cache entries and maps by id (`<out>/cache/<size>/<id>.*`), so a
+    test image with a training image's id would overwrite that image's cached arrays
+    between stages, and its out-of-fold map would be predicted from the test image.
+    """
+    if dirs["train"] is None or dirs["test"] is None:
+        return []
+    train, test = list_images(dirs["train"]), list_images(dirs["test"])
+    return [
+        f"one id {i!r} for a training and a test image: {train[i]}, {test[i]}"
+        for i in sorted(train.keys() & test.keys())
+    ]
+
+
+def image_subfolders(folder: Path) -> list[str]:
+    """One line per subfolder of `folder` holding images (at any depth), which infer.py
+    reads (`list_image_tree`) and the stages would not: a test set has one level."""
+    found = sorted({i.split("/")[0] for i, _ in list_image_tree(folder) if "/" in i})
+    return [
+        f"{folder / name}: a subfolder of test images; the stages read only the images "
+        f"directly in {folder} (a submission names each image by its file name): move "
+        "them up into it, or out of the data dir"
+        for name in found
+    ]
+
+
+def _refuse(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError("\n  ".join([f"{len(problems)} problems in the data dir:", *problems]))
+
+
 def list_train(data_dir: str | Path) -> list[Sample]:
-    """Training images with their masks, sorted by id; every unpaired file is an error."""
-    return _paired(data_dir, "train", "train_gt")
+    """Training images with their masks, sorted by id; every unpaired file is an error,
+    and so is an id that a test image has too."""
+    samples = _paired(data_dir, "train", "train_gt")
+    _refuse(shared_ids(find_dirs(data_dir)))
+    return samples
 
 
 def list_test(data_dir: str | Path) -> list[Sample]:
-    """Test images (no masks), sorted by id."""
-    folder = _require(find_dirs(data_dir), "test", data_dir)
+    """Test images (no masks), sorted by id. Images in a subfolder, and an id that a
+    training image has too, are errors naming the folder or both files."""
+    dirs = find_dirs(data_dir)
+    folder = _require(dirs, "test", data_dir)
     images = list_images(folder)
     if not images:
         raise DataError(f"no images in {folder}")
+    _refuse(image_subfolders(folder) + shared_ids(dirs))
     return [Sample(i, images[i], None) for i in sorted(images)]
 
 
@@ -297,7 +338,12 @@ def check_image_file(path: str | Path) -> bytes:
 def load_image(path: str | Path) -> np.ndarray:
     """An image file as uint8 HxWx3 RGB; unreadable or truncated files raise DataError."""
     path = Path(path)
-    data = check_image_file(path)
+    return decode_image(check_image_file(path), path)
+
+
+def decode_image(data: bytes, path: Path) -> np.ndarray:
+    """The bytes of `check_image_file(path)` as uint8 HxWx3 RGB (for a caller that also
+    needs the bytes, e.g. to hash them)."""
     bgr = cv2.imdecode(
         np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     )

@@ -143,7 +143,8 @@ def test_fold_oof_is_reused_only_for_the_best_pt_that_made_it(trained: Path) -> 
     store = load_probs(fold / "oof")
     epoch = load_checkpoint(fold / "best.pt")["epoch"]
     assert store.meta["best_epoch"] == epoch
-    args = (fold / "oof", "none", store.split_id, store.ids, list(store.size))
+    items = train_items(trained / "tiny.yaml")
+    args = (fold / "oof", "none", store.split_id, [items[i] for i in store.ids], list(store.size))
     assert predict.reusable_oof(*args, best_epoch=epoch) is not None
     # best.pt rewritten by a resumed run that has not written its OOF maps yet
     assert predict.reusable_oof(*args, best_epoch=epoch + 1) is None
