@@ -9,7 +9,10 @@ submitted chain scores out of sample (and in sample where it was tuned), the tes
 when the data had a `test_gt/`, and the wall time of its stages. Then, for every pair, the
 paired per-image difference of the submitted chains' out-of-sample scores with its
 bootstrap interval: on 120 images a +0.004 is usually noise, and the interval says so.
-Out-of-fold images are compared only when both experiments hold the same images.
+Out-of-fold images are compared only when both experiments hold the same images, scored
+against the same masks: the same ids with other training masks (a cleaned mask) would
+measure the masks, not the change, so such a pair is refused by name. The masks are the
+ones the folds trained on, by sha256, as each fold's `recipe.json` records them.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from decisions import MIN_N_BOOT, Rule, bootstrap_gain
 from evaluation import SUBMITTED, TEST_TABLE, format_rows, read_json
 from paths import Layout
 from recipe import flatten
+from settings import DataSettings
 
 # Keys that name where an experiment lives, not what it does.
 WHERE = {"experiment", "data_dir", "out_dir"}
@@ -59,6 +63,31 @@ def config_diff(base: dict[str, Any], other: dict[str, Any]) -> list[str]:
     ]
 
 
+def training_masks(exp: Path, config: dict[str, Any], models: Sequence[str]) -> dict[str, str]:
+    """The sha256 of each training mask by id, from what the folds of `models` record they
+    trained on (every training image is in all folds but its own); {} when none records
+    it (folds trained before recipe.json held their files, or not kept)."""
+    layout = Layout.at(exp)
+    masks: dict[str, str] = {}
+    for model in models:
+        for k in range(DataSettings.from_config(config).n_folds):
+            path = layout.fold(model, k).recipe
+            if path.is_file():
+                masks.update((read_json(path).get("trained_on") or {}).get("masks") or {})
+    return masks
+
+
+def mask_check(a: Experiment, b: Experiment) -> tuple[str, bool]:
+    """The pair's "training masks" cell, and whether they differ under common ids."""
+    missing = [e.name for e in (a, b) if not e.masks]
+    if missing:
+        return f"unknown ({', '.join(missing)} records none)", False
+    differ = sorted(i for i in a.masks.keys() & b.masks.keys() if a.masks[i] != b.masks[i])
+    if not differ:
+        return "same", False
+    return f"{len(differ)} differ (e.g. {', '.join(differ[:3])})", True
+
+
 class Experiment:
     """What a finished experiment folder says about itself."""
 
@@ -81,6 +110,7 @@ class Experiment:
         if "oos_image_stats" not in self.tuned:
             raise DataError(f"{layout.postprocess}: no per-image scores; rerun tune.py")
         self.ids = list(self.tuned["image_ids"])
+        self.masks = training_masks(path, self.config, self.blend["models"])
         self.stats = np.asarray(self.tuned["oos_image_stats"], np.int64).reshape(-1, 3, 3)
 
     @property
@@ -123,14 +153,19 @@ def paired_rows(experiments: Sequence[Experiment], rule: Rule) -> list[dict[str,
     """Every pair's paired out-of-sample difference (second minus first) with its interval."""
     rows = []
     for a, b in itertools.combinations(experiments, 2):
+        masks, differ = mask_check(a, b)
         row: dict[str, Any] = {
             "pair": f"{b.name} - {a.name}",
             "difference": None,
             f"{rule.confidence:.0%} interval": None,
             "images": len(a.ids),
+            "training masks": masks,
             "verdict": "not comparable: different images",
         }
-        if sorted(a.ids) == sorted(b.ids):
+        same_images = sorted(a.ids) == sorted(b.ids)
+        if same_images and differ:
+            row["verdict"] = "not comparable: other training masks under the same ids"
+        elif same_images:
             position = {image_id: i for i, image_id in enumerate(b.ids)}
             g = bootstrap_gain(a.stats, b.stats[[position[i] for i in a.ids]], rule)
             row["difference"] = g["gain"]

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+import compare
 import pipeline
 import train
 from data.cache import prepare
@@ -171,6 +172,15 @@ def test_a_replaced_validation_image_is_predicted_again_not_read_from_the_fold(e
     for i in (i for i, k in edited["folds"].items() if k == 0):
         same = np.array_equal(before.raw[before.ids.index(i)], after.raw[after.ids.index(i)])
         assert same == (i != replaced), i
+
+
+def test_compare_refuses_experiments_trained_on_other_masks(edited, finished, capsys):
+    """Issue 39 item 11: the same ids, one cleaned mask: no difference is printed."""
+    assert compare.main([str(finished / "out" / "tiny"), str(edited["root"] / "out/tiny")]) == 0
+    pairs = capsys.readouterr().out.split("second - first)")[1]
+    assert "not comparable: other training masks under the same ids" in pairs
+    assert f"1 differ (e.g. {edited['mask'].stem})" in pairs
+    assert "within the noise" not in pairs and "real" not in pairs.split()
 
 
 def test_the_stages_that_score_oof_maps_follow_the_training_masks(finished, tmp_path):
