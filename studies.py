@@ -220,8 +220,15 @@ def quiet_heartbeats() -> Iterator[None]:
 
 
 # For a URL that names no driver, when SQLAlchemy's default for its database is not
-# installed: the driver to use instead, and the package that installs it.
-FALLBACK_DRIVERS = {"postgresql": ("psycopg2", "psycopg2-binary"), "mysql": ("pymysql", "pymysql")}
+# installed: the driver to use instead.
+FALLBACK_DRIVERS = {"postgresql": "psycopg2", "mysql": "pymysql"}
+# The pip package of a driver whose name is not its package's.
+DRIVER_PACKAGES = {
+    "psycopg2": "psycopg2-binary",
+    "psycopg": "'psycopg[binary]'",
+    "mysqldb": "mysqlclient",
+    "mysqlconnector": "mysql-connector-python",
+}
 
 
 def storage_url(url: str) -> str:
@@ -247,19 +254,20 @@ def storage_url(url: str) -> str:
     except (ValueError, sqlalchemy.exc.ArgumentError) as exc:
         raise ConfigError(storage_problem(url, exc)) from exc
     candidates = [parsed]
-    if parsed.drivername in FALLBACK_DRIVERS:
-        driver, _ = FALLBACK_DRIVERS[parsed.drivername]
-        candidates.append(parsed.set(drivername=f"{parsed.drivername}+{driver}"))
+    fallback = FALLBACK_DRIVERS.get(parsed.drivername)
+    if fallback:
+        candidates.append(parsed.set(drivername=f"{parsed.drivername}+{fallback}"))
     for candidate in candidates:
         try:
             candidate.get_dialect().import_dbapi()
         except ImportError:
             continue
         return url if candidate == written else candidate.render_as_string(hide_password=False)
-    package = FALLBACK_DRIVERS.get(parsed.drivername, (None, dialect.driver))[1]
+    driver = fallback or dialect.driver
     raise ConfigError(
         f"optuna storage {redact(url)}: no {parsed.get_backend_name()} driver is installed "
-        f"(SQLAlchemy's for {parsed.drivername}:// is {dialect.driver}): pip install {package}"
+        f"(SQLAlchemy's for {parsed.drivername}:// is {dialect.driver}): "
+        f"pip install {DRIVER_PACKAGES.get(driver, driver)}"
     )
 
 
@@ -310,20 +318,20 @@ def open_storage(url: str, shared: bool = False) -> optuna.storages.BaseStorage:
         from optuna.storages.journal import JournalFileBackend
 
         path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(url, path)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     import sqlalchemy
 
     url = storage_url(url)
+    parsed = sqlalchemy.engine.make_url(url)  # storage_url parsed it
+    engine_kwargs: dict[str, Any] = {}
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    if is_sqlite:
+        if parsed.database and parsed.database != ":memory:":
+            _make_parent(url, Path(parsed.database))
+        connect = {"timeout": SQLITE_TIMEOUT_S, "factory": WalConnection}
+        engine_kwargs = {"connect_args": connect}
     try:
-        parsed = sqlalchemy.engine.make_url(url)
-        engine_kwargs: dict[str, Any] = {}
-        is_sqlite = parsed.get_backend_name() == "sqlite"
-        if is_sqlite:
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            connect = {"timeout": SQLITE_TIMEOUT_S, "factory": WalConnection}
-            engine_kwargs = {"connect_args": connect}
         with quiet_heartbeats():
             heartbeat: dict[str, Any] = {}
             if shared or not is_sqlite:
@@ -341,6 +349,16 @@ def open_storage(url: str, shared: bool = False) -> optuna.storages.BaseStorage:
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
         raise ConfigError(storage_problem(url, exc)) from exc
+
+
+def _make_parent(url: str, path: Path) -> None:
+    """The folder of a storage file, or one line naming it (not a traceback for ENOENT)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = exc.strerror or exc
+        where = f"optuna storage {redact(url)}"
+        raise ConfigError(f"{where}: cannot make {path.parent}: {why}") from exc
 
 
 def redact(url: str) -> str:

@@ -55,12 +55,28 @@ def test_the_readmes_plain_postgresql_url_runs_a_study(postgres: str) -> None:  
     assert again.study_name == study.study_name and len(studies.complete_trials(again)) == 4
 
 
-def test_a_url_whose_driver_is_not_installed_names_the_package_in_one_line() -> None:
+@pytest.mark.parametrize(
+    ("url", "hint"),
+    [
+        ("mssql://user:secret@host/db", "pip install pyodbc"),
+        ("mysql+mysqldb://user:secret@host/db", "pip install mysqlclient"),
+    ],
+)
+def test_a_url_whose_driver_is_not_installed_names_the_package_in_one_line(
+    url: str, hint: str
+) -> None:
     with pytest.raises(ConfigError) as err:
-        studies.open_storage("mssql://user:secret@host/db")
+        studies.open_storage(url)
     message = str(err.value)
-    assert "pip install pyodbc" in message and "\n" not in message
+    assert message.endswith(hint) and "\n" not in message
     assert "secret" not in message
+
+
+@pytest.mark.parametrize("url", ["sqlite:////proc/no/such/optuna.db", "journal:/proc/no/j.log"])
+def test_a_storage_folder_that_cannot_be_made_is_one_line(url: str) -> None:
+    """FileNotFoundError from mkdir was a traceback (ENOENT is no disk-full kind of error)."""
+    with pytest.raises(ConfigError, match="cannot make /proc/no"):
+        studies.open_storage(url)
 
 
 # ---------------------------------------------------------------- item 10: one line, exit 1 or 2
