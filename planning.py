@@ -365,7 +365,11 @@ def plan_run(
 
 
 def hours(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+    """A duration at the scale it is read at: hours, minutes, or seconds for a tiny run (whose
+    every figure read "0.0 min", its budget line included)."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def gigabytes(n: int) -> str:
