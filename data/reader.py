@@ -197,7 +197,7 @@ def _require(dirs: dict[str, Path | None], name: str, data_dir: str | Path) -> P
     return folder
 
 
-_SHOWN = 20  # unpaired files named in an error; the rest are counted
+_SHOWN = 20  # problems (unpaired files, shared ids) named in an error; the rest are counted
 
 
 def _paired(data_dir: str | Path, image_key: str, mask_key: str) -> list[Sample]:
@@ -217,11 +217,16 @@ def _paired(data_dir: str | Path, image_key: str, mask_key: str) -> list[Sample]
                     f"{folder} is empty (no image files), and {other} holds {counts[other]}"
                 )
     if pairing.problems:
-        shown = pairing.problems[:_SHOWN]
-        more = len(pairing.problems) - len(shown)
-        tail = [f"... and {more} more (python -m data.check lists all)"] if more else []
-        raise DataError("unpaired files:\n  " + "\n  ".join([*shown, *tail]))
+        raise DataError(_listing("unpaired files:", pairing.problems))
     return pairing.samples
+
+
+def _listing(header: str, problems: list[str]) -> str:
+    """`header` and the first _SHOWN problems, one a line; the rest counted."""
+    shown = problems[:_SHOWN]
+    more = len(problems) - len(shown)
+    tail = [f"... and {more} more (python -m data.check lists all)"] if more else []
+    return "\n  ".join([header, *shown, *tail])
 
 
 def shared_ids(dirs: dict[str, Path | None]) -> list[str]:
@@ -235,7 +240,8 @@ def shared_ids(dirs: dict[str, Path | None]) -> list[str]:
         return []
     train, test = list_images(dirs["train"]), list_images(dirs["test"])
     return [
-        f"one id {i!r} for a training and a test image: {train[i]}, {test[i]}"
+        f"one id {i!r} for a training and a test image: {train[i]}, {test[i]}; "
+        "the stages key their cache and maps by id: rename one of them"
         for i in sorted(train.keys() & test.keys())
     ]
 
@@ -256,7 +262,7 @@ def _refuse(problems: list[str]) -> None:
     if len(problems) == 1:
         raise DataError(problems[0])
     if problems:
-        raise DataError("\n  ".join([f"{len(problems)} problems in the data dir:", *problems]))
+        raise DataError(_listing(f"{len(problems)} problems in the data dir:", problems))
 
 
 def list_train(data_dir: str | Path) -> list[Sample]:
