@@ -173,7 +173,23 @@ def place_from_args(
     if args.n_workers < 1:
         raise ConfigError(f"--parallel must be at least 1, got {args.n_workers}")
     storage = storage_url(args.storage) if args.storage else default_storage(layout)
+    if (args.n_workers > 1 or args.join) and in_memory(storage):
+        flag = "--join" if args.join else f"--parallel {args.n_workers}"
+        raise ConfigError(
+            f"--storage {storage} keeps the study in this process's memory, which {flag} "
+            "cannot share: give a file (sqlite:///PATH) or a database server"
+        )
     return StudyPlace(storage, identity, args.n_workers, args.join)
+
+
+def in_memory(url: str) -> bool:
+    """An SQLite URL without a file (`sqlite://`, `sqlite:///:memory:`): one process's."""
+    if url.startswith("journal:"):
+        return False
+    import sqlalchemy
+
+    parsed = sqlalchemy.engine.make_url(url)
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 
 
 def threads_per_worker(n_jobs: int, n_workers: int) -> int:
@@ -327,8 +343,8 @@ def open_storage(url: str, shared: bool = False) -> optuna.storages.BaseStorage:
     engine_kwargs: dict[str, Any] = {}
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite:
-        if parsed.database and parsed.database != ":memory:":
-            _make_parent(url, Path(parsed.database))
+        if not in_memory(url):
+            _make_parent(url, Path(str(parsed.database)))
         connect = {"timeout": SQLITE_TIMEOUT_S, "factory": WalConnection}
         engine_kwargs = {"connect_args": connect}
     try:

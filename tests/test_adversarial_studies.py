@@ -82,6 +82,29 @@ def test_a_storage_folder_that_cannot_be_made_is_one_line(url: str) -> None:
 # ---------------------------------------------------------------- item 10: one line, exit 1 or 2
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"), [(["--parallel", "2"], "--parallel 2"), (["--join"], "--join")]
+)
+def test_an_in_memory_study_shared_between_processes_is_refused(
+    tmp_path: Path,
+    tiny_data: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    named: str,
+) -> None:
+    """Each worker process opened its own empty sqlite:// and the run ended in a
+    StorageInternalError traceback, then "made no progress ... without --join?"."""
+    config = write_config(tmp_path, tiny_data)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["hpo"] = {"space": {"train.lr": {"low": 1e-3, "high": 1e-2}}}
+    config.write_text(yaml.safe_dump(cfg))
+    argv = ["--config", str(config), "--model", "tiny", "--trials", "2", "--storage", "sqlite://"]
+    assert hpo.main(argv + flags) == 2
+    line = one_error_line(capsys)
+    assert named in line and "sqlite:///PATH" in line
+    assert not list((tmp_path / "out" / "tiny").glob("hpo/*/trial*"))
+
+
 def damage(db: Path) -> None:
     """Overwrite the middle of a SQLite file, as a bad disk or a half-copied file does
     (after moving what its write-ahead log holds into it)."""
