@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from config import add_config_arguments
+from config import ConfigError, add_config_arguments
 from metrics import OBJECTIVES
 from settings import PRECISIONS, TTA_CHOICES
 
@@ -43,6 +43,13 @@ def runtime_flags(args: argparse.Namespace) -> dict[str, Any]:
     if precision is None and args.amp is not None:
         precision = "auto" if args.amp else "fp32"
     return {"data.num_workers": args.workers, "train.precision": precision}
+
+
+def check_jobs(jobs: int) -> None:
+    """joblib refuses a job count of 0 with a traceback deep in the run (the optuna stages:
+    after every map is loaded): refused first, naming the flag."""
+    if jobs == 0:
+        raise ConfigError("--jobs 0: give N >= 1, or -1 for all cores (-2 all but one, ...)")
 
 
 def add_search_arguments(p: argparse.ArgumentParser, section: str) -> None:

@@ -23,6 +23,7 @@ continues where it stopped; the all-folds study's trials are exported to
 
 from __future__ import annotations
 
+import cli
 import stages
 
 if __name__ == "__main__":
@@ -383,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not names:
             raise ConfigError("no models to blend: give --models or set ensemble.models")
         trials, objective = search_settings(cfg, "ensemble", args.trials, args.objective)
+        cli.check_jobs(args.jobs)
         layout = Layout.of(cfg)
         check_predicted(names, layout, args.config)
         oof = align_stores([load_probs(layout.store(m, "oof")) for m in names])

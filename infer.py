@@ -23,6 +23,7 @@ replaces only outputs that infer.py wrote there (the lock file marks them).
 
 from __future__ import annotations
 
+import cli
 import stages
 
 if __name__ == "__main__":
@@ -390,8 +391,7 @@ def check_flags(threads: int | None, jobs: int) -> None:
     traceback deep in the run: refused here, before any work, naming the flag."""
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads {threads}: give 1 or more")
-    if jobs == 0:
-        raise ConfigError("--jobs 0: give N >= 1, or -1 for all cores (-2 all but one, ...)")
+    cli.check_jobs(jobs)
 
 
 def check_apart(images: Path, out: Path) -> None:

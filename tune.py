@@ -23,6 +23,7 @@ where it stopped; the all-folds study's trials are exported to `tune_trials.csv`
 
 from __future__ import annotations
 
+import cli
 import stages
 
 if __name__ == "__main__":
@@ -397,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = resolve_cli_config(args)
         trials, objective = search_settings(cfg, "tune", args.trials, args.objective)
+        cli.check_jobs(args.jobs)
         layout = Layout.of(cfg)
         sources, ids, folds, blend = load_sources(cfg, args, layout)
         stores = {"blend": layout.blend("oof"), "refined": layout.refined("oof")}

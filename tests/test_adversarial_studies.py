@@ -175,6 +175,18 @@ def test_a_trial_count_below_one_is_refused_by_name(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("stage", [ensemble, tune])
+def test_jobs_0_is_refused_by_its_flag_before_the_maps_are_read(
+    tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str], stage: object
+) -> None:
+    """joblib's "n_jobs == 0 in Parallel has no meaning" was a traceback once every OOF map
+    was loaded."""
+    config = write_config(tmp_path, tiny_data)
+    assert stage.main(["--config", str(config), "--jobs", "0"]) == 2
+    assert one_error_line(capsys).startswith("error: --jobs 0: give N >= 1")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("value", "flag", "named"), [(0, None, "hpo.trials"), (5, "-1", "--trials")]
 )
