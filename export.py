@@ -333,11 +333,14 @@ def check_out(out: Path, force: bool) -> None:
         raise DataError(f"--out {out}: exists and is not a folder; choose another --out")
     if not zipped and not any(out.iterdir()):
         return
-    if not is_package(out):
-        what = "file" if zipped else "folder"
+    if zipped and not is_package(out):
+        raise DataError(f"--out {out}: a file that is not a package zip; choose another --out")
+    if not zipped and not is_package(out):
+        example = sorted(p.name for p in out.iterdir())[0]
         raise DataError(
-            f"--out {out}: a {what} that is not a package export.py wrote; export writes a "
-            "new or empty folder, or replaces a package with --force: choose another --out"
+            f"--out {out}: a folder that is not a package (it holds {example!r}, ...); export "
+            "writes only a new or empty folder, or replaces a package with --force: choose "
+            "another --out"
         )
     if not force:
         raise DataError(f"--out {out}: a package is there already; add --force to replace it")
