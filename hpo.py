@@ -265,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = resolve_cli_config(args, cli.runtime_flags(args), model=args.model)
         hcfg = cfg.get("hpo") or {}
-        epochs = int(args.epochs or hcfg.get("epochs") or TrainSettings.from_config(cfg).epochs)
+        epochs = studies.count_setting(
+            cfg, "hpo", "epochs", args.epochs, TrainSettings.from_config(cfg).epochs
+        )
         fold = int(args.fold if args.fold is not None else hcfg.get("fold", 0))
         trials = studies.trial_count(cfg, "hpo", args.trials, default=20)
         cfg = apply_overrides(cfg, [f"train.epochs={epochs}"])

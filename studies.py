@@ -130,13 +130,23 @@ def trial_count(
     cfg: dict[str, Any], section: str, trials: int | None = None, default: int = 100
 ) -> int:
     """The trial count from `--trials`, else `<section>.trials`, else `default`: the one
-    place every optuna stage and the pipeline's preflight read it, so a count below 1 is
-    refused by the name the user wrote it under (0 used to fall back to the config, and
-    a negative one to end in a traceback from `run_study`)."""
-    if trials is not None:
-        value, key = trials, "--trials"
+    place every optuna stage and the pipeline's preflight read it (see `count_setting`)."""
+    return count_setting(cfg, section, "trials", trials, default)
+
+
+def count_setting(
+    cfg: dict[str, Any], section: str, name: str, flag: int | None, default: int
+) -> int:
+    """`--<name>` if given, else `<section>.<name>` unless null, else `default`; refused by
+    the name the user wrote it under unless a whole number of at least 1 (a flag of 0 used
+    to fall back to the config, and a negative count to end in a traceback or in an error
+    naming another key)."""
+    if flag is not None:
+        value, key = flag, f"--{name}"
     else:
-        value, key = (cfg.get(section) or {}).get("trials", default), f"{section}.trials"
+        value, key = (cfg.get(section) or {}).get(name), f"{section}.{name}"
+        if value is None:
+            return default
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{key} must be a whole number of at least 1, got {value!r}")
     return value

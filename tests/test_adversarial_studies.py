@@ -188,20 +188,25 @@ def test_jobs_0_is_refused_by_its_flag_before_the_maps_are_read(
 
 
 @pytest.mark.parametrize(
-    ("value", "flag", "named"), [(0, None, "hpo.trials"), (5, "-1", "--trials")]
+    ("flags", "named"),
+    [
+        (["--set", "hpo.trials=0"], "hpo.trials"),
+        (["--set", "hpo.trials=5", "--trials", "-1"], "--trials"),
+        (["--set", "hpo.epochs=0"], "hpo.epochs"),
+        (["--epochs", "0"], "--epochs"),  # fell back to train.epochs
+        (["--epochs", "-1"], "--epochs"),  # was refused as "train.epochs"
+    ],
 )
-def test_hpos_trial_count_is_checked_where_the_others_are(
+def test_hpos_counts_are_checked_where_the_others_are(
     tmp_path: Path,
     tiny_data: Path,
     capsys: pytest.CaptureFixture[str],
-    value: int,
-    flag: str | None,
+    flags: list[str],
     named: str,
 ) -> None:
     config = write_config(tmp_path, tiny_data)
-    argv = ["--config", str(config), "--model", "tiny", "--set", f"hpo.trials={value}"]
-    assert hpo.main(argv + (["--trials", flag] if flag else [])) == 2
-    assert named in one_error_line(capsys)
+    assert hpo.main(["--config", str(config), "--model", "tiny", *flags]) == 2
+    assert one_error_line(capsys).startswith(f"error: {named} must be a whole number")
     assert not (tmp_path / "out").exists()
 
 
