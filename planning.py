@@ -35,6 +35,7 @@ from data.reader import DataError, list_test
 from engine import build_learner, build_loaders, fold_complete
 from models.inference import NUM_CLASSES
 from paths import Layout
+from recipe import stale_training_data
 from runtime import Dist, configure_cpu_threads
 from settings import DataSettings, TrainSettings, refining
 
@@ -262,15 +263,19 @@ def disk_bytes(
     }
 
 
-def unfinished_folds(cfg: dict[str, Any], name: str, n_folds: int) -> tuple[int, ...]:
-    """The epochs each fold of model `name` that is not complete has trained: train.py
-    skips a complete fold, and the pipeline's --resume continues one from its last.pt, whose
-    history the fold's log copies."""
+def unfinished_folds(cfg: dict[str, Any], name: str, data: TrainData) -> tuple[int, ...]:
+    """The epochs each fold of model `name` that is not complete has trained, as train.py
+    will see it: it skips a complete fold, retrains one whose training images or masks
+    changed from scratch, and continues one with a last.pt (the pipeline's --resume) from
+    the history the fold's log copies."""
     epochs = TrainSettings.from_config(cfg).epochs
     layout = Layout.of(cfg)
     left = []
-    for k in range(n_folds):
+    for k in range(data.folds.n_folds):
         run = layout.fold(name, k)
+        if stale_training_data(run, data, name, k):
+            left.append(0)
+            continue
         if fold_complete(run, epochs):
             continue
         history: list[dict[str, Any]] = []
@@ -318,7 +323,7 @@ def make_plan(
     folds = data.folds
     models = []
     for name, cfg in model_cfgs.items():
-        unfinished = unfinished_folds(cfg, name, folds.n_folds)
+        unfinished = unfinished_folds(cfg, name, data)
         models.append(
             ModelPlan(
                 name,

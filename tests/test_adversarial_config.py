@@ -4,11 +4,13 @@ exit 2, before any folder is made; or it gets its natural behaviour."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import save_file
 
@@ -20,8 +22,10 @@ import predict
 import stages
 import train
 from config import ConfigError, load_config, resolve_cli_config
+from data.prepare import prepare_train_data
 from models import PretrainedWeightsError, build_model, export_encoder, weights
 from paths import Layout
+from runtime import Dist
 from tests.test_compare import experiment as finished_by_hand
 from tests.trainkit import demo_model, write_config
 
@@ -248,9 +252,9 @@ def test_a_budget_no_epoch_count_meets_says_so_instead_of_zero_epochs() -> None:
 
 
 def test_the_plan_counts_only_what_is_left_so_a_finished_run_fits_any_budget(
-    tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, tiny_data_copy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_config(tmp_path, tiny_data, epochs=1)
+    config = write_config(tmp_path, tiny_data_copy, epochs=1)
     cfg = yaml.safe_load(config.read_text())
     cfg["tune"] = {"trials": 3}
     config.write_text(yaml.safe_dump(cfg))
@@ -268,8 +272,19 @@ def test_the_plan_counts_only_what_is_left_so_a_finished_run_fits_any_budget(
     assert pipeline.main([*base, "--plan", "--set", "train.epochs=3"]) == 0
     out = capsys.readouterr().out
     assert "| 2 of 2" in out and "predict (test maps, every fold, TTA; 1 of 1 models)" in out
-    args = stages.parser("pipeline").parse_args([*base, "--set", "train.epochs=3"])
-    model_cfg = resolve_cli_config(args, model="tiny")
-    assert planning.unfinished_folds(model_cfg, "tiny", 2) == (1, 0)  # fold 0 resumes at 1
+
+    def unfinished(*overrides: str) -> tuple[int, ...]:
+        args = stages.parser("pipeline").parse_args([*base, *(f"--set={o}" for o in overrides)])
+        model_cfg = resolve_cli_config(args, model="tiny")
+        data = prepare_train_data(model_cfg, Dist(0, 1, torch.device("cpu")))
+        return planning.unfinished_folds(model_cfg, "tiny", data)
+
+    assert unfinished("train.epochs=3") == (1, 0)  # fold 0 resumes after its epoch
+    # a mask fold 0 trained on, edited (its bytes, not its pixels): fold 0 starts again
+    split = json.loads((tmp_path / "out" / "tiny" / "folds.json").read_text())["folds"]
+    edited = next(i for i, k in sorted(split.items()) if k == 1)
+    mask = next((tiny_data_copy / "train_gt").glob(f"{edited}.*"))
+    mask.write_bytes(mask.read_bytes() + b"\0")
+    assert unfinished("train.epochs=3") == (0, 0)
     assert pipeline.main([*base, "--budget-hours", "1e-6"]) == 1
     assert not fold1.exists()  # refused before training
