@@ -37,12 +37,11 @@ def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
-def config_named(tmp_path: Path, data: Path, model: str = "tiny", **top: object) -> Path:
-    """The tiny experiment's config with its model called `model` and `top` keys set."""
+def config_named(tmp_path: Path, data: Path, model: str) -> Path:
+    """The tiny experiment's config with its model called `model`."""
     path = write_config(tmp_path, data, epochs=1)
     cfg = yaml.safe_load(path.read_text())
     cfg["models"] = {model: cfg["models"]["tiny"]}
-    cfg.update(top)
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -74,7 +73,7 @@ def test_an_experiment_that_is_not_one_plain_folder_is_refused_before_any_folder
 def test_a_model_name_that_is_a_path_or_a_stage_folder_is_refused_by_every_stage(
     tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str], name: str
 ) -> None:
-    config = str(config_named(tmp_path, tiny_data, model=name))
+    config = str(config_named(tmp_path, tiny_data, name))
     assert pipeline.main(["--config", config]) == 2
     assert f"models key {name!r}:" in one_error_line(capsys)
     assert train.main(["--config", config, "--model", name, "--fold", "0"]) == 2
