@@ -39,11 +39,12 @@ In detail:
   alive on this machine, or whose heartbeat elsewhere is fresh, or which another machine
   runs without heartbeats, makes the run refuse (StudyInUse, naming --join) before it
   fails anything. Workers joining from other machines (`join=True`) leave RUNNING trials
-  alone. A study on a database server, or shared on SQLite (several workers, or
-  `--join`), records optuna heartbeats: a trial whose worker died (a machine lost,
-  SIGKILL) is failed by the next worker that looks, once its heartbeat is
-  `HEARTBEAT_GRACE_S` old, and run again with its parameters (optuna's
-  RetryHeartbeatStaleTrialCallback); workers waiting for it go on.
+  alone unless they know them dead. A study on a database server, or shared on SQLite
+  (several workers, or `--join`), records optuna heartbeats: a trial whose worker died (a
+  machine lost, SIGKILL) is failed by the next worker that looks, once its heartbeat is
+  `HEARTBEAT_GRACE_S` old, or at once by one on the same machine (its process is gone),
+  and run again with its parameters (optuna's RetryHeartbeatStaleTrialCallback); workers
+  waiting for it go on.
 - **Errors**: a URL whose driver is missing, or a storage that fails (a damaged SQLite
   file, a lost server), is one line naming the storage and the database's own message.
 - **Seeds**: `TrialSeededSampler` reseeds TPE before every trial from (seed, worker, number
@@ -590,28 +591,45 @@ def live_holder(study: optuna.Study, trial: FrozenTrial) -> str | None:
     )
 
 
-def fail_abandoned(study: optuna.Study) -> list[int]:
-    """Mark every RUNNING trial FAIL (see `_fail`); returns their numbers. StudyInUse,
-    and nothing failed, when a live process may be running one of them.
+def fail_abandoned(study: optuna.Study, join: bool = False) -> list[int]:
+    """Fail the RUNNING trials left by dead processes; returns their numbers.
 
-    Only a run that owns the study (no --join) calls this: it takes a RUNNING trial for
-    one a killed run left behind, which it must never do to a worker that is alive (that
-    trial would run twice and its worker's result be thrown away).
+    A stale heartbeat shows a dead worker anywhere (optuna fails the trial and queues it
+    again), the process table one of this machine. A run that owns the study (no --join)
+    takes every other RUNNING trial for a killed run's too (one without a process record:
+    asked by hand, or by an older version) and fails it, queueing a starting point again
+    (`_fail`); but while one may be a live worker's it fails nothing and raises
+    StudyInUse: that trial would run twice and its worker's result be thrown away. A
+    joiner fails only the trials it knows are dead, and queues each again with its
+    parameters, as a stale heartbeat's is: without it, a joiner waited forever for the
+    trial of a local worker killed in a study without heartbeats.
     """
     with quiet_heartbeats():
-        fail_stale_trials(study)  # dead by their heartbeats, retried as a joiner would
+        fail_stale_trials(study)
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    live = {t.number: who for t in running if (who := live_holder(study, t)) is not None}
-    if live:
-        held = "; ".join(f"trial {n} by {who}" for n, who in live.items())
-        raise StudyInUse(
-            f"study {study.study_name} is being worked on: {held}. To work beside it, run "
-            "this command again with --join; a run without --join takes the study over, "
-            "so only once that process has ended"
-        )
-    for trial in running:
-        _fail(study, trial)
-    failed = [t.number for t in running]
+    holders = {t.number: live_holder(study, t) for t in running}
+    if join:
+        here = socket.gethostname()
+        failed = []
+        for trial in running:
+            record = trial.system_attrs.get(PROCESS_ATTR)
+            ran_here = isinstance(record, dict) and record.get("host") == here
+            if ran_here and holders[trial.number] is None and _fail_once(study, trial):
+                with quiet_heartbeats():
+                    RetryHeartbeatStaleTrialCallback()(study, trial)
+                failed.append(trial.number)
+    else:
+        live = {n: who for n, who in holders.items() if who is not None}
+        if live:
+            held = "; ".join(f"trial {n} by {who}" for n, who in live.items())
+            raise StudyInUse(
+                f"study {study.study_name} is being worked on: {held}. To work beside it, "
+                "run this command again with --join; a run without --join takes the study "
+                "over, so only once that process has ended"
+            )
+        for trial in running:
+            _fail(study, trial)
+        failed = [t.number for t in running]
     if failed:
         log.warning(
             "study %s: trials %s were left RUNNING by a killed run: failed",
@@ -619,6 +637,15 @@ def fail_abandoned(study: optuna.Study) -> list[int]:
             failed,
         )
     return failed
+
+
+def _fail_once(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """FAIL `trial` unless another process finished it first: whether this call did, so
+    that of two joiners only one queues it again."""
+    try:
+        return study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
 
 
 def _claimed(study: optuna.Study, below: int | None = None) -> tuple[int, int]:
@@ -688,20 +715,20 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, worker: str
 
 def _wait_for_others(study: optuna.Study, trials: int, poll_s: float = 2.0) -> None:
     """Wait for trials RUNNING elsewhere (joined machines) that the count is waiting for;
-    with heartbeats, a dead one is failed (and queued again) and the wait ends."""
+    a dead one (a stale heartbeat, a process of this machine that is gone) is failed and
+    queued again, and the wait ends."""
     told = False
     while len(counted_trials(study)) < trials:
-        with quiet_heartbeats():
-            fail_stale_trials(study)
+        fail_abandoned(study, join=True)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
             return
         if not told:
             log.info(
                 "study %s: waiting for trials %s running elsewhere (a dead worker's trial "
-                "is failed and run again once its heartbeat is %d s old; without heartbeats, "
-                "as in a journal file, stop this run and start it again without --join on "
-                "the machine that ran them: that fails them once their process is gone)",
+                "is failed and run again once its heartbeat is %d s old, or at once if it ran "
+                "on this machine; a journal file has no heartbeats: there, run this command "
+                "on the machine that ran them, which fails them if their process is gone)",
                 study.study_name,
                 [t.number for t in running],
                 HEARTBEAT_GRACE_S,
@@ -784,8 +811,7 @@ def run_study(
     base = secrets.randbits(31) if place is not None and place.join else 0
     with storage_errors(place.storage) if place else contextlib.nullcontext():
         study = _load(name, place.storage if place else None, seed, base, parallel, pruner)
-        if place is None or not place.join:
-            fail_abandoned(study)
+        fail_abandoned(study, join=place is not None and place.join)
         if not study.get_trials(deepcopy=False):
             for params in start:
                 study.enqueue_trial(dict(params))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -350,3 +351,32 @@ def test_another_machines_worker_is_judged_by_its_heartbeat(
     assert owner.trials[dead.number].state == optuna.trial.TrialState.FAIL
     (retry,) = owner.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert retry.system_attrs["failed_trial"] == dead.number
+
+
+def test_a_joiner_does_not_wait_for_a_dead_local_workers_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone run (no heartbeats) SIGKILLed mid-trial on this machine: a joiner counted the
+    trial as claimed and waited for it forever. Its process is gone, so the joiner fails
+    it and runs its parameters again, without waiting."""
+    place = sqlite(tmp_path)
+    name = run_study("demo", objective, 2, 0, place).study_name
+    gone = subprocess.Popen(["sleep", "60"])
+    record = {"host": socket.gethostname(), "pid": gone.pid, "heartbeat": False}
+    record["start"] = studies.process_start(gone.pid)
+    gone.kill()
+    gone.wait()
+    study = optuna.load_study(study_name=name, storage=place.storage)
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(-5.0, 5.0)})
+    study._storage.set_trial_system_attr(dead._trial_id, studies.PROCESS_ATTR, record)
+
+    def no_waiting(seconds: float) -> None:
+        raise AssertionError("the joiner waited for a trial whose process is gone")
+
+    monkeypatch.setattr(studies.time, "sleep", no_waiting)
+    joined = run_study(
+        "demo", objective, 3, 0, StudyPlace(place.storage, place.identity, join=True)
+    )
+    assert joined.trials[dead.number].state == optuna.trial.TrialState.FAIL
+    done = studies.complete_trials(joined)
+    assert len(done) == 3 and done[-1].params["x"] == dead.params["x"]
