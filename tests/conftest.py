@@ -31,6 +31,16 @@ def full_size_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("full") / "data", 6, 2, seed=3)
 
 
+@pytest.fixture(scope="session")
+def two_model_experiment(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """A finished two-model experiment on `tiny_data` (tests/trainkit.finished_experiment),
+    trained once for test_export.py and test_adversarial_export.py. Read-only: a test that
+    changes it works on a copy (test_export.private_copy)."""
+    from tests.trainkit import finished_experiment
+
+    return finished_experiment(tmp_path_factory.mktemp("experiment"), tiny_data)
+
+
 @pytest.fixture
 def tiny_data_copy(tiny_data: Path, tmp_path: Path) -> Path:
     """A private copy of `tiny_data` that a test may damage."""

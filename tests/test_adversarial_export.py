@@ -32,15 +32,15 @@ from models import build_model
 from models.inference import Probabilities
 from package import CHAIN, MANIFEST, Chain, sha256
 from paths import InferFiles
-from tests.test_export import class_maps_of, finished_experiment, private_copy
+from tests.test_export import class_maps_of, private_copy
 from tests.test_onnx import TOLERANCE
 from tests.trainkit import ROOT, demo_model
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    """test_export's finished two-model experiment, trained once for this module."""
-    return finished_experiment(tmp_path_factory.mktemp("experiment"), tiny_data)
+def experiment(two_model_experiment: Path) -> Path:
+    """test_export's finished two-model experiment (conftest.py). Read-only."""
+    return two_model_experiment
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import yaml
 import ensemble
 import export
 import infer
-import pipeline
 import postprocess
 import ticker
 import tune
@@ -26,29 +25,12 @@ from data.reader import list_test
 from data.submission import check_rows, image_size, rle_decode
 from package import MANIFEST, Chain, open_package
 from paths import Layout
-from tests.trainkit import demo_model, write_config
-
-
-def finished_experiment(root: Path, tiny_data: Path) -> Path:
-    """A finished two-model experiment with flip TTA and a refiner in `root` (its own
-    data copy): the pipeline run on it."""
-    data = Path(shutil.copytree(tiny_data, root / "data"))
-    config = write_config(root, data, epochs=1)
-    cfg = yaml.safe_load(config.read_text())
-    cfg["models"]["tiny2"] = demo_model("fpn_mobilenetv3")
-    cfg["predict"]["tta"] = "hflip"
-    cfg["ensemble"] = {"models": ["tiny", "tiny2"], "trials": 3, "objective": "competition"}
-    cfg["tune"] = {"trials": 3, "objective": "competition"}
-    cfg["refine"] = {"enabled": True, "crop": 16, "epochs": 2, "batch_size": 8, "width": 4}
-    config.write_text(yaml.safe_dump(cfg))
-    assert pipeline.main(["--config", str(config)]) == 0
-    return root
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    """A finished two-model experiment with flip TTA and a refiner (its own data copy)."""
-    return finished_experiment(tmp_path_factory.mktemp("experiment"), tiny_data)
+def experiment(two_model_experiment: Path) -> Path:
+    """A finished two-model experiment with flip TTA and a refiner (conftest.py)."""
+    return two_model_experiment
 
 
 def private_copy(experiment: Path, tmp_path: Path) -> tuple[Path, list[str]]:

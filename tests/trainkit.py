@@ -4,11 +4,13 @@ what train.py writes."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
+import pipeline
 import train
 from config import load_config, model_entry
 from data.cache import CachedItem
@@ -102,3 +104,19 @@ def split_of(tmp_path: Path) -> dict[str, int]:
 
 def history(fold_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines()]
+
+
+def finished_experiment(root: Path, data_dir: Path) -> Path:
+    """A finished two-model experiment in `root` (its own copy of `data_dir`): flip TTA, a
+    refiner, the pipeline run on it. What export and infer are tested on."""
+    data = Path(shutil.copytree(data_dir, root / "data"))
+    config = write_config(root, data, epochs=1)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["models"]["tiny2"] = demo_model("fpn_mobilenetv3")
+    cfg["predict"]["tta"] = "hflip"
+    cfg["ensemble"] = {"models": ["tiny", "tiny2"], "trials": 3, "objective": "competition"}
+    cfg["tune"] = {"trials": 3, "objective": "competition"}
+    cfg["refine"] = {"enabled": True, "crop": 16, "epochs": 2, "batch_size": 8, "width": 4}
+    config.write_text(yaml.safe_dump(cfg))
+    assert pipeline.main(["--config", str(config)]) == 0
+    return root
