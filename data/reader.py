@@ -236,9 +236,10 @@ def shared_ids(dirs: dict[str, Path | None]) -> list[str]:
     test image with a training image's id would overwrite that image's cached arrays
     between stages, and its out-of-fold map would be predicted from the test image.
     """
-    if dirs["train"] is None or dirs["test"] is None:
+    train_dir, test_dir = (dirs[name] for name in ("train", "test"))
+    if train_dir is None or test_dir is None:
         return []
-    train, test = list_images(dirs["train"]), list_images(dirs["test"])
+    train, test = list_images(train_dir), list_images(test_dir)
     return [
         f"one id {i!r} for a training and a test image: {train[i]}, {test[i]}; "
         "the stages key their cache and maps by id: rename one of them"
