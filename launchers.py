@@ -15,6 +15,8 @@ import contextlib
 import io
 import logging
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,16 +69,16 @@ class SlurmSettings:
 
 
 class FoldJob(submitit.helpers.Checkpointable):
-    """One fold's `train.py` in a SLURM job. Checkpointable: on preemption or timeout
-    submitit resubmits the same call, and `--resume` continues from `last.pt`."""
+    """One fold's `train.py` in a SLURM job, run as the command it is (as the local
+    launcher runs it), so this library never imports a command. Checkpointable: on
+    preemption or timeout submitit resubmits the same call, and `--resume` continues
+    from `last.pt`."""
 
     def __init__(self, argv: Sequence[str]) -> None:
         self.argv = list(argv)
 
     def __call__(self) -> int:
-        import train
-
-        return train.main(self.argv)
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), *self.argv]).returncode
 
 
 def check_slurm() -> None:
