@@ -3,17 +3,18 @@
 One shape for all stages: the same `--config` (the competition config by default), one
 override syntax (`--set KEY=VALUE`, plus dedicated flags where they help), `--workers` for
 loader processes and `--jobs` for threads. Parsers live here rather than in the stage
-scripts so that `--help` answers before torch, OpenCV and optuna are imported: each
-stage calls `stages.exit_if_help` before its heavy imports.
+scripts so that `--help`, and the refusal of a bad config, come before torch, OpenCV and
+optuna are imported: each stage calls `stages.preflight` before its heavy imports.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
-from config import ConfigError, add_config_arguments
+from config import ConfigError, add_config_arguments, parse_img_size, resolve_cli_config
 from metrics import OBJECTIVES
 from settings import PRECISIONS, TTA_CHOICES
 
@@ -45,11 +46,54 @@ def runtime_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {"data.num_workers": args.workers, "train.precision": precision}
 
 
-def check_jobs(jobs: int) -> None:
+def train_config(args: argparse.Namespace) -> dict[str, Any]:
+    """train.py's config: the model's own recipe, `--set`, then train.py's dedicated flags
+    (`stages.preflight` resolves it the same way before torch is imported)."""
+    flags: dict[str, Any] = {
+        "seed": args.seed,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "train.lr": args.lr,
+        **runtime_flags(args),
+        "data.img_size": parse_img_size(args.img_size) if args.img_size else None,
+        "train.wandb": True if args.wandb else None,
+        "train.compile": True if args.compile else None,
+    }
+    if args.pretrained is not None:
+        flags[f"models.{args.model}.pretrained"] = args.pretrained
+    return resolve_cli_config(args, flags, model=args.model)
+
+
+def predict_config(args: argparse.Namespace) -> dict[str, Any]:
+    """predict.py's config: `--set`, then its TTA, batch and runtime flags."""
+    flags = {"predict.tta": args.tta, "predict.batch_size": args.batch_size, **runtime_flags(args)}
+    return resolve_cli_config(args, flags)
+
+
+def hpo_config(args: argparse.Namespace) -> dict[str, Any]:
+    """hpo.py's config: the model's own recipe, `--set`, then the runtime flags."""
+    return resolve_cli_config(args, runtime_flags(args), model=args.model)
+
+
+def check_jobs(jobs: int, flag: str = "--jobs") -> None:
     """joblib refuses a job count of 0 with a traceback deep in the run (the optuna stages:
-    after every map is loaded): refused first, naming the flag."""
+    after every map is loaded): refused first, naming the flag the user wrote."""
     if jobs == 0:
-        raise ConfigError("--jobs 0: give N >= 1, or -1 for all cores (-2 all but one, ...)")
+        raise ConfigError(f"{flag} 0: give N >= 1, or -1 for all cores (-2 all but one, ...)")
+
+
+def jobs_given(args: argparse.Namespace) -> int | None:
+    """infer.py's thread count: `--jobs`, or `--threads`, its deprecated name (said so on
+    stderr), each checked by the name it was given under; None when neither was given."""
+    if args.threads is None:
+        if args.jobs is not None:
+            check_jobs(args.jobs)
+        return args.jobs
+    if args.jobs is not None:
+        raise ConfigError("--threads is the deprecated name of --jobs: give --jobs alone")
+    print("warning: --threads is deprecated: it is --jobs now (the same count)", file=sys.stderr)
+    check_jobs(args.threads, "--threads")
+    return args.threads
 
 
 def add_search_arguments(p: argparse.ArgumentParser, section: str) -> None:
@@ -334,8 +378,9 @@ def export_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         required=True,
-        help="package to write: a folder, or a zip when the name ends in .zip; it must be "
-        "new, an empty folder, or a package (with --force); anything else is refused",
+        help="the package to write (what infer.py --package reads; the experiment is read "
+        "from --out-dir): a folder, or a zip when the name ends in .zip; it must be new, an "
+        "empty folder, or a package (with --force); anything else is refused",
     )
     p.add_argument(
         "--force",
@@ -397,19 +442,14 @@ def infer_parser() -> argparse.ArgumentParser:
         help="where the networks run (default: auto, a GPU when there is one)",
     )
     p.add_argument(
-        "--threads",
-        type=int,
-        help="CPU threads of the networks, 1 or more (default: the experiment's "
-        "train.cpu_threads, which gives the pipeline's bytes; more is faster and may move a "
-        "few pixels)",
-    )
-    p.add_argument(
         "--jobs",
         type=int,
-        default=-1,
-        help="threads decoding images and post-processing: N, or -1 for all cores, -2 for "
-        "all but one, ... (default: -1)",
+        help="CPU threads of the networks, the decoding and the post-processing: N, or -1 "
+        "for all cores, -2 for all but one, ... (default: the networks on the experiment's "
+        "train.cpu_threads, which gives the pipeline's bytes, the rest on all cores; a count "
+        "given is faster on a CPU and may move a few pixels)",
     )
+    p.add_argument("--threads", type=int, help="deprecated: the old name of --jobs")
     p.add_argument(
         "--bad-images",
         choices=("skip", "stop"),

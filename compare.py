@@ -20,7 +20,7 @@ from __future__ import annotations
 import stages
 
 if __name__ == "__main__":
-    stages.exit_if_help("compare")
+    stages.preflight("compare")
 
 import itertools
 import sys
@@ -175,9 +175,15 @@ def paired_rows(experiments: Sequence[Experiment], rule: Rule) -> list[dict[str,
     return rows
 
 
-def check_flags(confidence: float, n_boot: int) -> None:
-    """The intervals' flags, by their names and before any experiment is read (Rule's own
-    check names the config's decide.* keys)."""
+def check_flags(experiments: Sequence[str], confidence: float, n_boot: int) -> None:
+    """The arguments, by their names and before any experiment is read (Rule's own check
+    names the config's decide.* keys). One experiment has nothing to compare with: its
+    tables came out empty, exit 0."""
+    if len(experiments) < 2:
+        raise ConfigError(
+            f"compare.py takes two experiment folders or more (<out_dir>/<experiment>, the "
+            f"first the base); got one: {experiments[0]}"
+        )
     if not 0.0 < confidence < 1.0:  # nan too
         raise ConfigError(f"--confidence {confidence}: must be between 0 and 1, e.g. 0.9")
     if n_boot < MIN_N_BOOT:
@@ -187,7 +193,7 @@ def check_flags(confidence: float, n_boot: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("compare").parse_args(argv)
     try:
-        check_flags(args.confidence, args.n_boot)
+        check_flags(args.experiments, args.confidence, args.n_boot)
         experiments = [Experiment(Path(p)) for p in args.experiments]
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -207,7 +207,11 @@ def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def _checked_value(key: str, old: Any, new: Any, where: str = "override") -> Any:
-    """`new` if it has the type of `old` (None takes anything); ints widen to floats."""
+    """`new` if it has the type of `old` (None takes anything); ints widen to floats. The
+    working size may be written as `--img-size` takes it (`64x96`, `352`), so
+    `--set data.img_size=64x96` means what `--img-size 64x96` does."""
+    if key == IMG_SIZE_KEY and isinstance(new, str | int) and not isinstance(new, bool):
+        new = parse_img_size(str(new), f"{where} {key}")
     if old is None or new is None:
         return new
     if isinstance(old, bool) or isinstance(new, bool):
@@ -311,7 +315,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir", help="dataset folder (train/, train_gt/, test/); overrides data_dir"
     )
-    parser.add_argument("--out-dir", help="outputs root; overrides out_dir")
+    parser.add_argument(
+        "--out-dir",
+        help="experiments root: the run is <out-dir>/<experiment>/; overrides out_dir",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -356,17 +363,21 @@ def resolve_cli_config(
     return check_names(cfg)
 
 
-def parse_img_size(text: str) -> list[int]:
-    """`352` -> [352, 352]; `352x416` -> [352, 416] (height x width)."""
-    parts = text.lower().split("x")
+IMG_SIZE_KEY = "data.img_size"
+
+
+def parse_img_size(text: str, what: str = "--img-size") -> list[int]:
+    """`352` -> [352, 352]; `352x416` -> [352, 416] (height x width). `what` is the flag or
+    key the text came from, which an error names."""
+    problem = ConfigError(f"{what} {text!r}: expected N or HxW, e.g. 352 or 352x416")
     try:
-        size = [int(p) for p in parts]
+        size = [int(p) for p in text.lower().split("x")]
     except ValueError:
-        raise ConfigError(f"--img-size {text!r}: expected N or HxW, e.g. 352 or 352x416") from None
+        raise problem from None
     if len(size) == 1:
         size *= 2
     if len(size) != 2:
-        raise ConfigError(f"--img-size {text!r}: expected N or HxW, e.g. 352 or 352x416")
+        raise problem
     return size
 
 

@@ -27,7 +27,7 @@ import cli
 import stages
 
 if __name__ == "__main__":
-    stages.exit_if_help("ensemble")
+    stages.preflight("ensemble")
 
 
 import functools

@@ -19,7 +19,7 @@ from __future__ import annotations
 import stages
 
 if __name__ == "__main__":
-    stages.exit_if_help("export")
+    stages.preflight("export")
 
 import copy
 import filecmp

@@ -25,7 +25,7 @@ import cli
 import stages
 
 if __name__ == "__main__":
-    stages.exit_if_help("hpo")
+    stages.preflight("hpo")
 
 
 import functools
@@ -54,7 +54,6 @@ from config import (
     merge,
     model_entry,
     reports_environment_errors,
-    resolve_cli_config,
     setup_logging,
 )
 from data.atomic import write_text, write_yaml
@@ -263,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dist = init_dist()
     try:
-        cfg = resolve_cli_config(args, cli.runtime_flags(args), model=args.model)
+        cfg = cli.hpo_config(args)
         hcfg = cfg.get("hpo") or {}
         epochs = studies.count_setting(
             cfg, "hpo", "epochs", args.epochs, TrainSettings.from_config(cfg).epochs

@@ -27,7 +27,7 @@ import cli
 import stages
 
 if __name__ == "__main__":
-    stages.exit_if_help("infer")
+    stages.preflight("infer")
 
 import logging
 import os
@@ -260,8 +260,7 @@ def run_chain(
     *,
     runtime: str = "torch",
     device: torch.device | None = None,
-    threads: int | None = None,
-    jobs: int = -1,
+    jobs: int | None = None,
     bad_images: str = "skip",
     masks: bool = False,
     overlays: bool = False,
@@ -269,7 +268,9 @@ def run_chain(
     """Predict `images` with the package at `root` into `out` (submission.csv and, by
     flag, masks/ and overlays/), replacing the previous run's outputs only once this one
     succeeded; returns the counts. BadImage with `bad_images="stop"`, NothingRead when no
-    image could be read, locks.InUse while another run writes into `out`."""
+    image could be read, locks.InUse while another run writes into `out`. `jobs`: CPU
+    threads for everything (joblib's count: -1 all cores); None runs the networks on the
+    experiment's thread count, which reproduces its bytes, and the rest on all cores."""
     files = InferFiles(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: a file, not a folder; choose another --out")
@@ -291,7 +292,6 @@ def run_chain(
                 InferFiles(staging),
                 runtime=runtime,
                 device=device,
-                threads=threads,
                 jobs=jobs,
                 bad_images=bad_images,
                 masks=masks,
@@ -323,21 +323,20 @@ def _predict(
     *,
     runtime: str,
     device: torch.device | None,
-    threads: int | None,
-    jobs: int,
+    jobs: int | None,
     bad_images: str,
     masks: bool,
     overlays: bool,
 ) -> Counts:
     """run_chain's work, every output written under `files`."""
     device = device or torch.device("cpu")
-    threads = threads or chain.cpu_threads
+    threads = chain.cpu_threads if jobs is None else effective_n_jobs(jobs)
     configure_cpu_threads(threads)
     configure_determinism(True, device)
     precision = choose_precision(device, chain.precision, chain.channels_last)
     networks = fold_networks(root, chain, runtime, device, precision, threads)
     refiners = load_refiners(root / chain.refiner["file"], device) if chain.refines else None
-    workers = effective_n_jobs(jobs)
+    workers = effective_n_jobs(-1 if jobs is None else jobs)
     step = chain.batch_size * max(1, CHUNK_IMAGES // chain.batch_size)
     counts = Counts()
     sizes: dict[str, tuple[int, int]] = {}
@@ -386,14 +385,6 @@ def _predict(
     return counts
 
 
-def check_flags(threads: int | None, jobs: int) -> None:
-    """torch refuses a thread count below 1 and joblib a job count of 0, both with a
-    traceback deep in the run: refused here, before any work, naming the flag."""
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads {threads}: give 1 or more")
-    cli.check_jobs(jobs)
-
-
 def check_apart(images: Path, out: Path) -> None:
     """--out inside --images: the next run would read its masks and overlays as images;
     --images inside --out: the run would replace the images it reads."""
@@ -423,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("infer").parse_args(argv)
     setup_logging()
     try:
-        check_flags(args.threads, args.jobs)
+        jobs = cli.jobs_given(args)
         check_apart(args.images, args.out)
         device = choose_device(args.device)
         images = list_image_tree(args.images)
@@ -443,8 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.out,
                 runtime=args.runtime,
                 device=device,
-                threads=args.threads,
-                jobs=args.jobs,
+                jobs=jobs,
                 bad_images=args.bad_images,
                 masks=args.masks,
                 overlays=args.overlays,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import stages
 
 if __name__ == "__main__":
-    stages.exit_if_help("pipeline")
+    stages.preflight("pipeline")
 
 
 import logging
@@ -43,7 +43,6 @@ import train
 from config import (
     ConfigError,
     reports_environment_errors,
-    resolve_cli_config,
     setup_logging,
 )
 from data.atomic import write_json, write_yaml
@@ -66,7 +65,7 @@ from paths import Layout
 from recipe import RetryPolicy, check_config, check_recipes_early, stale_training_data
 from runtime import PARENT_ENV, Dist
 from settings import DataSettings, TrainSettings
-from stages import STAGES, Plan, Stage, model_names
+from stages import STAGES, Plan, Stage
 from stamps import Stamps, digest
 
 log = logging.getLogger("pipeline")
@@ -372,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for item in args.set:
         common += ["--set", item]
     try:
-        cfg = resolve_cli_config(args)
+        cfg, model_cfgs = stages.pipeline_configs(args)
         if not cfg.get("data_dir"):
             raise ConfigError("no data dir: give --data-dir or set data_dir in the config")
         if args.parallel is None:
@@ -390,7 +389,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             search = ["--storage", args.storage]
         if args.launcher == "slurm":
             launchers.check_slurm()
-        model_cfgs = {n: resolve_cli_config(args, model=n) for n in model_names(cfg)}
         for name, model_cfg in model_cfgs.items():
             check_model(model_cfg, name)  # an unknown encoder fails before the data is read
         preflight(cfg, model_cfgs)  # reads only: a typo fails before the folder exists

@@ -11,7 +11,7 @@ from __future__ import annotations
 import stages
 
 if __name__ == "__main__":
-    stages.exit_if_help("postprocess")
+    stages.preflight("postprocess")
 
 
 import logging

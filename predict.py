@@ -18,7 +18,7 @@ import cli
 import stages
 
 if __name__ == "__main__":
-    stages.exit_if_help("predict")
+    stages.preflight("predict")
 
 
 import argparse
@@ -37,7 +37,6 @@ from config import (
     model_entry,
     provenance,
     reports_environment_errors,
-    resolve_cli_config,
     setup_logging,
 )
 from data.augment import transforms_for
@@ -325,15 +324,6 @@ def checked_share(args: argparse.Namespace) -> tuple[int, int] | None:
     return part_id, parts
 
 
-def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
-    flags = {
-        "predict.tta": args.tta,
-        "predict.batch_size": args.batch_size,
-        **cli.runtime_flags(args),
-    }
-    return resolve_cli_config(args, flags)
-
-
 @reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("predict").parse_args(argv)
@@ -341,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         share = checked_share(args)
-        cfg = resolve_config(args)
+        cfg = cli.predict_config(args)
         train = TrainSettings.from_config(cfg)
         configure_cpu_threads(train.cpu_threads)
         configure_determinism(train.deterministic, device)

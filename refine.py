@@ -28,7 +28,7 @@ from __future__ import annotations
 import stages
 
 if __name__ == "__main__":
-    stages.exit_if_help("refine")
+    stages.preflight("refine")
 
 import dataclasses
 import json

@@ -15,7 +15,7 @@ from __future__ import annotations
 import stages
 
 if __name__ == "__main__":
-    stages.exit_if_help("report")
+    stages.preflight("report")
 
 
 import sys

@@ -1,8 +1,9 @@
 """The stages, declared once: what each reads and writes, and what makes its outputs stale.
 
-`pipeline.py` runs the entries in order, `stages.exit_if_help` answers every command's
-`--help`, and the layout and lint tests read the same table. Adding a stage is its script
-(a module with `main(argv) -> int`) and one `Stage` here; the pipeline then runs it when
+`pipeline.py` runs the entries in order, `stages.preflight` answers every command's
+`--help` and refuses its bad config before torch is imported, and the layout and lint
+tests read the same table. Adding a stage is its script (a module with
+`main(argv) -> int`) and one `Stage` here; the pipeline then runs it when
 the bytes of one of its inputs changed since it last ran (stamps.py), an output is
 missing, or its recorded settings differ from the config's. Entries name their script by
 module, imported only when the stage runs, so `--help` stays fast.
@@ -22,7 +23,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import cli
-from config import ConfigError
+from config import ConfigError, resolve_cli_config
 from paths import Layout
 from settings import DataSettings, refining
 
@@ -222,7 +223,34 @@ def parser(name: str) -> argparse.ArgumentParser:
     return {**{s.name: s.parser for s in STAGES}, **TOOLS}[name]()
 
 
-def exit_if_help(name: str) -> None:
-    """Print the command's help and exit when it was asked for, before heavy imports."""
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        parser(name).parse_args()
+def pipeline_configs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """pipeline.py's config, and each trained model's as train.py resolves it (its recipe)."""
+    cfg = resolve_cli_config(args)
+    return cfg, {name: resolve_cli_config(args, model=name) for name in model_names(cfg)}
+
+
+# How each command that reads a config resolves it from its arguments: the function the
+# command itself calls, so that `preflight` refuses what the command would, and no more.
+CONFIGS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "train": cli.train_config,
+    "predict": cli.predict_config,
+    "hpo": cli.hpo_config,
+    "pipeline": pipeline_configs,
+    **dict.fromkeys(
+        ("ensemble", "refine", "tune", "postprocess", "report", "export"), resolve_cli_config
+    ),
+}
+
+
+def preflight(name: str) -> None:
+    """Answer `--help`, and refuse a bad command line or config in one line (exit 2), before
+    the command imports torch: a typo in a key waited 5-10 s for it. Model and encoder
+    checks, which need the model libraries, stay with the command."""
+    args = parser(name).parse_args()
+    if name not in CONFIGS:
+        return
+    try:
+        CONFIGS[name](args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -21,7 +21,7 @@ import cli
 import stages
 
 if __name__ == "__main__":
-    stages.exit_if_help("train")
+    stages.preflight("train")
 
 
 import argparse
@@ -40,10 +40,8 @@ import tracking
 from config import (
     ConfigError,
     build_entry,
-    parse_img_size,
     provenance,
     reports_environment_errors,
-    resolve_cli_config,
     setup_logging,
 )
 from data.atomic import save_torch, write_yaml
@@ -101,19 +99,7 @@ log = logging.getLogger("train")
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Config file, the model's own recipe, `--set`, then the dedicated flags; checked."""
-    flags: dict[str, Any] = {
-        "seed": args.seed,
-        "train.epochs": args.epochs,
-        "train.batch_size": args.batch_size,
-        "train.lr": args.lr,
-        **cli.runtime_flags(args),
-        "data.img_size": parse_img_size(args.img_size) if args.img_size else None,
-        "train.wandb": True if args.wandb else None,
-        "train.compile": True if args.compile else None,
-    }
-    if args.pretrained is not None:
-        flags[f"models.{args.model}.pretrained"] = args.pretrained
-    cfg = resolve_cli_config(args, flags, model=args.model)
+    cfg = cli.train_config(args)
     check_config(cfg)
     # A missing pretrained file is an error now, not after the data has been cached.
     parse_pretrained(build_entry(cfg, args.model).get("pretrained"))

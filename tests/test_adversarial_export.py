@@ -446,9 +446,8 @@ def test_export_under_a_file_size_limit_is_one_line_and_leaves_nothing(
 @pytest.mark.parametrize(
     ("flag", "message"),
     [
-        (["--threads", "-2"], "--threads -2: give 1 or more"),
-        (["--threads", "0"], "--threads 0: give 1 or more"),
         (["--jobs", "0"], "--jobs 0: give N >= 1, or -1 for all cores"),
+        (["--jobs", "2", "--threads", "2"], "--threads is the deprecated name of --jobs"),
     ],
 )
 def test_infer_refuses_bad_thread_and_job_counts_in_one_line(

@@ -183,3 +183,33 @@ def test_per_model_train_section_sits_between_the_file_and_set(tmp_path):
         ConfigError, match=r"models.big.train.*'train.lrr'; did you mean 'train.lr'"
     ):
         model_config(load_config(bad), "big")
+
+
+@pytest.mark.parametrize(
+    ("written", "size"), [("64x96", [64, 96]), ("64X96", [64, 96]), ("352", [352, 352])]
+)
+def test_the_working_size_is_written_the_same_with_set_as_with_img_size(tmp_path, written, size):
+    """`--set data.img_size=64x96` was refused ('expected list') where `--img-size 64x96`,
+    which sets the same key, worked."""
+    import cli
+    import stages
+
+    path = _write(tmp_path / "c.yaml", "models: {unet: {arch: unet}}\n")
+    common = ["--config", str(path), "--model", "unet", "--fold", "0"]
+    by_flag = cli.train_config(stages.parser("train").parse_args([*common, "--img-size", written]))
+    by_set = cli.train_config(
+        stages.parser("train").parse_args([*common, "--set", f"data.img_size={written}"])
+    )
+    assert by_flag["data"]["img_size"] == by_set["data"]["img_size"] == size
+    assert load_config(path, [f"data.img_size={written}"])["data"]["img_size"] == size
+    in_file = _write(tmp_path / "f.yaml", f"data: {{img_size: {written}}}\n")
+    assert load_config(in_file)["data"]["img_size"] == size
+
+
+@pytest.mark.parametrize("written", ["64by96", "64x96x2", "x"])
+def test_a_working_size_that_is_not_n_or_hxw_is_refused_naming_the_key(tmp_path, written):
+    with pytest.raises(ConfigError) as refused:
+        load_config(_write(tmp_path / "c.yaml", ""), [f"data.img_size={written}"])
+    assert str(refused.value) == (
+        f"override data.img_size {written!r}: expected N or HxW, e.g. 352 or 352x416"
+    )
