@@ -7,7 +7,10 @@ number of loader workers.
 
 from __future__ import annotations
 
+import functools
+import logging
 import multiprocessing
+import os
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -21,6 +24,8 @@ from data.dataset import SegDataset
 from data.reader import DataError
 from runtime import derive_seed
 from settings import DataSettings
+
+log = logging.getLogger(__name__)
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
@@ -200,6 +205,31 @@ def _own_words(exc: DataError) -> str:
     return text.rstrip().splitlines()[-1].split(": ", 1)[-1]
 
 
+def cores_available() -> int:
+    """The cores this process may run on (its CPU affinity, as a container or `taskset`
+    limits it), which is also the count torch's DataLoader warns above."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def loader_workers(asked: int) -> int:
+    """The workers a loader starts for `data.num_workers` = `asked`: at most one per core
+    available. More only queue for the same cores (torch warns of slowness or a freeze),
+    and since every draw is seeded per sample the batches are the same with fewer."""
+    cores = cores_available()
+    if asked > cores:
+        _say_capped(asked, cores)
+    return min(asked, cores)
+
+
+@functools.cache
+def _say_capped(asked: int, cores: int) -> None:
+    log.info(
+        "data.num_workers %d: %d core(s) available here, so %d loader workers", asked, cores, cores
+    )
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -211,7 +241,9 @@ def make_loader(
     name: str = "data loader",
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> DataLoader:
-    """A loader whose workers start clean (fork server) and whose stalls are errors."""
+    """A loader whose workers start clean (fork server) and whose stalls are errors, with
+    at most one worker per core (`loader_workers`)."""
+    num_workers = loader_workers(num_workers)
     workers = num_workers > 0
     return WatchedLoader(
         dataset,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from data import loader as loader_module
 from data.cache import CachedItem
 from data.dataset import SegDataset
 from data.loader import LoaderStalled, make_loader
@@ -106,3 +109,30 @@ def test_a_cache_file_gone_mid_run_is_one_line_naming_the_item(
     message = str(info.value)
     assert message.startswith("cache of abc unreadable during the run (") and "\n" not in message
     assert "gone.image.npy" in message and "run the command again" in message
+
+
+def test_workers_are_capped_at_the_cores_available_without_torchs_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bkai.yaml's 4 workers on a 2-core machine: torch warned 'This DataLoader will create
+    4 worker processes in total...' for every loader; the batches do not depend on the
+    worker count (every draw is seeded per sample), so 2 do the same work."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    caplog.set_level(logging.INFO)
+    loader_module._say_capped.cache_clear()  # said once per process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning would fail the test
+        loaders = [
+            make_loader(
+                SegDataset([], transform=None),
+                batch_size=1,
+                num_workers=asked,
+                device=torch.device("cpu"),
+                sampler=None,
+            )
+            for asked in (4, 4, 2, 0)
+        ]
+    assert [loader.num_workers for loader in loaders] == [2, 2, 2, 0]
+    said = [r.getMessage() for r in caplog.records if "data.num_workers" in r.getMessage()]
+    assert said == ["data.num_workers 4: 2 core(s) available here, so 2 loader workers"]
