@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import shlex
@@ -30,6 +31,7 @@ from config import build_entry, config_hash
 from data.atomic import write_json
 from data.dataset import to_device
 from data.foldlog import read_log
+from data.loader import loader_workers
 from data.prepare import TrainData, prepare_train_data
 from data.reader import DataError, list_test
 from engine import build_learner, build_loaders, fold_complete
@@ -38,9 +40,14 @@ from paths import Layout
 from recipe import stale_training_data
 from runtime import Dist, configure_cpu_threads
 from settings import DataSettings, TrainSettings, refining
+from ticker import Ticker
 
 CALIBRATION_STEPS = 8  # timed training steps per model, after the loader's warm-up
+# The measurement is waited on before any work starts: told twice as often as a loop.
+MEASURE_PROGRESS_S = 30.0
 ADAM_BYTES = 12  # last.pt per parameter: the weights and Adam's two moments, fp32
+
+log = logging.getLogger("plan")
 
 
 @dataclass(frozen=True)
@@ -177,9 +184,18 @@ def calibration_key(cfg: dict[str, Any], name: str, device: torch.device) -> str
     )
 
 
-def calibrate(cfg: dict[str, Any], name: str, data: TrainData, dist: Dist) -> Calibration:
+def warm_steps(cfg: dict[str, Any]) -> int:
+    """Training steps run before the timed ones: the loader's workers start and prefetch
+    two batches each meanwhile, and steps until those are used up would time the model
+    without its loading, the real pace's half."""
+    return 2 * loader_workers(DataSettings.from_config(cfg).num_workers) + 1
+
+
+def calibrate(
+    cfg: dict[str, Any], name: str, data: TrainData, dist: Dist, ticker: Ticker | None = None
+) -> Calibration:
     """A few training steps of model `name` on fold 0's real loader, and a few predicted
-    images, on this device."""
+    images, on this device; each training step is a `ticker` step."""
     # train.py's threads: on a CPU one thread per fold process (runtime.py), not all cores
     configure_cpu_threads(TrainSettings.from_config(cfg).cpu_threads)
     loaders = build_loaders(cfg, data, 0, dist)
@@ -191,9 +207,7 @@ def calibrate(cfg: dict[str, Any], name: str, data: TrainData, dist: Dist) -> Ca
             yield from loader
 
     train = batches(loaders.train)
-    # The loader's workers start and prefetch two batches each meanwhile: steps until
-    # those are used up would time the model without its loading, the real pace's half.
-    warm = 2 * DataSettings.from_config(cfg).num_workers + 1
+    warm = warm_steps(cfg)
     timed = 0.0
     for step in range(warm + CALIBRATION_STEPS):
         start = time.perf_counter()
@@ -203,6 +217,8 @@ def calibrate(cfg: dict[str, Any], name: str, data: TrainData, dist: Dist) -> Ca
             torch.cuda.synchronize()
         if step >= warm:
             timed += time.perf_counter() - start
+        if ticker is not None:
+            ticker.step()
     model = learner.raw.eval()
     seen, spent = 0, 0.0
     with torch.no_grad():
@@ -224,16 +240,27 @@ def calibrate(cfg: dict[str, Any], name: str, data: TrainData, dist: Dist) -> Ca
 def calibrations(
     model_cfgs: dict[str, dict[str, Any]], data: TrainData, dist: Dist, cache: Path
 ) -> dict[str, Calibration]:
-    """Each model's calibration, measured once per key and kept in `cache`."""
+    """Each model's calibration, measured once per key and kept in `cache`. A measurement
+    takes minutes for a large model on a CPU, before any work: it says which model it
+    measures, and how far it is at least every MEASURE_PROGRESS_S."""
     known = json.loads(cache.read_text()) if cache.is_file() else {}
-    out = {}
-    for name, cfg in model_cfgs.items():
-        key = calibration_key(cfg, name, dist.device)
-        if key not in known:
-            known[key] = asdict(calibrate(cfg, name, data, dist))
-            write_json(cache, known)
-        out[name] = Calibration(**known[key])
-    return out
+    keys = {name: calibration_key(cfg, name, dist.device) for name, cfg in model_cfgs.items()}
+    todo = [name for name, key in keys.items() if key not in known]
+    for i, name in enumerate(todo, 1):
+        cfg = model_cfgs[name]
+        what = f"measuring {name} ({i} of {len(todo)})"
+        steps = warm_steps(cfg) + CALIBRATION_STEPS
+        log.info(
+            "%s on %s: %d training steps and a few images; kept in %s",
+            what,
+            dist.device.type,
+            steps,
+            cache,
+        )
+        with Ticker(what, steps, "steps", logger=log, every_s=MEASURE_PROGRESS_S) as ticker:
+            known[keys[name]] = asdict(calibrate(cfg, name, data, dist, ticker))
+        write_json(cache, known)
+    return {name: Calibration(**known[key]) for name, key in keys.items()}
 
 
 def disk_bytes(
@@ -339,7 +366,7 @@ def make_plan(
         )
     n_train = len(data.items)
     disk = disk_bytes(model_cfgs, calibrated, n_train, n_test, refining)
-    workers = DataSettings.from_config(first).num_workers
+    workers = loader_workers(DataSettings.from_config(first).num_workers)
     return Plan(
         models,
         parallel,

@@ -40,7 +40,8 @@ class Ticker:
     refiner) still gets them. `count`: where the steps done are read (an optuna study's
     trials, finished by worker processes too); otherwise the loop calls `step` or iterates
     through `track`. Use it as a context manager around the loop; `enabled=False` (a
-    distributed run's other ranks) keeps it silent.
+    distributed run's other ranks) keeps it silent; `every_s` asks for lines more often
+    than `PROGRESS_S` (a wait the user sits through before any work starts).
     """
 
     def __init__(
@@ -51,12 +52,13 @@ class Ticker:
         count: Callable[[], int] | None = None,
         logger: logging.Logger | None = None,
         enabled: bool = True,
+        every_s: float | None = None,
     ) -> None:
         self.what, self.total, self.unit = what, total, unit
         self._count = count
         self._stepped = 0
         self._log = logger or log
-        self._every_s = max(PROGRESS_S, 0.01)
+        self._every_s = max(min(PROGRESS_S, PROGRESS_S if every_s is None else every_s), 0.01)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._tell, name=f"ticker {what}", daemon=True)
         self._enabled = enabled

@@ -3,6 +3,8 @@ with the disk of the finished run; --budget-hours refuses a plan that does not f
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 import pipeline
 import planning
+import ticker
 from planning import Calibration, ModelPlan, Plan
 from tests.trainkit import write_config
 
@@ -44,10 +47,23 @@ def test_a_plan_over_budget_names_the_settings_that_would_fit() -> None:
 
 
 def test_plan_measures_once_trains_nothing_and_refuses_a_short_budget(
-    tmp_path: Path, tiny_data: Path, capsys, monkeypatch
+    tmp_path: Path, tiny_data: Path, capsys, monkeypatch, caplog
 ) -> None:
     config = str(write_config(tmp_path, tiny_data))
+    # the measurement says what it measures, and how far it is at least every
+    # MEASURE_PROGRESS_S (30 s; here shorter), however long a loop's PROGRESS_S is
+    assert planning.MEASURE_PROGRESS_S <= 30
+    monkeypatch.setattr(planning, "MEASURE_PROGRESS_S", 0.01)
+    monkeypatch.setattr(ticker, "PROGRESS_S", 3600.0)
+    caplog.set_level(logging.INFO, logger="plan")
     assert pipeline.main(["--config", config, "--plan"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "plan"]
+    cache = tmp_path / "out" / "plan_calibration.json"
+    assert said[0] == (
+        f"measuring tiny (1 of 1) on cpu: 9 training steps and a few images; kept in {cache}"
+    )
+    steps = [re.fullmatch(r"measuring tiny \(1 of 1\): (\d)/9 steps, .*", line) for line in said]
+    assert any(steps), said  # a progress line while it measured
     out = capsys.readouterr().out
     assert "plan: 1 models x 2 folds" in out and "tiny | 2 |" in out
     assert "total: " in out and "disk when finished: best weights" in out
@@ -62,6 +78,25 @@ def test_plan_measures_once_trains_nothing_and_refuses_a_short_budget(
     assert pipeline.main(["--config", config, "--budget-hours", "1e-6"]) == 1
     assert "does not fit: what is left takes" in capsys.readouterr().err
     assert not (exp / "tiny").exists()  # refused before training
+
+    # a budget between 1 and 2 epochs: the advice is the setting the same command then
+    # accepts and fits (issue 40: it advised one epoch too many, which was refused)
+    plans: list[Plan] = []
+    real = planning.make_plan
+
+    def make_plan(*args, **kwargs) -> Plan:
+        plans.append(real(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(planning, "make_plan", make_plan)
+    assert pipeline.main(["--config", config, "--plan"]) == 0
+    budget_h = (plans[0].total_time(1) + plans[0].total_time(2)) / 2 / 3600
+    command = ["--config", config, "--plan", "--budget-hours", repr(budget_h)]
+    assert pipeline.main(command) == 1
+    (advice,) = re.findall(r"--set (train\.epochs=\d+)", capsys.readouterr().err)
+    assert advice == "train.epochs=1"
+    assert pipeline.main([*command, "--set", advice]) == 0
+    assert "does not fit" not in capsys.readouterr().err
 
 
 def test_parallel_folds_gain_time_only_where_there_is_room(monkeypatch) -> None:
