@@ -179,15 +179,15 @@ def check_flags(experiments: Sequence[str], confidence: float, n_boot: int) -> N
     """The arguments, by their names and before any experiment is read (Rule's own check
     names the config's decide.* keys). One experiment has nothing to compare with: its
     tables came out empty, exit 0."""
+    if not 0.0 < confidence < 1.0:  # nan too
+        raise ConfigError(f"--confidence {confidence}: must be between 0 and 1, e.g. 0.9")
+    if n_boot < MIN_N_BOOT:
+        raise ConfigError(f"--n-boot {n_boot}: must be at least {MIN_N_BOOT}")
     if len(experiments) < 2:
         raise ConfigError(
             f"compare.py takes two experiment folders or more (<out_dir>/<experiment>, the "
             f"first the base); got one: {experiments[0]}"
         )
-    if not 0.0 < confidence < 1.0:  # nan too
-        raise ConfigError(f"--confidence {confidence}: must be between 0 and 1, e.g. 0.9")
-    if n_boot < MIN_N_BOOT:
-        raise ConfigError(f"--n-boot {n_boot}: must be at least {MIN_N_BOOT}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
