@@ -319,6 +319,14 @@ def pipeline_parser() -> argparse.ArgumentParser:
         "per fold, per stage and in total, and the disk of the finished run",
     )
     p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every stage's own output on the console too (its tables, epochs, trials); "
+        "by default the console gets one line per stage, warnings and progress, and the rest "
+        "goes to <out_dir>/<experiment>/logs/pipeline.log",
+    )
+    p.add_argument(
         "--budget-hours",
         type=float,
         metavar="H",

@@ -16,7 +16,8 @@
     report.html, scores.json            report.py
     config.yaml, timings.json           pipeline.py: the resolved config, stage times
     stamps.json                         pipeline.py: digests of the inputs each stage ran on
-    logs/                               pipeline.py: each fold process's log (slurm/: SLURM's)
+    logs/                               pipeline.py: pipeline.log, each fold process's log
+                                        (slurm/: SLURM's)
     optuna.db                           every study of the experiment
     wandb/                              offline W&B runs (outside the fold folders)
     hpo/<study>/trial<n>/               hpo.py (RunFiles): each trial's config and log
@@ -229,6 +230,12 @@ class Layout:
     def logs(self) -> Path:
         """The fold processes' logs (pipeline.py --parallel, --launcher slurm)."""
         return self.root / "logs"
+
+    @property
+    def pipeline_log(self) -> Path:
+        """Everything pipeline.py's stages logged and printed; the console keeps one line
+        a stage unless -v."""
+        return self.logs / "pipeline.log"
 
     @property
     def wandb(self) -> Path:

@@ -8,6 +8,12 @@ settings). So a killed pipeline simply continues where it stopped, and a second 
 no training. The stages are called in-process through their own `main`, so each
 validates its input exactly as on the command line.
 
+Each stage that runs first says why, in one console line: the setting that changed (old ->
+new), or the inputs whose bytes changed, by name, or the earlier stage's cause that rewrote
+them; the final table lists the others as reused. Everything the stages log and print goes
+to `<exp>/logs/pipeline.log` (and with `-v` to the console too), so a run's console fits a
+screen.
+
 The stages after training are the table of `stages.py`, in order; the last, `report.py`,
 scores what was made (out of fold always, on the test set when the data folder has a
 `test_gt/`) and writes `report.html`.
@@ -21,16 +27,21 @@ if __name__ == "__main__":
     stages.preflight("pipeline")
 
 
+import contextlib
+import io
 import logging
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TextIO
+
+import yaml
 
 import launchers
 import locks
@@ -41,6 +52,7 @@ import studies
 import ticker
 import train
 from config import (
+    LOG_FORMAT,
     ConfigError,
     reports_environment_errors,
     setup_logging,
@@ -62,11 +74,17 @@ from evaluation import (
 from models import inference
 from models.registry import check_model
 from paths import Layout
-from recipe import RetryPolicy, check_config, check_recipes_early, stale_training_data
+from recipe import (
+    RetryPolicy,
+    check_config,
+    check_recipes_early,
+    flatten,
+    recipe_changes,
+)
 from runtime import PARENT_ENV, Dist
 from settings import DataSettings, TrainSettings
 from stages import STAGES, Plan, Stage
-from stamps import Stamps, digest
+from stamps import Inputs, Stamps
 
 log = logging.getLogger("pipeline")
 
@@ -75,15 +93,25 @@ class StageFailed(RuntimeError):
     """A stage's `main` returned non-zero; its own message has been printed already."""
 
 
-def made_otherwise(path: Path, settings: dict[str, Any]) -> bool:
-    """True when a stage's JSON artefact records other settings than the config's now.
+def made_otherwise(stage: Stage, plan: Plan, module: ModuleType, model: str) -> list[str]:
+    """`key: old -> new` for each setting the stage's JSON artefact records otherwise than
+    the config asks now, by the config key the user sets (`predict.tta`, `refine.epochs`).
 
     The inputs' digests (stamps.py) cannot see a changed `predict.tta` or `tune.trials`;
     the artefacts record those settings, so a config change reruns the stage that
-    depends on it.
+    depends on it. None and `{}` mean the default, as an absent key does (recipe.flatten).
     """
+    if stage.record is None:
+        return []
+    path, settings = stage.record(plan, module, model)
+    if not path.is_file():  # an output missing: the stage runs for that
+        return []
     doc = read_json(path)
-    return any(doc.get(k) != v for k, v in settings.items())
+    shown = {k: stage.shown.get(k, f"{stage.name}.{k}") for k in settings}
+    return recipe_changes(
+        flatten({shown[k]: doc.get(k) for k in settings}),
+        flatten({shown[k]: v for k, v in settings.items()}),
+    )
 
 
 def stage_label(stage: Stage, model: str) -> str:
@@ -91,23 +119,141 @@ def stage_label(stage: Stage, model: str) -> str:
     return f"{stage.name} {model}".strip()
 
 
+def listing(names: Sequence[str], most: int = 3) -> str:
+    """`a`, `a, b and c`, or `a, b, c and 4 more`: names for one line."""
+    if len(names) == 1:
+        return names[0]
+    if len(names) <= most:
+        return f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"{', '.join(names[:most])} and {len(names) - most} more"
+
+
+# Why a stage runs: (the words of its line, the cause its outputs pass on to the stages that
+# read them). A changed input made by a stage that ran in this call passes on that stage's
+# cause, so a changed TTA is named by every stage it reruns, not only by predict.
+Why = list[tuple[str, str]]
+
+
+def changed_inputs(changes: dict[str, str], causes: dict[str, str]) -> Why:
+    """The words for `changes` (Stamps.changes): inputs grouped by what they are ("a, b
+    changed", "test/x.jpeg new"), and those an earlier stage of this call rewrote by that
+    stage's cause ("predict.tta: ... (through unet/oof, unet/test)")."""
+    by_state: dict[str, list[str]] = {}
+    by_cause: dict[str, list[str]] = {}
+    for name, state in changes.items():
+        if name in causes and state != "gone":
+            by_cause.setdefault(causes[name], []).append(name)
+        else:
+            by_state.setdefault(state, []).append(name)
+    why = [
+        (f"{listing(names)} {state}", f"{listing(names)} {state}")
+        for state, names in by_state.items()
+    ]
+    said = {text for text, _ in why}
+    why += [
+        (f"{cause} (through {listing(names)})", cause)
+        for cause, names in by_cause.items()
+        if cause not in said
+    ]
+    return why
+
+
 def stage_due(
-    stage: Stage, plan: Plan, model: str, stamps: Stamps, module: ModuleType
-) -> tuple[str | None, bool]:
-    """(the digest of the stage's inputs for `model`, None when one is missing; whether the
-    stage must run): an output missing, inputs other than it last ran on, or settings
-    recorded other than the config's. A stage without inputs and outputs always runs."""
+    stage: Stage,
+    plan: Plan,
+    model: str,
+    stamps: Stamps,
+    module: ModuleType,
+    causes: dict[str, str] | None = None,
+    read: dict[Path, str] | None = None,
+) -> tuple[Inputs | None, Why]:
+    """(the digests of the stage's inputs for `model`, None when one is missing; why the
+    stage must run, empty when it need not): an output missing, inputs other than it last
+    ran on (named: `changed_inputs`, with `causes` {input name: cause} of the stages run
+    before it in this call), or settings recorded other than the config's (named). A stage
+    without inputs and outputs always runs. `read`: as `stamps.Inputs.of`."""
     if stage.outputs is None or stage.inputs is None:
-        return None, True
-    inputs = stage.inputs(plan, model)
-    # with an input missing the stage runs and names it in its own words
-    ident = digest(inputs) if all(p.exists() for p in inputs) else None
-    due = (
-        ident is None
-        or stamps.changed(stage_label(stage, model), ident, stage.outputs(plan, model))
-        or (stage.record is not None and made_otherwise(*stage.record(plan, module, model)))
-    )
-    return ident, due
+        return None, [("it runs on every call", "")]
+    named = plan.named(stage.inputs(plan, model))
+    absent = [name for name, path in named.items() if not path.exists()]
+    if absent:  # the stage runs and names it in its own words
+        return None, [(f"{listing(absent)} missing", "")]
+    inputs = Inputs.of(named, read)
+    outputs = plan.named(stage.outputs(plan, model))
+    missing = [name for name, path in outputs.items() if not path.exists()]
+    changes = stamps.changes(stage_label(stage, model), inputs)
+    if missing:
+        first = changes is None and len(missing) == len(outputs)
+        text = "first run" if first else f"{listing(missing)} missing"
+        return inputs, [(text, text)]
+    if changes is None:
+        text = f"no record of the inputs it last ran on ({plan.layout.stamps.name})"
+        why = [(text, text)]
+    else:
+        why = changed_inputs(changes, causes or {})
+    return inputs, why + [(s, s) for s in made_otherwise(stage, plan, module, model)]
+
+
+class Progress(logging.Filter):
+    """The console at default verbosity: warnings, errors and progress lines (records
+    with `ticker.PROGRESS`: the loops' progress, the line a stage says why it runs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or bool(getattr(record, "progress", False))
+
+
+class Tee(io.TextIOBase):
+    """A text stream that writes to several: the console and the log file under -v."""
+
+    def __init__(self, *streams: TextIO) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def stage_output(path: Path, verbose: bool, argv: Sequence[str] | None) -> Iterator[None]:
+    """While the stages run, everything they log or print also goes to `path` (appended, a
+    call after another); the console keeps one line per stage, warnings, errors and
+    progress lines (`Progress`), and with `verbose` everything.
+
+    The stages' tables, per-epoch and per-trial lines made 170 console lines of a
+    20-second tiny run, the decisions among them three times over. The console is the
+    root logger's own stream handler (setup_logging), or one added for the run when the
+    caller has none of its own kind (a test, a notebook with other handlers)."""
+    root = logging.getLogger()
+    consoles = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    added = [] if consoles else [logging.StreamHandler()]
+    level = root.level
+    quiet = Progress()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", buffering=1) as log_file:
+        to_file = logging.StreamHandler(log_file)
+        for handler in [to_file, *added]:
+            handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            root.addHandler(handler)
+        if not verbose:
+            for handler in [*consoles, *added]:
+                handler.addFilter(quiet)
+        root.setLevel(min(level, logging.INFO))  # the stages' INFO lines reach the file
+        command = shlex.join(sys.argv[1:] if argv is None else argv)
+        log.info("pipeline.py %s", command)
+        try:
+            with contextlib.redirect_stdout(Tee(sys.stdout, log_file) if verbose else log_file):
+                yield
+        finally:
+            root.setLevel(level)
+            for handler in [to_file, *added]:
+                root.removeHandler(handler)
+            for handler in consoles:
+                handler.removeFilter(quiet)
 
 
 def run_stage(name: str, main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> float:
@@ -224,16 +370,8 @@ def train_folds(
 ) -> float:
     """Each (model, fold) of `jobs` in a process of its own: `parallel` local ones at a
     time, or SLURM jobs (launchers.py); the seconds it took. `recipes`: each model's
-    training settings, for the progress lines. StageFailed names the failed ones."""
-    import torch
-
-    # The split is made once, before any fold starts, so no two processes race to write it.
-    data = prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
-    for model, fold in jobs:
-        # its own process retrains it, saying why in its log file: the console says it too
-        stale = stale_training_data(Layout.of(cfg).fold(model, fold), data, model, fold)
-        if stale:
-            log.info("%s", stale)
+    training settings, for the progress lines. StageFailed names the failed ones. The
+    split must exist (`train_models` makes it), or the processes race to write it."""
     if launcher == "local":
         return train_in_parallel(cfg, common, jobs, parallel, recipes)
     seconds, failed = launchers.train_on_slurm(cfg, common, jobs, recipes)
@@ -287,72 +425,168 @@ def preflight(cfg: dict[str, Any], model_cfgs: dict[str, dict[str, Any]]) -> Non
         check_image_file(sample.mask)
 
 
+def fold_reasons(folds: dict[int, tuple[int, str]]) -> str:
+    """`folds 0 and 1: not trained yet; fold 2: continued from epoch 3 to 5`: the folds of
+    `planning.folds_to_train`, grouped by why."""
+    by_why: dict[str, list[str]] = {}
+    for k, (_, why) in folds.items():
+        by_why.setdefault(why, []).append(str(k))
+    return "; ".join(
+        f"fold{'s' if len(ks) > 1 else ''} {listing(ks)}: {why}" for why, ks in by_why.items()
+    )
+
+
+def training_ticker(
+    layout: Layout, model: str, recipe: TrainSettings, folds: Sequence[int]
+) -> ticker.Ticker:
+    """Progress lines of a model's folds trained in this process, read from their logs, as
+    a parallel run's are: its epochs' own lines go to the log file."""
+    runs = [layout.fold(model, k) for k in folds]
+
+    def epochs() -> int:
+        return sum(
+            progress.FoldProgress.read(model, run, recipe.epochs, recipe.best_metric).done
+            for run in runs
+        )
+
+    return ticker.Ticker(f"train {model}", recipe.epochs * len(runs), "epochs", epochs, logger=log)
+
+
+def train_models(
+    cfg: dict[str, Any],
+    model_cfgs: dict[str, dict[str, Any]],
+    common: Sequence[str],
+    parallel: int,
+    launcher: str,
+) -> dict[str, float | None]:
+    """Train what is left of every model's folds: here one model after the other, or each
+    fold in a process of its own (`train_folds`); {stage label: seconds, None when no fold
+    trained}. Each model with folds to train says which and why first (one line)."""
+    import torch
+
+    layout = Layout.of(cfg)
+    names = list(model_cfgs)
+    n_folds = DataSettings.from_config(cfg).n_folds
+    # The split is made once, before any fold starts, so no two processes race to write it.
+    data = prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
+    due = {m: planning.folds_to_train(c, m, data) for m, c in model_cfgs.items()}
+
+    def say_why(models: Sequence[str]) -> None:
+        for model in models:
+            if due[model]:
+                why = fold_reasons(due[model])
+                log.info("train %s: running (%s)", model, why, extra=ticker.PROGRESS)
+
+    logs = {(m, k): layout.fold(m, k).log for m in names for k in range(n_folds)}
+    before = {job: path.read_bytes() if path.is_file() else None for job, path in logs.items()}
+
+    def trained(models: Sequence[str]) -> bool:
+        """Whether a fold of `models` trained in this call: its log is another now."""
+        now = {job: path.read_bytes() if path.is_file() else None for job, path in logs.items()}
+        return any(now[job] != before[job] for job in logs if job[0] in models)
+
+    recipes = {m: TrainSettings.from_config(c) for m, c in model_cfgs.items()}
+    ran: dict[str, float | None] = {}
+    if parallel > 1 or launcher != "local":
+        label = "train (parallel)" if launcher == "local" else f"train ({launcher})"
+        jobs = [(m, k) for m in names for k in due[m]]
+        say_why(names)
+        seconds = train_folds(cfg, common, jobs, parallel, launcher, recipes) if jobs else 0.0
+        ran[label] = seconds if trained(names) else None
+        # A fold is judged against its model's other folds, which finish in other
+        # processes: judge them all now, and retrain the failed ones (train.py applies the
+        # retry policy and stops when its attempts are spent).
+        for _ in range(RetryPolicy.from_config(cfg).attempts):
+            failed = [(m, k) for m, k in logs if judge_fold(model_cfgs[m], m, k)]
+            if not failed:
+                break
+            log.warning("failed folds to retrain: %s", ", ".join(f"{m} {k}" for m, k in failed))
+            seconds = train_folds(cfg, common, failed, parallel, launcher, recipes)
+            ran["train (retrain)"] = (ran.get("train (retrain)") or 0.0) + seconds
+        return ran
+    for name in names:
+        argv = ["--model", name, "--fold", "all", "--resume", *common]
+        say_why([name])
+        folds = list(due[name])
+        with (
+            training_ticker(layout, name, recipes[name], folds)
+            if folds
+            else contextlib.nullcontext()
+        ):
+            seconds = run_stage("train", train.main, argv)
+        ran[f"train {name}"] = seconds if trained([name]) else None
+    return ran
+
+
+def write_config(layout: Layout, cfg: dict[str, Any]) -> list[str]:
+    """Write the resolved config beside the report; `key: old -> new` for each setting
+    that differs from the one written by the last call (none when there was none)."""
+    old = None
+    with contextlib.suppress(OSError, yaml.YAMLError):
+        old = yaml.safe_load(layout.config.read_text())
+    write_yaml(layout.config, cfg)
+    if not isinstance(old, dict):
+        return []
+    return recipe_changes(flatten(old), flatten(yaml.safe_load(layout.config.read_text())))
+
+
 def run_stages(
     cfg: dict[str, Any],
     model_cfgs: dict[str, dict[str, Any]],
     common: Sequence[str],
     parallel: int = 1,
     search: Sequence[str] = (),
-    started: float | None = None,
     launcher: str = "local",
-) -> dict[str, float]:
-    """Every stale stage, in order (after `preflight`); returns the seconds per stage.
+) -> dict[str, float | None]:
+    """Every stale stage, in order (after `preflight`); returns the seconds of each stage,
+    None for one reused as it was.
 
     `model_cfgs`: each model's config as train.py resolves it. `search`: extra flags of
-    the optuna stages (ensemble, tune), e.g. `--storage URL`. `started` (epoch seconds):
-    when this call began; training times are the experiment's only when a fold trained
-    since then. Each stage's time goes to timings.json as it ends, for the report.
+    the optuna stages (ensemble, tune), e.g. `--storage URL`. Each stage that runs first
+    says why (one line: `stage_due`); its time goes to timings.json as it ends, for the
+    report.
     """
     layout = Layout.of(cfg)
     names = list(model_cfgs)
     n_folds = DataSettings.from_config(cfg).n_folds
-    timings: dict[str, float] = {}
 
-    def keep(labels: Sequence[str]) -> None:
-        # A stage skipped in this call keeps the time it took when it ran.
+    def keep(times: dict[str, float | None]) -> None:
+        # A stage reused in this call keeps the time it took when it ran.
         previous = read_json(layout.timings) if layout.timings.is_file() else {}
-        write_json(layout.timings, {**previous, **{k: round(timings[k], 1) for k in labels}})
+        ran = {k: round(v, 1) for k, v in times.items() if v is not None}
+        write_json(layout.timings, {**previous, **ran})
 
     for name, model_cfg in model_cfgs.items():
         check_recipes_early(model_cfg, name, range(n_folds))
-    if parallel > 1 or launcher != "local":
-        jobs = [(m, k) for m in names for k in range(n_folds)]
-        recipes = {m: TrainSettings.from_config(c) for m, c in model_cfgs.items()}
-        label = "train (parallel)" if launcher == "local" else f"train ({launcher})"
-        timings[label] = train_folds(cfg, common, jobs, parallel, launcher, recipes)
-        # A fold is judged against its model's other folds, which finish in other
-        # processes: judge them all now, and retrain the failed ones (train.py applies the
-        # retry policy and stops when its attempts are spent).
-        for _ in range(RetryPolicy.from_config(cfg).attempts):
-            failed = [(m, k) for m, k in jobs if judge_fold(model_cfgs[m], m, k)]
-            if not failed:
-                break
-            log.warning("failed folds to retrain: %s", ", ".join(f"{m} {k}" for m, k in failed))
-            seconds = train_folds(cfg, common, failed, parallel, launcher, recipes)
-            timings["train (retrain)"] = timings.get("train (retrain)", 0.0) + seconds
-    else:
-        for name in names:
-            timings[f"train {name}"] = run_stage(
-                "train", train.main, ["--model", name, "--fold", "all", "--resume", *common]
-            )
-    logs = [layout.fold(n, k).log for n in names for k in range(n_folds)]
-    if started is None or any(p.is_file() and p.stat().st_mtime >= started for p in logs):
-        keep(list(timings))
-    write_yaml(layout.config, cfg)
+    timings = train_models(cfg, model_cfgs, common, parallel, launcher)
+    keep(timings)
+    settings = write_config(layout, cfg)
     stamps = Stamps(layout.stamps)
     plan = Plan(cfg, layout, names, list(common), list(search))
+    # {input name: why it changed in this call}, for the stages that read it (changed_inputs)
+    causes = dict.fromkeys(plan.named([layout.config]), "; ".join(settings)) if settings else {}
+    read: dict[Path, str] = {}
     for stage in STAGES:
         if stage.argv is None or not stage.enabled(plan):
             continue
         module = stage.module()
         for model in names if stage.per_model else [""]:
             label = stage_label(stage, model)
-            ident, due = stage_due(stage, plan, model, stamps, module)
-            if due:
-                timings[label] = run_stage(stage.name, module.main, stage.argv(plan, model))
-                keep([label])
-                if ident is not None:
-                    stamps.record(label, ident)
+            inputs, why = stage_due(stage, plan, model, stamps, module, causes, read)
+            if not why:
+                timings[label] = None
+                if inputs is not None and stamps.recorded.get(label) != inputs.each:
+                    stamps.record(label, inputs)  # an older record: one digest for all
+                continue
+            log.info("%s: running (%s)", label, "; ".join(t for t, _ in why), extra=ticker.PROGRESS)
+            timings[label] = run_stage(stage.name, module.main, stage.argv(plan, model))
+            keep({label: timings[label]})
+            read.clear()  # what it wrote is read again
+            cause = "; ".join(dict.fromkeys(c for _, c in why if c))
+            if cause and stage.outputs is not None:
+                causes.update(dict.fromkeys(plan.named(stage.outputs(plan, model)), cause))
+            if inputs is not None:
+                stamps.record(label, inputs)
     return timings
 
 
@@ -361,7 +595,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("pipeline").parse_args(argv)
     setup_logging()
     start = time.perf_counter()
-    started = time.time()
     if args.wandb:
         args.set.append("+train.wandb=true")
     common = ["--config", args.config]
@@ -399,16 +632,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.plan or problems:
                 return 1 if problems else 0
         layout = Layout.of(cfg)
-        with locks.hold(layout.lock, f"experiment {layout.root}"):
-            timings = run_stages(
-                cfg, model_cfgs, common, args.parallel, search, started, args.launcher
-            )
+        with (
+            locks.hold(layout.lock, f"experiment {layout.root}"),
+            stage_output(layout.pipeline_log, args.verbose, argv),
+        ):
+            timings = run_stages(cfg, model_cfgs, common, args.parallel, search, args.launcher)
     except (ConfigError, DataError, StageFailed, locks.InUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = [{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()]
-    print(format_rows("Stages run in this call", rows), end="\n\n")
+    rows = [
+        {"stage": k, "seconds": "reused" if v is None else f"{v:.1f}"} for k, v in timings.items()
+    ]
+    print(format_rows("Stages of this call", rows), end="\n\n")
     print(f"submission: {Layout.of(cfg).submission}")
+    print(f"every stage's own output: {Layout.of(cfg).pipeline_log}")
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -37,7 +37,7 @@ from data.reader import DataError, list_test
 from engine import build_learner, build_loaders, fold_complete
 from models.inference import NUM_CLASSES
 from paths import Layout
-from recipe import stale_training_data
+from recipe import training_data_changes
 from runtime import Dist, configure_cpu_threads
 from settings import DataSettings, TrainSettings, refining
 from ticker import Ticker
@@ -290,18 +290,19 @@ def disk_bytes(
     }
 
 
-def unfinished_folds(cfg: dict[str, Any], name: str, data: TrainData) -> tuple[int, ...]:
-    """The epochs each fold of model `name` that is not complete has trained, as train.py
-    will see it: it skips a complete fold, retrains one whose training images or masks
-    changed from scratch, and continues one with a last.pt (the pipeline's --resume) from
-    the history the fold's log copies."""
+def folds_to_train(cfg: dict[str, Any], name: str, data: TrainData) -> dict[int, tuple[int, str]]:
+    """{fold: (the epochs it has trained, why it trains)} for each fold of model `name` that
+    train.py will train, as it will see it: it skips a complete fold, retrains one whose
+    training images or masks changed from scratch, and continues one with a last.pt (the
+    pipeline's --resume) from the history the fold's log copies."""
     epochs = TrainSettings.from_config(cfg).epochs
     layout = Layout.of(cfg)
-    left = []
+    left = {}
     for k in range(data.folds.n_folds):
         run = layout.fold(name, k)
-        if stale_training_data(run, data, name, k):
-            left.append(0)
+        changes = training_data_changes(run, data, name, k)
+        if changes:
+            left[k] = (0, f"its training data changed: {changes}")
             continue
         if fold_complete(run, epochs):
             continue
@@ -309,8 +310,19 @@ def unfinished_folds(cfg: dict[str, Any], name: str, data: TrainData) -> tuple[i
         if run.last.is_file():
             with contextlib.suppress(DataError):  # resumed from last.pt, which rewrites it
                 history = read_log(run.log)
-        left.append(history[-1]["epoch"] if history else 0)
-    return tuple(left)
+        done = history[-1]["epoch"] if history else 0
+        if done:
+            left[k] = (done, f"continued from epoch {done} to {epochs}")
+        elif run.best.is_file():
+            left[k] = (0, f"trained again to {epochs} epochs: no last.pt to continue")
+        else:
+            left[k] = (0, "not trained yet")
+    return left
+
+
+def unfinished_folds(cfg: dict[str, Any], name: str, data: TrainData) -> tuple[int, ...]:
+    """The epochs each fold of model `name` that is not complete has trained (`folds_to_train`)."""
+    return tuple(done for done, _ in folds_to_train(cfg, name, data).values())
 
 
 def bytes_under(*folders: Path) -> int:

@@ -165,7 +165,17 @@ def write_recipe(
 def stale_training_data(run: RunFiles, data: TrainData, model_name: str, fold: int) -> str | None:
     """The log line of a trained fold whose training images or masks changed since it
     trained ("unet fold 1: retraining, its training data changed since it trained: 1 mask
-    (train_gt/ab12.jpeg)"), or None when they did not or it never trained.
+    (train_gt/ab12.jpeg)"), or None when they did not or it never trained."""
+    changes = training_data_changes(run, data, model_name, fold)
+    if changes is None:
+        return None
+    name = f"{model_name} fold {fold}"
+    return f"{name}: retraining, its training data changed since it trained: {changes}"
+
+
+def training_data_changes(run: RunFiles, data: TrainData, model_name: str, fold: int) -> str | None:
+    """What changed in a trained fold's training images and masks since it trained ("1
+    mask (train_gt/ab12.jpeg)"), or None when nothing did or it never trained.
 
     A fold trained before recipe.json recorded its files is taken as trained on today's:
     they are recorded now, with a warning that names the retrain command, rather than
@@ -187,10 +197,7 @@ def stale_training_data(run: RunFiles, data: TrainData, model_name: str, fold: i
         )
         write_json(run.recipe, {**doc, "trained_on": data.trained_on(fold)})
         return None
-    changes = data.changes(doc["trained_on"], fold)
-    if changes is None:
-        return None
-    return f"{name}: retraining, its training data changed since it trained: {changes}"
+    return data.changes(doc["trained_on"], fold)
 
 
 # ------------------------------------------------------------------ checks before any work

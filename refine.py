@@ -408,7 +408,8 @@ def format_summary(doc: dict[str, Any]) -> str:
     for name, row in rows.items():
         lines.append(f"{name:22s}" + "".join(f"{row[k]:18.5f}" for k in keys))
     lines.append(format_decision("refined mask", doc["refined_mask"]["decision"]))
-    lines.append(format_decision("refined vs blend (tune.py decides)", doc["vs_blend"]))
+    # refined against blend is tune.py's decision, printed by it (vs_blend is in refine.json)
+    lines.append("whether the refined maps are used: tune.py decides")
     return "\n".join(lines)
 
 

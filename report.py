@@ -201,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print()
     for title, rows in summary["tables"]:
-        print(format_rows(title, rows), end="\n\n")
+        if title != DECISIONS_TABLE:  # printed once, by the stages that decided (report.html)
+            print(format_rows(title, rows), end="\n\n")
     print("\n".join(summary["notes"]), end="\n\n")
     print(f"report: {summary['report']}")
     return 0

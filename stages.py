@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -75,16 +75,36 @@ class Plan:
     @functools.cached_property
     def images(self) -> list[Path]:
         """The split and every image: what each model's predictions read besides weights."""
+        return [self.layout.folds, *(s.image for s in self._train), *self.test_images]
+
+    @functools.cached_property
+    def test_images(self) -> list[Path]:
         from data.reader import list_test
 
-        data_dir = Path(self.cfg["data_dir"])
-        return [self.layout.folds, *(s.image for s in self._train + list_test(data_dir))]
+        return [s.image for s in list_test(Path(self.cfg["data_dir"]))]
 
     @functools.cached_property
     def masks(self) -> list[Path]:
         """Every training mask: what the stages that score or fit on out-of-fold maps
         compare them with, so a cleaned mask reruns them even where no map changed."""
         return [s.mask for s in self._train if s.mask is not None]
+
+    @functools.cached_property
+    def test_masks(self) -> list[Path]:
+        """The test set's ground truth, when the data folder has one (report.py scores it)."""
+        from data.reader import list_test_gt
+
+        return [s.mask for s in list_test_gt(Path(self.cfg["data_dir"])) or [] if s.mask]
+
+    def named(self, paths: Sequence[Path]) -> dict[str, Path]:
+        """Each path by the name the pipeline's lines and stamps.json give it: below the
+        experiment folder ("unet/oof"), else below the data folder ("train_gt/ab12.jpeg"),
+        else in full. Not the full path, so a moved or copied experiment reruns nothing."""
+        roots = (self.layout.root, Path(self.cfg["data_dir"]))
+        return {
+            next((p.relative_to(r).as_posix() for r in roots if p.is_relative_to(r)), str(p)): p
+            for p in paths
+        }
 
     @functools.cached_property
     def _train(self) -> list[Sample]:
@@ -103,7 +123,9 @@ class Stage:
     """One command. With `argv` it is a pipeline step, run after training in table order,
     once per model when `per_model` (the `str` its callables get; "" otherwise). Without
     `outputs` and `inputs` it runs on every pipeline call (it decides for itself what to
-    redo); `record` names settings the inputs' bytes cannot show (a changed TTA)."""
+    redo); `record` names settings the inputs' bytes cannot show (a changed TTA), each
+    shown in the pipeline's lines as `<name>.<key>` unless `shown` names it otherwise (the
+    config key the user sets)."""
 
     name: str
     parser: Callable[[], argparse.ArgumentParser]
@@ -113,6 +135,7 @@ class Stage:
     record: Record | None = None
     per_model: bool = False
     enabled: Callable[[Plan], bool] = lambda plan: True
+    shown: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def module(self) -> ModuleType:
         return importlib.import_module(self.name)
@@ -123,6 +146,34 @@ def _predict_record(plan: Plan, _: ModuleType, model: str) -> tuple[Path, dict[s
 
     tta = str((plan.cfg.get("predict") or {}).get("tta", "none"))
     return plan.layout.store(model, "oof") / META_FILE, {"tta": tta}
+
+
+def _chain_stores(plan: Plan, kind: str) -> list[Path]:
+    """The stores the submission chain may start from: the blend, and the refined blend
+    when refinement is on (postprocess.json says which; postprocessing.input_store)."""
+    return [plan.layout.blend(kind), *([plan.layout.refined(kind)] if plan.refining else [])]
+
+
+def _report_inputs(plan: Plan) -> list[Path]:
+    """Everything report.py reads: the config it shows, every fold's log (curves, retries),
+    every store and decision, the submission, the images and both sets of ground truth."""
+    layout = plan.layout
+    runs = [layout.fold(m, k) for m in plan.models for k in range(plan.n_folds)]
+    return [
+        layout.config,
+        *(run.log for run in runs),
+        *(run.retries for run in runs if run.retries.is_file()),
+        *(layout.store(m, kind) for m in plan.models for kind in ("oof", "test")),
+        layout.weights,
+        *_chain_stores(plan, "oof"),
+        *_chain_stores(plan, "test"),
+        *([layout.refine_record] if plan.refining else []),
+        layout.postprocess,
+        layout.submission,
+        *plan.images,
+        *plan.masks,
+        *plan.test_masks,
+    ]
 
 
 STAGES: tuple[Stage, ...] = (
@@ -161,6 +212,7 @@ STAGES: tuple[Stage, ...] = (
                 **plan.decide,
             },
         ),
+        shown={"decide": "decide"},
     ),
     Stage(
         "refine",
@@ -185,6 +237,7 @@ STAGES: tuple[Stage, ...] = (
             },
         ),
         enabled=lambda plan: plan.refining,
+        shown={"settings": "refine", "decide": "decide"},
     ),
     Stage(
         "tune",
@@ -204,9 +257,27 @@ STAGES: tuple[Stage, ...] = (
                 "sources": ["blend", "refined"] if plan.refining else ["blend"],
             },
         ),
+        shown={"decide": "decide", "sources": "sources (refine.enabled)"},
     ),
-    Stage("postprocess", cli.postprocess_parser, argv=lambda plan, _: list(plan.common)),
-    Stage("report", cli.report_parser, argv=lambda plan, _: list(plan.common)),
+    Stage(
+        "postprocess",
+        cli.postprocess_parser,
+        argv=lambda plan, _: list(plan.common),
+        outputs=lambda plan, _: [plan.layout.submission],
+        # the store postprocess.json names, and the test images whose sizes it writes at
+        inputs=lambda plan, _: [
+            plan.layout.postprocess,
+            *_chain_stores(plan, "test"),
+            *plan.test_images,
+        ],
+    ),
+    Stage(
+        "report",
+        cli.report_parser,
+        argv=lambda plan, _: list(plan.common),
+        outputs=lambda plan, _: [plan.layout.report, plan.layout.scores],
+        inputs=lambda plan, _: _report_inputs(plan),
+    ),
     Stage("hpo", cli.hpo_parser),
 )
 # Commands that are not stages: they compose or compare them.

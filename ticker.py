@@ -19,6 +19,9 @@ from typing import TypeVar
 PROGRESS_S = 60.0
 
 log = logging.getLogger("progress")
+# The `extra` of a log record that pipeline.py's console shows at its default verbosity,
+# where the stages' other INFO lines go to the log file only.
+PROGRESS = {"progress": True}
 T = TypeVar("T")
 
 
@@ -95,7 +98,7 @@ class Ticker:
 
     def _tell(self) -> None:
         while not self._stop.wait(self._every_s):
-            self._log.info("%s", self.line())
+            self._log.info("%s", self.line(), extra=PROGRESS)
             self._told = True
 
     def __enter__(self) -> Ticker:
@@ -124,4 +127,5 @@ class Ticker:
                 self.unit,
                 seconds / 60,
                 pace(done - self._first, seconds, self.unit),
+                extra=PROGRESS,
             )

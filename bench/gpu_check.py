@@ -484,7 +484,7 @@ def section_pipeline(data_dir: str, work: Path, dist: Dist, settings: Settings) 
         *[arg for item in overrides for arg in ("--set", item)],
         *_thread_flags(settings),
     ]
-    return run_monitored(cmd, settings.pipeline_timeout_s, work / "pipeline.log", dist)
+    return run_monitored(cmd, settings.pipeline_timeout_s, work / "pipeline_output.log", dist)
 
 
 # --------------------------------------------------------------------------- report

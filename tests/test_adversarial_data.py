@@ -67,18 +67,19 @@ def _logged() -> Iterator[list[str]]:
 
 
 def _run(config: Path, *extra: str) -> tuple[list[str], str]:
-    """pipeline.py on `config`: its log lines and its printed output; it must succeed."""
+    """pipeline.py -v on `config`: its log lines and its printed output, the stages' own
+    included; it must succeed."""
     out = io.StringIO()
     with _logged() as lines, contextlib.redirect_stdout(out):
-        assert pipeline.main(["--config", str(config), *extra]) == 0
+        assert pipeline.main(["--config", str(config), "-v", *extra]) == 0
     return lines, out.getvalue()
 
 
 def _stages_run(printed: str) -> set[str]:
-    """The stages after training in the "Stages run in this call" table."""
-    table = printed.split("Stages run in this call")[1].strip().split("\n\n")[0]
-    rows = [line.rsplit(None, 1)[0].strip() for line in table.splitlines()[1:]]
-    return {name for name in rows if not name.startswith("train")}
+    """The stages after training that ran, by the "Stages of this call" table."""
+    table = printed.split("Stages of this call")[1].strip().split("\n\n")[0]
+    rows = [line.rsplit(None, 1) for line in table.splitlines()[1:]]
+    return {name.strip() for name, ran in rows if ran != "reused" and not name.startswith("train")}
 
 
 def _shift_mask(path: Path) -> None:
