@@ -263,8 +263,9 @@ def postprocess_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--probs",
         type=Path,
-        help="test probability store (default: <out>/<exp>/refine/test when refine.py kept "
-        "the refinement, else <out>/<exp>/ensemble/test)",
+        help="test probability store (default: the one postprocess.json names, "
+        "<out>/<exp>/refine/test when tune.py chose the refined maps out of sample, else "
+        "<out>/<exp>/ensemble/test)",
     )
     p.add_argument(
         "--params",
@@ -340,8 +341,10 @@ def pipeline_parser() -> argparse.ArgumentParser:
 def refine_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Refine the blend's regions with a second-stage network trained on its "
-        "out-of-fold predictions; writes refine/{oof,test} and refine/refine.json (kept only "
-        "if the OOF competition score improves and no class gets worse)."
+        "out-of-fold predictions; writes refine/{oof,test} and refine/refine.json. Whether "
+        "the submission uses the refined maps is tune.py's decision, out of sample "
+        "(decisions.py): each fold scored by what was fitted without it, the refined maps "
+        "used only when their gain over the blend has a paired bootstrap interval above zero."
     )
     add_config_arguments(p)
     return p
@@ -415,7 +418,7 @@ def export_parser() -> argparse.ArgumentParser:
 def infer_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Apply an exported package to a folder of images (JPEG or PNG, any size, "
-        "flat or nested) with exactly the experiment's chain (TTA, blend, refiner if kept, "
+        "flat or nested) with exactly the experiment's chain (TTA, blend, refiner if chosen, "
         "post-processing); writes <out>/submission.csv in the competition format."
     )
     p.add_argument("--package", type=Path, required=True, help="package folder or zip (export.py)")

@@ -1,9 +1,9 @@
 """The submission stage: tuned post-processing of the blended test maps → submission.csv.
 
 It applies `postprocess.json` (tune.py) with the operations of `postprocessing.py` to the
-blended test probabilities (refined ones when refine.py's refinement was kept: the same
-`postprocessing.input_store` choice as tune.py's), and writes `submission.csv` only once
-it passes its check.
+blended test probabilities (the refined ones when tune.py chose them out of sample: the
+store `postprocessing.input_store` reads from postprocess.json), and writes
+`submission.csv` only once it passes its check.
 """
 
 from __future__ import annotations

@@ -1,20 +1,21 @@
 """Choose post-processing on out-of-fold predictions, judged out of sample.
 
-The search runs on the blended OOF probabilities (`ensemble/oof/`, or `refine/oof/` when
-refine.py's refinement was kept: `postprocessing.input_store`) against the ground
-truth at the *working* resolution (each map post-processed with orig_size = working
-size). At the original 1280×~1000 each trial would process ~10× the pixels (a trial at
+The search runs on the blended OOF probabilities (`ensemble/oof/`, and `refine/oof/` when
+refinement is on: this stage decides which the submission starts from) against the
+ground truth at the *working* resolution (each map post-processed with orig_size =
+working size). At the original 1280×~1000 each trial would process ~10× the pixels (a trial at
 352×352 takes a few seconds per 1,000 images, see BENCHMARKS.md); all size-dependent
 parameters are fractions of the image (area, shorter side), so they carry over to the
 original size where postprocess.py applies them.
 
-Fitting the parameters is a seeded TPE search, then nnU-Net's rule: starting from the
-best trial, each active step is switched off in turn, and it stays only if it improves
-the objective AND no class (neoplastic, non-neoplastic) ends up worse than with plain
-argmax. That fit is done per fold on the other folds' images and scored on the fold's own
-(decisions.py), so the score that decides is never the score that was tuned; the tuned
-parameters (fitted again on all folds) are used only if they beat plain argmax and the
-region vote alone by more than the noise out of sample.
+Fitting the parameters is a seeded TPE search, then an in-sample pruning as nnU-Net does it
+(part of the fit, not the keep rule): starting from the best trial, each active step is
+switched off in turn, and it stays only if it improves the objective AND no class
+(neoplastic, non-neoplastic) ends up worse than with plain argmax. That fit is done per
+fold on the other folds' images and scored on the fold's own (decisions.py), so the
+score that decides is never the score that was tuned; the tuned parameters (fitted again
+on all folds) are used only if they beat plain argmax and the region vote alone by more
+than the noise out of sample.
 
 The studies live in an optuna storage (studies.py: one SQLite file per experiment by
 default), named after their inputs and fit, so a killed or extended search continues

@@ -1,6 +1,6 @@
-"""Issue 40 item 5: the pipeline says why each stage reruns, lists the others as reused,
-and keeps its console to a screen (the stages' own output goes to logs/pipeline.log, or to
-the console too with -v)."""
+"""Issue 40 items 5 and 6: the pipeline says why each stage reruns, lists the others as
+reused, keeps its console to a screen (the stages' own output goes to logs/pipeline.log,
+or to the console too with -v), and every text states the one keep rule of decisions.py."""
 
 from __future__ import annotations
 
@@ -185,3 +185,31 @@ def test_stage_due_names_what_changed(tmp_path):
     assert why() == ["out.json missing"]
     image.unlink()
     assert why() == ["train/x.jpeg missing"]
+
+
+OLD_RULES = (
+    "no class gets worse",
+    "refine.py kept",
+    "kept the refinement",
+    "nnU-Net's rule",
+    "A step is kept only if",
+)
+
+
+def test_every_help_and_the_report_state_the_out_of_sample_keep_rule(copy):
+    """Item 6: no --help and no report text describes a keep rule but decisions.py's; the
+    in-sample pruning of the tuned parameters is labelled as not used for the submission."""
+    root = copy[0]
+    helps = {name: stages.parser(name).format_help() for name in [*stages.TOOLS, "refine"]}
+    helps.update({s.name: s.parser().format_help() for s in stages.STAGES})
+    page = (root / "out" / "tiny" / "report.html").read_text()
+    for text in [*helps.values(), page]:
+        flat = " ".join(text.split())
+        assert not [old for old in OLD_RULES if old in flat], flat[:200]
+    refine_help = " ".join(helps["refine"].split())
+    assert "tune.py's decision, out of sample (decisions.py)" in refine_help
+    assert "paired bootstrap interval above zero" in refine_help
+    assert "when tune.py chose the refined maps out of sample" in " ".join(
+        helps["postprocess"].split()
+    )
+    assert "Pruning of the tuned post-processing (in sample, not used for the submission)" in page
