@@ -264,7 +264,7 @@ def test_the_plan_counts_only_what_is_left_so_a_finished_run_fits_any_budget(
     assert pipeline.main([*base, "--budget-hours", "1e-6"]) == 0
     out = capsys.readouterr().out
     assert "tiny | 1 | 12 |" in out and "| 0 of 2" in out
-    assert "(nothing left to train or predict)" in out and "Stages run in this call" in out
+    assert "(nothing left to train or predict)" in out and "Stages of this call" in out
     # what is left of a cut run: one fold gone, and two more epochs for the other
     fold1 = tmp_path / "out" / "tiny" / "tiny" / "fold1"
     shutil.rmtree(fold1)
