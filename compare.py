@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from config import ConfigError
+import invocation
+from config import ConfigError, reports_environment_errors
 from data.reader import DataError
 from decisions import MIN_N_BOOT, Rule, bootstrap_gain
 from evaluation import SUBMITTED, TEST_TABLE, format_rows, read_json
@@ -47,7 +48,10 @@ def config_of(exp: Path) -> dict[str, Any]:
     """The experiment's resolved config (pipeline.py writes it beside the report)."""
     path = Layout.at(exp).config
     if not path.is_file():
-        raise DataError(f"{exp}: no {path.name}; run pipeline.py on it first")
+        raise DataError(
+            f"{exp}: no {path.name}, which pipeline.py writes when it runs: not an experiment "
+            "folder (<out_dir>/<experiment>) of a pipeline run"
+        )
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -98,6 +102,8 @@ class Experiment:
             if not needed.is_file():
                 raise DataError(f"{path}: no {needed}; is it a finished experiment?")
         self.config = config_of(path)
+        # what a hint about this experiment names: the config it was run with
+        invocation.set_context(["--config", str(layout.config)])
         self.blend = read_json(layout.weights)
         self.tuned = read_json(layout.postprocess)
         refine = layout.refine_record
@@ -108,7 +114,10 @@ class Experiment:
         self.seconds = sum(read_json(timings).values()) if timings.is_file() else None
         self.metric = (self.tuned.get("decide") or {}).get("metric", "competition")
         if "oos_image_stats" not in self.tuned:
-            raise DataError(f"{layout.postprocess}: no per-image scores; rerun tune.py")
+            raise DataError(
+                f"{layout.postprocess}: no per-image scores (an older version made it); tune "
+                f"again: {invocation.command_hint('tune')}"
+            )
         self.ids = list(self.tuned["image_ids"])
         self.masks = training_masks(path, self.config, self.blend["models"])
         self.stats = np.asarray(self.tuned["oos_image_stats"], np.int64).reshape(-1, 3, 3)
@@ -190,6 +199,7 @@ def check_flags(experiments: Sequence[str], confidence: float, n_boot: int) -> N
         )
 
 
+@reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("compare").parse_args(argv)
     try:

@@ -20,12 +20,13 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+import invocation
 from paths import reserved_names
 
 DEFAULT_CONFIG = "configs/bkai.yaml"
@@ -340,6 +341,18 @@ def config_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _override_item(cfg: dict[str, Any], key: str, value: Any) -> str:
+    """A dedicated flag's value as the `--set` item that gives the same config, so a hint
+    naming another command (which lacks the flag) keeps it; `+key` where the key is new."""
+    text = value if isinstance(value, str) and yaml.safe_load(value) == value else None
+    item = f"{key}={json.dumps(value) if text is None else text}"
+    try:
+        apply_overrides(cfg, [item])
+    except ConfigError:
+        return f"+{item}"
+    return item
+
+
 def resolve_cli_config(
     args: argparse.Namespace, flags: Mapping[str, Any] | None = None, model: str | None = None
 ) -> dict[str, Any]:
@@ -352,7 +365,10 @@ def resolve_cli_config(
     if model is not None:
         cfg = model_config(cfg, model)
     cfg = apply_overrides(cfg, args.set)
-    given = {"data_dir": args.data_dir, "out_dir": args.out_dir, **(flags or {})}
+    given_flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    overrides = [_override_item(cfg, k, v) for k, v in given_flags.items()]
+    invocation.set_context([*config_argv(args), *(a for o in overrides for a in ("--set", o))])
+    given = {"data_dir": args.data_dir, "out_dir": args.out_dir, **given_flags}
     # JSON is valid YAML, so apply_overrides parses each value back exactly.
     cfg = apply_overrides(
         cfg, [f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None], strict=False
@@ -410,10 +426,18 @@ def build_entry(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     if folder and str(entry.get("pretrained")).lower() == "imagenet":
         path = encoder_file(folder, name)
         if not path.is_file():
+            write = invocation.command_line(
+                "models.weights",
+                "--config",
+                invocation.config_file(),
+                "--models",
+                name,
+                "--out",
+                str(folder),
+            )
             raise ConfigError(
                 f"pretrained_dir: {path} not found for model {name!r}; write the encoders "
-                f"with network access: python -m models.weights --config <this config> "
-                f"--out {folder}"
+                f"with network access: {write}"
             )
         entry["pretrained"] = str(path)
     return entry
@@ -481,19 +505,35 @@ def environment_error(exc: BaseException) -> str | None:
     return None
 
 
-def reports_environment_errors(main: Any) -> Any:
-    """Wrap a stage's `main`: a disk or permission problem is exit 1 and one line, not a
-    traceback; any other exception propagates unchanged."""
+def reports_environment_errors(
+    main: Any = None, *, resume: Callable[[list[str]], list[str]] | None = None
+) -> Any:
+    """Wrap a command's `main`: a disk or permission problem is exit 1 and one line, not a
+    traceback; Ctrl-C or SIGTERM is one line naming what was finished and the command that
+    resumes (`resume` turns the arguments given into those that resume, when they differ),
+    exit 130 or 143. Inside another command (a stage pipeline.py calls) an interrupt goes
+    on to the outer one, which the user typed and so is what resumes. Any other exception
+    propagates unchanged."""
 
-    @functools.wraps(main)
-    def wrapped(argv: Any = None) -> int:
-        try:
-            return main(argv)
-        except Exception as exc:
-            problem = environment_error(exc)
-            if problem is None:
-                raise
-            print(f"error: {problem}", file=sys.stderr)
-            return 1
+    def decorate(main: Any) -> Any:
+        @functools.wraps(main)
+        def wrapped(argv: Any = None) -> int:
+            with invocation.invoked(main.__module__, argv, resume) as call:
+                try:
+                    return main(argv)
+                except KeyboardInterrupt as exc:
+                    if not invocation.is_outermost(call):
+                        raise
+                    line, code = invocation.interrupted(call, exc)
+                    print(line, file=sys.stderr)
+                    return code
+                except Exception as exc:
+                    problem = environment_error(exc)
+                    if problem is None:
+                        raise
+                    print(f"error: {problem}", file=sys.stderr)
+                    return 1
 
-    return wrapped
+        return wrapped
+
+    return decorate if main is None else decorate(main)

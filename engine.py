@@ -34,7 +34,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config import ConfigError
+from config import ConfigError, model_entry
 from data.atomic import write_json
 from data.augment import transforms_for
 from data.cache import CachedItem
@@ -49,6 +49,7 @@ from metrics import class_stats, predict_nothing, scores_from_stats
 from models import build_model
 from models.inference import NUM_CLASSES
 from models.losses import SegLoss
+from models.pretrained import from_scratch_hint
 from optim import build_optimizer, build_scheduler, param_groups
 from paths import Layout, RunFiles
 from recipe import RetryPolicy
@@ -316,12 +317,15 @@ def build_learner(
     train = TrainSettings.from_config(cfg)
     precision = choose_precision(dist.device, train.precision, train.channels_last)
     torch.manual_seed(derive_seed(int(cfg["seed"]), fold))
-    raw = build_model(
-        entry["arch"],
-        num_classes=NUM_CLASSES,
-        pretrained=entry.get("pretrained"),
-        **entry["kwargs"],
-    )
+    # the config's names of this entry, for the hint that trains it from scratch instead
+    names = [n for n in cfg.get("models") or {} if model_entry(cfg, n) == entry]
+    with from_scratch_hint(names):
+        raw = build_model(
+            entry["arch"],
+            num_classes=NUM_CLASSES,
+            pretrained=entry.get("pretrained"),
+            **entry["kwargs"],
+        )
     if dist.enabled and dist.device.type == "cuda" and train.sync_bn:
         # A few images per GPU give noisy BatchNorm statistics; SyncBatchNorm keeps the
         # same parameter names, so its checkpoints load into the plain model for inference.

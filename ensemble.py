@@ -64,6 +64,7 @@ from data.probstore import (
 )
 from data.reader import DataError
 from decisions import LENSES, Candidate, Rule, choose, cross_fit, fold_rows, format_decision
+from invocation import command_hint
 from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
 from paths import Layout
 from postprocessing import PostprocessParams, postprocess
@@ -338,9 +339,13 @@ def write_blends(
         **common,
         **made_from("oof"),
     )
-    missing = [layout.store(m, "test") for m in names if not layout.store(m, "test").is_dir()]
+    missing = [m for m in names if not layout.store(m, "test").is_dir()]
     if missing:
-        log.warning("no test blend: missing %s (run predict.py)", ", ".join(map(str, missing)))
+        log.warning(
+            "no test blend: missing %s (make them with %s)",
+            ", ".join(str(layout.store(m, "test")) for m in missing),
+            "; ".join(command_hint("predict", "--model", m) for m in missing),
+        )
         return
     tests = align_stores([load_probs(layout.store(m, "test")) for m in names])
     save_probs(
@@ -357,18 +362,22 @@ def write_blends(
     )
 
 
-def check_predicted(names: Sequence[str], layout: Layout, config: str) -> None:
+def check_predicted(names: Sequence[str], layout: Layout) -> None:
     """Every blended model has its OOF maps, or a DataError saying which models lack them
     and the commands that make them (the stage-by-stage path trains one model at a time)."""
     missing = [m for m in names if not (layout.store(m, "oof") / META_FILE).is_file()]
     if not missing:
         return
     present = [m for m in names if m not in missing]
+    make = [
+        f"{command_hint('train', '--model', m, '--fold', 'all', '--resume')}, then "
+        + command_hint("predict", "--model", m)
+        for m in missing
+    ]
+    blend = f"; or blend the predicted ones: {command_hint('ensemble', '--models', *present)}"
     raise DataError(
         f"no out-of-fold maps for {', '.join(missing)} (e.g. {layout.store(missing[0], 'oof')}): "
-        f"for each, python train.py --config {config} --model M --fold all --resume, then "
-        f"python predict.py --config {config} --model M"
-        + (f"; or blend the predicted ones: --models {' '.join(present)}" if present else "")
+        f"make them with {'; '.join(make)}" + (blend if present else "")
     )
 
 
@@ -386,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trials, objective = search_settings(cfg, "ensemble", args.trials, args.objective)
         cli.check_jobs(args.jobs)
         layout = Layout.of(cfg)
-        check_predicted(names, layout, args.config)
+        check_predicted(names, layout)
         oof = align_stores([load_probs(layout.store(m, "oof")) for m in names])
         rule = Rule.from_config(cfg)
         folds = oof[0].meta.get("folds")

@@ -22,6 +22,7 @@ import numpy as np
 from data.probstore import ProbMaps, align_stores, blend, load_probs
 from data.reader import DataError, MaskThresholds, list_test_gt, load_mask
 from decisions import LENSES, Rule, bootstrap_gain
+from invocation import command_hint
 from metrics import class_stats, nothing_stats, scores_from_stats
 from paths import Layout
 from postprocessing import PostprocessParams, class_maps, input_store
@@ -37,11 +38,21 @@ GAIN = "vs submission [interval]"
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A stage's JSON artefact, or DataError naming it (e.g. edited by hand and broken)."""
+    """A stage's JSON artefact, or DataError naming it and the command that makes it: the
+    pipeline, which runs whichever stage wrote it. Missing means that stage has not run
+    (report.py before any run said 'unreadable ([Errno 2] ...); delete it')."""
+    if not path.exists():
+        raise DataError(
+            f"{path} not found: the stage that writes it has not run yet; run it first: "
+            + command_hint("pipeline")
+        )
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable ({exc}); delete it to rerun its stage") from exc
+        raise DataError(
+            f"{path}: unreadable ({exc}); delete it, then make it again: "
+            + command_hint("pipeline")
+        ) from exc
 
 
 def pick_scores(scores: Mapping[str, float]) -> dict[str, float]:

@@ -26,7 +26,6 @@ import filecmp
 import io
 import json
 import logging
-import shlex
 import sys
 import tempfile
 import time
@@ -42,7 +41,6 @@ import torch
 import lineage
 from config import (
     ConfigError,
-    config_argv,
     config_hash,
     git_hash,
     model_entry,
@@ -54,6 +52,7 @@ from data.atomic import atomic_dir, atomic_write, write_json
 from data.probstore import load_probs
 from data.reader import DataError
 from data.submission import write_submission
+from invocation import command_hint
 from models.inference import load_checkpoint, model_from_checkpoint
 from package import (
     CHAIN,
@@ -79,9 +78,11 @@ log = logging.getLogger("export")
 ONNX_OPSET = 17
 
 
-def _read(path: Path, stage: str) -> dict[str, Any]:
+def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise DataError(f"{path} not found: run {stage} (or pipeline.py) before exporting")
+        raise DataError(
+            f"{path} not found: finish the experiment before exporting: " + command_hint("pipeline")
+        )
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -91,17 +92,12 @@ def _read(path: Path, stage: str) -> dict[str, Any]:
 class StaleChain(DataError):
     """An artefact of the submission chain made from other bytes than its inputs hold now:
     a package of the files on disk would not give submission.csv. `commands` are the
-    scripts (with their own flags) that bring it up to date, in order; `line` adds the
-    config flags the user gave, so the hint runs as printed."""
+    commands (with their own flags) that bring it up to date, in order, named with the
+    config flags the user gave."""
 
     def __init__(self, problem: str, commands: Sequence[Sequence[str]]) -> None:
-        super().__init__(problem)
-        self.problem = problem
-        self.commands = [list(c) for c in commands]
-
-    def line(self, argv: Sequence[str]) -> str:
-        runs = [shlex.join(["python", c[0], *argv, *c[1:]]) for c in self.commands]
-        return f"{self.problem}; bring it up to date: {', then '.join(runs)}"
+        runs = [command_hint(c[0], *c[1:]) for c in commands]
+        super().__init__(f"{problem}; bring it up to date: {', then '.join(runs)}")
 
 
 def export_onnx(
@@ -168,14 +164,14 @@ def fp16_weights(graph: bytes) -> bytes:
 def blended_networks(cfg: dict[str, Any], layout: Layout) -> tuple[list[str], list[float]]:
     """The models the blend uses and their weights (the all-folds fit weights.json records,
     which made ensemble/test), checked against the blend's own record."""
-    doc = _read(layout.weights, "ensemble.py")
+    doc = _read(layout.weights)
     names, weights = list(doc["models"]), [float(w) for w in doc["weights"]]
     stored = load_probs(layout.blend("test")).meta
     if stored.get("models") != names or stored.get("weights") != weights:
-        raise DataError(
+        raise StaleChain(
             f"{layout.blend('test')} was blended from {stored.get('models')} with weights "
-            f"{stored.get('weights')}, but {layout.weights} says {names} with {weights}: "
-            "run ensemble.py (or pipeline.py) again"
+            f"{stored.get('weights')}, but {layout.weights} says {names} with {weights}",
+            [["ensemble"], ["pipeline"]],
         )
     used = [(n, w) for n, w in zip(names, weights, strict=True) if w > 0]
     return [n for n, _ in used], [w for _, w in used]
@@ -190,18 +186,18 @@ def check_current(cfg: dict[str, Any], layout: Layout, tuned: dict[str, Any]) ->
     submission must be byte for byte what postprocess.json makes of the test store it
     reads (a few seconds: post-processing runs at about 70 images/s).
     """
-    models = list(_read(layout.weights, "ensemble.py")["models"])
+    models = list(_read(layout.weights)["models"])
     links = [
-        (layout.store(m, kind), ["predict.py", "--model", m])
+        (layout.store(m, kind), ["predict", "--model", m])
         for m in models
         for kind in ("oof", "test")
     ]
-    links += [(layout.blend(kind), ["ensemble.py"]) for kind in ("oof", "test")]
+    links += [(layout.blend(kind), ["ensemble"]) for kind in ("oof", "test")]
     tuned_on = tuned.get(lineage.KEY) or {}
     refined = layout.refined("oof").relative_to(layout.root).as_posix()
     if tuned.get("source") == "refined" or refined in tuned_on:
-        links += [(layout.refined(kind), ["refine.py"]) for kind in ("oof", "test")]
-    links.append((layout.postprocess, ["tune.py"]))
+        links += [(layout.refined(kind), ["refine"]) for kind in ("oof", "test")]
+    links.append((layout.postprocess, ["tune"]))
     where = f"{layout.root}: the submission chain is out of date"
     for artefact, command in links:
         name = artefact.relative_to(layout.root).as_posix()
@@ -210,14 +206,14 @@ def check_current(cfg: dict[str, Any], layout: Layout, tuned: dict[str, Any]) ->
         if record is None:
             raise StaleChain(
                 f"{where}: {name} records no inputs (made by an older version)",
-                [command, ["pipeline.py"]],
+                [command, ["pipeline"]],
             )
         changed = lineage.changed(layout.root, record)
         if changed:
             more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
             raise StaleChain(
-                f"{where}: {changed[0]}{more} changed since {command[0]} made {name}",
-                [["pipeline.py"]],
+                f"{where}: {changed[0]}{more} changed since {command[0]}.py made {name}",
+                [["pipeline"]],
             )
     store, _ = input_store(cfg, "test")
     params = PostprocessParams.from_dict(tuned["params"])
@@ -230,7 +226,7 @@ def check_current(cfg: dict[str, Any], layout: Layout, tuned: dict[str, Any]) ->
             raise StaleChain(
                 f"{where}: {layout.submission.name} is not what postprocess.json makes of "
                 f"{made} (written by another postprocess.py run, or changed since)",
-                [["postprocess.py"]],
+                [["postprocess"]],
             )
 
 
@@ -238,13 +234,17 @@ def refiner_record(layout: Layout, source: str) -> dict[str, Any] | None:
     """The refiner's part of the chain (copied into the package), None without one."""
     if not layout.refine_record.is_file():
         if source == "refined":
-            raise DataError(f"{layout.postprocess} uses refined maps but refine.py never ran")
+            raise StaleChain(
+                f"{layout.postprocess} uses refined maps but refine.py never ran",
+                [["refine"], ["pipeline"]],
+            )
         return None
-    doc = _read(layout.refine_record, "refine.py")
+    doc = _read(layout.refine_record)
     if not layout.refiners.is_file():
-        raise DataError(
+        raise StaleChain(
             f"{layout.refiners} not found (refine.py of an older version kept its refiners in "
-            "memory only): run refine.py (or pipeline.py) again"
+            "memory only)",
+            [["refine"], ["pipeline"]],
         )
     return {"file": REFINERS, "settings": doc["settings"], "use_mask": doc["refined_mask"]["kept"]}
 
@@ -254,7 +254,7 @@ def write_package(
 ) -> dict[str, Any]:
     """Fill the empty folder `root` with the experiment's package; returns its manifest."""
     layout = Layout.of(cfg)
-    tuned = _read(layout.postprocess, "tune.py")
+    tuned = _read(layout.postprocess)
     names, weights = blended_networks(cfg, layout)
     data, train = DataSettings.from_config(cfg), TrainSettings.from_config(cfg)
     size = list(data.img_size)
@@ -265,7 +265,10 @@ def write_package(
         test_store = load_probs(layout.store(name, "test"))
         folds = test_store.meta.get("folds") or []
         if not folds:
-            raise DataError(f"{test_store.where}: records no folds; run predict.py again")
+            raise StaleChain(
+                f"{test_store.where}: records no folds",
+                [["predict", "--model", name], ["pipeline"]],
+            )
         files, onnx_files = [], []
         for k in folds:
             run = layout.fold(name, int(k))
@@ -370,8 +373,11 @@ def export(
     check_out(out, force)
     layout = Layout.of(cfg)
     if not layout.submission.is_file():
-        raise DataError(f"{layout.submission} not found: finish the experiment first")
-    check_current(cfg, layout, _read(layout.postprocess, "tune.py"))
+        raise DataError(
+            f"{layout.submission} not found: finish the experiment first: "
+            + command_hint("pipeline")
+        )
+    check_current(cfg, layout, _read(layout.postprocess))
     if out.suffix.lower() != ".zip":
         with atomic_dir(out) as tmp, named_as(tmp, out):
             write_package(cfg, tmp, half, onnx)
@@ -394,9 +400,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = resolve_cli_config(args)
         size = export(cfg, args.out, args.half, args.onnx, args.force)
-    except StaleChain as exc:
-        print(f"error: {exc.line(config_argv(args))}", file=sys.stderr)
-        return 2
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

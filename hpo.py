@@ -62,6 +62,7 @@ from data.loader import LoaderStalled
 from data.prepare import prepare_train_data
 from data.reader import DataError
 from engine import FitState, TrainingError, build_learner, build_loaders, fit, log_epoch
+from invocation import command_hint
 from paths import Layout
 from recipe import check_config, fold_recipe, recipe_hash
 from runtime import Dist, configure_cpu_threads, init_dist
@@ -320,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"in {studies.redact(place.storage)}: trial {best.number}, "
         f"{metric} {best.value:.5f} on fold {fold} after {epochs} epochs",
         *([f"the search also had --set {' '.join(args.set)}"] if args.set else []),
-        f"train every fold: python pipeline.py --config {out}",
+        f"train every fold: {command_hint('pipeline', config=out)}",
     ]
     write_best(out, args.config, args.model, best.params, header)
     print(f"best trial {best.number}: {metric} {best.value:.5f}")

@@ -43,6 +43,7 @@ from typing import Any, TextIO
 
 import yaml
 
+import invocation
 import launchers
 import locks
 import planning
@@ -54,6 +55,7 @@ import train
 from config import (
     LOG_FORMAT,
     ConfigError,
+    config_argv,
     reports_environment_errors,
     setup_logging,
 )
@@ -278,7 +280,8 @@ def start_fold(
 ) -> tuple[subprocess.Popen, Any]:
     """A `train.py --resume` process of one fold, writing to its log file in `logs`, on
     `gpu` (a CUDA_VISIBLE_DEVICES id) when given; the process and the open log file."""
-    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    # its hints and interrupt line name this pipeline's command, which the user typed
+    env = {**os.environ, PARENT_ENV: str(os.getpid()), **invocation.child_env()}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     log_file = (logs / f"train_{model}_fold{fold}.log").open("w")
@@ -314,6 +317,7 @@ def train_in_parallel(
     folds_on = dict.fromkeys(gpus, 0)
     jobs = list(jobs)
     finished: list[tuple[str, int]] = []
+    total, trained = len(jobs), 0
     told = time.monotonic()
     running: list[tuple[str, int, subprocess.Popen, Any, str | None]] = []
     failed: list[str] = []
@@ -343,6 +347,8 @@ def train_in_parallel(
                     log.error("train %s fold %d failed: %s", model, fold, tail[0])
                 else:
                     log.info("train %s", tail[0])
+                    trained += 1
+                    invocation.finished(f"{trained} of {total} folds trained")
                 finished.append((model, fold))
             if time.monotonic() - told >= ticker.PROGRESS_S:
                 folds = [(m, k) for m, k, *_ in running]
@@ -581,6 +587,7 @@ def run_stages(
             log.info("%s: running (%s)", label, "; ".join(t for t, _ in why), extra=ticker.PROGRESS)
             timings[label] = run_stage(stage.name, module.main, stage.argv(plan, model))
             keep({label: timings[label]})
+            invocation.finished(f"stage {label} done")
             read.clear()  # what it wrote is read again
             cause = "; ".join(dict.fromkeys(c for _, c in why if c))
             if cause and stage.outputs is not None:
@@ -597,12 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     if args.wandb:
         args.set.append("+train.wandb=true")
-    common = ["--config", args.config]
-    for flag, value in (("--data-dir", args.data_dir), ("--out-dir", args.out_dir)):
-        if value:
-            common += [flag, str(value)]
-    for item in args.set:
-        common += ["--set", item]
+    common = config_argv(args)
     try:
         cfg, model_cfgs = stages.pipeline_configs(args)
         if not cfg.get("data_dir"):

@@ -48,6 +48,7 @@ from joblib import effective_n_jobs
 from config import ConfigError
 from data.probstore import ProbMaps
 from data.reader import DataError
+from invocation import command_hint
 from paths import Layout
 
 log = logging.getLogger("postprocessing")
@@ -271,7 +272,11 @@ def _lookup(table: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def load_params(path: Path) -> PostprocessParams:
     """Parameters from a tune.py `postprocess.json`; plain argmax (with a warning) if absent."""
     if not path.is_file():
-        log.warning("%s not found: using plain argmax (run tune.py to tune post-processing)", path)
+        log.warning(
+            "%s not found: using plain argmax (tune post-processing with %s)",
+            path,
+            command_hint("tune"),
+        )
         return PostprocessParams()
     try:
         doc = json.loads(path.read_text())
@@ -330,13 +335,17 @@ def input_store(cfg: dict[str, Any], kind: str) -> tuple[Path, str]:
     layout = Layout.of(cfg)
     path = layout.postprocess
     if not path.is_file():
-        return layout.blend(kind), f"no {path.name} yet (run tune.py)"
+        return layout.blend(kind), f"no {path.name} yet (make it: {command_hint('tune')})"
     try:
         doc = json.loads(path.read_text())
         source, chosen = str(doc.get("source", "blend")), str(doc.get("chosen", ""))
     except (OSError, ValueError, AttributeError) as exc:
-        raise DataError(f"{path}: unreadable ({exc}); delete it to rerun tune.py") from exc
+        raise DataError(
+            f"{path}: unreadable ({exc}); delete it, then tune again: {command_hint('tune')}"
+        ) from exc
     stores = {"blend": layout.blend(kind), "refined": layout.refined(kind)}
     if source not in stores:
-        raise DataError(f"{path}: unknown source {source!r}; delete it to rerun tune.py")
+        raise DataError(
+            f"{path}: unknown source {source!r}; delete it, then tune again: {command_hint('tune')}"
+        )
     return stores[source], f"tune.py chose {chosen or source}"

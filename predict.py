@@ -46,6 +46,7 @@ from data.loader import LoaderStalled, config_loader
 from data.prepare import prepare_train_data
 from data.probstore import META_FILE, ProbMaps, concat, load_probs, quantise, save_probs
 from data.reader import DataError, list_test, list_train
+from invocation import command_hint
 from models.inference import (
     load_checkpoint,
     model_from_checkpoint,
@@ -75,7 +76,8 @@ def trained_folds(cfg: dict[str, Any], model_name: str, n_folds: int) -> list[Ru
     if missing:
         raise ConfigError(
             f"{model_name}: no trained model for {len(missing)} of {n_folds} folds "
-            f"({', '.join(missing)}); run train.py --model {model_name} --fold all first"
+            f"({', '.join(missing)}); train them first: "
+            + command_hint("train", "--model", model_name, "--fold", "all")
         )
     return runs
 

@@ -30,8 +30,10 @@ from typing import Any
 from config import ConfigError, model_entry, settings_from
 from data.atomic import write_json
 from data.augment import transforms_for
+from data.folds import resplit
 from data.prepare import TrainData
 from data.reader import DataError, MaskThresholds
+from invocation import rerun_hint, retrain_hint
 from metrics import OBJECTIVES
 from models.losses import SegLoss
 from optim import check_recipe
@@ -98,16 +100,26 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return lines
 
 
-def refuse_changed(where: str, old: dict[str, Any], new: dict[str, Any], experiment: str) -> None:
+def two_ways_on(run: RunFiles) -> str:
+    """The two commands on from a fold this run cannot reuse: retrain it in place, or keep
+    it by running under a new experiment name (the same command, one `--set` added). The
+    fold's folder is `<out_dir>/<experiment>/<model>/fold<k>` (paths.Layout.fold)."""
+    experiment = run.dir.parent.parent.name
+    return (
+        f"retrain it in place: {retrain_hint(run.dir)}; or keep both under a new experiment "
+        f"name: {rerun_hint('--set', f'experiment={experiment}_v2')}"
+    )
+
+
+def refuse_changed(run: RunFiles, old: dict[str, Any], new: dict[str, Any]) -> None:
     """ConfigError listing what changed and the two ways on, when the recipes differ."""
     changes = recipe_changes(old, new)
     if not changes:
         return
     raise ConfigError(
-        f"{where} was trained with another recipe:\n  "
+        f"{run.dir} was trained with another recipe:\n  "
         + "\n  ".join(changes)
-        + "\nRetrain it in place with `train.py --force` (or delete that folder), or keep "
-        f"both by giving this run a new experiment name (e.g. --set experiment={experiment}_v2)."
+        + f"\nEither {two_ways_on(run)}"
     )
 
 
@@ -127,20 +139,18 @@ def _recorded(run: RunFiles) -> dict[str, Any] | None:
     if not path.exists():
         raise ConfigError(
             f"{run.dir} holds checkpoints but no {path.name}, so its recipe is unknown; "
-            "retrain it with `train.py --force` or use a new experiment name"
+            + two_ways_on(run)
         )
     try:
         doc = json.loads(path.read_text())
         if not isinstance(doc["recipe"], dict):
             raise TypeError("its recipe is not a mapping")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DataError(f"{path}: unreadable ({exc}); retrain the fold with --force") from exc
+        raise DataError(f"{path}: unreadable ({exc}); {two_ways_on(run)}") from exc
     return doc
 
 
-def check_fold(
-    run: RunFiles, recipe: dict[str, Any], experiment: str, compare_split: bool = True
-) -> None:
+def check_fold(run: RunFiles, recipe: dict[str, Any], compare_split: bool = True) -> None:
     """Refuse a fold folder made with another recipe (or split, when `compare_split`)."""
     old = recorded_recipe(run)
     if old is None:
@@ -148,7 +158,7 @@ def check_fold(
     if not compare_split:
         old = {k: v for k, v in old.items() if k != "split_id"}
         recipe = {k: v for k, v in recipe.items() if k != "split_id"}
-    refuse_changed(str(run.dir), old, recipe, experiment)
+    refuse_changed(run, old, recipe)
 
 
 def write_recipe(
@@ -188,12 +198,10 @@ def training_data_changes(run: RunFiles, data: TrainData, model_name: str, fold:
     if "trained_on" not in doc:
         log.warning(
             "%s: %s does not record the files it trained on (it predates that record); "
-            "recording today's. If a training image or mask changed since, retrain it: "
-            "train.py --model %s --fold %d --force",
+            "recording today's. If a training image or mask changed since, retrain it: %s",
             name,
             run.recipe,
-            model_name,
-            fold,
+            retrain_hint(run.dir),
         )
         write_json(run.recipe, {**doc, "trained_on": data.trained_on(fold)})
         return None
@@ -268,10 +276,10 @@ def check_recipes_early(cfg: dict[str, Any], model_name: str, folds: Sequence[in
         try:
             split_id = json.loads(path.read_text())["split_id"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{path}: not a readable folds file ({exc}); delete it") from exc
+            raise DataError(f"{path}: not a readable folds file ({exc}); {resplit(path)}") from exc
     recipe = fold_recipe(cfg, model_name, split_id or "")
     for k in folds:
-        check_fold(layout.fold(model_name, k), recipe, str(cfg["experiment"]), bool(split_id))
+        check_fold(layout.fold(model_name, k), recipe, bool(split_id))
 
 
 # ------------------------------------------------------------------ failed folds
@@ -283,10 +291,13 @@ class RetryPolicy:
 
     A fold fails when its best validation score never beats predicting nothing, or when
     its gain over predicting nothing trails the median of its model's other folds by more
-    than `margin`. It is then retrained, up to `attempts` times, each time with a new seed
-    (`reseed`) and the peak learning rate times `lr_scale`; `attempts: 0` only warns. The
-    remedy is a function of the config and the attempt, so a retrained fold is as
-    reproducible as any other, and it is not part of the fold's recipe identity.
+    than `margin` (engine.fold_verdict). It is then retrained, up to `attempts` times, each
+    time with a new seed (`reseed`) and the peak learning rate times `lr_scale`;
+    `attempts: 0` only warns. A fold under predicting nothing is retrained only when another
+    fold of its model beat it: otherwise the recipe is the limit, not the seed, and the fold
+    is kept with a warning naming what to change. The remedy is a function of the config
+    and the attempt, so a retrained fold is as reproducible as any other, and it is not
+    part of the fold's recipe identity.
     """
 
     attempts: int = 2
@@ -349,15 +360,15 @@ def check_fold_checkpoint(
     if ckpt.get("fold") != fold:
         raise DataError(
             f"{path} was trained as fold {ckpt.get('fold')}, not fold {fold}: it has seen "
-            f"this fold's validation images; put it back, or retrain fold {fold} "
-            f"(train.py --model {model_name} --fold {fold} --force)"
+            f"this fold's validation images; put it back, or retrain fold {fold}: "
+            f"{retrain_hint(run.dir)}"
         )
     folder = recorded_recipe(run)
     if ckpt.get("recipe_hash") != recipe_hash(folder or {}):
         raise DataError(
             f"{path} was trained with another recipe than {run.recipe} records"
             f" (recipe hash {ckpt.get('recipe_hash')}, the folder's {recipe_hash(folder or {})}); "
-            f"retrain the fold (train.py --model {model_name} --fold {fold} --force)"
+            f"retrain the fold: {retrain_hint(run.dir)}"
         )
     trained = list(DataSettings.from_config(ckpt["config"]).img_size)
     if trained != list(size):

@@ -56,6 +56,7 @@ from data.cache import load_item, prepare_for_config, train_items
 from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
 from data.reader import DataError, list_test
 from decisions import Candidate, Rule, choose, format_decision, map_stats, pick
+from invocation import command_hint
 from metrics import class_stats
 from models.refiner import RegionRefiner
 from paths import Layout
@@ -304,10 +305,14 @@ def check_split(split_file: Path, oof: ProbMaps, test: ProbMaps) -> list[int]:
     """The OOF store's per-image folds, after checking every split id agrees."""
     check_compatible([oof, test], "refined together")
     if oof.split_id is None:
-        raise DataError(f"{oof.where}: no split id recorded; rerun ensemble.py")
+        raise DataError(
+            f"{oof.where}: no split id recorded; blend again: {command_hint('ensemble')}"
+        )
     folds = oof.meta.get("folds")
     if not isinstance(folds, list) or len(folds) != len(oof):
-        raise DataError(f"{oof.where}: no per-image folds recorded; rerun ensemble.py")
+        raise DataError(
+            f"{oof.where}: no per-image folds recorded; blend again: {command_hint('ensemble')}"
+        )
     if split_file.is_file():
         try:
             recorded = json.loads(split_file.read_text()).get("split_id")

@@ -43,6 +43,7 @@ from evaluation import (
     read_json,
     test_rows,
 )
+from invocation import command_line
 from metrics import class_stats, scores_from_stats
 from paths import Layout
 from postprocessing import PostprocessParams, input_store, load_params
@@ -128,8 +129,8 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
     steps = ", ".join(params.active_steps()) or "none"
     notes += [
         f"Post-processing used: {steps} ({tuned['decision']['reason']}).",
-        f"Is a change real? python compare.py {layout.root} <another experiment folder> "
-        "prints both side by side, with the paired per-image difference and its interval.",
+        "Is a change real? Both side by side, with the paired per-image difference and its "
+        f"interval: {command_line('compare', str(layout.root), 'OTHER_EXPERIMENT')}",
         *study_notes({"ensemble": blend_doc.get("study"), "tune": tuned.get("study")}),
     ]
     if refined is not None:

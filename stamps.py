@@ -29,6 +29,7 @@ from pathlib import Path
 
 from data.atomic import write_json
 from data.reader import DataError
+from invocation import rerun_hint
 
 # What a record from before per-input digests (one digest for all) is called when it differs.
 ONE_DIGEST = "its inputs (stamps.json recorded one digest for all)"
@@ -96,7 +97,10 @@ class Stamps:
             try:
                 self.recorded = dict(json.loads(path.read_text()))
             except (OSError, ValueError, TypeError) as exc:
-                raise DataError(f"{path}: unreadable ({exc}); delete it to rerun") from exc
+                raise DataError(
+                    f"{path}: unreadable ({exc}); delete it (every stage after training then "
+                    f"runs once more) and run again: {rerun_hint()}"
+                ) from exc
 
     def changes(self, stage: str, inputs: Inputs) -> dict[str, str] | None:
         """Each input that differs from the stage's last run, by name: "changed", "new" or

@@ -87,6 +87,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from config import ConfigError
 from data.atomic import atomic_write
+from invocation import stage_hint
 from metrics import OBJECTIVES
 from paths import Layout
 from runtime import kill_point
@@ -623,9 +624,9 @@ def fail_abandoned(study: optuna.Study, join: bool = False) -> list[int]:
         if live:
             held = "; ".join(f"trial {n} by {who}" for n, who in live.items())
             raise StudyInUse(
-                f"study {study.study_name} is being worked on: {held}. To work beside it, "
-                "run this command again with --join; a run without --join takes the study "
-                "over, so only once that process has ended"
+                f"study {study.study_name} is being worked on: {held}. To work beside it: "
+                f"{stage_hint('--join')}; a run without --join takes the study over, so only "
+                "once that process has ended"
             )
         for trial in running:
             _fail(study, trial)

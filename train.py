@@ -35,6 +35,7 @@ from typing import Any
 
 import torch.distributed as tdist
 
+import invocation
 import locks
 import tracking
 from config import (
@@ -67,7 +68,7 @@ from engine import (
     retire_attempt,
 )
 from models.inference import Probabilities, load_checkpoint, predict_probs
-from models.pretrained import parse_pretrained
+from models.pretrained import from_scratch_hint, parse_pretrained
 from models.registry import check_model
 from paths import Layout, RunFiles
 from recipe import (
@@ -102,7 +103,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg = cli.train_config(args)
     check_config(cfg)
     # A missing pretrained file is an error now, not after the data has been cached.
-    parse_pretrained(build_entry(cfg, args.model).get("pretrained"))
+    with from_scratch_hint([args.model]):
+        parse_pretrained(build_entry(cfg, args.model).get("pretrained"))
     return cfg
 
 
@@ -134,22 +136,23 @@ def _resume(
         return 0, -math.inf, []
     if not resume:
         raise ConfigError(
-            f"{out.dir} holds an unfinished run; pass --resume to continue it "
-            "or --force to start over"
+            f"{out.dir} holds an unfinished run; continue it: "
+            f"{invocation.rerun_hint('--resume')}; or start it over: "
+            f"{invocation.retrain_hint(out.dir)}"
         )
     ckpt = load_checkpoint(last, next(learner.raw.parameters()).device)
     if ckpt["split_id"] != split_id:
         raise ConfigError(
             f"{last} was trained on split {ckpt['split_id']}, but folds.json is split "
-            f"{split_id}; retrain with --force"
+            f"{split_id}; retrain it: {invocation.retrain_hint(out.dir)}"
         )
-    _check_same_curve(TrainSettings.from_config(ckpt["config"]).epochs, epochs, schedule)
+    _check_same_curve(TrainSettings.from_config(ckpt["config"]).epochs, epochs, schedule, out)
     learner.load_training_state(ckpt)
     log.info("%s: resuming after epoch %d (best %.4f)", name, ckpt["epoch"], ckpt["best_score"])
     return ckpt["epoch"], ckpt["best_score"], ckpt["history"]
 
 
-def _check_same_curve(before: int, epochs: int, sched: dict[str, Any]) -> None:
+def _check_same_curve(before: int, epochs: int, sched: dict[str, Any], out: RunFiles) -> None:
     """Refuse a changed epoch count when the schedule's curve depends on it.
 
     A step schedule continues the same way for any length; cosine, one-cycle, poly and
@@ -159,7 +162,8 @@ def _check_same_curve(before: int, epochs: int, sched: dict[str, Any]) -> None:
     if before != epochs and per_total:
         raise ConfigError(
             f"train.epochs: {before} -> {epochs}, but the {sched['name']} schedule "
-            "was laid out over the old total; keep the epochs, or retrain with --force"
+            f"was laid out over the old total; keep the epochs (train.epochs={before}), or "
+            f"retrain the fold: {invocation.retrain_hint(out.dir)}"
         )
 
 
@@ -189,7 +193,7 @@ def train_fold(
     trained_on = data.trained_on(fold)
     if not force:
         # before anything is removed: a changed recipe is refused, never retrained over
-        check_fold(out, recipe, str(cfg["experiment"]))
+        check_fold(out, recipe)
     dist.barrier()
     if dist.is_main:
         # changed training files make the fold stale: retrained from scratch, not resumed
@@ -200,7 +204,8 @@ def train_fold(
             shutil.rmtree(out.dir)
     dist.barrier()
     if fold_complete(out, epochs):
-        log.info("%s already complete (%s); skipping (--force retrains)", name, out.dir)
+        retrain = invocation.retrain_hint(out.dir)
+        log.info("%s already complete (%s); skipping (to retrain it: %s)", name, out.dir, retrain)
         return _summary(model_name, fold, read_log(out.log), True, best_metric)
     # A retrained fold trains with its attempt's remedy; its recipe identity stays the
     # config's, so the pipeline still recognises it.
@@ -224,7 +229,7 @@ def train_fold(
         # written at the first epoch: without it the best weights are lost, resuming or not
         raise ConfigError(
             f"{out.best} is missing, but {out.last} has {state.epoch} epochs: "
-            f"retrain the fold with train.py --model {model_name} --fold {fold} --force"
+            f"retrain the fold: {invocation.retrain_hint(out.dir)}"
         )
     meta = {
         "model_name": model_name,
@@ -274,6 +279,7 @@ def train_fold(
                 save_torch(ckpt, out.last)
                 kill_point("epoch-saved")
                 write_log(out.log, state.history)
+                invocation.finished(f"{name} epoch {state.epoch} of {epochs} saved")
                 if wandb_run is not None:
                     tracking.log_epoch(
                         wandb_run, record, epochs, learner.eval_net, loaders.val_items, dist.device
@@ -284,6 +290,7 @@ def train_fold(
             if not train.keep_last:
                 # complete now (best.pt, OOF maps, log): the optimizer state is dead weight
                 out.last.unlink(missing_ok=True)
+            invocation.finished(f"{name} complete")
         dist.barrier()
     finally:
         if wandb_run is not None:
@@ -399,7 +406,14 @@ def _summary(
 # --------------------------------------------------------------------------- CLI
 
 
-@reports_environment_errors
+def resume_argv(argv: list[str]) -> list[str]:
+    """The arguments that continue an interrupted train.py: with --resume, and never
+    --force, which would delete the epochs saved so far."""
+    kept = [a for a in argv if a != "--force"]
+    return kept if "--resume" in kept else [*kept, "--resume"]
+
+
+@reports_environment_errors(resume=resume_argv)
 def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("train").parse_args(argv)
     end_with_parent()

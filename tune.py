@@ -56,6 +56,7 @@ from data.cache import load_targets
 from data.probstore import META_FILE, ProbMaps, load_probs
 from data.reader import DataError
 from decisions import LENSES, Candidate, Rule, choose, cross_fit, format_decision, map_stats
+from invocation import command_hint
 from metrics import OBJECTIVES, scores_from_stats
 from paths import Layout
 from postprocessing import REGION_MODES, PostprocessParams
@@ -366,14 +367,24 @@ def load_sources(
     blend = load_probs(layout.blend("oof"))
     folds = blend.meta.get("folds")
     if not isinstance(folds, list) or len(folds) != len(blend):
-        raise DataError(f"{blend.where}: no per-image folds recorded; rerun ensemble.py")
+        raise DataError(
+            f"{blend.where}: no per-image folds recorded; blend again: {command_hint('ensemble')}"
+        )
     stores = {"blend": blend}
     refined_path = layout.refined("oof")
     if refining(cfg):
         if not refined_path.is_dir():
-            log.warning("refinement is enabled but %s is missing (run refine.py)", refined_path)
+            log.warning(
+                "refinement is enabled but %s is missing (make it: %s)",
+                refined_path,
+                command_hint("refine"),
+            )
         elif _meta_time(refined_path) < _meta_time(layout.blend("oof")):
-            log.warning("%s is older than the blend: not used (rerun refine.py)", refined_path)
+            log.warning(
+                "%s is older than the blend: not used (make it again: %s)",
+                refined_path,
+                command_hint("refine"),
+            )
         else:
             refined = load_probs(refined_path)
             if refined.ids != blend.ids or refined.split_id != blend.split_id:

@@ -21,7 +21,7 @@ from pathlib import Path
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from config import ConfigError, load_config
+from config import ConfigError, load_config, reports_environment_errors
 from data.reader import (
     DataError,
     MaskThresholds,
@@ -180,6 +180,7 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
+@reports_environment_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(

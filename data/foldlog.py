@@ -9,6 +9,7 @@ from typing import Any
 
 from data.atomic import write_text
 from data.reader import DataError
+from invocation import retrain_hint
 from paths import RunFiles
 
 
@@ -35,4 +36,6 @@ def failed_attempts(run: RunFiles) -> list[dict[str, Any]]:
     try:
         return list(json.loads(path.read_text())["failed"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: unreadable ({exc}); retrain the fold with --force") from exc
+        raise DataError(
+            f"{path}: unreadable ({exc}); retrain the fold: {retrain_hint(run.dir)}"
+        ) from exc

@@ -4,7 +4,7 @@ Out-of-fold predictions of different models can only be blended if they come fro
 split, so the split is stored (JSON, written atomically) with a `split_id` hashed from its
 content, and every later call reuses it. If the data no longer matches the stored split
 (ids or strata changed), that is an error: silently re-splitting would invalidate every
-existing OOF file, so the user must delete the file (or use another out dir) on purpose.
+existing OOF file, so the user must delete the file (or name a new experiment) on purpose.
 
 Folds are stratified on which classes an image contains ("red", "green", "both",
 "none"). A stratum with fewer images than folds cannot be spread over every fold, which
@@ -27,6 +27,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from data.atomic import write_json
 from data.reader import DataError
+from invocation import rerun_hint
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +108,10 @@ def _load(path: Path, labels: dict[str, str], n_folds: int, requested_seed: int)
         )
         split_id = stored["split_id"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DataError(
-            f"{path}: not a readable folds file ({exc}); delete it to re-split"
-        ) from exc
+        raise DataError(f"{path}: not a readable folds file ({exc}); {resplit(path)}") from exc
     if _split_id(fold_of, stored_labels, seed) != split_id:
-        raise DataError(
-            f"{path}: split_id does not match its content (edited?); delete it to re-split"
-        )
-    fix = (
-        f"delete {path} to make a new split (this invalidates existing OOF predictions) "
-        "or use another out dir"
-    )
+        raise DataError(f"{path}: split_id does not match its content (edited?); {resplit(path)}")
+    fix = resplit(path)
     if stored_labels != labels:
         added = sorted(labels.keys() - stored_labels.keys())
         removed = sorted(stored_labels.keys() - labels.keys())
@@ -140,6 +134,16 @@ def _load(path: Path, labels: dict[str, str], n_folds: int, requested_seed: int)
     if stored_n != n_folds:
         raise DataError(f"{path}: stored split has {stored_n} folds, {n_folds} requested; {fix}")
     return Folds(split_id, stored_n, seed, fold_of)
+
+
+def resplit(path: Path) -> str:
+    """The two ways on from a stored split that cannot be used: a new split (which the
+    folds trained on the old one then refuse), or a new experiment beside this one."""
+    return (
+        f"delete {path} to make a new split (this invalidates existing OOF predictions; its "
+        "trained folds must be retrained), or keep it and run under a new experiment name: "
+        f"{rerun_hint('--set', f'experiment={path.parent.name}_v2')}"
+    )
 
 
 def load_or_make_folds(path: str | Path, labels: dict[str, str], n_folds: int, seed: int) -> Folds:

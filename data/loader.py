@@ -22,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from data.dataset import SegDataset
 from data.reader import DataError
+from invocation import rerun_with
 from runtime import derive_seed
 from settings import DataSettings
 
@@ -183,7 +184,7 @@ class WatchedLoader(DataLoader):
             raise LoaderStalled(
                 f"{self.name}: a data loader worker died ({exc}; the out-of-memory killer, "
                 "or a crash in a C library). Lower data.num_workers or train.batch_size, or "
-                "run with --workers 0 to load in the main process"
+                f"load in the main process: {_without_workers()}"
             ) from exc
         if "timed out" not in str(exc):
             raise exc
@@ -191,9 +192,14 @@ class WatchedLoader(DataLoader):
             raise LoaderStalled(
                 f"{self.name}: the data loader delivered nothing for {self.stall_s:.0f} s "
                 "(a hung worker); stopped instead of waiting forever. Raise "
-                "data.loader_timeout_s if batches are genuinely that slow, or run with "
-                "--workers 0 to load in the main process"
+                "data.loader_timeout_s if batches are genuinely that slow, or load in the main "
+                f"process: {_without_workers()}"
             ) from exc
+
+
+def _without_workers() -> str:
+    """The user's command again, loading in the main process (no worker to die or hang)."""
+    return rerun_with({"data.num_workers": "0"}, {"data.num_workers": "--workers"})
 
 
 def _own_words(exc: DataError) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 import simplejpeg
 
 from config import ConfigError
+from invocation import command_line
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 FOLDERS = ("train", "train_gt", "test", "test_gt")
@@ -217,15 +218,17 @@ def _paired(data_dir: str | Path, image_key: str, mask_key: str) -> list[Sample]
                     f"{folder} is empty (no image files), and {other} holds {counts[other]}"
                 )
     if pairing.problems:
-        raise DataError(_listing("unpaired files:", pairing.problems))
+        raise DataError(_listing("unpaired files:", pairing.problems, data_dir))
     return pairing.samples
 
 
-def _listing(header: str, problems: list[str]) -> str:
-    """`header` and the first _SHOWN problems, one a line; the rest counted."""
+def _listing(header: str, problems: list[str], data_dir: str | Path) -> str:
+    """`header` and the first _SHOWN problems, one a line; the rest counted, with the
+    command that lists them all."""
     shown = problems[:_SHOWN]
     more = len(problems) - len(shown)
-    tail = [f"... and {more} more (python -m data.check lists all)"] if more else []
+    every = command_line("data.check", "--data-dir", str(data_dir))
+    tail = [f"... and {more} more (all of them: {every})"] if more else []
     return "\n  ".join([header, *shown, *tail])
 
 
@@ -259,18 +262,18 @@ def image_subfolders(folder: Path) -> list[str]:
     ]
 
 
-def _refuse(problems: list[str]) -> None:
+def _refuse(problems: list[str], data_dir: str | Path) -> None:
     if len(problems) == 1:
         raise DataError(problems[0])
     if problems:
-        raise DataError(_listing(f"{len(problems)} problems in the data dir:", problems))
+        raise DataError(_listing(f"{len(problems)} problems in the data dir:", problems, data_dir))
 
 
 def list_train(data_dir: str | Path) -> list[Sample]:
     """Training images with their masks, sorted by id; every unpaired file is an error,
     and so is an id that a test image has too."""
     samples = _paired(data_dir, "train", "train_gt")
-    _refuse(shared_ids(find_dirs(data_dir)))
+    _refuse(shared_ids(find_dirs(data_dir)), data_dir)
     return samples
 
 
@@ -282,7 +285,7 @@ def list_test(data_dir: str | Path) -> list[Sample]:
     images = list_images(folder)
     if not images:
         raise DataError(f"no images in {folder}")
-    _refuse(image_subfolders(folder) + shared_ids(dirs))
+    _refuse(image_subfolders(folder) + shared_ids(dirs), data_dir)
     return [Sample(i, images[i], None) for i in sorted(images)]
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from config import reports_environment_errors
 from data.atomic import atomic_write
 from data.reader import DataError, list_test
 
@@ -159,6 +160,7 @@ def check_rows(path: str | Path, sizes: Mapping[str, tuple[int, int]]) -> list[s
     return problems
 
 
+@reports_environment_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check a submission file for the test images.")
     parser.add_argument("--check", required=True, type=Path, help="submission CSV to check")

@@ -28,6 +28,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
+from config import reports_environment_errors
 from data.atomic import atomic_dir, atomic_write
 from data.reader import DataError, list_train, load_image, load_mask
 
@@ -343,6 +344,7 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+@reports_environment_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from config import ConfigError
 from data.dataset import to_device
 from data.reader import DataError
+from invocation import retrain_hint
 from models.registry import build_model
 from runtime import Precision
 from settings import TTA_CHOICES
@@ -122,7 +123,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     except Exception as exc:
         raise DataError(
             f"{path}: unreadable checkpoint ({type(exc).__name__}); it was not written by "
-            "train.py or was damaged after writing: delete it and retrain that fold"
+            f"train.py or was damaged after writing: retrain that fold: {retrain_hint(path.parent)}"
         ) from exc
     if not isinstance(ckpt, dict) or not {"model", "arch", "kwargs"} <= ckpt.keys():
         raise DataError(f"{path}: not a train.py checkpoint (no model/arch/kwargs entries)")

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +25,14 @@ from torch import nn
 
 from config import ConfigError
 from data.atomic import atomic_write, save_torch
+from invocation import rerun_with
 
 log = logging.getLogger(__name__)
 
 HOW_TO_PROVIDE = (
     "Provide the encoder weights as a local file (pretrained=/path/encoder.safetensors or "
     ".pth, e.g. the backbone's timm model.safetensors), fill the Hugging Face / torch hub "
-    "cache on a machine with network access, or train from scratch with --pretrained none. "
+    "cache on a machine with network access, or train from scratch (pretrained: none). "
     "Set HF_HUB_OFFLINE=1 to make an offline attempt fail at once instead of retrying."
 )
 
@@ -54,6 +55,21 @@ class LoadReport:
     matched: list[str]
     missing: list[str]
     unexpected: list[str]
+
+
+@contextmanager
+def from_scratch_hint(names: Sequence[str]) -> Iterator[None]:
+    """A PretrainedWeightsError inside gains the command that trains config models `names`
+    from scratch instead: the user's command with `--set models.<name>.pretrained=none`
+    (train.py's --pretrained is the same, but pipeline.py and hpo.py have no such flag)."""
+    try:
+        yield
+    except PretrainedWeightsError as exc:
+        if not names:
+            raise
+        keys = [f"models.{name}.pretrained" for name in names]
+        scratch = rerun_with(dict.fromkeys(keys, "none"), {keys[0]: "--pretrained"})
+        raise PretrainedWeightsError(f"{exc} To train from scratch: {scratch}") from exc
 
 
 def parse_pretrained(spec: str | Path | None) -> str | Path | None:

@@ -20,7 +20,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from config import ConfigError, encoder_file, load_config, model_entry
+from config import (
+    ConfigError,
+    encoder_file,
+    load_config,
+    model_entry,
+    reports_environment_errors,
+)
 from models.inference import NUM_CLASSES
 from models.pretrained import export_encoder
 from models.registry import build_model
@@ -52,6 +58,7 @@ def write_encoders(
     return written
 
 
+@reports_environment_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m models.weights",

@@ -284,6 +284,7 @@ def test_a_model_without_oof_maps_is_named_with_the_commands_that_make_them(expe
     assert ensemble.main(["--config", config, "--models", "good", "unet", "pranet"]) == 2
     err = capsys.readouterr().err
     assert "no out-of-fold maps for unet, pranet" in err
-    assert f"python predict.py --config {config} --model M" in err
-    assert "--models good" in err
+    for model in ("unet", "pranet"):
+        assert f"python predict.py --config {config} --model {model}" in err
+    assert f"python ensemble.py --config {config} --models good" in err
     assert not (exp / "ensemble").exists()

@@ -97,7 +97,7 @@ def test_refuses_when_data_changed(tmp_path: Path, change: str) -> None:
     with pytest.raises(DataError, match="delete") as info:
         load_or_make_folds(path, changed, 5, seed=0)
     message = str(info.value)
-    assert str(path) in message and "or use another out dir" in message
+    assert str(path) in message and "run under a new experiment name" in message
     counts = {"add": "1 new ids", "remove": "1 missing ids", "relabel": "1 changed strata"}
     assert counts[change] in message
     assert ("f" * 32 if change == "add" else first) in message  # the example named

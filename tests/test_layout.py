@@ -63,7 +63,7 @@ def test_report_and_benchmarks_do_not_import_the_train_stage() -> None:
 # The layers, lowest first: each module imports only its own layer and those below it.
 # The foundation's modules import only each other; bench/ is imported by nobody
 # (tests aside): it measures the rest.
-FOUNDATION = {"config", "runtime", "paths", "settings", "ticker"}
+FOUNDATION = {"config", "invocation", "runtime", "paths", "settings", "ticker"}
 PACKAGES = ("data", "models")
 
 

@@ -118,7 +118,7 @@ def test_unreadable_file_is_a_clear_error(tmp_path: Path, content: bytes) -> Non
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(PretrainedWeightsError, match=r"not found.*--pretrained none"):
+    with pytest.raises(PretrainedWeightsError, match=r"not found.*pretrained: none"):
         variant("unet_mobilenetv3", pretrained=tmp_path / "nope.pth")
 
 
@@ -154,4 +154,4 @@ def test_imagenet_offline_fails_fast_and_says_what_to_do(
     assert attempts == []
     message = str(info.value)
     arch = VARIANTS[name]["arch"]
-    assert arch in message and "--pretrained none" in message and "local file" in message
+    assert arch in message and "pretrained: none" in message and "local file" in message

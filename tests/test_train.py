@@ -376,7 +376,7 @@ def test_a_finished_folds_lost_best_pt_names_the_retrain_command(
     assert run_main(config, "--fold", "0", "--resume") == 2
     err = capsys.readouterr().err
     assert f"{out / 'best.pt'} is missing, but {out / 'last.pt'} has 2 epochs" in err
-    assert "train.py --model tiny --fold 0 --force" in err
+    assert f"python train.py --config {config} --model tiny --fold 0 --force" in err
     assert (out / "last.pt").stat().st_mtime_ns == last
     assert run_main(config, "--fold", "0", "--force") == 0
     assert load_checkpoint(out / "best.pt")["fold"] == 0
