@@ -400,7 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rule = Rule.from_config(cfg)
         folds = oof[0].meta.get("folds")
         if not isinstance(folds, list) or len(folds) != len(oof[0]):
-            raise DataError(f"{oof[0].where}: no per-image folds recorded; rerun predict.py")
+            raise DataError(
+                f"{oof[0].where}: no per-image folds recorded; predict it again: "
+                + command_hint("predict", "--model", names[0])
+            )
         targets = load_targets(cfg, oof[0].ids, oof[0].size)
         arrays = [np.asarray(s.raw) for s in oof]
         place = studies.place_from_args(args, layout, store_identity(names, oof))

@@ -52,7 +52,7 @@ from data.atomic import atomic_dir, atomic_write, write_json
 from data.probstore import load_probs
 from data.reader import DataError
 from data.submission import write_submission
-from invocation import command_hint
+from invocation import command_hint, command_line
 from models.inference import load_checkpoint, model_from_checkpoint
 from package import (
     CHAIN,
@@ -404,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({size / 1e6:.1f} MB)")
-    print(f"apply it: python infer.py --package {args.out} --images DIR --out OUT")
+    apply = command_line("infer", "--package", str(args.out), "--images", "DIR", "--out", "OUT")
+    print(f"apply it: {apply}")
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import submitit
 
 from config import ConfigError, settings_from
+from invocation import rerun_hint
 from paths import Layout
 from progress import training_line
 from settings import TrainSettings
@@ -88,7 +89,8 @@ def check_slurm() -> None:
     if missing:
         raise ConfigError(
             f"--launcher slurm: {' and '.join(missing)} not found on PATH (not a SLURM "
-            "login node?): run pipeline.py where SLURM's commands are, or with --launcher local"
+            "login node?): run it where SLURM's commands are, or on this machine: "
+            + rerun_hint("--launcher", "local")
         )
 
 

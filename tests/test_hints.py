@@ -236,3 +236,14 @@ def test_a_long_list_of_data_problems_names_the_check_that_lists_them_all(
     assert command[:3] == ["python", "-m", "data.check"]
     assert data.check.main(command[3:]) == 1  # it runs, and lists all 25
     assert capsys.readouterr().out.count("unpaired") >= 25
+
+
+def test_a_machine_without_slurm_names_the_local_run_of_the_same_command(
+    user, tmp_path, monkeypatch, capsys, caplog
+) -> None:
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    argv = [*user.argv, "--launcher", "slurm"]
+    text = refused(pipeline.main, argv, capsys, caplog)
+    (command,) = user.check(text, "pipeline")
+    assert command[2:] == [*argv, "--launcher", "local"] and parses(command).launcher == "local"
