@@ -22,7 +22,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,7 @@ from data.paste import PolypPaste
 from data.prepare import TrainData
 from data.probstore import META_FILE
 from data.reader import DataError
-from metrics import class_stats, predict_nothing, scores_from_stats
+from metrics import beats_nothing, class_stats, predict_nothing, scores_from_stats
 from models import build_model
 from models.inference import NUM_CLASSES
 from models.losses import SegLoss
@@ -521,48 +521,101 @@ def log_epoch(name: str, epochs: int, record: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- failed folds
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """Why a trained fold counts as failed, and whether retraining it can help.
+
+    `kind` is "nothing" (it never beat predicting nothing), "trails" (its gain over that
+    trails its model's other folds) or "forced" (the NEOPOLYP_FAIL_FOLD test hook).
+    `retrain` is False for a fold that never beat predicting nothing when no other fold
+    of its model did either: then the recipe, not the seed, is the limit (a one-epoch
+    smoke run, a fold trained alone), so a retrain would spend the time again for the
+    same result, and failing the run would punish a deliberately short recipe. Such a
+    fold is kept, and its reason names what to change.
+    """
+
+    reason: str
+    kind: str
+    retrain: bool = True
+
+
+def _best_and_nothing(history: Sequence[dict[str, Any]], metric: str) -> tuple[float, float] | None:
+    """A fold's best validation `metric` and predicting nothing's on its validation
+    images; None for a log written before the predict-nothing score was recorded."""
+    if not history or "nothing" not in history[-1]:
+        return None
+    return max(r[metric] for r in history), history[-1]["nothing"][metric]
+
+
 def fold_verdict(
     history: Sequence[dict[str, Any]],
     metric: str,
     others: Sequence[Sequence[dict[str, Any]]],
     margin: float | None,
-) -> str | None:
+) -> Verdict | None:
     """Why a trained fold counts as failed, or None when it does not.
 
     Failed: its best validation `metric` never beat predicting nothing on its own
-    validation images, or (`margin` not None, at least two other complete folds) its gain
-    over predicting nothing is more than `margin` below the median gain of `others`.
-    Logs written before the predict-nothing score was recorded are never judged.
+    validation images (metrics.beats_nothing), or (`margin` not None, at least two other
+    complete folds) its gain over predicting nothing is more than `margin` below the
+    median gain of `others`. The first is worth a retrain only when one of `others` beat
+    predicting nothing, which shows that the recipe can. Logs written before the
+    predict-nothing score was recorded are never judged.
     """
-    if not history or "nothing" not in history[-1]:
+    scores = _best_and_nothing(history, metric)
+    if scores is None:
         return None
-    best = max(r[metric] for r in history)
-    nothing = history[-1]["nothing"][metric]
-    if best <= nothing:
-        return f"best validation {metric} {best:.4f} never beat predicting nothing ({nothing:.4f})"
-    gains = [
-        max(r[metric] for r in h) - h[-1]["nothing"][metric]
-        for h in others
-        if h and "nothing" in h[-1]
-    ]
+    best, nothing = scores
+    peers = [s for s in (_best_and_nothing(h, metric) for h in others) if s is not None]
+    if not beats_nothing(best, nothing):
+        return Verdict(
+            f"best validation {metric} {best:.4f} never beat predicting nothing ({nothing:.4f})",
+            "nothing",
+            retrain=any(beats_nothing(*s) for s in peers),
+        )
+    gains = [b - n for b, n in peers]
     if margin is not None and len(gains) >= 2:
         median = float(np.median(gains))
         if best - nothing < median - margin:
-            return (
+            return Verdict(
                 f"gain over predicting nothing {best - nothing:.4f} trails the median of its "
-                f"model's other folds ({median:.4f}) by more than {margin}"
+                f"model's other folds ({median:.4f}) by more than {margin}",
+                "trails",
             )
     return None
 
 
-def judge_fold(cfg: dict[str, Any], model_name: str, fold: int) -> str | None:
+def recipe_limit(model_name: str, history: Sequence[dict[str, Any]], train: TrainSettings) -> str:
+    """What a kept fold's reason adds: why it was not retrained, and the setting to change,
+    read from its curve: still rising at its last epoch, it needs more epochs; past its
+    best, more of the same will not help, but another learning rate may."""
+    scores = [r[train.best_metric] for r in history]
+    best_epoch = int(np.argmax(scores)) + 1
+    head = (
+        f"not retrained: no other trained fold of {model_name} beat it either, so the "
+        "recipe is the limit, not the seed"
+    )
+    if best_epoch == len(history):
+        return f"{head}; it was best at its last epoch: raise train.epochs (now {train.epochs})"
+    return (
+        f"{head}; its best epoch was {best_epoch} of {len(history)}: try another train.lr "
+        f"(now {train.lr:g})"
+    )
+
+
+def judge_fold(cfg: dict[str, Any], model_name: str, fold: int) -> Verdict | None:
     """`fold_verdict` of a complete fold against its model's other complete folds, on
-    `train.best_metric`; None for a fold that is fine or not complete yet."""
+    `train.best_metric`; None for a fold that is fine or not complete yet. A kept fold's
+    reason ends with `recipe_limit`."""
     layout = Layout.of(cfg)
     attempts = len(failed_attempts(layout.fold(model_name, fold)))
     forced = forced_fold_failure(model_name, fold, attempts)
     if forced is not None:
-        return "forced to fail by NEOPOLYP_FAIL_FOLD (a test hook)" if forced else None
+        return (
+            Verdict("forced to fail by NEOPOLYP_FAIL_FOLD (a test hook)", "forced")
+            if forced
+            else None
+        )
     train = TrainSettings.from_config(cfg)
     if not fold_complete(layout.fold(model_name, fold), train.epochs):
         return None
@@ -571,12 +624,12 @@ def judge_fold(cfg: dict[str, Any], model_name: str, fold: int) -> str | None:
         for j in range(DataSettings.from_config(cfg).n_folds)
         if j != fold and fold_complete(layout.fold(model_name, j), train.epochs)
     ]
-    return fold_verdict(
-        read_log(layout.fold(model_name, fold).log),
-        train.best_metric,
-        others,
-        RetryPolicy.from_config(cfg).margin,
-    )
+    history = read_log(layout.fold(model_name, fold).log)
+    verdict = fold_verdict(history, train.best_metric, others, RetryPolicy.from_config(cfg).margin)
+    if verdict is None or verdict.retrain:
+        return verdict
+    limit = recipe_limit(model_name, history, train)
+    return replace(verdict, reason=f"{verdict.reason}; {limit}")
 
 
 def retire_attempt(cfg: dict[str, Any], model_name: str, fold: int, reason: str) -> int:

@@ -120,6 +120,17 @@ def nothing_stats(targets: Sequence[Any]) -> np.ndarray:
     return class_stats([np.zeros_like(t) for t in targets], targets)
 
 
+# A score this close to predicting nothing's is predicting (next to) nothing: a model that
+# collapsed to background scores the baseline give or take a few pixels, which shows
+# nothing learnt. One margin for the retry policy, the report's warnings and its curves.
+NOTHING_TOL = 0.005
+
+
+def beats_nothing(score: float, nothing: float) -> bool:
+    """Whether `score` is above predicting nothing's by more than NOTHING_TOL."""
+    return score - nothing > NOTHING_TOL
+
+
 def _one_confusion(pred: Any, target: Any, index: int) -> np.ndarray:
     if tuple(pred.shape) != tuple(target.shape):
         raise ValueError(

@@ -503,7 +503,8 @@ def train_models(
         # processes: judge them all now, and retrain the failed ones (train.py applies the
         # retry policy and stops when its attempts are spent).
         for _ in range(RetryPolicy.from_config(cfg).attempts):
-            failed = [(m, k) for m, k in logs if judge_fold(model_cfgs[m], m, k)]
+            verdicts = {(m, k): judge_fold(model_cfgs[m], m, k) for m, k in logs}
+            failed = [job for job, verdict in verdicts.items() if verdict and verdict.retrain]
             if not failed:
                 break
             log.warning("failed folds to retrain: %s", ", ".join(f"{m} {k}" for m, k in failed))
@@ -639,6 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stage_output(layout.pipeline_log, args.verbose, argv),
         ):
             timings = run_stages(cfg, model_cfgs, common, args.parallel, search, args.launcher)
+        scores = read_json(layout.scores) if layout.scores.is_file() else {}
     except (ConfigError, DataError, StageFailed, locks.InUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -649,6 +651,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"submission: {Layout.of(cfg).submission}")
     print(f"every stage's own output: {Layout.of(cfg).pipeline_log}")
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s")
+    # the report's first lines, last here: what a user reads when the run ends
+    for warning in scores.get("warnings", []):
+        print(f"warning: {warning}")
     return 0
 
 

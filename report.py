@@ -27,15 +27,23 @@ import numpy as np
 
 import postprocessing
 import tracking
-from config import ConfigError, reports_environment_errors, resolve_cli_config, setup_logging
+from config import (
+    ConfigError,
+    model_config,
+    reports_environment_errors,
+    resolve_cli_config,
+    setup_logging,
+)
 from data.atomic import write_json
 from data.cache import load_item, train_items
 from data.foldlog import failed_attempts
 from data.probstore import ProbMaps, load_probs
 from data.reader import DataError, list_test, list_test_gt
+from engine import judge_fold
 from evaluation import (
     DECISIONS_TABLE,
     OOF_TABLE,
+    SUBMITTED,
     TEST_TABLE,
     decision_rows,
     format_rows,
@@ -44,9 +52,10 @@ from evaluation import (
     test_rows,
 )
 from invocation import command_line
-from metrics import class_stats, scores_from_stats
+from metrics import beats_nothing, class_stats, nothing_stats, scores_from_stats
 from paths import Layout
 from postprocessing import PostprocessParams, input_store, load_params
+from recipe import RetryPolicy
 from reporting import Case, ReportInputs, write_report
 from settings import DataSettings, refining
 from stages import model_names
@@ -120,12 +129,16 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
         (DECISIONS_TABLE, decision_rows(records)),
         (OOF_TABLE, oof_rows(cfg, [c.target for c in cases], blend_doc, refined, tuned)),
     ]
-    notes = [f"Submitted chain: {decision_note(records)}.", *retrain_notes(cfg, names)]
+    notes = [f"Submitted chain: {decision_note(records)}."]
+    oof_nothing = scores_from_stats(nothing_stats([c.target for c in cases]))["competition"]
+    warnings = chain_warnings(tuned, oof_nothing)
     data_dir = Path(cfg["data_dir"])
     if list_test_gt(data_dir):
         rows, verdict = test_rows(cfg, names, blend_doc, tuned)
         tables.append((TEST_TABLE, rows))
         notes.append(verdict)
+        warnings += test_warnings(rows)
+    warnings += fold_warnings(cfg, names)
     steps = ", ".join(params.active_steps()) or "none"
     notes += [
         f"Post-processing used: {steps} ({tuned['decision']['reason']}).",
@@ -148,30 +161,67 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
         submission=layout.submission,
         test_images={s.id: s.image for s in list_test(data_dir)},
         notes=notes,
+        warnings=warnings,
         refined=refine_cases(cfg, refined) if refined is not None else [],
         source=source_name,
     )
     report = write_report(layout.report, f"neopolyp: {cfg['experiment']}", inputs)
-    write_json(layout.scores, {"tables": {t: rows for t, rows in tables}, "notes": notes})
+    write_json(
+        layout.scores,
+        {"tables": {t: rows for t, rows in tables}, "warnings": warnings, "notes": notes},
+    )
     if tracking.enabled(cfg):
         tracking.log_summary(cfg, tables, blend_doc, tuned, [report, layout.submission])
-    return {"tables": tables, "report": report, "notes": notes}
+    return {"tables": tables, "report": report, "notes": notes, "warnings": warnings}
 
 
-def retrain_notes(cfg: dict[str, Any], names: Sequence[str]) -> list[str]:
-    """One line per fold that was retrained after failing (its `retries.json`)."""
+def fold_warnings(cfg: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """One line per fold that was retrained after failing (its `retries.json`), and one per
+    fold that stands failed now (engine.judge_fold, as train.py judged it), with why and,
+    for a fold kept because retraining could not help, what to change."""
     layout = Layout.of(cfg)
-    notes = []
+    lines = []
     for name in names:
+        model_cfg = model_config(cfg, name)
+        keeps = RetryPolicy.from_config(model_cfg).attempts == 0
         for k in range(DataSettings.from_config(cfg).n_folds):
             failed = failed_attempts(layout.fold(name, k))
             if failed:
                 why = "; ".join(f"attempt {f['attempt']}: {f['reason']}" for f in failed)
-                notes.append(
+                lines.append(
                     f"{name} fold {k} was retrained {len(failed)} time(s) after failing ({why}); "
                     f"its failed logs are kept in {layout.fold(name, k).dir}."
                 )
-    return notes
+            verdict = judge_fold(model_cfg, name, k)
+            if verdict is not None:
+                kept = " (kept: retry.attempts is 0)" if verdict.retrain and keeps else ""
+                lines.append(f"{name} fold {k}: {verdict.reason}{kept}.")
+    return lines
+
+
+def chain_warnings(tuned: dict[str, Any], nothing: float) -> list[str]:
+    """A line when the submitted chain, scored out of fold and out of sample, does not beat
+    `nothing` (predicting nothing on the same images): the one check real data allows."""
+    score = tuned["out_of_sample"][tuned["chosen"]]["competition"]
+    if beats_nothing(score, nothing):
+        return []
+    return [
+        f"The submitted chain ({tuned['chosen']}) does not beat predicting nothing out of fold: "
+        f"rows-Dice {score:.4f} out of sample, predicting nothing {nothing:.4f}."
+    ]
+
+
+def test_warnings(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A line when the submission does not beat predicting nothing on the test set (rows:
+    evaluation.test_rows, predicting nothing first)."""
+    nothing = rows[0]["competition"]
+    score = next(r for r in rows if r["role"] == SUBMITTED)["competition"]
+    if beats_nothing(score, nothing):
+        return []
+    return [
+        f"The submission does not beat predicting nothing on the test set: rows-Dice "
+        f"{score:.4f}, an empty submission {nothing:.4f}."
+    ]
 
 
 def decision_note(records: dict[str, dict[str, Any] | None]) -> str:
@@ -205,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if title != DECISIONS_TABLE:  # printed once, by the stages that decided (report.html)
             print(format_rows(title, rows), end="\n\n")
     print("\n".join(summary["notes"]), end="\n\n")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}")
     print(f"report: {summary['report']}")
     return 0
 

@@ -35,7 +35,14 @@ from data.foldlog import read_log
 from data.reader import load_image
 from data.submission import ROW_CLASSES, image_size, rle_decode
 from data.synthetic import overlay
-from metrics import class_stats, confusion, nothing_stats, scores_from_stats
+from metrics import (
+    NOTHING_TOL,
+    beats_nothing,
+    class_stats,
+    confusion,
+    nothing_stats,
+    scores_from_stats,
+)
 
 CLASS_NAMES = ("background", "neoplastic", "non-neoplastic")
 # Curves per model; the two losses are computed differently, so each panel says how.
@@ -48,9 +55,9 @@ CURVES = {
 # The blend rows of weights.json's scores, named for a reader: tuned weights were chosen on
 # the same OOF maps they are scored on.
 BLEND_ROWS = {"equal": "blend (equal weights)", "tuned": "blend (tuned weights: in-sample)"}
-# A fold whose validation rows-Dice stays this close to predicting nothing for this many
-# epochs in a row has learnt nothing yet (e.g. a too-high learning rate).
-STUCK_TOL, STUCK_EPOCHS = 0.005, 3
+# A fold whose validation rows-Dice stays within metrics.NOTHING_TOL of predicting nothing
+# for this many epochs in a row has learnt nothing yet (e.g. a too-high learning rate).
+STUCK_EPOCHS = 3
 # A polyp counts as found when this fraction of it is predicted as any polyp class, and a
 # predicted region as real when this fraction of it lies on a true polyp.
 FOUND_FRAC = 0.1
@@ -107,6 +114,9 @@ class ReportInputs:
     submission: Path | None = None
     test_images: Mapping[str, Path] = field(default_factory=dict)
     notes: Sequence[str] = ()
+    # what must not be missed (a chain or fold no better than predicting nothing, a retrained
+    # fold): red lines on the first screen, above everything else
+    warnings: Sequence[str] = ()
     refined: Sequence[Case] = ()  # the regions refine.py changed most: blend vs refined
     source: str = "blend"  # the OOF maps of `cases`, tuned and submitted: blend or refined
 
@@ -245,7 +255,7 @@ def stuck_epochs(records: Sequence[Mapping[str, Any]], baseline: float) -> list[
     best: list[int] = []
     run: list[int] = []
     for r in records:
-        if "competition" in r and abs(r["competition"] - baseline) <= STUCK_TOL:
+        if "competition" in r and abs(r["competition"] - baseline) <= NOTHING_TOL:
             run.append(int(r["epoch"]))
             best = max(best, run, key=len)
         else:
@@ -257,7 +267,7 @@ def fold_warning(records: Sequence[Mapping[str, Any]], baseline: float) -> str |
     """Why a fold's curve needs a look: it never beat predicting nothing, or it sat on that
     score for several epochs; None when neither."""
     scores = [r["competition"] for r in records if "competition" in r]
-    if scores and max(scores) <= baseline + STUCK_TOL:
+    if scores and not beats_nothing(max(scores), baseline):
         return (
             f"never beat predicting nothing (best validation rows-Dice {max(scores):.3f}, "
             f"predict-nothing {baseline:.3f})"
@@ -551,6 +561,7 @@ def write_report(path: str | Path, title: str, inputs: ReportInputs) -> Path:
     cases = inputs.cases
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"]
     parts.append(f"<style>{STYLE}</style><h1>{html.escape(title)}</h1>")
+    parts.extend(f"<p class='flag'>{html.escape(w)}</p>" for w in inputs.warnings)
     parts.append(provenance_html(inputs))
     parts.extend(f"<p>{html.escape(n)}</p>" for n in inputs.notes)
     parts.append(

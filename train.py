@@ -59,6 +59,7 @@ from engine import (
     FoldFailed,
     Learner,
     TrainingError,
+    Verdict,
     build_learner,
     build_loaders,
     fit,
@@ -310,7 +311,8 @@ def train_fold_retrying(
 ) -> dict[str, Any]:
     """`train_fold`, then the `retry:` policy: a fold that failed (engine.judge_fold) is
     retrained with the policy's remedy until it passes, or FoldFailed once the attempts
-    are spent. A failed fold must not be blended: it drags the ensemble below its models."""
+    are spent. A failed fold must not be blended: it drags the ensemble below its models.
+    One that retraining cannot help (Verdict.retrain false) is kept, with a warning."""
     policy = RetryPolicy.from_config(cfg)
     layout = Layout.of(cfg)
     run = layout.fold(model_name, fold)
@@ -320,23 +322,46 @@ def train_fold_retrying(
         while True:
             summary = train_fold(cfg, model_name, fold, data, dist, resume=resume, force=force)
             force = False
-            reason = judge_fold(cfg, model_name, fold)
-            if reason is None:
+            verdict = judge_fold(cfg, model_name, fold)
+            if verdict is None:
+                return summary
+            if not verdict.retrain:
+                log.warning("%s: %s", name, verdict.reason)
                 return summary
             if policy.attempts == 0:
-                log.warning("%s failed: %s (kept: retry.attempts is 0)", name, reason)
+                log.warning("%s failed: %s (kept: retry.attempts is 0)", name, verdict.reason)
                 return summary
             attempt = len(failed_attempts(run))
             if attempt >= policy.attempts:
                 raise FoldFailed(
-                    f"{name} failed after {attempt} retrain(s): {reason}; its attempts are in "
-                    f"{run.retries}. Check the recipe, or raise "
-                    "retry.attempts"
+                    f"{name} failed after {attempt} retrain(s): {verdict.reason}; its attempts "
+                    f"are in {run.retries}. {_spent(cfg, model_name, verdict)}"
                 )
             if dist.is_main:
-                retire_attempt(cfg, model_name, fold, reason)
+                retire_attempt(cfg, model_name, fold, verdict.reason)
             dist.barrier()
-            log.warning("%s failed (%s); retraining it, attempt %d", name, reason, attempt + 1)
+            log.warning(
+                "%s failed (%s); retraining it, attempt %d", name, verdict.reason, attempt + 1
+            )
+
+
+def _spent(cfg: dict[str, Any], model_name: str, verdict: Verdict) -> str:
+    """What helps a fold that other seeds did not: the settings that change the outcome.
+    More attempts rarely do (the seeds already tried failed alike); the user's command
+    again with `retry.attempts=0` always goes on, keeping the fold, which the report flags."""
+    keep = "keep it as it is (the report then flags it): " + invocation.rerun_with(
+        {"retry.attempts": "0"}
+    )
+    if verdict.kind == "nothing":
+        epochs = TrainSettings.from_config(cfg).epochs
+        return (
+            f"Another fold of {model_name} beat predicting nothing, so the recipe can: train "
+            f"every fold longer (train.epochs, now {epochs}), or {keep}"
+        )
+    if verdict.kind == "trails":
+        margin = RetryPolicy.from_config(cfg).margin
+        return f"Accept a wider gap with a larger retry.margin (now {margin}), or {keep}"
+    return f"To go on, {keep}"
 
 
 def write_fold_oof(
@@ -438,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(folds) > 1 and RetryPolicy.from_config(cfg).attempts:
             # The first folds were judged before the later ones existed: judge them again.
             for i, k in enumerate(folds):
-                if judge_fold(cfg, args.model, k) is not None:
+                verdict = judge_fold(cfg, args.model, k)
+                if verdict is not None and verdict.retrain:
                     summaries[i] = train_fold_retrying(cfg, args.model, k, data, dist)
     except (ConfigError, DataError, locks.InUse) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +144,37 @@ def test_the_gallery_draws_a_huge_test_frame_as_a_thumbnail(tmp_path, monkeypatc
     assert thumb.shape == (480, 640, 3) and thumb_map.shape == (480, 640)
     tiny_image, tiny_map = np.zeros((64, 80, 3), np.uint8), np.zeros((64, 80), np.uint8)
     assert reporting._thumbnail(tiny_image, tiny_map)[0] is tiny_image
+
+
+def test_a_submission_under_predicting_nothing_is_the_reports_first_line(
+    two_model_experiment, tmp_path, capsys
+) -> None:
+    """Issue 40: a submission that scored rows-Dice 0.152 against the 0.500 of predicting
+    nothing opened its report with "within the noise" against the best simple chain; the
+    shortfall showed only in the training curves, ten sections down. With every test mask
+    emptied, predicting nothing scores 1 on every row and no submission beats it: a red
+    line above everything else says so with both figures, and so do the pipeline's last
+    lines and scores.json."""
+    import cv2
+
+    root = Path(shutil.copytree(two_model_experiment, tmp_path / "experiment"))
+    for mask in (root / "data" / "test_gt").iterdir():
+        shape = cv2.imread(str(mask)).shape
+        cv2.imwrite(str(mask), np.zeros(shape, np.uint8))
+    flags = ["--config", str(root / "tiny.yaml"), "--out-dir", str(root / "out")]
+    assert pipeline.main([*flags, "--data-dir", str(root / "data")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    exp = root / "out" / "tiny"
+    warnings = json.loads((exp / "scores.json").read_text())["warnings"]
+    line = next(w for w in warnings if "on the test set" in w)
+    assert re.fullmatch(
+        r"The submission does not beat predicting nothing on the test set: rows-Dice "
+        r"[01]\.\d{4}, an empty submission 1\.0000\.",
+        line,
+    )
+    page = (exp / "report.html").read_text()
+    first_screen = page.split("class='provenance'", 1)[0]
+    assert f"<p class='flag'>{line}</p>" in first_screen
+    # the pipeline ends on the report's warnings, after its closing line
+    finished = next(i for i, text in enumerate(out) if text.startswith("pipeline finished"))
+    assert out[finished + 1 :] == [f"warning: {w}" for w in warnings]

@@ -5,11 +5,14 @@ tests do not depend on whether a tiny model happens to learn."""
 from __future__ import annotations
 
 import json
+import logging
+import shlex
 
 import pytest
 import yaml
 
 import pipeline
+import train
 from config import ConfigError, load_config
 from data.foldlog import read_log, write_log
 from engine import fold_verdict, judge_fold, retire_attempt
@@ -26,18 +29,35 @@ def history(scores: list[float], nothing: float = 0.5) -> list[dict]:
 
 
 def test_a_fold_fails_when_it_never_beats_nothing_or_trails_its_model():
-    assert fold_verdict(history([0.3, 0.5]), "competition", [], 0.1).startswith(
-        "best validation competition 0.5000 never beat predicting nothing (0.5000)"
+    never = fold_verdict(history([0.3, 0.5]), "competition", [], 0.1)
+    assert (
+        never.reason == "best validation competition 0.5000 never beat predicting nothing (0.5000)"
     )
+    assert never.kind == "nothing"
     assert fold_verdict(history([0.3, 0.6]), "competition", [], 0.1) is None
+    # a fold that collapsed to background scores the baseline give or take a few pixels:
+    # that is not beating it
+    assert fold_verdict(history([0.504]), "competition", [], 0.1).kind == "nothing"
     others = [history([0.8]), history([0.9])]  # gains 0.3 and 0.4: median 0.35
     assert fold_verdict(history([0.75]), "competition", others, 0.15) is None  # gain 0.25
-    reason = fold_verdict(history([0.6]), "competition", others, 0.15)  # gain 0.1
-    assert "trails the median of its model's other folds (0.3500)" in reason
+    trails = fold_verdict(history([0.6]), "competition", others, 0.15)  # gain 0.1
+    assert "trails the median of its model's other folds (0.3500)" in trails.reason
+    assert trails.kind == "trails" and trails.retrain
     assert fold_verdict(history([0.6]), "competition", others, None) is None  # no margin
     assert fold_verdict(history([0.6]), "competition", others[:1], 0.15) is None  # 1 other
     old_log = [{"epoch": 1, "competition": 0.1}]  # written before "nothing" was recorded
     assert fold_verdict(old_log, "competition", [], 0.15) is None
+
+
+def test_a_fold_under_nothing_is_retrained_only_when_another_fold_shows_the_recipe_can_beat_it():
+    """Another seed cannot lift a fold over predicting nothing when no fold of its model got
+    there (a one-epoch recipe, a fold trained alone): it is kept, not retrained until the
+    run is failed. One fold that did beat it shows the recipe can, and then a retrain may."""
+    under = history([0.2, 0.4])
+    assert not fold_verdict(under, "competition", [], 0.15).retrain  # alone
+    assert not fold_verdict(under, "competition", [history([0.3]), history([0.45])], 0.15).retrain
+    assert not fold_verdict(under, "competition", [history([0.503])], 0.15).retrain  # collapsed
+    assert fold_verdict(under, "competition", [history([0.3]), history([0.7])], 0.15).retrain
 
 
 def test_a_fold_is_judged_on_its_metric_against_its_models_other_complete_folds(
@@ -72,14 +92,27 @@ def test_a_fold_is_judged_on_its_metric_against_its_models_other_complete_folds(
     # folds as peers the median would be 0.65, and the fold would fail)
     assert judge_fold(cfg, "tiny", 0) is None
     # fold 2 against 0.30 and 0.40 (median 0.35): 0.20 trails by more than 0.05
-    assert judge_fold(cfg, "tiny", 2) == (
+    assert judge_fold(cfg, "tiny", 2).reason == (
         "gain over predicting nothing 0.2000 trails the median of its model's other folds "
         "(0.3500) by more than 0.05"
     )
     assert judge_fold(cfg, "tiny", 3) is None  # unfinished: not judged
+    # on dice_seg no fold beat predicting nothing: the recipe is the limit, and each log's
+    # curve says what to change (flat from its first epoch: not more epochs)
     by_seg = {**cfg, "train": {**cfg["train"], "best_metric": "dice_seg"}}
-    assert judge_fold(by_seg, "tiny", 1) == (
-        "best validation dice_seg 0.5000 never beat predicting nothing (0.5000)"
+    verdict = judge_fold(by_seg, "tiny", 1)
+    assert not verdict.retrain
+    assert verdict.reason == (
+        "best validation dice_seg 0.5000 never beat predicting nothing (0.5000); not "
+        "retrained: no other trained fold of tiny beat it either, so the recipe is the limit, "
+        "not the seed; its best epoch was 1 of 2: try another train.lr (now 0.003)"
+    )
+    write_log(
+        layout.fold("tiny", 1).log,
+        [{**r, "dice_seg": 0.1 * r["epoch"]} for r in read_log(layout.fold("tiny", 1).log)],
+    )
+    assert judge_fold(by_seg, "tiny", 1).reason.endswith(
+        "it was best at its last epoch: raise train.epochs (now 2)"
     )
 
 
@@ -159,6 +192,35 @@ def test_train_retrains_a_failed_fold_with_the_remedy_then_stops_when_attempts_r
     err = capsys.readouterr().err
     assert "tiny fold 1 failed after 1 retrain(s)" in err and "retries.json" in err
     assert len(json.loads((fold_path(tmp_path, 1) / "retries.json").read_text())["failed"]) == 1
+    # the message names the command that lets the run go on, and it does, as printed
+    assert "raise retry.attempts" not in err
+    hint = err.split("keep it as it is (the report then flags it): ", 1)[1].strip()
+    program, argv = hint.split(" --", 1)
+    assert program == "python train.py" and argv.endswith("--set retry.attempts=0")
+    assert train.main(shlex.split("--" + argv)) == 0
+
+
+def test_a_fold_trained_alone_under_nothing_is_kept_and_told_what_to_change(
+    tmp_path, tiny_data, monkeypatch, caplog
+):
+    """Issue 40: `train.py --fold 0 --epochs 1` exited 1 after two retrains with other
+    seeds, 'never beat predicting nothing', telling the user to raise retry.attempts. No
+    other fold of the model had beaten it either, so no seed could: the fold is kept, and
+    the warning names what may help (its best epoch was its last: more epochs)."""
+    monkeypatch.delenv("NEOPOLYP_FAIL_FOLD", raising=False)
+    config = write_config(tmp_path, tiny_data, epochs=1)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["retry"] = {"attempts": 2}  # the default policy
+    config.write_text(yaml.safe_dump(cfg))
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert run_main(config, "--fold", "0") == 0
+    assert not (fold_path(tmp_path) / "retries.json").exists()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("tiny fold 0: best validation competition ")
+    assert warning.endswith(
+        "not retrained: no other trained fold of tiny beat it either, so the recipe is the "
+        "limit, not the seed; it was best at its last epoch: raise train.epochs (now 1)"
+    )
 
 
 def test_the_pipeline_retrains_a_failed_fold_and_the_report_says_so(
@@ -178,5 +240,7 @@ def test_the_pipeline_retrains_a_failed_fold_and_the_report_says_so(
     html = (exp / "report.html").read_text()
     assert "tiny fold 0 was retrained 1 time(s) after failing" in html
     assert "NEOPOLYP_FAIL_FOLD" in html
-    notes = json.loads((exp / "scores.json").read_text())["notes"]
-    assert any(n.startswith("tiny fold 0 was retrained") for n in notes)
+    warnings = json.loads((exp / "scores.json").read_text())["warnings"]
+    assert any(w.startswith("tiny fold 0 was retrained") for w in warnings)
+    # a red line of the report's first screen, above the provenance
+    assert html.index("tiny fold 0 was retrained") < html.index("class='provenance'")
