@@ -87,7 +87,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from config import ConfigError
 from data.atomic import atomic_write
-from invocation import stage_hint
+from invocation import finished, stage_hint
 from metrics import OBJECTIVES
 from paths import Layout
 from runtime import kill_point
@@ -818,8 +818,14 @@ def run_study(
                 study.enqueue_trial(dict(params))
         first = len(counted_trials(study))
         ticker = Ticker(f"{stage} study", trials, "trials", lambda: len(counted_trials(study)), log)
-        with ticker:
-            _run_to(study, objective, trials, seed, base, place, pruner)
+        try:
+            with ticker:
+                _run_to(study, objective, trials, seed, base, place, pruner)
+        except KeyboardInterrupt:
+            if place is not None:  # what an interrupt's line says is kept (a rerun goes on)
+                kept = len(counted_trials(study))
+                finished(f"study {study.study_name}: {kept} of {trials} trials finished")
+            raise
         done = len(counted_trials(study))
     where = f" in {redact(place.storage)}" if place else ""
     log.info("study %s%s: %d finished trials (%d new)", study.study_name, where, done, done - first)

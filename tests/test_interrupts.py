@@ -24,7 +24,9 @@ import pytest
 
 import pipeline
 import report
+import studies
 import train
+from config import reports_environment_errors
 from tests.trainkit import ROOT, write_config
 
 LINE = re.compile(r"interrupted \((Ctrl-C|SIGTERM)\)(?:; finished: (.+?))?; resume with: (.+)")
@@ -142,3 +144,27 @@ def test_any_command_ends_an_interrupt_in_one_line(
         f"interrupted ({how}); resume with: python report.py --config {config}\n"
     )
     assert signal.getsignal(signal.SIGTERM) == previous  # given back
+
+
+def test_an_interrupted_study_says_how_many_trials_it_kept(tmp_path, capsys) -> None:
+    """An optuna stage (ensemble, tune, hpo) stopped in its third trial: the two finished
+    are in the storage, where the rerun goes on from."""
+    calls = []
+
+    def objective(trial) -> float:
+        calls.append(trial.number)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return trial.suggest_float("x", 0.0, 1.0)
+
+    @reports_environment_errors
+    def main(argv) -> int:
+        place = studies.StudyPlace(f"sqlite:///{tmp_path / 'optuna.db'}")
+        studies.run_study("demo", objective, 10, 0, place)
+        return 0
+
+    assert main(["--trials", "10"]) == 130
+    line = capsys.readouterr().err.strip()
+    how, done, command = LINE.fullmatch(line).groups()
+    assert how == "Ctrl-C" and re.fullmatch(r"study demo-\w+: 2 of 10 trials finished", done)
+    assert shlex.split(command)[-2:] == ["--trials", "10"]
