@@ -189,6 +189,24 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+def quiet_start(name: str) -> None:
+    """Until the command's `main` runs, Ctrl-C or SIGTERM ends it with one line (exit 130
+    or 143) instead of the traceback of whichever import it stopped: the heavy ones take
+    seconds. For the script of command `name`, before those imports (stages.preflight)."""
+    typed = _typed(program(name), sys.argv[1:])
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        print(
+            f"interrupted ({how}) while starting; run again: {shlex.join(typed)}", file=sys.stderr
+        )
+        raise SystemExit(EXIT_CODES[signum])
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in EXIT_CODES:
+            signal.signal(signum, stop)
+
+
 @contextmanager
 def invoked(
     module: str, argv: Sequence[str] | None, resume: Callable[[list[str]], list[str]] | None
@@ -201,12 +219,15 @@ def invoked(
     call = Invocation(prog, words, _typed(prog, words) if outer else [*prog, *words], resume)
     token = _CALLS.set((*_CALLS.get(), call))
     handle = outer and threading.current_thread() is threading.main_thread()
-    previous: Any = signal.signal(signal.SIGTERM, _raise_terminated) if handle else None
+    handlers = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
+    previous: dict[int, Any] = {}
+    if handle:  # (quiet_start's handlers, if any, are for the imports before)
+        previous = {signum: signal.signal(signum, h) for signum, h in handlers.items()}
     try:
         yield call
     finally:
-        if handle:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         _CALLS.reset(token)
 
 

@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import cli
+import invocation
 from config import ConfigError, resolve_cli_config
 from paths import Layout
 from settings import DataSettings, refining
@@ -316,7 +317,9 @@ CONFIGS: dict[str, Callable[[argparse.Namespace], Any]] = {
 def preflight(name: str) -> None:
     """Answer `--help`, and refuse a bad command line or config in one line (exit 2), before
     the command imports torch: a typo in a key waited 5-10 s for it. Model and encoder
-    checks, which need the model libraries, stay with the command."""
+    checks, which need the model libraries, stay with the command. From here until its
+    `main` runs, Ctrl-C is one line too (invocation.quiet_start)."""
+    invocation.quiet_start(name)
     args = parser(name).parse_args()
     if name not in CONFIGS:
         return

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import invocation
 import pipeline
 import report
 import studies
@@ -168,3 +169,24 @@ def test_an_interrupted_study_says_how_many_trials_it_kept(tmp_path, capsys) -> 
     how, done, command = LINE.fullmatch(line).groups()
     assert how == "Ctrl-C" and re.fullmatch(r"study demo-\w+: 2 of 10 trials finished", done)
     assert shlex.split(command)[-2:] == ["--trials", "10"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_a_command_imports_is_one_line(monkeypatch, capsys, sig) -> None:
+    """Between stages.preflight and `main` (torch and the rest import for seconds), an
+    interrupt stopped whichever import it fell in, with its traceback."""
+    monkeypatch.setattr(sys, "argv", ["train.py", "--model", "tiny", "--fold", "0"])
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        invocation.quiet_start("train")
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), sig)
+            time.sleep(5)  # the signal arrives here
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert stopped.value.code == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+    how = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[sig]
+    assert capsys.readouterr().err == (
+        f"interrupted ({how}) while starting; run again: python train.py --model tiny --fold 0\n"
+    )
