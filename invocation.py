@@ -7,14 +7,17 @@ read inside pipeline.py, which has no --force, and a bare `python train.py ...` 
 here from the running command's own context: `command_hint` names another command (or
 the same) with the config flags the user's command resolved (`--config`, `--data-dir`,
 `--out-dir`, every `--set`, and the dedicated flags that changed the config, as `--set`);
-`rerun_hint` repeats the user's own command line with a setting added. The context lives
-in a context variable set by `config.reports_environment_errors` (every command's `main`)
-and `config.resolve_cli_config` (where the arguments become a config), so the modules deep
-in a stage need no arguments passed down to say the right command.
+`rerun_hint` and `rerun_with` repeat the user's own command line with a flag or setting
+added (inside pipeline.py, and in the fold processes it starts, that is the pipeline's).
+The context lives in a context variable set by `config.reports_environment_errors` (every
+command's `main`) and `config.resolve_cli_config` (where the arguments become a config),
+so the modules deep in a stage need no arguments passed down to say the right command. A
+hint ends its clause (end of line, ';', ')' or ', then'), so it can be copied whole.
 
 Interrupts: Ctrl-C (SIGINT) and SIGTERM end a command with one line, what it finished and
 the command that resumes it, exit 130 or 143; SIGTERM is raised as `Terminated` in the
 main thread, so the `finally` blocks that end child processes run as they do for Ctrl-C.
+Inside pipeline.py a stage's interrupt goes on to the pipeline, whose line it is.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ class Terminated(KeyboardInterrupt):
 @dataclass
 class Invocation:
     """One command call: its program (`python train.py`, `python -m data.check`), the
-    arguments as given, the config flags it resolved, and the last thing it finished."""
+    arguments as given, what the user typed (these two, or in a pipeline's fold process the
+    pipeline's command), how its arguments resume it, the config flags it resolved, and
+    the last thing it finished."""
 
     program: list[str]
     argv: list[str]
