@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import cli
 import invocation
-from config import ConfigError, resolve_cli_config
+from config import (
+    ConfigError,
+    add_config_arguments,
+    apply_overrides,
+    load_config,
+    resolve_cli_config,
+)
 from paths import Layout
 from settings import DataSettings, refining
 
@@ -320,11 +326,23 @@ def preflight(name: str) -> None:
     checks, which need the model libraries, stay with the command. From here until its
     `main` runs, Ctrl-C is one line too (invocation.quiet_start)."""
     invocation.quiet_start(name)
-    args = parser(name).parse_args()
-    if name not in CONFIGS:
-        return
     try:
-        CONFIGS[name](args)
+        if name in CONFIGS:
+            # the file and its --set first, so `train.py --set train.epocs=3` names the key
+            # even before argparse asks for the command's required flags
+            given, _ = _config_flags().parse_known_args()
+            apply_overrides(load_config(given.config), given.set)
+        args = parser(name).parse_args()
+        if name in CONFIGS:
+            CONFIGS[name](args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def _config_flags() -> argparse.ArgumentParser:
+    """The flags every config-reading command shares, alone (no abbreviations: `--out`
+    of export.py must not read as `--out-dir`)."""
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_config_arguments(flags)
+    return flags

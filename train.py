@@ -326,7 +326,9 @@ def train_fold_retrying(
             if verdict is None:
                 return summary
             if not verdict.retrain:
-                log.warning("%s: %s", name, verdict.reason)
+                # said when the fold trains; a reused one's verdict is the report's warning
+                level = logging.INFO if summary["skipped"] else logging.WARNING
+                log.log(level, "%s: %s", name, verdict.reason)
                 return summary
             if policy.attempts == 0:
                 log.warning("%s failed: %s (kept: retry.attempts is 0)", name, verdict.reason)

@@ -244,7 +244,10 @@ def test_a_failing_sbatch_is_one_line_naming_its_error(
     monkeypatch.setenv("PATH", fake_slurm(tmp_path / "bin", 1))
     config = write_config(tmp_path, tiny_data, epochs=1)
     assert pipeline.main(["--config", str(config), "--launcher", "slurm"]) == 2
-    line = one_error_line(capsys)
+    # the split is made and the console says what will train before sbatch is asked
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "sbatch" in line and "Invalid partition name specified" in line
     assert "slurm: section" in line and "--set slurm.partition=" in line
 

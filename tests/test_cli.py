@@ -53,6 +53,20 @@ def test_every_command_that_reads_a_config_says_how_it_resolves_it() -> None:
     assert set(stages.CONFIGS) == {name for name in commands if reads_a_config(name)}
 
 
+def test_a_bad_key_is_named_before_the_commands_required_flags() -> None:
+    """The issue's own command: `train.py --set train.epocs=3`, no --model or --fold."""
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, "train.py", "--set", BAD_KEY],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout.strip() == "imported:", done
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: override {BAD_KEY!r}: no key 'train.epocs'"), line
+
+
 @pytest.mark.parametrize("name", sorted(stages.CONFIGS))
 def test_a_bad_key_is_refused_before_torch_in_the_commands_own_words(
     name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
