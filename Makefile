@@ -1,4 +1,4 @@
-# neopolyp: `make test` and `make demo` are the two commands a user needs.
+# neopolyp: `make smoke` (two minutes), `make demo` (half an hour) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
