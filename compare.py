@@ -17,7 +17,7 @@ ones the folds trained on, by sha256, as each fold's `recipe.json` records them.
 
 from __future__ import annotations
 
-import stages
+from workflow import stages
 
 if __name__ == "__main__":
     stages.preflight("compare")
@@ -31,14 +31,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-import invocation
-from config import ConfigError, reports_environment_errors
+from chain.decisions import MIN_N_BOOT, Rule, bootstrap_gain
+from chain.evaluation import SUBMITTED, TEST_TABLE, format_rows, read_json
+from core import invocation
+from core.config import ConfigError, reports_environment_errors
+from core.paths import Layout
+from core.settings import DataSettings
 from data.reader import DataError
-from decisions import MIN_N_BOOT, Rule, bootstrap_gain
-from evaluation import SUBMITTED, TEST_TABLE, format_rows, read_json
-from paths import Layout
-from recipe import flatten
-from settings import DataSettings
+from training.recipe import flatten
 
 # Keys that name where an experiment lives, not what it does.
 WHERE = {"experiment", "data_dir", "out_dir"}

@@ -23,8 +23,7 @@ continues where it stopped; the all-folds study's trials are exported to
 
 from __future__ import annotations
 
-import cli
-import stages
+from workflow import cli, stages
 
 if __name__ == "__main__":
     stages.preflight("ensemble")
@@ -40,15 +39,20 @@ from typing import Any
 import numpy as np
 import optuna
 
-import lineage
-import studies
-from config import (
+from chain import lineage, studies
+from chain.decisions import LENSES, Candidate, Rule, choose, cross_fit, fold_rows, format_decision
+from chain.postprocessing import PostprocessParams, postprocess
+from chain.studies import StudyPlace, search_settings
+from core.config import (
     ConfigError,
     provenance,
     reports_environment_errors,
     resolve_cli_config,
     setup_logging,
 )
+from core.invocation import command_hint
+from core.metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
+from core.paths import Layout
 from data.atomic import write_json
 from data.cache import load_targets
 from data.probstore import (
@@ -63,12 +67,6 @@ from data.probstore import (
     save_probs,
 )
 from data.reader import DataError
-from decisions import LENSES, Candidate, Rule, choose, cross_fit, fold_rows, format_decision
-from invocation import command_hint
-from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
-from paths import Layout
-from postprocessing import PostprocessParams, postprocess
-from studies import StudyPlace, search_settings
 
 log = logging.getLogger("ensemble")
 

@@ -16,7 +16,7 @@ they change nothing.
 
 from __future__ import annotations
 
-import stages
+from workflow import stages
 
 if __name__ == "__main__":
     stages.preflight("export")
@@ -38,23 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-import lineage
-from config import (
-    ConfigError,
-    config_hash,
-    git_hash,
-    model_entry,
-    reports_environment_errors,
-    resolve_cli_config,
-    setup_logging,
-)
-from data.atomic import atomic_dir, atomic_write, write_json
-from data.probstore import load_probs
-from data.reader import DataError
-from data.submission import write_submission
-from invocation import command_hint, command_line
-from models.inference import load_checkpoint, model_from_checkpoint
-from package import (
+from chain import lineage
+from chain.package import (
     CHAIN,
     CLASSES,
     REFINERS,
@@ -68,10 +53,25 @@ from package import (
     write_manifest,
     zip_folder,
 )
-from paths import Layout
-from postprocessing import PostprocessParams, class_maps, input_store
-from recipe import check_fold_checkpoint
-from settings import DataSettings, TrainSettings
+from chain.postprocessing import PostprocessParams, class_maps, input_store
+from core.config import (
+    ConfigError,
+    config_hash,
+    git_hash,
+    model_entry,
+    reports_environment_errors,
+    resolve_cli_config,
+    setup_logging,
+)
+from core.invocation import command_hint, command_line
+from core.paths import Layout
+from core.settings import DataSettings, TrainSettings
+from data.atomic import atomic_dir, atomic_write, write_json
+from data.probstore import load_probs
+from data.reader import DataError
+from data.submission import write_submission
+from models.inference import load_checkpoint, model_from_checkpoint
+from training.recipe import check_fold_checkpoint
 
 log = logging.getLogger("export")
 

@@ -21,8 +21,7 @@ searched config, ready for `python pipeline.py --config <exp>/hpo/best_<model>.y
 
 from __future__ import annotations
 
-import cli
-import stages
+from workflow import cli, stages
 
 if __name__ == "__main__":
     stages.preflight("hpo")
@@ -45,8 +44,8 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-import studies
-from config import (
+from chain import studies
+from core.config import (
     ConfigError,
     apply_overrides,
     build_entry,
@@ -56,17 +55,17 @@ from config import (
     reports_environment_errors,
     setup_logging,
 )
+from core.invocation import command_hint
+from core.paths import Layout
+from core.runtime import Dist, configure_cpu_threads, init_dist
+from core.settings import DataSettings, TrainSettings
 from data.atomic import write_text, write_yaml
 from data.foldlog import write_log
 from data.loader import LoaderStalled
 from data.prepare import prepare_train_data
 from data.reader import DataError
-from engine import FitState, TrainingError, build_learner, build_loaders, fit, log_epoch
-from invocation import command_hint
-from paths import Layout
-from recipe import check_config, fold_recipe, recipe_hash
-from runtime import Dist, configure_cpu_threads, init_dist
-from settings import DataSettings, TrainSettings
+from training.engine import FitState, TrainingError, build_learner, build_loaders, fit, log_epoch
+from training.recipe import check_config, fold_recipe, recipe_hash
 
 log = logging.getLogger("hpo")
 

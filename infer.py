@@ -23,8 +23,7 @@ replaces only outputs that infer.py wrote there (the lock file marks them).
 
 from __future__ import annotations
 
-import cli
-import stages
+from workflow import cli, stages
 
 if __name__ == "__main__":
     stages.preflight("infer")
@@ -47,8 +46,14 @@ import torch
 from joblib import effective_n_jobs
 from torch import nn
 
-import locks
-from config import ConfigError, reports_environment_errors, setup_logging
+from chain.package import Chain, Network, PackageError, open_package
+from chain.postprocessing import class_maps
+from chain.refinement import RefineSettings, load_refiners, portable_numerics, refine_test
+from core import locks
+from core.config import ConfigError, reports_environment_errors, setup_logging
+from core.paths import InferFiles
+from core.runtime import Precision, choose_precision, configure_cpu_threads, configure_determinism
+from core.ticker import Ticker
 from data.atomic import atomic_write
 from data.augment import build_transforms
 from data.cache import resize_pair
@@ -57,12 +62,6 @@ from data.probstore import ProbMaps, blend_rows, normalised, quantise
 from data.reader import DataError, list_image_tree, load_image
 from data.submission import check_rows, write_submission
 from models.inference import probability_model
-from package import Chain, Network, PackageError, open_package
-from paths import InferFiles
-from postprocessing import class_maps
-from refinement import RefineSettings, load_refiners, portable_numerics, refine_test
-from runtime import Precision, choose_precision, configure_cpu_threads, configure_determinism
-from ticker import Ticker
 
 log = logging.getLogger("infer")
 

@@ -21,7 +21,7 @@ scores what was made (out of fold always, on the test set when the data folder h
 
 from __future__ import annotations
 
-import stages
+from workflow import stages
 
 if __name__ == "__main__":
     stages.preflight("pipeline")
@@ -43,22 +43,26 @@ from typing import Any, TextIO
 
 import yaml
 
-import invocation
-import launchers
-import locks
-import planning
-import progress
 import refine
-import studies
-import ticker
 import train
-from config import (
+from chain import studies
+from chain.decisions import Rule
+from chain.evaluation import (
+    format_rows,
+    read_json,
+)
+from chain.stamps import Inputs, Stamps
+from core import invocation, locks, ticker
+from core.config import (
     LOG_FORMAT,
     ConfigError,
     config_argv,
     reports_environment_errors,
     setup_logging,
 )
+from core.paths import Layout
+from core.runtime import PARENT_ENV, Dist
+from core.settings import DataSettings, TrainSettings
 from data.atomic import write_json, write_yaml
 from data.prepare import prepare_train_data
 from data.reader import (
@@ -67,26 +71,18 @@ from data.reader import (
     list_test,
     list_test_gt,
 )
-from decisions import Rule
-from engine import judge_fold
-from evaluation import (
-    format_rows,
-    read_json,
-)
 from models import inference
 from models.registry import check_model
-from paths import Layout
-from recipe import (
+from training.engine import judge_fold
+from training.recipe import (
     RetryPolicy,
     check_config,
     check_recipes_early,
     flatten,
     recipe_changes,
 )
-from runtime import PARENT_ENV, Dist
-from settings import DataSettings, TrainSettings
-from stages import STAGES, Plan, Stage
-from stamps import Inputs, Stamps
+from workflow import launchers, planning, progress
+from workflow.stages import STAGES, Plan, Stage
 
 log = logging.getLogger("pipeline")
 

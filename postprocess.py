@@ -8,7 +8,7 @@ store `postprocessing.input_store` reads from postprocess.json), and writes
 
 from __future__ import annotations
 
-import stages
+from workflow import stages
 
 if __name__ == "__main__":
     stages.preflight("postprocess")
@@ -23,18 +23,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from config import (
+from chain.postprocessing import PostprocessParams, class_maps, input_store, load_params
+from core.config import (
     ConfigError,
     reports_environment_errors,
     resolve_cli_config,
     setup_logging,
 )
+from core.paths import Layout
+from core.ticker import Ticker
 from data.probstore import ProbMaps, load_probs
 from data.reader import DataError, list_test
 from data.submission import check_submission, image_size, write_submission
-from paths import Layout
-from postprocessing import PostprocessParams, class_maps, input_store, load_params
-from ticker import Ticker
 
 log = logging.getLogger("postprocess")
 

@@ -14,8 +14,7 @@ TTA: models/inference.py (`probability_model`), shared with infer.py.
 
 from __future__ import annotations
 
-import cli
-import stages
+from workflow import cli, stages
 
 if __name__ == "__main__":
     stages.preflight("predict")
@@ -31,32 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 
-import lineage
-from config import (
+from chain import lineage
+from core.config import (
     ConfigError,
     model_entry,
     provenance,
     reports_environment_errors,
     setup_logging,
 )
-from data.augment import transforms_for
-from data.cache import CachedItem, prepare_for_config
-from data.dataset import SegDataset
-from data.loader import LoaderStalled, config_loader
-from data.prepare import prepare_train_data
-from data.probstore import META_FILE, ProbMaps, concat, load_probs, quantise, save_probs
-from data.reader import DataError, list_test, list_train
-from invocation import command_hint
-from models.inference import (
-    load_checkpoint,
-    model_from_checkpoint,
-    predict_probs,
-    probability_model,
-    tta_transforms,
-)
-from paths import Layout, RunFiles
-from recipe import check_fold_checkpoint
-from runtime import (
+from core.invocation import command_hint
+from core.paths import Layout, RunFiles
+from core.runtime import (
     Dist,
     Precision,
     choose_precision,
@@ -64,8 +48,23 @@ from runtime import (
     configure_determinism,
     kill_point,
 )
-from settings import DataSettings, TrainSettings
-from ticker import Ticker
+from core.settings import DataSettings, TrainSettings
+from core.ticker import Ticker
+from data.augment import transforms_for
+from data.cache import CachedItem, prepare_for_config
+from data.dataset import SegDataset
+from data.loader import LoaderStalled, config_loader
+from data.prepare import prepare_train_data
+from data.probstore import META_FILE, ProbMaps, concat, load_probs, quantise, save_probs
+from data.reader import DataError, list_test, list_train
+from models.inference import (
+    load_checkpoint,
+    model_from_checkpoint,
+    predict_probs,
+    probability_model,
+    tta_transforms,
+)
+from training.recipe import check_fold_checkpoint
 
 log = logging.getLogger("predict")
 

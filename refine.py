@@ -25,7 +25,7 @@ themselves out of sample (ensemble.py blends each fold with the weights fitted w
 
 from __future__ import annotations
 
-import stages
+from workflow import stages
 
 if __name__ == "__main__":
     stages.preflight("refine")
@@ -43,24 +43,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-import lineage
-from config import (
-    ConfigError,
-    provenance,
-    reports_environment_errors,
-    resolve_cli_config,
-    setup_logging,
-)
-from data.atomic import write_json
-from data.cache import load_item, prepare_for_config, train_items
-from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
-from data.reader import DataError, list_test
-from decisions import Candidate, Rule, choose, format_decision, map_stats, pick
-from invocation import command_hint
-from metrics import class_stats
-from models.refiner import RegionRefiner
-from paths import Layout
-from refinement import (
+from chain import lineage
+from chain.decisions import Candidate, Rule, choose, format_decision, map_stats, pick
+from chain.refinement import (
     RefineSettings,
     RegionSet,
     collect_regions,
@@ -71,9 +56,24 @@ from refinement import (
     save_refiners,
     tensor,
 )
-from regions import CROP_CHANNELS, FALSE_POSITIVE
-from runtime import derive_seed
-from ticker import Ticker
+from chain.regions import CROP_CHANNELS, FALSE_POSITIVE
+from core.config import (
+    ConfigError,
+    provenance,
+    reports_environment_errors,
+    resolve_cli_config,
+    setup_logging,
+)
+from core.invocation import command_hint
+from core.metrics import class_stats
+from core.paths import Layout
+from core.runtime import derive_seed
+from core.ticker import Ticker
+from data.atomic import write_json
+from data.cache import load_item, prepare_for_config, train_items
+from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
+from data.reader import DataError, list_test
+from models.refiner import RegionRefiner
 
 log = logging.getLogger("refine")
 

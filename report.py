@@ -12,7 +12,7 @@ No other stage reads `test_gt/`. The drawing itself is `reporting.py`.
 
 from __future__ import annotations
 
-import stages
+from workflow import stages
 
 if __name__ == "__main__":
     stages.preflight("report")
@@ -25,22 +25,8 @@ from typing import Any
 
 import numpy as np
 
-import postprocessing
-import tracking
-from config import (
-    ConfigError,
-    model_config,
-    reports_environment_errors,
-    resolve_cli_config,
-    setup_logging,
-)
-from data.atomic import write_json
-from data.cache import load_item, train_items
-from data.foldlog import failed_attempts
-from data.probstore import ProbMaps, load_probs
-from data.reader import DataError, list_test, list_test_gt
-from engine import judge_fold
-from evaluation import (
+from chain import postprocessing
+from chain.evaluation import (
     DECISIONS_TABLE,
     OOF_TABLE,
     SUBMITTED,
@@ -51,14 +37,28 @@ from evaluation import (
     read_json,
     test_rows,
 )
-from invocation import command_line
-from metrics import beats_nothing, class_stats, nothing_stats, scores_from_stats
-from paths import Layout
-from postprocessing import PostprocessParams, input_store, load_params
-from recipe import RetryPolicy
-from reporting import Case, ReportInputs, write_report
-from settings import DataSettings, refining
-from stages import model_names
+from chain.postprocessing import PostprocessParams, input_store, load_params
+from chain.reporting import Case, ReportInputs, write_report
+from core.config import (
+    ConfigError,
+    model_config,
+    reports_environment_errors,
+    resolve_cli_config,
+    setup_logging,
+)
+from core.invocation import command_line
+from core.metrics import beats_nothing, class_stats, nothing_stats, scores_from_stats
+from core.paths import Layout
+from core.settings import DataSettings, refining
+from data.atomic import write_json
+from data.cache import load_item, train_items
+from data.foldlog import failed_attempts
+from data.probstore import ProbMaps, load_probs
+from data.reader import DataError, list_test, list_test_gt
+from training import tracking
+from training.engine import judge_fold
+from training.recipe import RetryPolicy
+from workflow.stages import model_names
 
 
 def oof_cases(store: ProbMaps, cfg: dict[str, Any], params: PostprocessParams) -> list[Case]:

@@ -17,8 +17,7 @@ checkpoint does not know about.
 
 from __future__ import annotations
 
-import cli
-import stages
+from workflow import cli, stages
 
 if __name__ == "__main__":
     stages.preflight("train")
@@ -35,16 +34,24 @@ from typing import Any
 
 import torch.distributed as tdist
 
-import invocation
-import locks
-import tracking
-from config import (
+from core import invocation, locks
+from core.config import (
     ConfigError,
     build_entry,
     provenance,
     reports_environment_errors,
     setup_logging,
 )
+from core.paths import Layout, RunFiles
+from core.runtime import (
+    Dist,
+    configure_cpu_threads,
+    configure_determinism,
+    end_with_parent,
+    init_dist,
+    kill_point,
+)
+from core.settings import DataSettings, TrainSettings
 from data.atomic import save_torch, write_yaml
 from data.augment import transforms_for
 from data.cache import CachedItem
@@ -54,7 +61,11 @@ from data.loader import LoaderStalled, config_loader
 from data.prepare import TrainData, prepare_train_data
 from data.probstore import save_probs
 from data.reader import DataError
-from engine import (
+from models.inference import Probabilities, load_checkpoint, predict_probs
+from models.pretrained import from_scratch_hint, parse_pretrained
+from models.registry import check_model
+from training import tracking
+from training.engine import (
     FitState,
     FoldFailed,
     Learner,
@@ -68,11 +79,7 @@ from engine import (
     log_epoch,
     retire_attempt,
 )
-from models.inference import Probabilities, load_checkpoint, predict_probs
-from models.pretrained import from_scratch_hint, parse_pretrained
-from models.registry import check_model
-from paths import Layout, RunFiles
-from recipe import (
+from training.recipe import (
     RetryPolicy,
     check_config,
     check_fold,
@@ -83,15 +90,6 @@ from recipe import (
     stale_training_data,
     write_recipe,
 )
-from runtime import (
-    Dist,
-    configure_cpu_threads,
-    configure_determinism,
-    end_with_parent,
-    init_dist,
-    kill_point,
-)
-from settings import DataSettings, TrainSettings
 
 log = logging.getLogger("train")
 

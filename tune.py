@@ -24,8 +24,7 @@ where it stopped; the all-folds study's trials are exported to `tune_trials.csv`
 
 from __future__ import annotations
 
-import cli
-import stages
+from workflow import cli, stages
 
 if __name__ == "__main__":
     stages.preflight("tune")
@@ -42,26 +41,25 @@ from typing import Any
 import numpy as np
 import optuna
 
-import lineage
-import studies
-from config import (
+from chain import lineage, studies
+from chain.decisions import LENSES, Candidate, Rule, choose, cross_fit, format_decision, map_stats
+from chain.postprocessing import REGION_MODES, PostprocessParams
+from chain.studies import StudyPlace, search_settings
+from core.config import (
     ConfigError,
     provenance,
     reports_environment_errors,
     resolve_cli_config,
     setup_logging,
 )
+from core.invocation import command_hint
+from core.metrics import OBJECTIVES, scores_from_stats
+from core.paths import Layout
+from core.settings import refining
 from data.atomic import write_json
 from data.cache import load_targets
 from data.probstore import META_FILE, ProbMaps, load_probs
 from data.reader import DataError
-from decisions import LENSES, Candidate, Rule, choose, cross_fit, format_decision, map_stats
-from invocation import command_hint
-from metrics import OBJECTIVES, scores_from_stats
-from paths import Layout
-from postprocessing import REGION_MODES, PostprocessParams
-from settings import refining
-from studies import StudyPlace, search_settings
 
 log = logging.getLogger("tune")
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from bench.report import update_section
-from evaluation import submission_gain
-from paths import Layout
+from chain.evaluation import submission_gain
+from core.paths import Layout
 
 KEYS = ("competition", "dice_seg", "dice_neo", "dice_non")
 TEST = "Test set (original size, test_gt/)"

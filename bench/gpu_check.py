@@ -41,15 +41,15 @@ from typing import Any
 import segmentation_models_pytorch as smp
 import torch
 
-import engine
 from bench.train_throughput import images_per_second, random_batch, time_plain, time_train_py
-from config import apply_overrides, load_config, model_entry
+from core.config import apply_overrides, load_config, model_entry
+from core.paths import Layout
+from core.runtime import Dist, configure_cpu_threads
+from core.settings import TrainSettings
 from data.atomic import write_json
 from data.foldlog import read_log
 from data.synthetic import generate
-from paths import Layout
-from runtime import Dist, configure_cpu_threads
-from settings import TrainSettings
+from training import engine
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO_CONFIG = "configs/bkai.yaml"

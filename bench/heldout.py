@@ -32,9 +32,7 @@ from typing import Any
 import yaml
 
 from bench.report import update_section
-from data.reader import DataError
-from data.synthetic import generate
-from evaluation import (
+from chain.evaluation import (
     GAIN,
     SIMPLE,
     SUBMITTED,
@@ -43,7 +41,9 @@ from evaluation import (
     parse_interval,
     submission_gain,
 )
-from paths import Layout
+from core.paths import Layout
+from data.reader import DataError
+from data.synthetic import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 LINKED = ("train", "train_gt")

@@ -23,9 +23,9 @@ import cv2
 import numpy as np
 import yaml
 
+from chain.postprocessing import PostprocessParams
+from core.paths import Layout
 from data.probstore import save_probs
-from paths import Layout
-from postprocessing import PostprocessParams
 
 SIZE = (6000, 8000)
 STEPS = PostprocessParams(
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=-1)
     args = parser.parse_args()
-    import postprocessing
+    from chain import postprocessing
 
     with tempfile.TemporaryDirectory() as tmp:
         config = make_experiment(Path(tmp), args.frames)

@@ -32,7 +32,12 @@ import export
 import infer
 import pipeline
 from bench.report import update_section
-from config import load_config
+from chain.package import Chain
+from chain.refinement import RefineSettings, load_refiners, portable_numerics, refine_test
+from core.config import load_config
+from core.paths import InferFiles, Layout
+from core.runtime import choose_precision, configure_cpu_threads
+from core.settings import DataSettings, TrainSettings
 from data.augment import transforms_for
 from data.cache import load_item, prepare_for_config
 from data.dataset import SegDataset
@@ -46,12 +51,7 @@ from models.inference import (
     predict_probs,
     probability_model,
 )
-from package import Chain
-from paths import InferFiles, Layout
 from postprocess import make_submission
-from refinement import RefineSettings, load_refiners, portable_numerics, refine_test
-from runtime import choose_precision, configure_cpu_threads
-from settings import DataSettings, TrainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")

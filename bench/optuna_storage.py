@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import optuna
 
-import studies
 import tune
 from bench.postprocess_speed import synthetic_oof
-from paths import Layout
+from chain import studies
+from core.paths import Layout
 
 # When each bookkeeping trial started: the gaps are whole trial cycles (tell, ask, sample).
 STARTS: list[float] = []

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.report import update_section
+from core.metrics import class_stats, scores_from_stats
+from core.paths import Layout
 from data.reader import list_test, list_test_gt, list_train, load_image, load_mask
-from metrics import class_stats, scores_from_stats
-from paths import Layout
 
 SIZE = (256, 320)
 MEAN, STD = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255

@@ -18,11 +18,11 @@ import json
 
 import torch
 
-import planning
-from config import load_config, model_config
+from core.config import load_config, model_config
+from core.paths import Layout
 from models import inference
-from paths import Layout
-from stages import model_names
+from workflow import planning
+from workflow.stages import model_names
 
 
 def main() -> None:

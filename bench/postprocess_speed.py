@@ -23,8 +23,8 @@ import time
 import cv2
 import numpy as np
 
+from chain.postprocessing import PostprocessParams, postprocess
 from data.submission import rle_encode
-from postprocessing import PostprocessParams, postprocess
 from tune import evaluate
 
 # What the reference implements (area filter + majority vote), for a like-for-like row.

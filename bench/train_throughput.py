@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-import engine
 from bench.report import update_section
-from config import ConfigError, apply_overrides, load_config, model_entry, parse_img_size
+from core.config import ConfigError, apply_overrides, load_config, model_entry, parse_img_size
+from core.runtime import Dist, Precision, configure_cpu_threads, init_dist
+from core.settings import DataSettings, TrainSettings
 from models import build_model
 from models.inference import NUM_CLASSES
 from models.losses import SegLoss
-from runtime import Dist, Precision, configure_cpu_threads, init_dist
-from settings import DataSettings, TrainSettings
+from training import engine
 
 log = logging.getLogger("bench.train_throughput")
 # H200 figures quoted in the issue, for comparison when no GPU is at hand.

@@ -26,8 +26,8 @@ from typing import Any
 import albumentations as A
 import cv2
 
-from config import ConfigError
-from settings import DataSettings
+from core.config import ConfigError
+from core.settings import DataSettings
 
 _NEAREST = cv2.INTER_NEAREST
 _GEOMETRY = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}

@@ -29,6 +29,9 @@ import numpy as np
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
+from core.paths import Layout
+from core.settings import DataSettings
+from core.ticker import Ticker
 from data.atomic import atomic_write, write_json
 from data.reader import (
     DataError,
@@ -40,9 +43,6 @@ from data.reader import (
     list_train,
     stratum,
 )
-from paths import Layout
-from settings import DataSettings
-from ticker import Ticker
 
 log = logging.getLogger(__name__)
 

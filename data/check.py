@@ -21,7 +21,8 @@ from pathlib import Path
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from config import ConfigError, load_config, reports_environment_errors
+from core.config import ConfigError, load_config, reports_environment_errors
+from core.settings import DataSettings
 from data.reader import (
     DataError,
     MaskThresholds,
@@ -35,7 +36,6 @@ from data.reader import (
     shared_ids,
     stratum,
 )
-from settings import DataSettings
 
 
 @dataclass

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from core.invocation import retrain_hint
+from core.paths import RunFiles
 from data.atomic import write_text
 from data.reader import DataError
-from invocation import retrain_hint
-from paths import RunFiles
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

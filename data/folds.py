@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
+from core.invocation import rerun_hint
 from data.atomic import write_json
 from data.reader import DataError
-from invocation import rerun_hint
 
 log = logging.getLogger(__name__)
 

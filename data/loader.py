@@ -20,11 +20,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from core.invocation import rerun_with
+from core.runtime import derive_seed
+from core.settings import DataSettings
 from data.dataset import SegDataset
 from data.reader import DataError
-from invocation import rerun_with
-from runtime import derive_seed
-from settings import DataSettings
 
 log = logging.getLogger(__name__)
 

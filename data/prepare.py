@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.paths import Layout
+from core.runtime import Dist
+from core.settings import DataSettings
 from data.cache import CachedItem, check_masks, prepare_for_config
 from data.folds import Folds, load_or_make_folds
 from data.reader import Sample, list_train
-from paths import Layout
-from runtime import Dist
-from settings import DataSettings
 
 _NAMED = 5  # changed files a message names; the rest are counted
 

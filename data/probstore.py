@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from core.runtime import kill_point
 from data.atomic import atomic_dir, write_json
 from data.reader import DataError
-from runtime import kill_point
 
 PROBS_FILE = "probs.npy"
 META_FILE = "meta.json"

@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 import simplejpeg
 
-from config import ConfigError
-from invocation import command_line
+from core.config import ConfigError
+from core.invocation import command_line
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 FOLDERS = ("train", "train_gt", "test", "test_gt")

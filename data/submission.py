@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from config import reports_environment_errors
+from core.config import reports_environment_errors
 from data.atomic import atomic_write
 from data.reader import DataError, list_test
 

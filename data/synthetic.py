@@ -28,7 +28,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from config import reports_environment_errors
+from core.config import reports_environment_errors
 from data.atomic import atomic_dir, atomic_write
 from data.reader import DataError, list_train, load_image, load_mask
 

@@ -29,13 +29,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config import ConfigError
+from core.config import ConfigError
+from core.invocation import retrain_hint
+from core.runtime import Precision
+from core.settings import TTA_CHOICES
 from data.dataset import to_device
 from data.reader import DataError
-from invocation import retrain_hint
 from models.registry import build_model
-from runtime import Precision
-from settings import TTA_CHOICES
 
 NUM_CLASSES = 3
 

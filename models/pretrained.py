@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from config import ConfigError
+from core.config import ConfigError
+from core.invocation import rerun_with
 from data.atomic import atomic_write, save_torch
-from invocation import rerun_with
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from config import ConfigError, model_entry
+from core.config import ConfigError, model_entry
 from models.emcad import EMCAD
 from models.pranet import PraNet
 from models.pretrained import imagenet_download, load_encoder_weights, parse_pretrained

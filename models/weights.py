@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from config import (
+from core.config import (
     ConfigError,
     encoder_file,
     load_config,

@@ -9,7 +9,7 @@ import time
 
 import optuna
 
-from studies import StudyPlace, run_study
+from chain.studies import StudyPlace, run_study
 
 IDENTITY = {"inputs": "postgres test"}
 

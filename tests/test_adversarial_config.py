@@ -15,19 +15,18 @@ import yaml
 from safetensors.torch import save_file
 
 import compare
-import paths
 import pipeline
-import planning
 import predict
-import stages
 import train
-from config import ConfigError, load_config, resolve_cli_config
+from core import paths
+from core.config import ConfigError, load_config, resolve_cli_config
+from core.paths import Layout
+from core.runtime import Dist
 from data.prepare import prepare_train_data
 from models import PretrainedWeightsError, build_model, export_encoder, weights
-from paths import Layout
-from runtime import Dist
 from tests.test_compare import experiment as finished_by_hand
 from tests.trainkit import demo_model, write_config
+from workflow import planning, stages
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:

@@ -23,17 +23,17 @@ import yaml
 import compare
 import pipeline
 import train
+from chain.stamps import digest
+from core.paths import Layout
+from core.runtime import Dist
 from data.cache import prepare
 from data.check import check_dataset
 from data.prepare import prepare_train_data
 from data.probstore import load_probs
 from data.reader import DataError, list_image_tree, list_test, list_train
-from paths import Layout
-from recipe import stale_training_data
-from runtime import Dist
-from stages import STAGES, Plan
-from stamps import digest
 from tests.trainkit import write_config
+from training.recipe import stale_training_data
+from workflow.stages import STAGES, Plan
 
 CPU = Dist(rank=0, world_size=1, device=torch.device("cpu"))
 

@@ -20,18 +20,18 @@ import torch
 
 import export
 import infer
-import locks
 import pipeline
 import postprocess
 import predict
 import train
+from chain.lineage import KEY
+from chain.package import CHAIN, MANIFEST, Chain, sha256
+from core import locks
+from core.paths import InferFiles
 from data.probstore import META_FILE
 from data.submission import image_size
-from lineage import KEY
 from models import build_model
 from models.inference import Probabilities
-from package import CHAIN, MANIFEST, Chain, sha256
-from paths import InferFiles
 from tests.test_export import class_maps_of, private_copy
 from tests.test_onnx import TOLERANCE
 from tests.trainkit import ROOT, demo_model

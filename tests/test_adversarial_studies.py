@@ -21,16 +21,16 @@ import yaml
 
 import ensemble
 import hpo
-import launchers
 import pipeline
-import studies
 import tune
-from config import ConfigError
-from studies import StudyPlace, run_study
+from chain import studies
+from chain.studies import StudyPlace, run_study
+from core.config import ConfigError
 from tests.test_adversarial_config import one_error_line
 from tests.test_postgres_studies import postgres  # noqa: F401  (the server fixture)
 from tests.test_studies import objective
 from tests.trainkit import write_config
+from workflow import launchers
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNING = optuna.trial.TrialState.RUNNING

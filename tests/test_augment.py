@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from config import ConfigError
+from core.config import ConfigError
+from core.runtime import choose_precision
 from data.augment import build_transforms
 from data.cache import prepare
 from data.dataset import MEAN, STD, SegDataset, to_device, to_tensor
 from data.reader import list_test, list_train
-from runtime import choose_precision
 
 SIZE = (64, 96)
 

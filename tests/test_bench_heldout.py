@@ -8,8 +8,8 @@ import json
 import pytest
 
 from bench.heldout import data_folder, summary_row, work_tag
+from chain.evaluation import GAIN, SIMPLE, SUBMITTED, TEST_TABLE, parse_interval
 from data.reader import DataError
-from evaluation import GAIN, SIMPLE, SUBMITTED, TEST_TABLE, parse_interval
 
 
 def _flat(root, names):

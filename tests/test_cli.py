@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
-import cli
 import compare
 import export
 import infer
-import stages
-from config import ConfigError
+from core.config import ConfigError
 from tests.trainkit import ROOT, write_config
+from workflow import cli, stages
 
 BAD_KEY = "train.epocs=3"
 # Imported by a command's work, never by its refusal of a config (stages.preflight).

@@ -7,9 +7,9 @@ import numpy as np
 import yaml
 
 import compare
+from chain.decisions import Rule, bootstrap_gain
+from core.metrics import scores_from_stats
 from data.atomic import write_json
-from decisions import Rule, bootstrap_gain
-from metrics import scores_from_stats
 
 
 def per_image_stats(scores: list[float]) -> np.ndarray:

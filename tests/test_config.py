@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from config import (
+from core.config import (
     ConfigError,
     apply_overrides,
     load_config,
@@ -191,8 +191,7 @@ def test_per_model_train_section_sits_between_the_file_and_set(tmp_path):
 def test_the_working_size_is_written_the_same_with_set_as_with_img_size(tmp_path, written, size):
     """`--set data.img_size=64x96` was refused ('expected list') where `--img-size 64x96`,
     which sets the same key, worked."""
-    import cli
-    import stages
+    from workflow import cli, stages
 
     path = _write(tmp_path / "c.yaml", "models: {unet: {arch: unet}}\n")
     common = ["--config", str(path), "--model", "unet", "--fold", "0"]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import load_config, model_entry
+from core.config import load_config, model_entry
 from models import ZOO, build_model, inference
-from recipe import check_config
+from training.recipe import check_config
 
 CONFIGS = sorted(
     p

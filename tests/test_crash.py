@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime import KILL_POINTS
+from core.runtime import KILL_POINTS
 from tests.trainkit import ROOT, write_config
 
 LIMIT_S = 600  # generous: a run takes ~15 s; the limit only turns a hang into a failure

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.metrics import dice_scores
 from data.cache import load_item
 from data.probstore import load_probs
-from metrics import dice_scores
 from models.inference import load_checkpoint
 from tests.trainkit import ROOT, fold_path, history, split_of, train_items, write_config
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from config import ConfigError
-from decisions import (
+from chain.decisions import (
     Candidate,
     Rule,
     bootstrap_gain,
@@ -17,8 +16,9 @@ from decisions import (
     format_decision,
     map_stats,
 )
-from metrics import class_stats, scores_from_stats
-from postprocessing import PostprocessParams
+from chain.postprocessing import PostprocessParams
+from core.config import ConfigError
+from core.metrics import class_stats, scores_from_stats
 
 
 def stats_of(scores: list[float]) -> np.ndarray:

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine
-from runtime import Dist, choose_precision
+from core.runtime import Dist, choose_precision
+from training import engine
 
 CPU = torch.device("cpu")
 

@@ -7,10 +7,10 @@ import pytest
 import yaml
 
 import ensemble
+from core.metrics import scores_from_stats
 from data.probstore import ProbMaps, align_stores, blend, blend_by_fold, load_probs, save_probs
 from data.reader import DataError, list_test, list_train
 from ensemble import blend_stats, run_ensemble, search_weights
-from metrics import scores_from_stats
 
 WORK = (64, 64)
 

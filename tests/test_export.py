@@ -18,13 +18,13 @@ import ensemble
 import export
 import infer
 import postprocess
-import ticker
 import tune
+from chain.package import MANIFEST, Chain, open_package
+from core import ticker
+from core.paths import Layout
 from data.probstore import align_stores, load_probs
 from data.reader import list_test
 from data.submission import check_rows, image_size, rle_decode
-from package import MANIFEST, Chain, open_package
-from paths import Layout
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from config import load_config
-from recipe import fold_recipe, recipe_changes, recipe_hash
+from core.config import load_config
 from tests.trainkit import DEMO_CONFIG
+from training.recipe import fold_recipe, recipe_changes, recipe_hash
 
 MODEL = "unet_mobilenetv3"
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench import gpu_check
-from runtime import Dist
+from core.runtime import Dist
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"device", "torch", "cuda", "smp", "quick", "models", "train_fold", "pipeline_s"}

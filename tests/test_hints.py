@@ -31,9 +31,9 @@ import models.weights
 import pipeline
 import predict
 import report
-import stages
 import train
 from tests.trainkit import write_config
+from workflow import stages
 
 # `python X.py words` or `python -m X words`, the words as shlex.join writes them: a hint
 # ends at the end of its line or clause (';', ')', ', then').

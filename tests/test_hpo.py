@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import hpo
-from config import ConfigError, load_config, model_config
+from core.config import ConfigError, load_config, model_config
 from tests.trainkit import run_main, write_config
 
 BKAI = Path(__file__).resolve().parents[1] / "configs" / "bkai.yaml"

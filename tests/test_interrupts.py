@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-import invocation
 import pipeline
 import report
-import studies
 import train
-from config import reports_environment_errors
+from chain import studies
+from core import invocation
+from core.config import reports_environment_errors
 from tests.trainkit import ROOT, write_config
 
 LINE = re.compile(r"interrupted \((Ctrl-C|SIGTERM)\)(?:; finished: (.+?))?; resume with: (.+)")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import stages
-from paths import Layout
+from core.paths import Layout
+from workflow import stages
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = {stage.name for stage in stages.STAGES}
@@ -60,16 +60,17 @@ def test_report_and_benchmarks_do_not_import_the_train_stage() -> None:
         assert "train" not in imported_modules(path), path
 
 
-# The layers, lowest first: each module imports only its own layer and those below it.
-# The foundation's modules import only each other; bench/ is imported by nobody
-# (tests aside): it measures the rest.
-FOUNDATION = {"config", "invocation", "runtime", "paths", "settings", "ticker"}
-PACKAGES = ("data", "models")
+# The floors, lowest first (each package's docstring says what belongs there). A module
+# imports its own package and the floors below; `training` and `chain` share a floor and
+# never import each other. The commands at the root stand on every floor; bench/ is
+# imported by nobody (tests aside): it measures the rest.
+FLOORS = {"core": 0, "data": 1, "models": 2, "training": 3, "chain": 3, "workflow": 4}
+COMMANDS_FLOOR, BENCH_FLOOR = 5, 6
 
 
 def project_imports(root: Path) -> dict[str, set[str]]:
     """{module: the project modules it imports, at any depth of its code}, dotted names."""
-    files = [*root.glob("*.py"), *(p for d in (*PACKAGES, "bench") for p in root.glob(f"{d}/*.py"))]
+    files = [*root.glob("*.py"), *(p for d in (*FLOORS, "bench") for p in root.glob(f"{d}/*.py"))]
     names = {
         ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
         for p in files
@@ -88,21 +89,27 @@ def project_imports(root: Path) -> dict[str, set[str]]:
     return graph
 
 
-def _layer(module: str) -> int:
+def _floor(module: str) -> tuple[int, str]:
+    """(floor, package) of a dotted module name; a root module is a command."""
     top = module.split(".")[0]
-    if module in FOUNDATION:
-        return 0
-    return {"data": 1, "models": 2, "bench": 4}.get(top, 3)
+    if top == "bench":
+        return BENCH_FLOOR, top
+    if "." not in module and module not in FLOORS:
+        return COMMANDS_FLOOR, ""
+    return FLOORS[top], top
 
 
 def climbs(graph: dict[str, set[str]]) -> list[str]:
-    """Every import that climbs to a higher layer, into bench/, and every cycle."""
-    found = [
-        f"{m} -> {d}"
-        for m, deps in sorted(graph.items())
-        for d in sorted(deps)
-        if _layer(d) > _layer(m) or (_layer(d) == 4 and _layer(m) != 4)
-    ]
+    """Every import that climbs to a higher floor, crosses to a sibling package on the same
+    floor, reaches into bench/, and every cycle."""
+    found = []
+    for m, deps in sorted(graph.items()):
+        (floor, package) = _floor(m)
+        for d in sorted(deps):
+            dep_floor, dep_package = _floor(d)
+            sideways = dep_floor == floor and dep_package != package and floor < COMMANDS_FLOOR
+            if dep_floor > floor or sideways:
+                found.append(f"{m} -> {d}")
     done: set[str] = set()
 
     def visit(module: str, path: list[str]) -> None:
@@ -120,30 +127,45 @@ def climbs(graph: dict[str, set[str]]) -> list[str]:
     return found
 
 
+def test_the_root_holds_only_commands_and_every_floor_says_what_belongs_there() -> None:
+    commands = STAGES | set(stages.TOOLS)
+    at_root = {p.stem for p in ROOT.glob("*.py")}
+    assert at_root == commands, f"library modules at the root: {sorted(at_root - commands)}"
+    for name in at_root:
+        assert '__name__ == "__main__"' in (ROOT / f"{name}.py").read_text(), name
+    for package in FLOORS:
+        doc = ast.get_docstring(ast.parse((ROOT / package / "__init__.py").read_text()))
+        assert doc and len(doc.split()) >= 10, f"{package}/__init__.py says what belongs there"
+
+
 def test_no_import_climbs_back_up_and_none_goes_round() -> None:
     assert climbs(project_imports(ROOT)) == []
 
 
-def test_the_layer_check_sees_climbs_and_cycles(tmp_path: Path) -> None:
-    (tmp_path / "data").mkdir()
-    (tmp_path / "models").mkdir()
-    (tmp_path / "bench").mkdir()
-    (tmp_path / "runtime.py").write_text("def f():\n    from data.dataset import normalise\n")
-    (tmp_path / "data" / "dataset.py").write_text("from runtime import f\n")
+def test_the_layer_check_sees_climbs_sideways_steps_and_cycles(tmp_path: Path) -> None:
+    for package in ("core", "data", "models", "training", "chain", "bench"):
+        (tmp_path / package).mkdir()
+    (tmp_path / "core" / "runtime.py").write_text("def f():\n    from data.dataset import x\n")
+    (tmp_path / "data" / "dataset.py").write_text("from core.runtime import f\n")
     (tmp_path / "models" / "__main__.py").write_text("import bench.report\n")
     (tmp_path / "bench" / "report.py").write_text("")
-    (tmp_path / "engine.py").write_text("from data import dataset\nfrom models import x\n")
+    (tmp_path / "chain" / "decide.py").write_text("from training import engine\n")
+    (tmp_path / "training" / "engine.py").write_text(
+        "from data import dataset\nfrom models import x\n"
+    )
+    (tmp_path / "train.py").write_text("from chain import decide\nfrom training import engine\n")
     graph = project_imports(tmp_path)
-    assert graph["engine"] == {"data.dataset"}
+    assert graph["training.engine"] == {"data.dataset"}
     assert climbs(graph) == [
+        "chain.decide -> training.engine",
+        "core.runtime -> data.dataset",
         "models.__main__ -> bench.report",
-        "runtime -> data.dataset",
-        "cycle: data.dataset -> runtime -> data.dataset",
+        "cycle: data.dataset -> core.runtime -> data.dataset",
     ]
 
 
 # Modules that own a file format and name its parts themselves.
-OWNERS = {"paths.py": "the experiment's layout", "data/probstore.py": "a probability store"}
+OWNERS = {"core/paths.py": "the experiment's layout", "data/probstore.py": "a probability store"}
 
 
 def file_names(path: Path) -> set[str]:
@@ -160,7 +182,7 @@ def test_no_module_spells_an_artefact_name_the_layout_owns() -> None:
     assert {"best.pt", "log.jsonl", "recipe.json", "submission.csv", "meta.json"} <= set(owned)
     modules = [
         *ROOT.glob("*.py"),
-        *(p for d in ("data", "models", "bench") for p in ROOT.glob(f"{d}/*.py")),
+        *(p for d in (*FLOORS, "bench") for p in ROOT.glob(f"{d}/*.py")),
     ]
     spelled = [
         f"{path.relative_to(ROOT)} spells {name} (owned by {owned[name]})"

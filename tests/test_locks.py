@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import locks
+from core import locks
 from tests.trainkit import ROOT, write_config
 
 LIMIT_S = 300  # only turns a hang into a failure; the waits below end on events

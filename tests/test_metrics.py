@@ -3,7 +3,7 @@ import pytest
 import segmentation_models_pytorch.metrics as smpm
 import torch
 
-from metrics import class_stats, dice_scores, scores_from_stats
+from core.metrics import class_stats, dice_scores, scores_from_stats
 
 
 def test_both_empty_scores_one_and_one_empty_scores_zero():

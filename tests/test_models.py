@@ -8,7 +8,7 @@ import torch
 
 from bench.model_sizes import main as models_main
 from bench.model_sizes import measure
-from config import ConfigError
+from core.config import ConfigError
 from models import ZOO, build_model
 from models.losses import SegLoss
 from models.pranet import RFB, PraNet

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import pipeline
-import progress
-import ticker
+from core import ticker
+from core.paths import RunFiles
+from core.settings import TrainSettings
 from data.foldlog import write_log
-from paths import RunFiles
-from settings import TrainSettings
+from workflow import progress
 
 STEP_S = 25.0
 EPOCHS = 4

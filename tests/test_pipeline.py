@@ -16,16 +16,16 @@ import yaml
 
 import pipeline
 import report
-import stages
+from chain.evaluation import GAIN, parse_interval
+from chain.reporting import read_submission
+from core.metrics import class_stats, scores_from_stats
 from data.probstore import blend as blend_maps
 from data.probstore import load_probs, save_probs
 from data.reader import list_test, list_test_gt, load_mask
 from data.submission import check_submission
-from evaluation import GAIN, parse_interval
-from metrics import class_stats, scores_from_stats
 from postprocess import PostprocessParams, class_maps
-from reporting import read_submission
 from tests.trainkit import demo_model, write_config
+from workflow import stages
 
 TEST_TABLE = "Test set (original size, test_gt/)"
 
@@ -57,8 +57,8 @@ def _artefacts(exp):
 
 COUNT_STAGE = """
 import argparse, json
-from config import add_config_arguments, resolve_cli_config
-from paths import Layout
+from core.config import add_config_arguments, resolve_cli_config
+from core.paths import Layout
 
 def parser():
     p = argparse.ArgumentParser(description="counts its runs")

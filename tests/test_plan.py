@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import pipeline
-import planning
-import ticker
-from planning import Calibration, ModelPlan, Plan
+from core import ticker
 from tests.trainkit import write_config
+from workflow import planning
+from workflow.planning import Calibration, ModelPlan, Plan
 
 GB = 10**9
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-import studies
+from chain import studies
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")

@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 import postprocess as submission_stage
-import postprocessing as pp
+from chain import postprocessing as pp
+from chain.postprocessing import PostprocessParams, postprocess
 from data.probstore import load_probs, save_probs
 from data.submission import check_submission, rle_decode
-from postprocessing import PostprocessParams, postprocess
 
 # numpy's divide-by-zero and invalid-cast warnings mean a wrong array operation, not noise
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")

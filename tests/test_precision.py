@@ -9,10 +9,10 @@ import argparse
 import pytest
 import torch
 
-import cli
-from config import ConfigError, apply_overrides, load_config
-from runtime import choose_precision
-from settings import PRECISIONS
+from core.config import ConfigError, apply_overrides, load_config
+from core.runtime import choose_precision
+from core.settings import PRECISIONS
+from workflow import cli
 
 CUDA = torch.device("cuda")
 

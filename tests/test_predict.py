@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import predict
-from config import load_config
+from core.config import load_config
 from data.cache import load_item
 from data.dataset import to_tensor
 from data.probstore import load_probs

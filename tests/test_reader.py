@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from config import ConfigError
+from core.config import ConfigError
 from data.reader import (
     DataError,
     MaskThresholds,

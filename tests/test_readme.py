@@ -54,7 +54,7 @@ def test_every_readme_command_exists_with_its_flags(target: str, flags: list[str
 
 
 def test_config_keys_named_in_the_readme_exist_in_a_shipped_config() -> None:
-    from config import _dotted_keys, load_config
+    from core.config import _dotted_keys, load_config
 
     keys = set()
     for name in ("bkai.yaml", "demo.yaml"):  # resolved: configs/defaults.yaml included

@@ -13,17 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-import engine
-import optim
 import train
-from config import ConfigError, load_config
+from core.config import ConfigError, load_config
+from core.paths import RunFiles
+from core.settings import TrainSettings
 from data.loader import SeededSampler, stratum_weights
 from data.paste import free_space, paste_one
 from models.inference import load_checkpoint
 from models.losses import SegLoss
-from paths import RunFiles
-from settings import TrainSettings
 from tests.trainkit import best_only_at, fold_path, history, run_main, write_config
+from training import engine, optim
 
 
 def recipe(tcfg: dict) -> TrainSettings:
@@ -310,7 +309,7 @@ def test_ema_weights_are_validated_saved_and_resumed_exactly(
 def test_each_epoch_is_seeded_by_the_seed_the_fold_and_the_epoch(monkeypatch) -> None:
     """So that another seed, another fold or the next epoch draws other batches and
     augmentations, and a resumed epoch the same ones."""
-    from runtime import derive_seed
+    from core.runtime import derive_seed
 
     seen: list[int] = []
 
@@ -366,7 +365,7 @@ def test_grad_clip_bounds_the_update() -> None:
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    from runtime import choose_precision
+    from core.runtime import choose_precision
 
     precision = choose_precision(torch.device("cpu"), "fp32", False)
     before = [p.detach().clone() for p in model.parameters()]

@@ -11,14 +11,9 @@ import pytest
 import torch
 
 import refine
-from config import ConfigError
-from data.atomic import write_json
-from data.probstore import load_probs, save_probs
-from data.reader import DataError
-from decisions import LENSES, SCORE_KEYS, Rule, map_stats, pick
-from models.refiner import RegionRefiner
-from postprocessing import input_store
-from regions import (
+from chain.decisions import LENSES, SCORE_KEYS, Rule, map_stats, pick
+from chain.postprocessing import input_store
+from chain.regions import (
     CROP_CHANNELS,
     FALSE_POSITIVE,
     Region,
@@ -29,7 +24,12 @@ from regions import (
     region_crop,
     true_labels,
 )
-from runtime import derive_seed
+from core.config import ConfigError
+from core.runtime import derive_seed
+from data.atomic import write_json
+from data.probstore import load_probs, save_probs
+from data.reader import DataError
+from models.refiner import RegionRefiner
 
 SETTINGS = refine.RefineSettings(crop=24, epochs=12, batch_size=16, lr=1e-2, width=8)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from chain.regions import Region, crop_target, paste_region, predicted_regions, region_crop
 from data.dataset import MEAN, STD
-from regions import Region, crop_target, paste_region, predicted_regions, region_crop
 
 
 def test_a_tie_with_background_is_background() -> None:

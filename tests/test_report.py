@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 import pipeline
-import reporting
-from config import config_hash, git_hash, load_config
+from chain import reporting
+from core.config import config_hash, git_hash, load_config
 from data.reader import list_test
 from data.submission import write_submission
 from tests.trainkit import write_config

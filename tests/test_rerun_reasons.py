@@ -17,14 +17,13 @@ import torch
 import yaml
 
 import pipeline
-import planning
-import stages
+from chain.stamps import Stamps
+from core.paths import Layout
+from core.runtime import Dist
 from data.prepare import prepare_train_data
 from data.reader import list_train
-from paths import Layout
-from runtime import Dist
-from stamps import Stamps
 from tests.test_export import private_copy
+from workflow import planning, stages
 
 # What the pipeline and its stages say when a stage runs on a changed TTA.
 TTA = 'predict.tta: "hflip" -> "none"'

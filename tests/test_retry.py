@@ -13,12 +13,12 @@ import yaml
 
 import pipeline
 import train
-from config import ConfigError, load_config
+from core.config import ConfigError, load_config
+from core.paths import Layout
 from data.foldlog import read_log, write_log
-from engine import fold_verdict, judge_fold, retire_attempt
-from paths import Layout
-from recipe import RetryPolicy, fold_recipe
 from tests.trainkit import fold_path, run_main, write_config
+from training.engine import fold_verdict, judge_fold, retire_attempt
+from training.recipe import RetryPolicy, fold_recipe
 
 
 def history(scores: list[float], nothing: float = 0.5) -> list[dict]:

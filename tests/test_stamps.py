@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from chain.stamps import ONE_DIGEST, Inputs, Stamps, digest
 from data.reader import DataError
-from stamps import ONE_DIGEST, Inputs, Stamps, digest
 
 
 def test_a_stage_is_due_when_its_inputs_bytes_change_whatever_the_file_times(tmp_path):

@@ -7,9 +7,9 @@ import time
 import optuna
 import pytest
 
-import studies
-from config import ConfigError
-from studies import StudyPlace, run_study
+from chain import studies
+from chain.studies import StudyPlace, run_study
+from core.config import ConfigError
 
 START = [{"x": 0.0, "branch": "flat"}]
 

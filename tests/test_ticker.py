@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-import studies
-import ticker as ticker_module
-from ticker import Ticker
+from chain import studies
+from core import ticker as ticker_module
+from core.ticker import Ticker
 
 INTERVAL_S = 0.05
 LATE_S = 0.5  # how late a thread may wake on a loaded 2-core machine

@@ -16,9 +16,9 @@ import torch
 
 import data.dataset
 import data.paste
-import engine
 import train
-from config import ConfigError, load_config, parse_img_size
+from core.config import ConfigError, load_config, parse_img_size
+from core.settings import DataSettings
 from data.cache import CachedItem, load_item
 from data.dataset import to_tensor
 from data.loader import SeededSampler
@@ -27,8 +27,6 @@ from data.probstore import load_probs
 from data.reader import list_train, load_image
 from models.inference import load_checkpoint, model_from_checkpoint
 from models.losses import SegLoss
-from recipe import parse_folds
-from settings import DataSettings
 from tests.trainkit import (
     ROOT,
     best_only_at,
@@ -39,6 +37,8 @@ from tests.trainkit import (
     train_items,
     write_config,
 )
+from training import engine
+from training.recipe import parse_folds
 
 # Generous: a killed run takes seconds; the limit only turns a hang into a failure.
 HANG_LIMIT_S = 600
@@ -253,10 +253,10 @@ def test_a_folds_loaders_take_the_configured_augmentation_sampling_and_batches(
     augmentation (validation without), the sampling weights, the seed, whole batches."""
     import albumentations as A
 
+    from core.runtime import Dist
     from data.augment import build_transforms, transforms_for
     from data.loader import stratum_weights
     from data.prepare import prepare_train_data
-    from runtime import Dist
 
     augment = "data.augment={vflip: false, affine: {p: 0.9}}"
     sampling = "data.sampling={green: 3, both: 2}"
@@ -431,7 +431,7 @@ def test_an_unwritable_out_dir_is_one_line_naming_it_and_exit_1(
 ) -> None:
     import errno
 
-    from config import environment_error
+    from core.config import environment_error
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

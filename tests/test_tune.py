@@ -8,12 +8,12 @@ import yaml
 
 import tune
 from bench.postprocess_speed import synthetic_oof
+from chain.decisions import map_stats
+from chain.postprocessing import PostprocessParams
+from core.metrics import scores_from_stats
 from data.cache import load_targets
 from data.probstore import load_probs, save_probs
 from data.reader import list_train
-from decisions import map_stats
-from metrics import scores_from_stats
-from postprocessing import PostprocessParams
 from tune import ablate, evaluate
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-from config import ConfigError, build_entry, load_config
+from core.config import ConfigError, build_entry, load_config
 from models import build_model
 from models.inference import NUM_CLASSES, load_checkpoint
 from models.pretrained import read_state_dict
 from models.weights import main
-from recipe import fold_recipe
 from tests.trainkit import fold_path, run_main, write_config
+from training.recipe import fold_recipe
 
 
 def offline_config(tmp_path: Path, tiny_data: Path) -> Path:

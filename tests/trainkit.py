@@ -12,10 +12,10 @@ import yaml
 
 import pipeline
 import train
-from config import load_config, model_entry
+from core.config import load_config, model_entry
+from core.runtime import Dist
 from data.cache import CachedItem
 from data.prepare import prepare_train_data
-from runtime import Dist
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"

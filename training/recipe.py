@@ -27,19 +27,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from config import ConfigError, model_entry, settings_from
+from core.config import ConfigError, model_entry, settings_from
+from core.invocation import rerun_hint, retrain_hint
+from core.metrics import OBJECTIVES
+from core.paths import Layout, RunFiles
+from core.runtime import derive_seed
+from core.settings import DataSettings, TrainSettings
 from data.atomic import write_json
 from data.augment import transforms_for
 from data.folds import resplit
 from data.prepare import TrainData
 from data.reader import DataError, MaskThresholds
-from invocation import rerun_hint, retrain_hint
-from metrics import OBJECTIVES
 from models.losses import SegLoss
-from optim import check_recipe
-from paths import Layout, RunFiles
-from runtime import derive_seed
-from settings import DataSettings, TrainSettings
+from training.optim import check_recipe
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from config import ConfigError, settings_from
-from data.atomic import atomic_write
-from data.reader import DataError
-from models.refiner import RegionRefiner
-from regions import (
+from chain.regions import (
     CROP_CHANNELS,
     Region,
     crop_target,
@@ -35,6 +31,10 @@ from regions import (
     region_crop,
     true_labels,
 )
+from core.config import ConfigError, settings_from
+from data.atomic import atomic_write
+from data.reader import DataError
+from models.refiner import RegionRefiner
 
 
 @dataclass(frozen=True)

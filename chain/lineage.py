@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from stamps import digest
+from chain.stamps import digest
 
 KEY = "made_from"
 

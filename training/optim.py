@@ -34,8 +34,8 @@ from timm.optim import list_optimizers as timm_optimizers
 from torch import nn
 from torch.optim import lr_scheduler
 
-from config import ConfigError
-from settings import TrainSettings
+from core.config import ConfigError
+from core.settings import TrainSettings
 
 _LOOKAHEAD = "lookahead_"
 # Schedule name -> the arguments it accepts besides `name` and `warmup_epochs`.

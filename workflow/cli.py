@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from config import ConfigError, add_config_arguments, parse_img_size, resolve_cli_config
-from metrics import OBJECTIVES
-from settings import PRECISIONS, TTA_CHOICES
+from core.config import ConfigError, add_config_arguments, parse_img_size, resolve_cli_config
+from core.metrics import OBJECTIVES
+from core.settings import PRECISIONS, TTA_CHOICES
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:

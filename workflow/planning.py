@@ -27,20 +27,20 @@ from typing import Any
 
 import torch
 
-from config import build_entry, config_hash
+from core.config import build_entry, config_hash
+from core.paths import Layout
+from core.runtime import Dist, configure_cpu_threads
+from core.settings import DataSettings, TrainSettings, refining
+from core.ticker import Ticker
 from data.atomic import write_json
 from data.dataset import to_device
 from data.foldlog import read_log
 from data.loader import loader_workers
 from data.prepare import TrainData, prepare_train_data
 from data.reader import DataError, list_test
-from engine import build_learner, build_loaders, fold_complete
 from models.inference import NUM_CLASSES
-from paths import Layout
-from recipe import training_data_changes
-from runtime import Dist, configure_cpu_threads
-from settings import DataSettings, TrainSettings, refining
-from ticker import Ticker
+from training.engine import build_learner, build_loaders, fold_complete
+from training.recipe import training_data_changes
 
 CALIBRATION_STEPS = 8  # timed training steps per model, after the loader's warm-up
 # The measurement is waited on before any work starts: told twice as often as a loop.

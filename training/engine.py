@@ -34,7 +34,20 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config import ConfigError, model_entry
+from core.config import ConfigError, model_entry
+from core.metrics import beats_nothing, class_stats, predict_nothing, scores_from_stats
+from core.paths import Layout, RunFiles
+from core.runtime import (
+    Dist,
+    Precision,
+    choose_precision,
+    derive_seed,
+    forced_fold_failure,
+    rng_state,
+    set_rng_state,
+)
+from core.settings import DataSettings, TrainSettings
+from core.ticker import Ticker
 from data.atomic import write_json
 from data.augment import transforms_for
 from data.cache import CachedItem
@@ -45,25 +58,12 @@ from data.paste import PolypPaste
 from data.prepare import TrainData
 from data.probstore import META_FILE
 from data.reader import DataError
-from metrics import beats_nothing, class_stats, predict_nothing, scores_from_stats
 from models import build_model
 from models.inference import NUM_CLASSES
 from models.losses import SegLoss
 from models.pretrained import from_scratch_hint
-from optim import build_optimizer, build_scheduler, param_groups
-from paths import Layout, RunFiles
-from recipe import RetryPolicy
-from runtime import (
-    Dist,
-    Precision,
-    choose_precision,
-    derive_seed,
-    forced_fold_failure,
-    rng_state,
-    set_rng_state,
-)
-from settings import DataSettings, TrainSettings
-from ticker import Ticker
+from training.optim import build_optimizer, build_scheduler, param_groups
+from training.recipe import RetryPolicy
 
 log = logging.getLogger("engine")
 

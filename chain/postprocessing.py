@@ -45,11 +45,11 @@ import cv2
 import numpy as np
 from joblib import effective_n_jobs
 
-from config import ConfigError
+from core.config import ConfigError
+from core.invocation import command_hint
+from core.paths import Layout
 from data.probstore import ProbMaps
 from data.reader import DataError
-from invocation import command_hint
-from paths import Layout
 
 log = logging.getLogger("postprocessing")
 

@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 import numpy as np
 from joblib import effective_n_jobs
 
-from config import ConfigError, settings_from
-from metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
-from postprocessing import PostprocessParams, postprocess
+from chain.postprocessing import PostprocessParams, postprocess
+from core.config import ConfigError, settings_from
+from core.metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
 
 P = TypeVar("P")
 

@@ -29,13 +29,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from config import config_hash, git_hash
-from data.atomic import write_text
-from data.foldlog import read_log
-from data.reader import load_image
-from data.submission import ROW_CLASSES, image_size, rle_decode
-from data.synthetic import overlay
-from metrics import (
+from core.config import config_hash, git_hash
+from core.metrics import (
     NOTHING_TOL,
     beats_nothing,
     class_stats,
@@ -43,6 +38,11 @@ from metrics import (
     nothing_stats,
     scores_from_stats,
 )
+from data.atomic import write_text
+from data.foldlog import read_log
+from data.reader import load_image
+from data.submission import ROW_CLASSES, image_size, rle_decode
+from data.synthetic import overlay
 
 CLASS_NAMES = ("background", "neoplastic", "non-neoplastic")
 # Curves per model; the two losses are computed differently, so each panel says how.

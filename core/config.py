@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-import invocation
-from paths import reserved_names
+from core import invocation
+from core.paths import reserved_names
 
 DEFAULT_CONFIG = "configs/bkai.yaml"
 
@@ -53,7 +53,7 @@ def settings_from(cls: type[T], section: dict[str, Any] | None, name: str) -> T:
     return cls(**section)
 
 
-DEFAULTS_FILE = Path(__file__).resolve().parent / "configs" / "defaults.yaml"
+DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
 # Keys an older config may still hold -> what replaced them (said instead of did-you-mean).
 RENAMED = {"train.amp": "train.precision (amp: true is auto, amp: false is fp32)"}
 BASE_KEY = "base"

@@ -27,9 +27,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.invocation import rerun_hint
 from data.atomic import write_json
 from data.reader import DataError
-from invocation import rerun_hint
 
 # What a record from before per-input digests (one digest for all) is called when it differs.
 ONE_DIGEST = "its inputs (stamps.json recorded one digest for all)"

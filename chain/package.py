@@ -40,11 +40,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from chain.postprocessing import PostprocessParams
 from data.atomic import atomic_write, write_json
 from data.reader import DataError
 from models.inference import NUM_CLASSES
 from models.registry import build_model
-from postprocessing import PostprocessParams
 
 FORMAT = 1
 MANIFEST = "manifest.json"

@@ -15,11 +15,11 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from core.paths import Layout, RunFiles
+from core.settings import TrainSettings
+from core.ticker import minutes
 from data.foldlog import read_log
 from data.reader import DataError
-from paths import Layout, RunFiles
-from settings import TrainSettings
-from ticker import minutes
 
 
 @dataclass(frozen=True)

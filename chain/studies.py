@@ -85,13 +85,13 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
-from config import ConfigError
+from core.config import ConfigError
+from core.invocation import finished, stage_hint
+from core.metrics import OBJECTIVES
+from core.paths import Layout
+from core.runtime import kill_point
+from core.ticker import Ticker
 from data.atomic import atomic_write
-from invocation import finished, stage_hint
-from metrics import OBJECTIVES
-from paths import Layout
-from runtime import kill_point
-from ticker import Ticker
 
 log = logging.getLogger("studies")
 

@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from chain.decisions import LENSES, Rule, bootstrap_gain
+from chain.postprocessing import PostprocessParams, class_maps, input_store
+from core.invocation import command_hint
+from core.metrics import class_stats, nothing_stats, scores_from_stats
+from core.paths import Layout
+from core.settings import DataSettings, refining
 from data.probstore import ProbMaps, align_stores, blend, load_probs
 from data.reader import DataError, MaskThresholds, list_test_gt, load_mask
-from decisions import LENSES, Rule, bootstrap_gain
-from invocation import command_hint
-from metrics import class_stats, nothing_stats, scores_from_stats
-from paths import Layout
-from postprocessing import PostprocessParams, class_maps, input_store
-from settings import DataSettings, refining
 
 SCORE_KEYS = ("competition", "dice_seg", "dice_neo", "dice_non")
 OOF_TABLE = "Out-of-fold (working resolution)"

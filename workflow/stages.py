@@ -22,17 +22,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import cli
-import invocation
-from config import (
+from core import invocation
+from core.config import (
     ConfigError,
     add_config_arguments,
     apply_overrides,
     load_config,
     resolve_cli_config,
 )
-from paths import Layout
-from settings import DataSettings, refining
+from core.paths import Layout
+from core.settings import DataSettings, refining
+from workflow import cli
 
 if TYPE_CHECKING:
     from data.reader import Sample
@@ -68,13 +68,13 @@ class Plan:
     @property
     def decide(self) -> dict[str, Any]:
         """The decision rule, recorded by every stage that decides out of sample."""
-        from decisions import Rule
+        from chain.decisions import Rule
 
         return {"decide": Rule.from_config(self.cfg).to_dict()}
 
     def searched(self, section: str, searches: bool) -> dict[str, Any]:
         """What an optuna stage records of its settings; `trials` only when it searched."""
-        from studies import search_settings
+        from chain.studies import search_settings
 
         trials, objective = search_settings(self.cfg, section)
         return {"objective": objective, "trials": trials} if searches else {"objective": objective}

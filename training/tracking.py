@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.paths import Layout
+from core.settings import TrainSettings
 from data.cache import CachedItem, load_item
 from data.dataset import to_tensor
-from paths import Layout
-from settings import TrainSettings
 
 CLASS_LABELS = {0: "background", 1: "neoplastic", 2: "non-neoplastic"}
 # Validation overlays: this many images, every this many epochs (and at the last epoch).

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from chain.postprocessing import find_regions
 from data.dataset import MEAN, STD
-from postprocessing import find_regions
 
 FALSE_POSITIVE = 0
 # Channels of a crop: normalised RGB, the three class probabilities, the region's mask.

@@ -25,16 +25,16 @@ from typing import Any
 
 import submitit
 
-from config import ConfigError, settings_from
-from invocation import rerun_hint
-from paths import Layout
-from progress import training_line
-from settings import TrainSettings
-from ticker import PROGRESS_S
+from core.config import ConfigError, settings_from
+from core.invocation import rerun_hint
+from core.paths import Layout
+from core.settings import TrainSettings
+from core.ticker import PROGRESS_S
+from workflow.progress import training_line
 
 log = logging.getLogger("launchers")
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 POLL_S = 5.0
 
 

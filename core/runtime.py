@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from config import ConfigError
-from settings import PRECISIONS
+from core.config import ConfigError
+from core.settings import PRECISIONS
 
 # Same inputs, same weights, on any x86 machine with AVX2: oneDNN (convolutions) and MKL
 # (matrix products) pick their kernels by the CPU's widest instructions, and an AVX-512

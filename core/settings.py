@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from config import ConfigError, defaults, settings_from
+from core.config import ConfigError, defaults, settings_from
 
 STRATA = ("red", "green", "both", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision (runtime.choose_precision)
