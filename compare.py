@@ -33,6 +33,7 @@ import yaml
 
 from chain.decisions import MIN_N_BOOT, Rule, bootstrap_gain
 from chain.evaluation import SUBMITTED, TEST_TABLE, format_rows, read_json
+from chain.records import BlendRecord, PostprocessRecord, RefineRecord
 from core import invocation
 from core.config import ConfigError, reports_environment_errors
 from core.paths import Layout
@@ -104,23 +105,21 @@ class Experiment:
         self.config = config_of(path)
         # what a hint about this experiment names: the config it was run with
         invocation.set_context(["--config", str(layout.config)])
-        self.blend = read_json(layout.weights)
-        self.tuned = read_json(layout.postprocess)
+        self.blend = BlendRecord.read(layout.weights)
+        self.tuned = PostprocessRecord.read(layout.postprocess)
+        # the paired per-image difference, and the row of each experiment
+        self.tuned.need("oos_image_stats", "image_ids", "chosen", "out_of_sample", "scores")
+        self.blend.need("scores")
         refine = layout.refine_record
-        self.refine = read_json(refine) if refine.is_file() else None
+        self.refine = RefineRecord.read(refine) if refine.is_file() else None
         scores = layout.scores
         self.tables = read_json(scores)["tables"] if scores.is_file() else {}
         timings = layout.timings
         self.seconds = sum(read_json(timings).values()) if timings.is_file() else None
-        self.metric = (self.tuned.get("decide") or {}).get("metric", "competition")
-        if "oos_image_stats" not in self.tuned:
-            raise DataError(
-                f"{layout.postprocess}: no per-image scores (an older version made it); tune "
-                f"again: {invocation.command_hint('tune')}"
-            )
-        self.ids = list(self.tuned["image_ids"])
-        self.masks = training_masks(path, self.config, self.blend["models"])
-        self.stats = np.asarray(self.tuned["oos_image_stats"], np.int64).reshape(-1, 3, 3)
+        self.metric = self.tuned.metric
+        self.ids = list(self.tuned.image_ids)
+        self.masks = training_masks(path, self.config, self.blend.models)
+        self.stats = np.asarray(self.tuned.oos_image_stats, np.int64).reshape(-1, 3, 3)
 
     @property
     def name(self) -> str:
@@ -128,10 +127,10 @@ class Experiment:
 
     def row(self, base: Experiment) -> dict[str, Any]:
         m = self.metric
-        models = self.blend["models"]
-        oof = ", ".join(f"{n} {self.blend['scores'][n]['all'][m]:.3f}" for n in models)
-        blend = self.blend.get("decision")
-        chain = self.tuned["out_of_sample"][self.tuned["chosen"]][m]
+        models = self.blend.models
+        oof = ", ".join(f"{n} {self.blend.scores[n]['all'][m]:.3f}" for n in models)
+        blend = self.blend.decision
+        chain = self.tuned.out_of_sample[self.tuned.chosen][m]
         test = next(
             (
                 r["competition"]
@@ -145,14 +144,14 @@ class Experiment:
             "experiment": self.name,
             "config vs first": "; ".join(diff) if diff else "-",
             f"models OOF {m} (argmax)": oof,
-            "blend": self.blend["chosen"]
-            + (f" {blend['candidates'][blend['chosen']]['out_of_sample'][m]:.4f}" if blend else ""),
+            "blend": self.blend.chosen
+            + (f" {blend.chosen_row.out_of_sample[m]:.4f}" if blend else ""),
             "refine": "-"
             if self.refine is None
-            else ("used" if self.tuned.get("source") == "refined" else "not used"),
-            "chain": self.tuned["chosen"],
+            else ("used" if self.tuned.source == "refined" else "not used"),
+            "chain": self.tuned.chosen,
             "chain out of sample": chain,
-            "tuned in sample": self.tuned["scores"]["tuned"][m],
+            "tuned in sample": self.tuned.scores["tuned"][m],
             "test": "-" if test is None else test,
             "wall": "-" if self.seconds is None else f"{self.seconds / 60:.1f} min",
         }

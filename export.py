@@ -24,7 +24,6 @@ if __name__ == "__main__":
 import copy
 import filecmp
 import io
-import json
 import logging
 import sys
 import tempfile
@@ -53,7 +52,8 @@ from chain.package import (
     write_manifest,
     zip_folder,
 )
-from chain.postprocessing import PostprocessParams, class_maps, input_store
+from chain.postprocessing import class_maps
+from chain.records import BlendRecord, PostprocessRecord, RefineRecord, input_store
 from core.config import (
     ConfigError,
     config_hash,
@@ -76,17 +76,6 @@ from training.recipe import check_fold_checkpoint
 log = logging.getLogger("export")
 
 ONNX_OPSET = 17
-
-
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DataError(
-            f"{path} not found: finish the experiment before exporting: " + command_hint("pipeline")
-        )
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable ({exc})") from exc
 
 
 class StaleChain(DataError):
@@ -164,8 +153,9 @@ def fp16_weights(graph: bytes) -> bytes:
 def blended_networks(cfg: dict[str, Any], layout: Layout) -> tuple[list[str], list[float]]:
     """The models the blend uses and their weights (the all-folds fit weights.json records,
     which made ensemble/test), checked against the blend's own record."""
-    doc = _read(layout.weights)
-    names, weights = list(doc["models"]), [float(w) for w in doc["weights"]]
+    blend = BlendRecord.read(layout.weights)
+    blend.need("models", "weights")
+    names, weights = list(blend.models), [float(w) for w in blend.weights]
     stored = load_probs(layout.blend("test")).meta
     if stored.get("models") != names or stored.get("weights") != weights:
         raise StaleChain(
@@ -177,7 +167,7 @@ def blended_networks(cfg: dict[str, Any], layout: Layout) -> tuple[list[str], li
     return [n for n, _ in used], [w for _, w in used]
 
 
-def check_current(cfg: dict[str, Any], layout: Layout, tuned: dict[str, Any]) -> None:
+def check_current(cfg: dict[str, Any], layout: Layout, tuned: PostprocessRecord) -> None:
     """StaleChain unless every artefact from the fold checkpoints to submission.csv was
     made from the inputs on disk now. Upstream first, so the first named is the cause.
 
@@ -186,23 +176,24 @@ def check_current(cfg: dict[str, Any], layout: Layout, tuned: dict[str, Any]) ->
     submission must be byte for byte what postprocess.json makes of the test store it
     reads (a few seconds: post-processing runs at about 70 images/s).
     """
-    models = list(_read(layout.weights)["models"])
+    models = list(BlendRecord.read(layout.weights).models)
     links = [
         (layout.store(m, kind), ["predict", "--model", m])
         for m in models
         for kind in ("oof", "test")
     ]
     links += [(layout.blend(kind), ["ensemble"]) for kind in ("oof", "test")]
-    tuned_on = tuned.get(lineage.KEY) or {}
     refined = layout.refined("oof").relative_to(layout.root).as_posix()
-    if tuned.get("source") == "refined" or refined in tuned_on:
+    if tuned.source == "refined" or refined in tuned.made_from:
         links += [(layout.refined(kind), ["refine"]) for kind in ("oof", "test")]
     links.append((layout.postprocess, ["tune"]))
     where = f"{layout.root}: the submission chain is out of date"
     for artefact, command in links:
         name = artefact.relative_to(layout.root).as_posix()
-        meta = tuned if artefact == layout.postprocess else load_probs(artefact).meta
-        record = meta.get(lineage.KEY)
+        if artefact == layout.postprocess:
+            record = tuned.made_from if tuned.holds(lineage.KEY) else None
+        else:
+            record = load_probs(artefact).meta.get(lineage.KEY)
         if record is None:
             raise StaleChain(
                 f"{where}: {name} records no inputs (made by an older version)",
@@ -216,7 +207,7 @@ def check_current(cfg: dict[str, Any], layout: Layout, tuned: dict[str, Any]) ->
                 [["pipeline"]],
             )
     store, _ = input_store(cfg, "test")
-    params = PostprocessParams.from_dict(tuned["params"])
+    params = tuned.params
     with tempfile.TemporaryDirectory(prefix="neopolyp-export-") as tmp:
         again = Path(tmp) / layout.submission.name
         with closing(class_maps(load_probs(store), params)) as maps:
@@ -239,14 +230,15 @@ def refiner_record(layout: Layout, source: str) -> dict[str, Any] | None:
                 [["refine"], ["pipeline"]],
             )
         return None
-    doc = _read(layout.refine_record)
+    refined = RefineRecord.read(layout.refine_record)
+    refined.need("settings", "refined_mask")
     if not layout.refiners.is_file():
         raise StaleChain(
             f"{layout.refiners} not found (refine.py of an older version kept its refiners in "
             "memory only)",
             [["refine"], ["pipeline"]],
         )
-    return {"file": REFINERS, "settings": doc["settings"], "use_mask": doc["refined_mask"]["kept"]}
+    return {"file": REFINERS, "settings": refined.settings, "use_mask": refined.refined_mask.kept}
 
 
 def write_package(
@@ -254,7 +246,7 @@ def write_package(
 ) -> dict[str, Any]:
     """Fill the empty folder `root` with the experiment's package; returns its manifest."""
     layout = Layout.of(cfg)
-    tuned = _read(layout.postprocess)
+    tuned = PostprocessRecord.read(layout.postprocess)
     names, weights = blended_networks(cfg, layout)
     data, train = DataSettings.from_config(cfg), TrainSettings.from_config(cfg)
     size = list(data.img_size)
@@ -291,7 +283,7 @@ def write_package(
                 onnx=onnx_files or None,
             )
         )
-    refiner = refiner_record(layout, str(tuned["source"]))
+    refiner = refiner_record(layout, tuned.source)
     if refiner is not None:
         write_bytes(root / REFINERS, layout.refiners.read_bytes())
     chain = Chain(
@@ -302,13 +294,13 @@ def write_package(
         cpu_threads=train.cpu_threads,
         networks=networks,
         weights=weights,
-        source=str(tuned["source"]),
+        source=tuned.source,
         refiner=refiner,
-        postprocess=PostprocessParams.from_dict(tuned["params"]),
+        postprocess=tuned.params,
         classes=CLASSES,
     )
     write_json(root / CHAIN, chain.to_dict())
-    chosen = str(tuned.get("chosen", ""))
+    chosen = tuned.chosen
     provenance = {
         "experiment": cfg["experiment"],
         "git": git_hash(),
@@ -318,8 +310,8 @@ def write_package(
         "half": half,
         "onnx_opset": ONNX_OPSET if onnx else None,
         "chain": chosen,
-        "oof_out_of_sample": (tuned.get("out_of_sample") or {}).get(chosen),
-        "oof_in_sample": (tuned.get("scores") or {}).get("tuned"),
+        "oof_out_of_sample": tuned.out_of_sample.get(chosen),
+        "oof_in_sample": tuned.scores.get("tuned"),
     }
     return write_manifest(root, provenance)
 
@@ -377,7 +369,7 @@ def export(
             f"{layout.submission} not found: finish the experiment first: "
             + command_hint("pipeline")
         )
-    check_current(cfg, layout, _read(layout.postprocess))
+    check_current(cfg, layout, PostprocessRecord.read(layout.postprocess))
     if out.suffix.lower() != ".zip":
         with atomic_dir(out) as tmp, named_as(tmp, out):
             write_package(cfg, tmp, half, onnx)

@@ -2,7 +2,7 @@
 
 It applies `postprocess.json` (tune.py) with the operations of `postprocessing.py` to the
 blended test probabilities (the refined ones when tune.py chose them out of sample: the
-store `postprocessing.input_store` reads from postprocess.json), and writes
+store `records.input_store` reads from postprocess.json), and writes
 `submission.csv` only once it passes its check.
 """
 
@@ -23,7 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from chain.postprocessing import PostprocessParams, class_maps, input_store, load_params
+from chain.postprocessing import PostprocessParams, class_maps
+from chain.records import input_store, load_params
 from core.config import (
     ConfigError,
     reports_environment_errors,

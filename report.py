@@ -37,7 +37,8 @@ from chain.evaluation import (
     read_json,
     test_rows,
 )
-from chain.postprocessing import PostprocessParams, input_store, load_params
+from chain.postprocessing import PostprocessParams
+from chain.records import BlendRecord, Decision, PostprocessRecord, RefineRecord, input_store
 from chain.reporting import Case, ReportInputs, write_report
 from core.config import (
     ConfigError,
@@ -76,34 +77,34 @@ def oof_cases(store: ProbMaps, cfg: dict[str, Any], params: PostprocessParams) -
     return cases
 
 
-def refine_record(cfg: dict[str, Any]) -> dict[str, Any] | None:
+def refine_record(cfg: dict[str, Any]) -> RefineRecord | None:
     """refine.py's `refine.json` when the config enables refinement, else None."""
     if not refining(cfg):
         return None
-    return read_json(Layout.of(cfg).refine_record)
+    return RefineRecord.read(Layout.of(cfg).refine_record)
 
 
-def refine_cases(cfg: dict[str, Any], doc: dict[str, Any]) -> list[Case]:
+def refine_cases(cfg: dict[str, Any], record: RefineRecord) -> list[Case]:
     """The regions the refiner changed most, in their windows: blend and refined argmax,
     with each whole image's competition score before and after."""
     layout = Layout.of(cfg)
-    rows = doc.get("most_changed") or []
+    rows = record.most_changed
     if not rows:
         return []
     blend, refined = (load_probs(path) for path in (layout.blend("oof"), layout.refined("oof")))
-    ids = sorted({r["id"] for r in rows})
+    ids = sorted({r.id for r in rows})
     items = dict(zip(ids, train_items(cfg, ids, blend.size), strict=True))
     row_of = {image_id: i for i, image_id in enumerate(blend.ids)}
     cases = []
     for r in rows:
-        image, target = load_item(items[r["id"]])
-        i = row_of[r["id"]]
+        image, target = load_item(items[r.id])
+        i = row_of[r.id]
         before, after = (s.raw[i].argmax(axis=0).astype(np.uint8) for s in (blend, refined))
         stats = class_stats(np.stack([before, after]), np.stack([target, target]))
         score, score_after = (scores_from_stats(stats[j : j + 1])["competition"] for j in (0, 1))
-        y0, y1, x0, x1 = r["box"]
+        y0, y1, x0, x1 = r.box
         w = np.s_[y0:y1, x0:x1]
-        cases.append(Case(r["id"], image[w], target[w], before[w], after[w], score, score_after))
+        cases.append(Case(r.id, image[w], target[w], before[w], after[w], score, score_after))
     return cases
 
 
@@ -112,39 +113,41 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
     scores.json, from the experiment's artefacts alone."""
     layout = Layout.of(cfg)
     names = model_names(cfg)
-    blend_doc = read_json(layout.weights)
-    tuned = read_json(layout.postprocess)
-    params = load_params(layout.postprocess)
+    blend = BlendRecord.read(layout.weights)
+    tuned = PostprocessRecord.read(layout.postprocess)
+    blend.need("models", "weights", "scores")
+    tuned.need("chosen", "decision", "scores", "out_of_sample")
+    params = tuned.params
     # the maps tune.py and the submission used: the refined ones when refinement was kept
     source, why = input_store(cfg, "oof")
     source_name = "refined" if source == layout.refined("oof") else "blend"
     cases = oof_cases(load_probs(source), cfg, params)
     refined = refine_record(cfg)
     records = {
-        "blend": blend_doc.get("decision"),
-        "refined mask": refined["refined_mask"]["decision"] if refined else None,
-        "refinement and post-processing": tuned["decision"],
+        "blend": blend.decision,
+        "refined mask": refined.refined_mask.decision if refined else None,
+        "refinement and post-processing": tuned.decision,
     }
     tables = [
         (DECISIONS_TABLE, decision_rows(records)),
-        (OOF_TABLE, oof_rows(cfg, [c.target for c in cases], blend_doc, refined, tuned)),
+        (OOF_TABLE, oof_rows(cfg, [c.target for c in cases], blend, refined, tuned)),
     ]
     notes = [f"Submitted chain: {decision_note(records)}."]
     oof_nothing = scores_from_stats(nothing_stats([c.target for c in cases]))["competition"]
     warnings = chain_warnings(tuned, oof_nothing)
     data_dir = Path(cfg["data_dir"])
     if list_test_gt(data_dir):
-        rows, verdict = test_rows(cfg, names, blend_doc, tuned)
+        rows, verdict = test_rows(cfg, names, blend, tuned)
         tables.append((TEST_TABLE, rows))
         notes.append(verdict)
         warnings += test_warnings(rows)
     warnings += fold_warnings(cfg, names)
     steps = ", ".join(params.active_steps()) or "none"
     notes += [
-        f"Post-processing used: {steps} ({tuned['decision']['reason']}).",
+        f"Post-processing used: {steps} ({tuned.decision.reason}).",
         "Is a change real? Both side by side, with the paired per-image difference and its "
         f"interval: {command_line('compare', str(layout.root), 'OTHER_EXPERIMENT')}",
-        *study_notes({"ensemble": blend_doc.get("study"), "tune": tuned.get("study")}),
+        *study_notes({"ensemble": blend.study, "tune": tuned.study}),
     ]
     if refined is not None:
         notes.append(f"Region refinement: {why}; submitted from the {source_name} maps.")
@@ -154,7 +157,7 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
         tables=tables,
         cases=cases,
         folds=read_json(layout.folds)["folds"],
-        blend=blend_doc,
+        blend=blend,
         tuned=tuned,
         logs={n: {k: layout.fold(n, k).log for k in range(n_folds)} for n in names},
         timings=read_json(layout.timings) if layout.timings.is_file() else {},
@@ -171,7 +174,9 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
         {"tables": {t: rows for t, rows in tables}, "warnings": warnings, "notes": notes},
     )
     if tracking.enabled(cfg):
-        tracking.log_summary(cfg, tables, blend_doc, tuned, [report, layout.submission])
+        tracking.log_summary(
+            cfg, tables, blend.to_dict(), tuned.to_dict(), [report, layout.submission]
+        )
     return {"tables": tables, "report": report, "notes": notes, "warnings": warnings}
 
 
@@ -199,14 +204,14 @@ def fold_warnings(cfg: dict[str, Any], names: Sequence[str]) -> list[str]:
     return lines
 
 
-def chain_warnings(tuned: dict[str, Any], nothing: float) -> list[str]:
+def chain_warnings(tuned: PostprocessRecord, nothing: float) -> list[str]:
     """A line when the submitted chain, scored out of fold and out of sample, does not beat
     `nothing` (predicting nothing on the same images): the one check real data allows."""
-    score = tuned["out_of_sample"][tuned["chosen"]]["competition"]
+    score = tuned.out_of_sample[tuned.chosen]["competition"]
     if beats_nothing(score, nothing):
         return []
     return [
-        f"The submitted chain ({tuned['chosen']}) does not beat predicting nothing out of fold: "
+        f"The submitted chain ({tuned.chosen}) does not beat predicting nothing out of fold: "
         f"rows-Dice {score:.4f} out of sample, predicting nothing {nothing:.4f}."
     ]
 
@@ -224,9 +229,9 @@ def test_warnings(rows: Sequence[dict[str, Any]]) -> list[str]:
     ]
 
 
-def decision_note(records: dict[str, dict[str, Any] | None]) -> str:
+def decision_note(records: dict[str, Decision | None]) -> str:
     """The decisions in a line: what each stage chose."""
-    return "; ".join(f"{stage}: {rec['chosen']}" for stage, rec in records.items() if rec)
+    return "; ".join(f"{stage}: {rec.chosen}" for stage, rec in records.items() if rec)
 
 
 def study_notes(records: dict[str, dict[str, Any] | None]) -> list[str]:

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from chain.decisions import LENSES, Rule, bootstrap_gain
-from chain.postprocessing import PostprocessParams, class_maps, input_store
+from chain.postprocessing import PostprocessParams, class_maps
+from chain.records import BlendRecord, Decision, PostprocessRecord, RefineRecord, input_store
 from core.invocation import command_hint
 from core.metrics import class_stats, nothing_stats, scores_from_stats
 from core.paths import Layout
@@ -38,9 +39,11 @@ GAIN = "vs submission [interval]"
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A stage's JSON artefact, or DataError naming it and the command that makes it: the
-    pipeline, which runs whichever stage wrote it. Missing means that stage has not run
-    (report.py before any run said 'unreadable ([Errno 2] ...); delete it')."""
+    """A JSON artefact that is no decision document (scores.json, timings.json,
+    folds.json, a fold's recipe.json; the decision documents are read by their records,
+    records.py), or DataError naming it and the command that makes it: the pipeline,
+    which runs whichever stage wrote it. Missing means that stage has not run (report.py
+    before any run said 'unreadable ([Errno 2] ...); delete it')."""
     if not path.exists():
         raise DataError(
             f"{path} not found: the stage that writes it has not run yet; run it first: "
@@ -65,7 +68,7 @@ def nothing_row(targets: Sequence[np.ndarray], **labels: str) -> dict[str, Any]:
     return {**labels, **pick_scores(scores_from_stats(nothing_stats(targets)))}
 
 
-def decision_rows(records: Mapping[str, Mapping[str, Any] | None]) -> list[dict[str, Any]]:
+def decision_rows(records: Mapping[str, Decision | None]) -> list[dict[str, Any]]:
     """One row per candidate of every decision: its level (0: simple; each level adds a
     fitted component), out-of-sample and in-sample score on the decision's metric, its
     gain over the best simple candidate with the interval, and the choice."""
@@ -73,20 +76,18 @@ def decision_rows(records: Mapping[str, Mapping[str, Any] | None]) -> list[dict[
     for stage, rec in records.items():
         if not rec:
             continue
-        metric = rec["metric"]
-        for name, row in rec["candidates"].items():
-            gain = row.get("gain_over_simple")
+        metric = rec.metric
+        for name, row in rec.candidates.items():
+            gain = row.gain_over_simple
             rows.append(
                 {
                     "decision": stage,
                     "candidate": name,
-                    "level": row["level"],
-                    f"{metric} out of sample": row["out_of_sample"][metric],
-                    "in sample": row.get("in_sample", {}).get(metric),
-                    "gain [interval]": None
-                    if gain is None
-                    else f"{gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]",
-                    "chosen": "chosen" if name == rec["chosen"] else "",
+                    "level": row.level,
+                    f"{metric} out of sample": row.out_of_sample[metric],
+                    "in sample": (row.in_sample or {}).get(metric),
+                    "gain [interval]": None if gain is None else _interval(gain),
+                    "chosen": "chosen" if name == rec.chosen else "",
                 }
             )
     return rows
@@ -95,33 +96,33 @@ def decision_rows(records: Mapping[str, Mapping[str, Any] | None]) -> list[dict[
 def oof_rows(
     cfg: dict[str, Any],
     targets: Sequence[np.ndarray],
-    blend_doc: Mapping[str, Any],
-    refined: Mapping[str, Any] | None,
-    tuned: Mapping[str, Any],
+    blend: BlendRecord,
+    refined: RefineRecord | None,
+    tuned: PostprocessRecord,
 ) -> list[dict[str, Any]]:
     """Out-of-fold scores at working resolution, each row saying whether it is honest."""
     labels = {"equal": "blend, equal weights", "tuned": "blend, tuned weights (in-sample)"}
     rows = [nothing_row(targets, model="predict nothing", variant="baseline")]
-    for name, by_fold in blend_doc["scores"].items():
+    for name, by_fold in blend.scores.items():
         rows.append(
             {"model": labels.get(name, name), "variant": "argmax", **pick_scores(by_fold["all"])}
         )
-    source = tuned.get("source", "blend")
+    source = tuned.source
     if refined is not None:
         label = "refined" if source == "refined" else "refined (not used)"
-        rows.append({"model": label, "variant": "argmax", **pick_scores(refined["oof_after"])})
+        rows.append({"model": label, "variant": "argmax", **pick_scores(refined.oof_after)})
     rows.append(
         {
             "model": f"{source}, tuned post-processing",
             "variant": "in-sample (fitted on these images)",
-            **pick_scores(tuned["scores"]["tuned"]),
+            **pick_scores(tuned.scores["tuned"]),
         }
     )
     rows.append(
         {
-            "model": f"submitted chain ({tuned['chosen']})",
+            "model": f"submitted chain ({tuned.chosen})",
             "variant": "out of sample",
-            **pick_scores(tuned["out_of_sample"][tuned["chosen"]]),
+            **pick_scores(tuned.out_of_sample[tuned.chosen]),
         }
     )
     return rows
@@ -181,8 +182,8 @@ def test_truth(cfg: dict[str, Any], ids: Sequence[str]) -> dict[str, np.ndarray]
 def test_rows(
     cfg: dict[str, Any],
     names: Sequence[str],
-    blend_doc: Mapping[str, Any],
-    tuned: Mapping[str, Any],
+    blend_record: BlendRecord,
+    tuned: PostprocessRecord,
 ) -> tuple[list[dict[str, Any]], str]:
     """The test table and a one-line verdict: the submission against its simple chains.
 
@@ -194,7 +195,7 @@ def test_rows(
     wrong class was the whole of a 0.019 gap).
     """
     layout = Layout.of(cfg)
-    submitted = PostprocessParams.from_dict(tuned["params"])
+    submitted = tuned.params
     variants = {
         "argmax": PostprocessParams(),
         "region vote": LENSES["region"],
@@ -206,12 +207,13 @@ def test_rows(
     maps: dict[str, ProbMaps] = dict(zip(names, models, strict=True))
     best = names[0]
     if len(names) > 1:
+        blend_record.need("candidates")
         for cand in ("equal", "tuned"):
-            weights = blend_doc["candidates"][cand]["weights"]
+            weights = blend_record.candidates[cand].weights
             maps[f"blend, {cand} weights"] = ProbMaps(
                 first.ids, first.orig_sizes, {}, blend(models, weights)
             )
-        best = blend_doc["candidates"]["best single"]["model"]
+        best = str(blend_record.candidates["best single"].model)
     refined_store = layout.refined("test")
     if refining(cfg) and refined_store.is_dir():
         maps["refined"] = load_probs(refined_store)
@@ -233,8 +235,8 @@ def test_rows(
     chains.append(
         (
             {
-                "model": f"{SUBMITTED} ({tuned.get('source', 'blend')} maps)",
-                "variant": tuned["chosen"],
+                "model": f"{SUBMITTED} ({tuned.source} maps)",
+                "variant": tuned.chosen,
                 "role": SUBMITTED,
             },
             _image_stats(source, submitted, truth, ids),

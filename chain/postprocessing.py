@@ -25,33 +25,25 @@ borders exact. uint8 store codes are accepted as they are (value/255): all steps
 probabilities, so working on the codes avoids a float copy of every map.
 
 This is a library shared by tune.py, postprocess.py and pipeline.py; no stage script
-imports another.
+imports another. What `postprocess.json` records (the parameters, the store the chain
+starts from) is read by `records.PostprocessRecord`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import math
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 from joblib import effective_n_jobs
 
-from core.config import ConfigError
-from core.invocation import command_hint
-from core.paths import Layout
 from data.probstore import ProbMaps
-from data.reader import DataError
-
-log = logging.getLogger("postprocessing")
 
 REGION_MODES = ("none", "prob", "majority")
 
@@ -269,22 +261,6 @@ def _lookup(table: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return cv2.LUT(labels.astype(np.uint8), lut)
 
 
-def load_params(path: Path) -> PostprocessParams:
-    """Parameters from a tune.py `postprocess.json`; plain argmax (with a warning) if absent."""
-    if not path.is_file():
-        log.warning(
-            "%s not found: using plain argmax (tune post-processing with %s)",
-            path,
-            command_hint("tune"),
-        )
-        return PostprocessParams()
-    try:
-        doc = json.loads(path.read_text())
-        return PostprocessParams.from_dict(doc.get("params", doc))
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"{path}: not valid post-processing parameters ({exc})") from exc
-
-
 # Pixels post-processed or held at once by class_maps. A map costs 5 to 14 bytes per
 # pixel while it is made (40 for a map of pure noise): one 8000 x 6000 frame took 0.25 to
 # 0.65 GB, and threads working on several at once took the stage past 3 GB. 64 M is one
@@ -322,30 +298,3 @@ def class_maps(
             yield done_id, done.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def input_store(cfg: dict[str, Any], kind: str) -> tuple[Path, str]:
-    """The probability store the submission chain starts from, and why that one.
-
-    tune.py decides between the blend and the refined blend (judged out of sample after
-    each one's own post-processing) and records it in `postprocess.json` (`source`): the
-    one place that decides, so the tuned parameters and the submission never read
-    different stores. Before tune.py has run, the blend.
-    """
-    layout = Layout.of(cfg)
-    path = layout.postprocess
-    if not path.is_file():
-        return layout.blend(kind), f"no {path.name} yet (make it: {command_hint('tune')})"
-    try:
-        doc = json.loads(path.read_text())
-        source, chosen = str(doc.get("source", "blend")), str(doc.get("chosen", ""))
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DataError(
-            f"{path}: unreadable ({exc}); delete it, then tune again: {command_hint('tune')}"
-        ) from exc
-    stores = {"blend": layout.blend(kind), "refined": layout.refined(kind)}
-    if source not in stores:
-        raise DataError(
-            f"{path}: unknown source {source!r}; delete it, then tune again: {command_hint('tune')}"
-        )
-    return stores[source], f"tune.py chose {chosen or source}"

@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from chain.records import BlendRecord, PostprocessRecord
 from core.config import config_hash, git_hash
 from core.metrics import (
     NOTHING_TOL,
@@ -100,15 +101,15 @@ class ReportInputs:
     """What the pipeline hands over; the report computes everything else from these.
 
     `cases`: every OOF image; `folds`: image id -> fold (the split); `blend`, `tuned`: the
-    `weights.json` and `postprocess.json` documents; `test_images`: test id -> image file.
+    `weights.json` and `postprocess.json` records; `test_images`: test id -> image file.
     """
 
     cfg: dict[str, Any]
     tables: Sequence[tuple[str, Sequence[Mapping[str, object]]]]
     cases: Sequence[Case]
     folds: Mapping[str, int]
-    blend: Mapping[str, Any]
-    tuned: Mapping[str, Any]
+    blend: BlendRecord
+    tuned: PostprocessRecord
     logs: Mapping[str, Mapping[int, Path]] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
     submission: Path | None = None
@@ -210,7 +211,7 @@ def per_class_rows(inputs: ReportInputs) -> list[dict[str, object]]:
     rows = [
         row("predict nothing", scores_from_stats(nothing), _by_fold(cases, inputs.folds, nothing))
     ]
-    for name, by_fold in inputs.blend.get("scores", {}).items():
+    for name, by_fold in inputs.blend.scores.items():
         folds = [s["competition"] for k, s in by_fold.items() if k != "all"]
         rows.append(row(BLEND_ROWS.get(name, name), by_fold["all"], folds))
     if inputs.source != "blend":
@@ -502,13 +503,13 @@ def table_html(title: str, rows: Sequence[Mapping[str, object]], note: str = "")
 
 def provenance_html(inputs: ReportInputs) -> str:
     """What made these numbers: code, config, split, data, time."""
-    made = (inputs.tuned.get("provenance") or {}).get("git")
+    made = inputs.tuned.provenance.get("git")
     items = {
         "experiment": inputs.cfg.get("experiment"),
         "git": git_hash() or "unknown",
         "artefacts made at git": made or "unknown",
         "config hash": config_hash(inputs.cfg),
-        "split id": inputs.blend.get("split_id", "unknown"),
+        "split id": inputs.blend.split_id or "unknown",
         "data": inputs.cfg.get("data_dir"),
         "report written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -516,15 +517,15 @@ def provenance_html(inputs: ReportInputs) -> str:
     return f"<p class='provenance'>{text}</p>"
 
 
-def ablation_rows(tuned: Mapping[str, Any]) -> list[dict[str, object]]:
+def ablation_rows(tuned: PostprocessRecord) -> list[dict[str, object]]:
     """postprocess.json's ablation: each step's objective with and without it, and whether
     it stayed in the tuned parameters (in sample; the submission's rule is decisions.py's)."""
     rows = []
-    for rec in tuned.get("ablation", []):
+    for rec in tuned.ablation:
         rows.append(
             {
                 "step": rec["step"],
-                f"{tuned.get('objective', '')} with": rec.get("with", ""),
+                f"{tuned.objective} with": rec.get("with", ""),
                 "without": rec.get("without", ""),
                 "no class worse than argmax": "yes" if rec["no_class_worse_than_argmax"] else "no",
                 "in the tuned parameters": "stays" if rec["kept"] else "dropped",
@@ -579,15 +580,16 @@ def write_report(path: str | Path, title: str, inputs: ReportInputs) -> Path:
     )
     weights = [
         {"model": m, "blend weight": float(w)}
-        for m, w in zip(inputs.blend["models"], inputs.blend["weights"], strict=True)
+        for m, w in zip(inputs.blend.models, inputs.blend.weights, strict=True)
     ]
-    decision = inputs.blend.get("decision") or {"reason": "one model, nothing to blend"}
+    decision = inputs.blend.decision
+    reason = decision.reason if decision else "one model, nothing to blend"
     parts.append(
         table_html(
-            f"Blend weights ({inputs.blend.get('chosen', '')})",
+            f"Blend weights ({inputs.blend.chosen})",
             weights,
-            f"Chosen out of sample: {decision['reason']}. Weights are searched on "
-            f"{inputs.blend.get('objective')} over the OOF maps.",
+            f"Chosen out of sample: {reason}. Weights are searched on "
+            f"{inputs.blend.objective} over the OOF maps.",
         )
     )
     parts.append(table_html(ABLATION_TITLE, ablation_rows(inputs.tuned), ABLATION_NOTE))

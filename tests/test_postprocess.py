@@ -10,6 +10,7 @@ import yaml
 import postprocess as submission_stage
 from chain import postprocessing as pp
 from chain.postprocessing import PostprocessParams, postprocess
+from chain.records import load_params
 from data.probstore import load_probs, save_probs
 from data.submission import check_submission, rle_decode
 
@@ -250,7 +251,7 @@ def test_bad_maps_and_unknown_params_are_named(tmp_path):
     # postprocess.json of tune.py ({"params": ...}) or the bare parameters both load
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps({"min_area_frac": 0.01}))
-    assert pp.load_params(flat) == PostprocessParams(min_area_frac=0.01)
+    assert load_params(flat) == PostprocessParams(min_area_frac=0.01)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 
 import refine
 from chain.decisions import LENSES, SCORE_KEYS, Rule, map_stats, pick
-from chain.postprocessing import input_store
+from chain.records import input_store
 from chain.regions import (
     CROP_CHANNELS,
     FALSE_POSITIVE,
