@@ -33,16 +33,25 @@ import functools
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import optuna
 
 from chain import lineage, studies
-from chain.decisions import LENSES, Candidate, Rule, choose, cross_fit, fold_rows, format_decision
+from chain.decisions import (
+    LENSES,
+    Option,
+    Outcome,
+    Rule,
+    decide,
+    fold_rows,
+    format_decision,
+)
 from chain.postprocessing import PostprocessParams, postprocess
-from chain.studies import StudyPlace, search_settings
+from chain.studies import Search, StudyPlace, fit_label, search_settings
 from core.config import (
     ConfigError,
     provenance,
@@ -51,7 +60,7 @@ from core.config import (
     setup_logging,
 )
 from core.invocation import command_hint
-from core.metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
+from core.metrics import scores_from_stats, stats_in_chunks
 from core.paths import Layout
 from data.atomic import write_json
 from data.cache import load_targets
@@ -120,6 +129,13 @@ def _trial_score(
     return scores_from_stats(stats)[objective]
 
 
+class Tuned(NamedTuple):
+    """Blend weights found by a search, and the study that found them."""
+
+    weights: list[float]
+    study: optuna.Study
+
+
 def search_weights(
     arrays: Sequence[np.ndarray],
     targets: np.ndarray,
@@ -131,7 +147,7 @@ def search_weights(
     rows: np.ndarray | None = None,
     lens: str = "argmax",
     fit: str = "all",
-) -> tuple[list[float], optuna.Study]:
+) -> Tuned:
     """Seeded TPE over blend weights on `rows` (default all); the equal blend is the first
     trial. Maps are scored after the `lens` (decisions.LENSES).
 
@@ -139,29 +155,32 @@ def search_weights(
     `fit`: "all", "fold 0", ...), continued until it has `trials` complete trials. The
     weights are those of the best of its first `trials` complete trials.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    n_workers = place.n_workers if place else 1
+    return _search(arrays, targets, Search(trials, objective, seed, n_jobs), place, rows, lens, fit)
+
+
+def _search(
+    arrays: Sequence[np.ndarray],
+    targets: np.ndarray,
+    search: Search,
+    place: StudyPlace | None,
+    rows: np.ndarray | None,
+    lens: str,
+    fit: str,
+) -> Tuned:
+    """`search_weights` with the search's settings in one value (`Blending.tuned`)."""
+    threads = search.threads(place)
     score = functools.partial(
-        _trial_score,
-        arrays,
-        targets,
-        objective,
-        studies.threads_per_worker(n_jobs, n_workers),
-        rows,
-        LENSES[lens],
+        _trial_score, arrays, targets, search.objective, threads, rows, LENSES[lens]
     )
-    study = studies.run_study(
+    best, study = search.run(
         "ensemble",
         score,
-        trials,
-        seed,
         place,
         inputs=[*arrays, targets],
-        settings={"objective": objective, "space": SPACE_VERSION, "lens": lens, "fit": fit},
+        settings={"space": SPACE_VERSION, "lens": lens, "fit": fit},
         start=[{f"w{i}": 1.0 for i in range(len(arrays))}],
     )
-    return studies.best_trial(study, trials).user_attrs["weights"], study
+    return Tuned(best.user_attrs["weights"], study)
 
 
 def fold_scores(stats: np.ndarray, folds: Sequence[int] | None) -> dict[str, dict[str, float]]:
@@ -178,6 +197,77 @@ def _one_hot(i: int, n: int) -> list[float]:
     return [float(i == j) for j in range(n)]
 
 
+@dataclass(frozen=True)
+class Blending:
+    """What the blend decision works on: the models' OOF maps (in `names`' order), their
+    targets and shared folds, the search for tuned weights, where its studies live."""
+
+    names: Sequence[str]
+    arrays: Sequence[np.ndarray]
+    targets: np.ndarray
+    folds: Sequence[int]
+    search: Search
+    place: StudyPlace | None
+    rule: Rule
+
+    def stats(self, weights: Sequence[float], rows: np.ndarray | None = None) -> np.ndarray:
+        """Per-image stats of the blend's maps on `rows`, after the rule's lens."""
+        return blend_stats(
+            self.arrays, self.targets, weights, self.search.n_jobs, rows, self.rule.params
+        )
+
+    def argmax_scores(self, weights: Sequence[float]) -> dict[str, dict[str, float]]:
+        """The blend's plain-argmax scores, over all images and by fold (the `scores`
+        table: in sample for fitted weights)."""
+        stats = blend_stats(self.arrays, self.targets, weights, self.search.n_jobs)
+        return fold_scores(stats, self.folds)
+
+    def tuned(self, k: int | None, rows: np.ndarray) -> Tuned:
+        """Weights searched on `rows`: the images outside fold k, or all (k None)."""
+        lens = self.rule.lens
+        return _search(self.arrays, self.targets, self.search, self.place, rows, lens, fit_label(k))
+
+
+def blend_options(blending: Blending) -> list[Option[Any]]:
+    """Equal weights and the best single model (the simple choices: the model is picked
+    per fold on the other folds' images), and tuned weights (one fitted level above)."""
+    n = len(blending.names)
+    per_model = [blending.stats(_one_hot(i, n)) for i in range(n)]
+
+    def best_model(k: int | None, rows: np.ndarray) -> int:
+        values = [scores_from_stats(s[rows])[blending.rule.metric] for s in per_model]
+        return int(np.argmax(values))  # ties to the model listed first
+
+    return [
+        Option("equal", blending.stats, params=[1.0 / n] * n),
+        Option("best single", lambda i, rows: per_model[i][rows], fit=best_model),
+        Option(
+            "tuned", lambda t, rows: blending.stats(t.weights, rows), fit=blending.tuned, level=1
+        ),
+    ]
+
+
+def blend_candidates(outcome: Outcome[Any], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Each option's all-folds weights and each fold's, as `weights.json` lists them."""
+    n = len(names)
+    equal, best, tuned = (outcome.judged[k] for k in ("equal", "best single", "tuned"))
+    return {
+        "equal": {
+            "weights": equal.params,
+            "fold_weights": {str(k): w for k, w in equal.fold_params.items()},
+        },
+        "best single": {
+            "weights": _one_hot(best.params, n),
+            "fold_weights": {str(k): _one_hot(i, n) for k, i in best.fold_params.items()},
+            "model": names[best.params],
+        },
+        "tuned": {
+            "weights": list(tuned.params.weights),
+            "fold_weights": {str(k): list(t.weights) for k, t in tuned.fold_params.items()},
+        },
+    }
+
+
 def run_ensemble(
     names: Sequence[str],
     arrays: Sequence[np.ndarray],
@@ -185,109 +275,61 @@ def run_ensemble(
     folds: Sequence[int],
     trials: int,
     objective: str = "competition",
+    *,
     seed: int = 0,
     n_jobs: int = 1,
     place: StudyPlace | None = None,
     trials_csv: Path | None = None,
     rule: Rule | None = None,
 ) -> dict[str, Any]:
-    """The blend decision: equal weights, the best single model, or tuned weights.
-
-    Each candidate is fitted per fold on the other folds' images and scored on the fold
-    (decisions.cross_fit), then fitted on all folds; `decisions.choose` keeps the tuned
-    weights only when they beat the better simple candidate by more than the noise. The
-    document holds the chosen weights, every candidate's per-fold weights (the OOF blend
-    uses the chosen one's), and the scores. `place`: where the studies are kept (None:
-    in memory); `trials_csv`: where the all-folds study's trials are exported.
+    """The blend decision: equal weights, the best single model, or tuned weights, made
+    by `decisions.decide` (each fitted per fold, then on all folds; the tuned weights kept
+    only when they beat the better simple candidate by more than the noise). The document
+    holds the chosen weights, every candidate's per-fold weights (the OOF blend uses the
+    chosen one's), and the scores. `place`: where the studies are kept (None: in memory);
+    `trials_csv`: where the all-folds study's trials are exported.
     """
-    rule = rule or Rule()
-    lens = rule.params
+    search = Search(trials, objective, seed, n_jobs)
+    blending = Blending(names, arrays, targets, folds, search, place, rule or Rule())
     n = len(names)
-    per_model = [
-        blend_stats(arrays, targets, _one_hot(i, n), n_jobs, params=lens) for i in range(n)
-    ]
-
-    def argmax_scores(weights: Sequence[float]) -> dict[str, dict[str, float]]:
-        return fold_scores(blend_stats(arrays, targets, weights, n_jobs), folds)
-
-    # `scores`: plain argmax by fold, of each model and of the all-folds blends (in-sample)
-    rows = {name: argmax_scores(_one_hot(i, n)) for i, name in enumerate(names)}
-    doc: dict[str, Any] = {"models": list(names), "objective": objective, "decide": rule.to_dict()}
-    ks = [k for k, _, _ in fold_rows(folds)]
+    # plain argmax by fold, of each model and of the all-folds blends (in-sample)
+    scores = {name: blending.argmax_scores(_one_hot(i, n)) for i, name in enumerate(names)}
+    doc: dict[str, Any] = {
+        "models": list(names),
+        "objective": objective,
+        "decide": blending.rule.to_dict(),
+    }
     if n == 1:
         doc.update(
             weights=[1.0],
-            fold_weights={str(k): [1.0] for k in ks},
+            fold_weights={str(k): [1.0] for k, _, _ in fold_rows(folds)},
             chosen="single model",
             trials=0,
-            scores=rows,
+            scores=scores,
             study=None,
             decision=None,
         )
         return doc
-
-    def best_model(fit_rows: np.ndarray) -> int:
-        values = [scores_from_stats(s[fit_rows])[rule.metric] for s in per_model]
-        return int(np.argmax(values))  # ties to the model listed first
-
-    def tuned_fit(k: int, fit_rows: np.ndarray) -> list[float]:
-        label = f"fold {k}"
-        return search_weights(
-            arrays, targets, trials, objective, seed, n_jobs, place, fit_rows, rule.lens, label
-        )[0]
-
-    def tuned_stats(weights: list[float], held: np.ndarray) -> np.ndarray:
-        return blend_stats(arrays, targets, weights, n_jobs, held, lens)
-
-    equal = [1.0 / n] * n
-    equal_stats = blend_stats(arrays, targets, equal, n_jobs, params=lens)
-    best_oos, best_fits = cross_fit(folds, lambda k, r: best_model(r), lambda i, r: per_model[i][r])
-    tuned_oos, tuned_fits = cross_fit(folds, tuned_fit, tuned_stats)
-    all_rows = np.arange(len(targets))
-    weights, study = search_weights(
-        arrays, targets, trials, objective, seed, n_jobs, place, None, rule.lens, "all"
-    )
+    outcome = decide(blend_options(blending), folds, blending.rule)
+    study = outcome.judged["tuned"].params.study
     if trials_csv is not None:
         studies.export_trials(study, trials_csv)
-    tuned_in = blend_stats(arrays, targets, weights, n_jobs, params=lens)
-    best_all = best_model(all_rows)
-    decision = choose(
-        [
-            Candidate("equal", equal_stats),
-            Candidate("best single", best_oos, insample=per_model[best_all]),
-            Candidate("tuned", tuned_oos, level=1, insample=tuned_in),
-        ],
-        rule,
-    )
-    candidates = {
-        "equal": {"weights": equal, "fold_weights": {str(k): equal for k in ks}},
-        "best single": {
-            "weights": _one_hot(best_all, n),
-            "fold_weights": {str(k): _one_hot(i, n) for k, i in best_fits.items()},
-            "model": names[best_all],
-        },
-        "tuned": {
-            "weights": list(weights),
-            "fold_weights": {str(k): list(w) for k, w in tuned_fits.items()},
-        },
-    }
-    chosen = candidates[decision["chosen"]]
-    rows["equal"] = argmax_scores(equal)
-    rows["tuned"] = argmax_scores(weights)
+    candidates = blend_candidates(outcome, names)
+    chosen = candidates[outcome.record["chosen"]]
+    scores["equal"] = blending.argmax_scores(candidates["equal"]["weights"])
+    scores["tuned"] = blending.argmax_scores(candidates["tuned"]["weights"])
     doc.update(
         weights=chosen["weights"],
         fold_weights=chosen["fold_weights"],
-        chosen=decision["chosen"],
+        chosen=outcome.record["chosen"],
         candidates=candidates,
-        decision=decision,
+        decision=outcome.record,
         out_of_sample={
-            "equal": fold_scores(equal_stats, folds),
-            "best single": fold_scores(best_oos, folds),
-            "tuned": fold_scores(tuned_oos, folds),
+            name: fold_scores(j.candidate.oos, folds) for name, j in outcome.judged.items()
         },
         trials=len(studies.complete_trials(study, trials)),
         study=studies.study_record(study, place, trials_csv),
-        scores=rows,
+        scores=scores,
     )
     return doc
 
@@ -386,10 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         cfg = resolve_cli_config(args)
-        ecfg = cfg.get("ensemble") or {}
-        names = args.models or ecfg.get("models") or sorted(cfg.get("models") or {})
-        if not names:
-            raise ConfigError("no models to blend: give --models or set ensemble.models")
+        names = args.models or stages.model_names(cfg)
         trials, objective = search_settings(cfg, "ensemble", args.trials, args.objective)
         cli.check_jobs(args.jobs)
         layout = Layout.of(cfg)
@@ -413,11 +452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             folds,
             trials,
             objective,
-            int(cfg.get("seed", 0)),
-            args.jobs,
-            place,
-            csv_path,
-            rule,
+            seed=int(cfg.get("seed", 0)),
+            n_jobs=args.jobs,
+            place=place,
+            trials_csv=csv_path,
+            rule=rule,
         )
         if doc["study"] is None:  # one model, no search: an old search's trials do not apply
             csv_path.unlink(missing_ok=True)

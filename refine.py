@@ -44,7 +44,17 @@ import torch
 from torch.nn import functional as F
 
 from chain import lineage
-from chain.decisions import Candidate, Rule, choose, format_decision, map_stats, pick
+from chain.decisions import (
+    Candidate,
+    Option,
+    Rule,
+    choose,
+    decide,
+    fold_rows,
+    format_decision,
+    map_stats,
+    pick,
+)
 from chain.refinement import (
     RefineSettings,
     RegionSet,
@@ -143,15 +153,14 @@ def cross_refine(
     fold k's images; a region that would break this raises, it is never silently used.
     """
     data = collect_regions(ids, images, probs, targets, settings)
-    fold_of_region = np.asarray([folds[i] for i in data.image_index.tolist()], np.int64)
     classes = np.zeros((len(data), 3), np.float32)
     polyp = np.zeros((len(data), settings.crop, settings.crop), np.float32)
     models, records = [], []
-    fold_ids = sorted(set(folds))
-    with Ticker("refine", len(fold_ids), "folds", logger=log) as ticker:
-        for k in fold_ids:
-            train_rows = np.flatnonzero(fold_of_region != k)
-            val_rows = np.flatnonzero(fold_of_region == k)
+    splits = fold_rows(folds)
+    with Ticker("refine", len(splits), "folds", logger=log) as ticker:
+        for k, train_images, val_images in splits:
+            train_rows = np.flatnonzero(np.isin(data.image_index, train_images))
+            val_rows = np.flatnonzero(np.isin(data.image_index, val_images))
             seen = {data.image_ids[r] for r in train_rows}
             if seen & {data.image_ids[r] for r in val_rows}:
                 raise RuntimeError(f"fold {k}: an image is both trained on and refined")
@@ -168,7 +177,7 @@ def cross_refine(
                     "fold": int(k),
                     "train_images": len(seen),
                     "train_regions": len(train_rows),
-                    "val_images": sum(int(f == k) for f in folds),
+                    "val_images": len(val_images),
                     "val_regions": len(val_rows),
                     "seconds": round(time.perf_counter() - start, 1),
                 }
@@ -250,23 +259,25 @@ def refine_oof(
     models, per_fold, data, classes, polyp = cross_refine(
         ids, images, probs, targets, folds, settings, seed
     )
+    lens = rule.params
+
+    def judged(maps: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return map_stats(maps, targets, lens, rows=rows)
+
     # The refined mask is a choice like any other: used only if it beats the first
     # stage's mask under the refined classes by more than the noise.
-    class_only = paste(probs, data, classes, None)
-    with_mask = paste(probs, data, classes, polyp)
-    lens = rule.params
-    class_only_stats = map_stats(class_only, targets, lens)
-    with_mask_stats = map_stats(with_mask, targets, lens)
-    mask_decision = choose(
+    mask = decide(
         [
-            Candidate("class only", class_only_stats),
-            Candidate("refined mask", with_mask_stats, level=1),
+            Option("class only", judged, paste(probs, data, classes, None)),
+            Option("refined mask", judged, paste(probs, data, classes, polyp), level=1),
         ],
+        folds,
         rule,
     )
+    mask_decision = mask.record
     use_mask = mask_decision["chosen"] == "refined mask"
-    refined = with_mask if use_mask else class_only
-    after_stats = with_mask_stats if use_mask else class_only_stats
+    refined = mask.chosen.params
+    after_stats = mask.chosen.candidate.oos
     before_stats = map_stats(probs, targets, lens)
     folds_arr = np.asarray(folds)
     for record in per_fold:

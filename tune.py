@@ -42,9 +42,9 @@ import numpy as np
 import optuna
 
 from chain import lineage, studies
-from chain.decisions import LENSES, Candidate, Rule, choose, cross_fit, format_decision, map_stats
+from chain.decisions import LENSES, Option, Rule, decide, format_decision, map_stats
 from chain.postprocessing import REGION_MODES, PostprocessParams
-from chain.studies import StudyPlace, search_settings
+from chain.studies import Search, StudyPlace, fit_label, search_settings
 from core.config import (
     ConfigError,
     provenance,
@@ -53,7 +53,7 @@ from core.config import (
     setup_logging,
 )
 from core.invocation import command_hint
-from core.metrics import OBJECTIVES, scores_from_stats
+from core.metrics import scores_from_stats
 from core.paths import Layout
 from core.settings import refining
 from data.atomic import write_json
@@ -147,36 +147,28 @@ def _trial_score(
 def search(
     probs: np.ndarray,
     targets: np.ndarray,
-    trials: int,
-    objective: str = "competition",
-    seed: int = 0,
-    n_jobs: int = 1,
+    how: Search,
     place: StudyPlace | None = None,
     rows: np.ndarray | None = None,
     fit: str = "all",
 ) -> tuple[PostprocessParams, optuna.Study]:
-    """Seeded TPE over `PostprocessParams`, maximising `objective` on `rows` (default all).
+    """Seeded TPE over `PostprocessParams`, maximising `how.objective` on `rows` (default
+    all).
 
     `place` None: in memory; else the study of these inputs in `place.storage` (one per
-    `fit`: "all", "fold 0", ...), continued until it has `trials` complete trials; the
-    best of its first `trials` is returned.
+    `fit`: "all", "fold 0", ...), continued until it has `how.trials` complete trials; the
+    best of its first `how.trials` is returned.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    n_workers = place.n_workers if place else 1
-    threads = studies.threads_per_worker(n_jobs, n_workers)
-    score = functools.partial(_trial_score, probs, targets, objective, threads, rows)
-    study = studies.run_study(
+    threads = how.threads(place)
+    score = functools.partial(_trial_score, probs, targets, how.objective, threads, rows)
+    best, study = how.run(
         "tune",
         score,
-        trials,
-        seed,
         place,
         inputs=[probs, targets],
-        settings={"objective": objective, "space": SPACE_VERSION, "fit": fit},
+        settings={"space": SPACE_VERSION, "fit": fit},
         start=START_TRIALS,
     )
-    best = studies.best_trial(study, trials)
     return PostprocessParams.from_dict(best.user_attrs["params"]), study
 
 
@@ -240,19 +232,16 @@ class Fit:
 def fit_postprocessing(
     probs: np.ndarray,
     targets: np.ndarray,
-    trials: int,
-    objective: str,
-    seed: int,
-    n_jobs: int,
+    how: Search,
     place: StudyPlace | None,
     rows: np.ndarray | None = None,
     fit: str = "all",
 ) -> Fit:
     """Search and ablation on `rows` (default all): the tuned parameters of those images."""
-    baseline = evaluate(probs, targets, PostprocessParams(), n_jobs, rows)
-    searched, study = search(probs, targets, trials, objective, seed, n_jobs, place, rows, fit)
-    params, ablation = ablate(probs, targets, searched, objective, baseline, n_jobs, rows)
-    best = studies.best_trial(study, trials).user_attrs["scores"]
+    baseline = evaluate(probs, targets, PostprocessParams(), how.n_jobs, rows)
+    searched, study = search(probs, targets, how, place, rows, fit)
+    params, ablation = ablate(probs, targets, searched, how.objective, baseline, how.n_jobs, rows)
+    best = studies.best_trial(study, how.trials).user_attrs["scores"]
     return Fit(params, searched, ablation, baseline, best, study)
 
 
@@ -265,12 +254,33 @@ class Source:
     place: StudyPlace | None = None  # where its studies are kept (None: in memory)
 
 
+def source_options(src: Source, level: int, targets: np.ndarray, how: Search) -> list[Option]:
+    """The maps of `src` at argmax, with the region vote alone (at `level`: the refined
+    maps are one fitted component above the blend), and with tuned post-processing (one
+    level more; each fold's searched and ablated on the other folds' images)."""
+
+    def stats(params: PostprocessParams, rows: np.ndarray) -> np.ndarray:
+        return map_stats(src.probs, targets, params, how.n_jobs, rows)
+
+    def fit(k: int | None, rows: np.ndarray) -> Fit:
+        return fit_postprocessing(src.probs, targets, how, src.place, rows, fit_label(k))
+
+    return [
+        Option(f"{src.name}, argmax", stats, PostprocessParams(), level=level),
+        Option(f"{src.name}, region vote", stats, LENSES["region"], level=level),
+        Option(
+            f"{src.name}, tuned", lambda f, rows: stats(f.params, rows), fit=fit, level=level + 1
+        ),
+    ]
+
+
 def tune(
     sources: Sequence[Source],
     targets: np.ndarray,
     folds: Sequence[int],
     trials: int,
     objective: str = "competition",
+    *,
     seed: int = 0,
     n_jobs: int = 1,
     trials_csv: Path | None = None,
@@ -280,73 +290,51 @@ def tune(
     provenance).
 
     For each source (the blend first, then the refined blend when refine.py made one):
-    plain argmax, the region vote alone, and tuned parameters (search + ablation), the
-    last fitted per fold on the other folds' images and scored on the fold's own
-    (decisions.cross_fit), then fitted on all folds for the test set. The blend at argmax
-    or with the region vote is the simple chain; any other candidate (tuned parameters,
-    the refined maps) is used only when it beats the better simple one out of sample by
-    more than the noise. So refinement is judged after the post-processing it would get,
-    not at argmax, where the region vote already does part of its work. `trials_csv`:
-    where the chosen source's all-folds study's trials are exported.
+    plain argmax, the region vote alone, and tuned parameters (`source_options`), judged
+    by `decisions.decide`. The blend at argmax or with the region vote is the simple
+    chain; any other candidate (tuned parameters, the refined maps) is used only when it
+    beats the better simple one out of sample by more than the noise. So refinement is
+    judged after the post-processing it would get, not at argmax, where the region vote
+    already does part of its work. `trials_csv`: where the chosen source's all-folds
+    study's trials are exported.
     """
     rule = rule or Rule()
-    region = LENSES["region"]
-    candidates: list[Candidate] = []
-    chains: dict[str, tuple[Source, PostprocessParams]] = {}
-    fits: dict[str, tuple[Fit, dict[int, PostprocessParams]]] = {}
-    for i, src in enumerate(sources):
-
-        def fit_fold(k: int, rows: np.ndarray, src: Source = src) -> PostprocessParams:
-            return fit_postprocessing(
-                src.probs, targets, trials, objective, seed, n_jobs, src.place, rows, f"fold {k}"
-            ).params
-
-        def held_stats(
-            params: PostprocessParams, rows: np.ndarray, src: Source = src
-        ) -> np.ndarray:
-            return map_stats(src.probs, targets, params, n_jobs, rows)
-
-        tuned_oos, fold_params = cross_fit(folds, fit_fold, held_stats)
-        final = fit_postprocessing(src.probs, targets, trials, objective, seed, n_jobs, src.place)
-        fits[src.name] = (final, fold_params)
-        for variant, params, oos, insample in (
-            ("argmax", PostprocessParams(), None, None),
-            ("region vote", region, None, None),
-            ("tuned", final.params, tuned_oos, map_stats(src.probs, targets, final.params, n_jobs)),
-        ):
-            name = f"{src.name}, {variant}"
-            if oos is None:  # nothing fitted: the score is the same in and out of sample
-                oos = map_stats(src.probs, targets, params, n_jobs)
-            # one level per fitted component: the refiner, the tuned parameters
-            level = i + (variant == "tuned")
-            candidates.append(Candidate(name, oos, level=level, insample=insample))
-            chains[name] = (src, params)
-    decision = choose(candidates, rule)
-    source, params = chains[decision["chosen"]]
-    final, fold_params = fits[source.name]
+    how = Search(trials, objective, seed, n_jobs)
+    options, source_of = [], {}
+    for level, src in enumerate(sources):
+        for option in source_options(src, level, targets, how):
+            options.append(option)
+            source_of[option.name] = src
+    outcome = decide(options, folds, rule)
+    source = source_of[outcome.record["chosen"]]
+    tuned = outcome.judged[f"{source.name}, tuned"]
+    final: Fit = tuned.params
+    params = final.params if outcome.chosen is tuned else outcome.chosen.params
     if trials_csv is not None:
         studies.export_trials(final.study, trials_csv)
-    by_name = {c.name: c for c in candidates}
-    oos = by_name[decision["chosen"]].oos
-    tuned_in = by_name[f"{source.name}, tuned"].insample
+    oos = outcome.chosen.candidate.oos
     return {
         "params": params.to_dict(),
         "source": source.name,
         "sources": [s.name for s in sources],
-        "chosen": decision["chosen"],
-        "decision": decision,
+        "chosen": outcome.record["chosen"],
+        "decision": outcome.record,
         "objective": objective,
         "decide": rule.to_dict(),
         "scores": {
             "argmax": final.baseline,
             "best_trial": final.best_trial,
-            "tuned": scores_from_stats(tuned_in),
+            "tuned": scores_from_stats(tuned.candidate.insample),
         },
-        "out_of_sample": {c.name: scores_from_stats(c.oos) for c in candidates},
+        "out_of_sample": {
+            name: scores_from_stats(j.candidate.oos) for name, j in outcome.judged.items()
+        },
         "oos_image_stats": oos.reshape(len(oos), -1).tolist(),
         "tuned_params": final.params.to_dict(),
-        "fold_params": {str(k): p.to_dict() for k, p in fold_params.items()},
-        "tuned_params_by_source": {name: f.params.to_dict() for name, (f, _) in fits.items()},
+        "fold_params": {str(k): f.params.to_dict() for k, f in tuned.fold_params.items()},
+        "tuned_params_by_source": {
+            s.name: outcome.judged[f"{s.name}, tuned"].params.params.to_dict() for s in sources
+        },
         "searched_params": final.searched.to_dict(),
         "ablation": final.ablation,
         "trials": len(studies.complete_trials(final.study, trials)),
@@ -421,10 +409,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             folds,
             trials,
             objective,
-            int(cfg.get("seed", 0)),
-            args.jobs,
-            layout.postprocess_trials,
-            Rule.from_config(cfg),
+            seed=int(cfg.get("seed", 0)),
+            n_jobs=args.jobs,
+            trials_csv=layout.postprocess_trials,
+            rule=Rule.from_config(cfg),
         )
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

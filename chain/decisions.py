@@ -6,6 +6,8 @@ new images. So each choice is made by nested cross-validation on the shared spli
 fold k it is fitted on the other folds' images and scored on fold k's, which gives every
 image a score from parameters that never saw it (`cross_fit`). The final parameters are
 then fitted on all folds, and their in-sample score is reported beside the honest one.
+`decide` does the three steps for every stage: cross-fit each `Option`, fit it on all
+folds, and `choose` among them; a stage only says what its options fit and how they score.
 
 The decision itself (`choose`) prefers the simple alternatives (equal weights, the best
 single model, no refinement, plain argmax or the region vote alone): the best of them on
@@ -29,7 +31,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from joblib import effective_n_jobs
@@ -265,6 +267,71 @@ def choose(candidates: Sequence[Candidate], rule: Rule) -> dict[str, Any]:
         "chosen": chosen.name,
         "reason": f"{chosen.name}: " + "; ".join(said),
     }
+
+
+@dataclass(frozen=True)
+class Option(Generic[P]):
+    """One way to make a choice, before it is judged: how it scores images with its
+    parameters (`stats(params, rows)`, per-image stats of `rows`), and either the
+    parameters it always uses (`params`: nothing fitted) or how it fits them on some
+    images (`fit(k, rows)`: k is the fold left out, None for the all-folds fit)."""
+
+    name: str
+    stats: Callable[[P, np.ndarray], np.ndarray]
+    params: P | None = None
+    fit: Callable[[int | None, np.ndarray], P] | None = None
+    level: int = 0
+
+
+@dataclass(frozen=True)
+class Judged(Generic[P]):
+    """An option after `decide`: its scores, the parameters fitted on all folds (for the
+    test set) and those of each fold (each fold's images were scored with its own)."""
+
+    candidate: Candidate
+    params: P
+    fold_params: dict[int, P]
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[P]):
+    """What `decide` returns: `choose`'s record, and every option judged, by name."""
+
+    record: dict[str, Any]
+    judged: dict[str, Judged[P]]
+
+    @property
+    def chosen(self) -> Judged[P]:
+        return self.judged[self.record["chosen"]]
+
+
+def judge(option: Option[P], folds: Sequence[int]) -> Judged[P]:
+    """An option's out-of-sample scores, and its in-sample ones when it fits something.
+
+    A fitted option is cross-fitted (each fold scored by parameters fitted on the others),
+    then fitted on all folds; that fit's scores on the same images are the in-sample ones.
+    An option with nothing to fit scores the same in and out of sample.
+    """
+    everything = np.arange(len(folds))
+    if option.fit is None:
+        oos = option.stats(option.params, everything)
+        per_fold = {k: option.params for k, _, _ in fold_rows(folds)}
+        return Judged(Candidate(option.name, oos, option.level), option.params, per_fold)
+    oos, per_fold = cross_fit(folds, option.fit, option.stats)
+    params = option.fit(None, everything)
+    insample = option.stats(params, everything)
+    return Judged(Candidate(option.name, oos, option.level, insample), params, per_fold)
+
+
+def decide(options: Sequence[Option[P]], folds: Sequence[int], rule: Rule) -> Outcome[P]:
+    """Judge every option on the shared split (`judge`), then `choose` among them: the one
+    out-of-sample decision of every stage that fits something (blend weights, the refined
+    mask, post-processing)."""
+    names = [o.name for o in options]
+    if len(set(names)) != len(names):
+        raise ValueError(f"options need distinct names, got {names}")
+    judged = {o.name: judge(o, folds) for o in options}
+    return Outcome(choose([j.candidate for j in judged.values()], rule), judged)
 
 
 def format_decision(title: str, record: dict[str, Any]) -> str:

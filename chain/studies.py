@@ -209,6 +209,55 @@ def threads_per_worker(n_jobs: int, n_workers: int) -> int:
     return max(1, effective_n_jobs(n_jobs) // max(1, n_workers))
 
 
+def fit_label(fold: int | None) -> str:
+    """What a study's identity calls the images a fit searched on: "fold k" for those
+    outside fold k, "all" for every fold's (the parameters used on the test set)."""
+    return "all" if fold is None else f"fold {fold}"
+
+
+@dataclass(frozen=True)
+class Search:
+    """A stage's optuna search, the same for every fit it makes (each fold's and the
+    all-folds one): the trial budget, the score it maximises, the seed, and the threads
+    that score a trial (shared by the study's worker processes)."""
+
+    trials: int
+    objective: str = "competition"
+    seed: int = 0
+    n_jobs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
+    def threads(self, place: StudyPlace | None) -> int:
+        """Scoring threads of each of the study's worker processes."""
+        return threads_per_worker(self.n_jobs, place.n_workers if place else 1)
+
+    def run(
+        self,
+        stage: str,
+        objective: Objective,
+        place: StudyPlace | None,
+        inputs: Sequence[np.ndarray],
+        settings: Mapping[str, Any],
+        start: Sequence[Mapping[str, Any]],
+    ) -> tuple[FrozenTrial, optuna.Study]:
+        """The study of `inputs` and `settings` (this search's objective added) run until it
+        has the budget's complete trials (`run_study`), and the best of those trials."""
+        study = run_study(
+            stage,
+            objective,
+            self.trials,
+            self.seed,
+            place,
+            inputs=inputs,
+            settings={"objective": self.objective, **settings},
+            start=start,
+        )
+        return best_trial(study, self.trials), study
+
+
 # ---------------------------------------------------------------- storage and names
 
 
