@@ -29,6 +29,7 @@ if __name__ == "__main__":
     stages.preflight("ensemble")
 
 
+import dataclasses
 import functools
 import logging
 import sys
@@ -51,6 +52,7 @@ from chain.decisions import (
     format_decision,
 )
 from chain.postprocessing import PostprocessParams, postprocess
+from chain.records import BlendCandidate, BlendRecord, Decision
 from chain.studies import Search, StudyPlace, fit_label, search_settings
 from core.config import (
     ConfigError,
@@ -62,7 +64,6 @@ from core.config import (
 from core.invocation import command_hint
 from core.metrics import scores_from_stats, stats_in_chunks
 from core.paths import Layout
-from data.atomic import write_json
 from data.cache import load_targets
 from data.probstore import (
     META_FILE,
@@ -247,24 +248,24 @@ def blend_options(blending: Blending) -> list[Option[Any]]:
     ]
 
 
-def blend_candidates(outcome: Outcome[Any], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+def blend_candidates(outcome: Outcome[Any], names: Sequence[str]) -> dict[str, BlendCandidate]:
     """Each option's all-folds weights and each fold's, as `weights.json` lists them."""
     n = len(names)
     equal, best, tuned = (outcome.judged[k] for k in ("equal", "best single", "tuned"))
     return {
-        "equal": {
-            "weights": equal.params,
-            "fold_weights": {str(k): w for k, w in equal.fold_params.items()},
-        },
-        "best single": {
-            "weights": _one_hot(best.params, n),
-            "fold_weights": {str(k): _one_hot(i, n) for k, i in best.fold_params.items()},
-            "model": names[best.params],
-        },
-        "tuned": {
-            "weights": list(tuned.params.weights),
-            "fold_weights": {str(k): list(t.weights) for k, t in tuned.fold_params.items()},
-        },
+        "equal": BlendCandidate(
+            weights=equal.params,
+            fold_weights={str(k): w for k, w in equal.fold_params.items()},
+        ),
+        "best single": BlendCandidate(
+            weights=_one_hot(best.params, n),
+            fold_weights={str(k): _one_hot(i, n) for k, i in best.fold_params.items()},
+            model=names[best.params],
+        ),
+        "tuned": BlendCandidate(
+            weights=list(tuned.params.weights),
+            fold_weights={str(k): list(t.weights) for k, t in tuned.fold_params.items()},
+        ),
     }
 
 
@@ -281,49 +282,48 @@ def run_ensemble(
     place: StudyPlace | None = None,
     trials_csv: Path | None = None,
     rule: Rule | None = None,
-) -> dict[str, Any]:
+) -> BlendRecord:
     """The blend decision: equal weights, the best single model, or tuned weights, made
     by `decisions.decide` (each fitted per fold, then on all folds; the tuned weights kept
-    only when they beat the better simple candidate by more than the noise). The document
+    only when they beat the better simple candidate by more than the noise). The record
     holds the chosen weights, every candidate's per-fold weights (the OOF blend uses the
-    chosen one's), and the scores. `place`: where the studies are kept (None: in memory);
-    `trials_csv`: where the all-folds study's trials are exported.
+    chosen one's), and the scores; the caller adds the split and provenance. `place`:
+    where the studies are kept (None: in memory); `trials_csv`: where the all-folds
+    study's trials are exported.
     """
     search = Search(trials, objective, seed, n_jobs)
     blending = Blending(names, arrays, targets, folds, search, place, rule or Rule())
     n = len(names)
     # plain argmax by fold, of each model and of the all-folds blends (in-sample)
     scores = {name: blending.argmax_scores(_one_hot(i, n)) for i, name in enumerate(names)}
-    doc: dict[str, Any] = {
-        "models": list(names),
-        "objective": objective,
-        "decide": blending.rule.to_dict(),
-    }
     if n == 1:
-        doc.update(
+        return BlendRecord(
+            models=list(names),
+            objective=objective,
+            decide=blending.rule.to_dict(),
             weights=[1.0],
             fold_weights={str(k): [1.0] for k, _, _ in fold_rows(folds)},
             chosen="single model",
             trials=0,
             scores=scores,
-            study=None,
-            decision=None,
         )
-        return doc
     outcome = decide(blend_options(blending), folds, blending.rule)
     study = outcome.judged["tuned"].params.study
     if trials_csv is not None:
         studies.export_trials(study, trials_csv)
     candidates = blend_candidates(outcome, names)
-    chosen = candidates[outcome.record["chosen"]]
-    scores["equal"] = blending.argmax_scores(candidates["equal"]["weights"])
-    scores["tuned"] = blending.argmax_scores(candidates["tuned"]["weights"])
-    doc.update(
-        weights=chosen["weights"],
-        fold_weights=chosen["fold_weights"],
-        chosen=outcome.record["chosen"],
+    chosen = outcome.record["chosen"]
+    scores["equal"] = blending.argmax_scores(candidates["equal"].weights)
+    scores["tuned"] = blending.argmax_scores(candidates["tuned"].weights)
+    return BlendRecord(
+        models=list(names),
+        objective=objective,
+        decide=blending.rule.to_dict(),
+        weights=candidates[chosen].weights,
+        fold_weights=candidates[chosen].fold_weights,
+        chosen=chosen,
         candidates=candidates,
-        decision=outcome.record,
+        decision=Decision.from_dict(outcome.record),
         out_of_sample={
             name: fold_scores(j.candidate.oos, folds) for name, j in outcome.judged.items()
         },
@@ -331,41 +331,40 @@ def run_ensemble(
         study=studies.study_record(study, place, trials_csv),
         scores=scores,
     )
-    return doc
 
 
-def format_table(doc: dict[str, Any]) -> str:
-    metric = (doc.get("decide") or {}).get("metric", "competition")
-    rows = doc["scores"]
+def format_table(record: BlendRecord) -> str:
+    metric = record.metric
+    rows = record.scores
     cols = list(next(iter(rows.values())))
     head = f"{metric + ', argmax':>24s}"
     lines = [head + "".join(f"{'fold ' + c if c != 'all' else 'all':>10s}" for c in cols)]
     for name, by in rows.items():
         lines.append(f"{name:>24s}" + "".join(f"{by[c][metric]:10.4f}" for c in cols))
-    if doc.get("decision"):
-        lines.append(format_decision("blend", doc["decision"]))
-    weights = ", ".join(f"{m}={w:.3f}" for m, w in zip(doc["models"], doc["weights"], strict=True))
-    lines.append(f"weights ({doc['chosen']}): {weights}")
+    if record.decision:
+        lines.append(format_decision("blend", record.decision.to_dict()))
+    weights = ", ".join(f"{m}={w:.3f}" for m, w in zip(record.models, record.weights, strict=True))
+    lines.append(f"weights ({record.chosen}): {weights}")
     return "\n".join(lines)
 
 
 def write_blends(
     layout: Layout,
-    doc: dict[str, Any],
+    record: BlendRecord,
     oof: Sequence[ProbMaps],
     folds: Sequence[int],
     cfg: dict[str, Any],
 ) -> None:
     """ensemble/oof (each fold blended with the weights fitted without it) and
     ensemble/test (the all-folds weights); the test blend needs every model's test store."""
-    names, weights = doc["models"], doc["weights"]
+    names, weights = record.models, record.weights
     common = {"model": "ensemble", "models": list(names), "weights": list(weights)}
 
     def made_from(kind: str) -> dict[str, Any]:
         return {lineage.KEY: lineage.made_from(layout.root, [layout.store(m, kind) for m in names])}
 
     first = oof[0]
-    fold_weights = {int(k): w for k, w in doc["fold_weights"].items()}
+    fold_weights = {int(k): w for k, w in record.fold_weights.items()}
     save_probs(
         layout.blend("oof"),
         first.ids,
@@ -374,7 +373,7 @@ def write_blends(
         kind="oof",
         split_id=first.split_id,
         folds=list(folds),
-        fold_weights=doc["fold_weights"],
+        fold_weights=record.fold_weights,
         provenance=provenance(cfg, stage="ensemble", split_id=first.split_id),
         **common,
         **made_from("oof"),
@@ -445,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         arrays = [np.asarray(s.raw) for s in oof]
         place = studies.place_from_args(args, layout, store_identity(names, oof))
         csv_path = layout.weights_trials
-        doc = run_ensemble(
+        record = run_ensemble(
             names,
             arrays,
             targets,
@@ -458,21 +457,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             trials_csv=csv_path,
             rule=rule,
         )
-        if doc["study"] is None:  # one model, no search: an old search's trials do not apply
+        if record.study is None:  # one model, no search: an old search's trials do not apply
             csv_path.unlink(missing_ok=True)
-        doc["split_id"] = oof[0].split_id
-        doc["provenance"] = provenance(cfg, stage="ensemble", split_id=oof[0].split_id)
-        write_blends(layout, doc, oof, folds, cfg)
+        split_id = oof[0].split_id
+        record = dataclasses.replace(
+            record,
+            split_id=split_id,
+            provenance=provenance(cfg, stage="ensemble", split_id=split_id),
+        )
+        write_blends(layout, record, oof, folds, cfg)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except studies.StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    write_json(layout.weights, doc)
-    print(format_table(doc))
-    if doc["study"]:
-        print(f"optuna study {doc['study']['name']} in {doc['study']['storage']}")
+    record.write(layout.weights)
+    print(format_table(record))
+    if record.study:
+        print(f"optuna study {record.study['name']} in {record.study['storage']}")
     print(f"wrote {layout.weights.parent}")
     return 0
 

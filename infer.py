@@ -48,11 +48,12 @@ from torch import nn
 
 from chain.package import Chain, Network, PackageError, open_package
 from chain.postprocessing import class_maps
-from chain.refinement import RefineSettings, load_refiners, portable_numerics, refine_test
+from chain.refinement import load_refiners, portable_numerics, refine_test
 from core import locks
 from core.config import ConfigError, reports_environment_errors, setup_logging
 from core.paths import InferFiles
 from core.runtime import Precision, choose_precision, configure_cpu_threads, configure_determinism
+from core.settings import RefineSettings
 from core.ticker import Ticker
 from data.atomic import atomic_write
 from data.augment import build_transforms

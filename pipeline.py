@@ -38,15 +38,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TextIO
 
 import yaml
 
-import refine
 import train
 from chain import studies
-from chain.decisions import Rule
 from chain.evaluation import (
     format_rows,
     read_json,
@@ -65,12 +62,7 @@ from core.runtime import PARENT_ENV, Dist
 from core.settings import DataSettings, TrainSettings
 from data.atomic import write_json, write_yaml
 from data.prepare import prepare_train_data
-from data.reader import (
-    DataError,
-    check_image_file,
-    list_test,
-    list_test_gt,
-)
+from data.reader import DataError
 from models import inference
 from models.registry import check_model
 from training.engine import judge_fold
@@ -82,7 +74,7 @@ from training.recipe import (
     recipe_changes,
 )
 from workflow import launchers, planning, progress
-from workflow.stages import STAGES, Plan, Stage
+from workflow.stages import Plan, Stage
 
 log = logging.getLogger("pipeline")
 
@@ -91,7 +83,7 @@ class StageFailed(RuntimeError):
     """A stage's `main` returned non-zero; its own message has been printed already."""
 
 
-def made_otherwise(stage: Stage, plan: Plan, module: ModuleType, model: str) -> list[str]:
+def made_otherwise(stage: Stage, plan: Plan, model: str) -> list[str]:
     """`key: old -> new` for each setting the stage's JSON artefact records otherwise than
     the config asks now, by the config key the user sets (`predict.tta`, `refine.epochs`).
 
@@ -101,7 +93,7 @@ def made_otherwise(stage: Stage, plan: Plan, module: ModuleType, model: str) -> 
     """
     if stage.record is None:
         return []
-    path, settings = stage.record(plan, module, model)
+    path, settings = stage.record(plan, model)
     if not path.is_file():  # an output missing: the stage runs for that
         return []
     doc = read_json(path)
@@ -161,7 +153,6 @@ def stage_due(
     plan: Plan,
     model: str,
     stamps: Stamps,
-    module: ModuleType,
     causes: dict[str, str] | None = None,
     read: dict[Path, str] | None = None,
 ) -> tuple[Inputs | None, Why]:
@@ -189,7 +180,7 @@ def stage_due(
         why = [(text, text)]
     else:
         why = changed_inputs(changes, causes or {})
-    return inputs, why + [(s, s) for s in made_otherwise(stage, plan, module, model)]
+    return inputs, why + [(s, s) for s in made_otherwise(stage, plan, model)]
 
 
 class Progress(logging.Filter):
@@ -396,10 +387,10 @@ def print_plan(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     views = inference.tta_views(str((cfg.get("predict") or {}).get("tta", "none")))
     layout = Layout.of(cfg)
-    predict = next(stage for stage in STAGES if stage.name == "predict")
+    predict = next(stage for stage in stages.STAGES if stage.name == "predict")
     stages_plan = Plan(cfg, layout, list(model_cfgs), [], [])
-    stamps, module = Stamps(layout.stamps), predict.module()
-    predicted = [m for m in model_cfgs if not stage_due(predict, stages_plan, m, stamps, module)[1]]
+    stamps = Stamps(layout.stamps)
+    predicted = [m for m in model_cfgs if not stage_due(predict, stages_plan, m, stamps)[1]]
     plan = planning.plan_run(cfg, model_cfgs, views, parallel, device, predicted)
     print("\n".join(planning.report(plan)))
     return planning.over_budget(plan, budget_h)
@@ -407,24 +398,15 @@ def print_plan(
 
 def preflight(cfg: dict[str, Any], model_cfgs: dict[str, dict[str, Any]]) -> None:
     """Everything that can be checked before training, in one pass, so that a typo in a
-    later stage's settings or a missing test folder fails in seconds, not after every fold.
-    `model_cfgs` holds each model's config as train.py resolves it (its own recipe).
+    later stage's settings or an unreadable test image fails in seconds, not after every
+    fold: each model's recipe (`model_cfgs`: its config as train.py resolves it), then
+    each stage's own `check`, in table order.
     """
     for model_cfg in model_cfgs.values():
         check_config(model_cfg)
-    inference.tta_transforms(str((cfg.get("predict") or {}).get("tta", "none")))
-    for section in ("ensemble", "tune"):
-        studies.search_settings(cfg, section)
-    refine.RefineSettings.from_config(cfg)
-    Rule.from_config(cfg)
-    RetryPolicy.from_config(cfg)
-    # Unreadable or truncated test images are named now, not after training; so are
-    # unpaired or unreadable test_gt/ files, which only the last stage (report) reads.
-    data_dir = Path(cfg["data_dir"])
-    for sample in list_test(data_dir):
-        check_image_file(sample.image)
-    for sample in list_test_gt(data_dir) or []:
-        check_image_file(sample.mask)
+    for stage in stages.STAGES:
+        if stage.check is not None:
+            stage.check(cfg)
 
 
 def fold_reasons(folds: dict[int, tuple[int, str]]) -> str:
@@ -569,13 +551,13 @@ def run_stages(
     # {input name: why it changed in this call}, for the stages that read it (changed_inputs)
     causes = dict.fromkeys(plan.named([layout.config]), "; ".join(settings)) if settings else {}
     read: dict[Path, str] = {}
-    for stage in STAGES:
+    for stage in stages.STAGES:
         if stage.argv is None or not stage.enabled(plan):
             continue
         module = stage.module()
         for model in names if stage.per_model else [""]:
             label = stage_label(stage, model)
-            inputs, why = stage_due(stage, plan, model, stamps, module, causes, read)
+            inputs, why = stage_due(stage, plan, model, stamps, causes, read)
             if not why:
                 timings[label] = None
                 if inputs is not None and stamps.recorded.get(label) != inputs.each:

@@ -23,12 +23,14 @@ if __name__ == "__main__":
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from chain import lineage
 from core.config import (
@@ -53,8 +55,9 @@ from core.ticker import Ticker
 from data.augment import transforms_for
 from data.cache import CachedItem, prepare_for_config
 from data.dataset import SegDataset
+from data.folds import Folds
 from data.loader import LoaderStalled, config_loader
-from data.prepare import prepare_train_data
+from data.prepare import TrainData, prepare_train_data
 from data.probstore import META_FILE, ProbMaps, concat, load_probs, quantise, save_probs
 from data.reader import DataError, list_test, list_train
 from models.inference import (
@@ -67,6 +70,8 @@ from models.inference import (
 from training.recipe import check_fold_checkpoint
 
 log = logging.getLogger("predict")
+
+T = TypeVar("T")
 
 
 def trained_folds(cfg: dict[str, Any], model_name: str, n_folds: int) -> list[RunFiles]:
@@ -115,136 +120,188 @@ def prepare_test_items(cfg: dict[str, Any]) -> list[CachedItem]:
     return prepare_for_config(cfg, list_test(Path(cfg["data_dir"])))
 
 
+@dataclass
+class Predictor:
+    """What every fold's prediction of one model shares: its TTA, the device and its
+    precision, the split and working size, and the share of the images this call
+    predicts (`share` (i, K): every K-th image from the i-th, nnU-Net's --part-id /
+    --num-parts)."""
+
+    cfg: dict[str, Any]
+    model_name: str
+    tta: str
+    batch_size: int
+    device: torch.device
+    split_id: str
+    share: tuple[int, int] = (0, 1)
+    settings: DataSettings = field(init=False)
+    precision: Precision = field(init=False)
+    transform: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.settings = DataSettings.from_config(self.cfg)
+        train = TrainSettings.from_config(self.cfg)
+        self.precision = choose_precision(self.device, train.precision, train.channels_last)
+        self.transform = transforms_for(self.settings, train=False)
+
+    @property
+    def size(self) -> list[int]:
+        return list(self.settings.img_size)
+
+    def shared(self, items: Sequence[T]) -> list[T]:
+        """This call's share of `items`."""
+        part_id, parts = self.share
+        return list(items[part_id::parts])
+
+    def store(self, kind: str) -> Path:
+        """The model's store, or this share's part store when the images are shared."""
+        part_id, parts = self.share
+        layout = Layout.of(self.cfg)
+        if parts == 1:
+            return layout.store(self.model_name, kind)
+        return layout.store_part(self.model_name, kind, part_id, parts)
+
+    def fold_model(self, run: RunFiles, k: int, arch: str) -> tuple[nn.Module, int]:
+        """Fold k's checkpoint (checked against this split and size) as a probability
+        model under the TTA, and the epoch it was saved at."""
+        ckpt = load_checkpoint(run.best, self.device)
+        check_fold_checkpoint(ckpt, run, k, self.split_id, self.size, self.model_name, arch)
+        model = model_from_checkpoint(ckpt, self.device)
+        if self.precision.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return probability_model(model, self.tta), ckpt["epoch"]
+
+    def probs(
+        self, model: nn.Module, items: list[CachedItem], what: str, step: Callable[[int], None]
+    ) -> np.ndarray:
+        """float32 probabilities of `items` (`what`: "fold k OOF" or "fold k test")."""
+        loader = config_loader(
+            self.cfg,
+            SegDataset(items, self.transform),
+            self.batch_size,
+            self.device,
+            None,
+            name=f"{self.model_name} {what}",
+        )
+        return predict_probs(model, loader, self.device, self.precision, what.lower(), step)
+
+
+def fold_oof(
+    predictor: Predictor,
+    data: TrainData,
+    k: int,
+    run: RunFiles,
+    model: nn.Module,
+    epoch: int,
+    ticker: Ticker,
+) -> ProbMaps:
+    """Fold k's share of its validation images' maps: train.py's own store when it
+    answers the same question (`reusable_oof`), else predicted again."""
+    val_ids = data.folds.val_ids(k)
+    p = predictor
+    saved = reusable_oof(run.oof, p.tta, p.split_id, data.subset(val_ids), p.size, epoch)
+    val_ids = p.shared(val_ids)
+    if saved is not None:
+        log.info("fold %d: reusing %s (same TTA and split)", k, run.oof)
+        ticker.skip(len(val_ids))
+        return saved.subset(val_ids)
+    items = data.subset(val_ids)
+    raw = quantise(p.probs(model, items, f"fold {k} OOF", ticker.step))
+    meta = {"split_id": p.split_id, "folds": [k] * len(val_ids)}
+    return ProbMaps(val_ids, [it.orig_size for it in items], meta, raw)
+
+
+def joined_oof(predictor: Predictor, parts: Sequence[ProbMaps], folds: Folds) -> ProbMaps:
+    """The folds' OOF maps as one store sorted by id, once every train image of this
+    share is in it exactly once."""
+    joined = concat(parts)
+    ids = sorted(joined.ids)
+    expected = sorted(i for k in range(folds.n_folds) for i in predictor.shared(folds.val_ids(k)))
+    if ids != expected:
+        raise DataError(
+            f"{predictor.model_name}: the fold OOF maps do not cover the {len(expected)} "
+            "train images once"
+        )
+    return joined.subset(ids)
+
+
+def write_stores(
+    predictor: Predictor,
+    oof: ProbMaps,
+    test_items: list[CachedItem],
+    test_probs: np.ndarray,
+    n_folds: int,
+    checkpoints: dict[str, Any],
+) -> tuple[Path, Path]:
+    """The model's OOF and test stores (or this share's), each recording the checkpoints
+    it was made from."""
+    name, split_id, tta = predictor.model_name, predictor.split_id, predictor.tta
+    common = {
+        "model": name,
+        "split_id": split_id,
+        "tta": tta,
+        "provenance": provenance(
+            predictor.cfg, model=name, split_id=split_id, tta=tta, stage="predict"
+        ),
+        lineage.KEY: checkpoints,
+    }
+    oof_path, test_path = predictor.store("oof"), predictor.store("test")
+    folds = oof.meta["folds"]
+    save_probs(oof_path, oof.ids, oof.raw, oof.orig_sizes, kind="oof", folds=folds, **common)
+    save_probs(
+        test_path,
+        [it.id for it in test_items],
+        test_probs,
+        [it.orig_size for it in test_items],
+        kind="test",
+        folds=list(range(n_folds)),
+        **common,
+    )
+    log.info(
+        "%s: wrote %d OOF and %d test maps (TTA %s) to %s",
+        name,
+        len(oof.ids),
+        len(test_items),
+        tta,
+        oof_path.parent,
+    )
+    return oof_path, test_path
+
+
 def predict_model(
     cfg: dict[str, Any],
     model_name: str,
     tta: str,
     batch_size: int,
     device: torch.device,
-    part: tuple[int, int] = (0, 1),
+    share: tuple[int, int] = (0, 1),
 ) -> tuple[Path, Path]:
-    """Write `<model>/oof/` and `<model>/test/`; returns their paths. `part` (i, K): only
+    """Write `<model>/oof/` and `<model>/test/`; returns their paths. `share` (i, K): only
     every K-th image from the i-th of each fold's validation images and of the test
     images, written as the model's part stores (nnU-Net's --num-parts / --part-id)."""
-    part_id, parts = part
-    entry = model_entry(cfg, model_name)
+    arch = model_entry(cfg, model_name)["arch"]
     tta_transforms(tta)
-    dist = Dist(rank=0, world_size=1, device=device)
-    data = prepare_train_data(cfg, dist)
-    test_items = prepare_test_items(cfg)[part_id::parts]
+    data = prepare_train_data(cfg, Dist(rank=0, world_size=1, device=device))
     folds = data.folds
-    split_id = folds.split_id
-    settings = DataSettings.from_config(cfg)
-    size = list(settings.img_size)
     runs = trained_folds(cfg, model_name, folds.n_folds)
     # digested before any is read: a fold retrained meanwhile shows as stale, not current
     checkpoints = lineage.made_from(Layout.of(cfg).root, [run.best for run in runs])
-    train = TrainSettings.from_config(cfg)
-    precision: Precision = choose_precision(device, train.precision, train.channels_last)
-    transform = transforms_for(settings, train=False)
-
-    def loader(items: list[CachedItem], name: str) -> Any:
-        return config_loader(cfg, SegDataset(items, transform), batch_size, device, None, name=name)
-
+    predictor = Predictor(cfg, model_name, tta, batch_size, device, folds.split_id, share)
+    test_items = predictor.shared(prepare_test_items(cfg))
     oof_parts: list[ProbMaps] = []
-    test_sum = np.zeros((len(test_items), 3, *size), np.float32)
-    n_oof = sum(len(folds.val_ids(k)[part_id::parts]) for k in range(len(runs)))
-    ticker = Ticker(
-        f"predict {model_name}", n_oof + len(runs) * len(test_items), "images", logger=log
-    )
-    with ticker:
+    test_sum = np.zeros((len(test_items), 3, *predictor.size), np.float32)
+    n_oof = sum(len(predictor.shared(folds.val_ids(k))) for k in range(len(runs)))
+    n_images = n_oof + len(runs) * len(test_items)
+    with Ticker(f"predict {model_name}", n_images, "images", logger=log) as ticker:
         for k, run in enumerate(runs):
-            ckpt = load_checkpoint(run.best, device)
-            check_fold_checkpoint(ckpt, run, k, split_id, size, model_name, entry["arch"])
-            model = model_from_checkpoint(ckpt, device)
-            if precision.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            probs_model = probability_model(model, tta)
-            val_ids = folds.val_ids(k)
-            part = reusable_oof(run.oof, tta, split_id, data.subset(val_ids), size, ckpt["epoch"])
-            val_ids = val_ids[part_id::parts]
-            if part is not None:
-                part = part.subset(val_ids)
-            if part is None:
-                val_items = data.subset(val_ids)
-                raw = quantise(
-                    predict_probs(
-                        probs_model,
-                        loader(val_items, f"{model_name} fold {k} OOF"),
-                        device,
-                        precision,
-                        f"fold {k} oof",
-                        ticker.step,
-                    )
-                )
-                meta = {"split_id": split_id, "folds": [k] * len(val_ids)}
-                part = ProbMaps(val_ids, [it.orig_size for it in val_items], meta, raw)
-            else:
-                log.info("fold %d: reusing %s (same TTA and split)", k, run.oof)
-                ticker.skip(len(val_ids))
-            oof_parts.append(part)
-            test_probs = predict_probs(
-                probs_model,
-                loader(test_items, f"{model_name} fold {k} test"),
-                device,
-                precision,
-                f"fold {k} test",
-                ticker.step,
-            )
-            test_sum += test_probs
+            model, epoch = predictor.fold_model(run, k, arch)
+            oof_parts.append(fold_oof(predictor, data, k, run, model, epoch, ticker))
+            test_sum += predictor.probs(model, test_items, f"fold {k} test", ticker.step)
             kill_point("predict-fold")
-
-    joined = concat(oof_parts)
-    ids = sorted(joined.ids)
-    expected = sorted(i for k in range(folds.n_folds) for i in folds.val_ids(k)[part_id::parts])
-    if ids != expected:
-        raise DataError(
-            f"{model_name}: the fold OOF maps do not cover the {len(expected)} train images once"
-        )
-    joined = joined.subset(ids)
-    layout = Layout.of(cfg)
-
-    def store(kind: str) -> Path:
-        if parts == 1:
-            return layout.store(model_name, kind)
-        return layout.store_part(model_name, kind, part_id, parts)
-
-    common = {
-        "model": model_name,
-        "split_id": split_id,
-        "tta": tta,
-        "provenance": provenance(
-            cfg, model=model_name, split_id=split_id, tta=tta, stage="predict"
-        ),
-        lineage.KEY: checkpoints,
-    }
-    save_probs(
-        store("oof"),
-        ids,
-        joined.raw,
-        joined.orig_sizes,
-        kind="oof",
-        folds=joined.meta["folds"],
-        **common,
+    oof = joined_oof(predictor, oof_parts, folds)
+    return write_stores(
+        predictor, oof, test_items, test_sum / len(runs), folds.n_folds, checkpoints
     )
-    save_probs(
-        store("test"),
-        [it.id for it in test_items],
-        test_sum / len(runs),
-        [it.orig_size for it in test_items],
-        kind="test",
-        folds=list(range(folds.n_folds)),
-        **common,
-    )
-    log.info(
-        "%s: wrote %d OOF and %d test maps (TTA %s) to %s",
-        model_name,
-        len(ids),
-        len(test_items),
-        tta,
-        store("oof").parent,
-    )
-    return store("oof"), store("test")
 
 
 def merge_parts(cfg: dict[str, Any], model_name: str, parts: int) -> tuple[Path, Path]:

@@ -17,7 +17,7 @@ the split id, and inputs from another split are refused.
 Whether the refined maps are used is decided by tune.py: the blend and the refined blend
 are each judged out of sample after their own post-processing, and the refined maps win
 only by more than the noise (decisions.py); `postprocess.json` records the source and
-postprocessing.input_store reads it. `refine.json` holds this stage's own choice (the
+records.input_store reads it. `refine.json` holds this stage's own choice (the
 refined mask or the first stage's, under the refined classes) and, for information, the
 refined maps against the blend after the `decide.lens`. The blend's OOF maps are
 themselves out of sample (ensemble.py blends each fold with the weights fitted without it).
@@ -55,8 +55,8 @@ from chain.decisions import (
     map_stats,
     pick,
 )
+from chain.records import ChangedRegion, Decision, MaskChoice, RefineRecord
 from chain.refinement import (
-    RefineSettings,
     RegionSet,
     collect_regions,
     paste,
@@ -78,8 +78,8 @@ from core.invocation import command_hint
 from core.metrics import class_stats
 from core.paths import Layout
 from core.runtime import derive_seed
+from core.settings import RefineSettings
 from core.ticker import Ticker
-from data.atomic import write_json
 from data.cache import load_item, prepare_for_config, train_items
 from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
 from data.reader import DataError, list_test
@@ -247,8 +247,9 @@ def refine_oof(
     settings: RefineSettings,
     seed: int = 0,
     rule: Rule | None = None,
-) -> tuple[np.ndarray, list[RegionRefiner], dict[str, Any]]:
-    """Cross-validated refinement and its decision: (refined maps, fold refiners, record).
+) -> tuple[np.ndarray, list[RegionRefiner], RefineRecord]:
+    """Cross-validated refinement and its decision: (refined maps, fold refiners, record;
+    the caller adds the split, the time it took, provenance and the inputs).
 
     The refiners are fitted per fold (`cross_refine`), so the refined maps are out of
     sample; the decisions compare them with the blend (and the refined mask with the
@@ -293,23 +294,25 @@ def refine_oof(
         ],
         rule,
     )
-    doc = {
-        "vs_blend": comparison,
-        "decide": rule.to_dict(),
-        "oof_before": pick(argmax_stats(probs, targets)),
-        "oof_after": pick(argmax_stats(refined, targets)),
-        "per_fold": per_fold,
-        "refined_mask": {
-            "kept": use_mask,
-            "reason": mask_decision["reason"],
-            "decision": mask_decision,
-        },
-        "regions": region_summary(data, classes),
-        "most_changed": most_changed(ids, data, probs, refined, N_MOST_CHANGED),
-        "settings": dataclasses.asdict(settings),
-        "seconds_oof": round(time.perf_counter() - start, 1),
-    }
-    return refined, models, doc
+    record = RefineRecord(
+        vs_blend=Decision.from_dict(comparison),
+        decide=rule.to_dict(),
+        oof_before=pick(argmax_stats(probs, targets)),
+        oof_after=pick(argmax_stats(refined, targets)),
+        per_fold=per_fold,
+        refined_mask=MaskChoice(
+            kept=use_mask,
+            reason=mask_decision["reason"],
+            decision=Decision.from_dict(mask_decision),
+        ),
+        regions=region_summary(data, classes),
+        most_changed=[
+            ChangedRegion(**r) for r in most_changed(ids, data, probs, refined, N_MOST_CHANGED)
+        ],
+        settings=dataclasses.asdict(settings),
+        seconds_oof=round(time.perf_counter() - start, 1),
+    )
+    return refined, models, record
 
 
 def check_split(split_file: Path, oof: ProbMaps, test: ProbMaps) -> list[int]:
@@ -350,7 +353,7 @@ def load_test_images(cfg: dict[str, Any], store: ProbMaps) -> list[np.ndarray]:
     return _images(prepare_for_config(cfg, [samples[i] for i in store.ids], store.size))
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
+def run(cfg: dict[str, Any]) -> RefineRecord:
     """The stage: refine the blend's OOF and test maps, decide, write stores and refine.json."""
     settings = RefineSettings.from_config(cfg)
     layout = Layout.of(cfg)
@@ -379,7 +382,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             load_test_images(cfg, test),
             np.asarray(test.raw),
             settings,
-            doc["refined_mask"]["kept"],
+            doc.refined_mask.kept,
         )
     save_refiners(layout.refiners, models, settings.width)
     record = provenance(cfg, stage="refine", split_id=oof.split_id)
@@ -407,23 +410,24 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         folds=test.meta.get("folds"),
         **common,
     )
-    doc.update(
+    doc = dataclasses.replace(
+        doc,
         split_id=oof.split_id,
         seconds=round(time.perf_counter() - start, 1),
         provenance=record,
-        **{lineage.KEY: inputs},
+        made_from=inputs,
     )
-    write_json(layout.refine_record, doc)
+    doc.write(layout.refine_record)
     return doc
 
 
-def format_summary(doc: dict[str, Any]) -> str:
+def format_summary(doc: RefineRecord) -> str:
     keys = ("competition", "competition_neo", "competition_non", "dice_seg")
-    rows = {"blend": doc["oof_before"], "refined": doc["oof_after"]}
+    rows = {"blend": doc.oof_before, "refined": doc.oof_after}
     lines = [f"{'OOF argmax':22s}" + "".join(f"{k:>18s}" for k in keys)]
     for name, row in rows.items():
         lines.append(f"{name:22s}" + "".join(f"{row[k]:18.5f}" for k in keys))
-    lines.append(format_decision("refined mask", doc["refined_mask"]["decision"]))
+    lines.append(format_decision("refined mask", doc.refined_mask.decision.to_dict()))
     # refined against blend is tune.py's decision, printed by it (vs_blend is in refine.json)
     lines.append("whether the refined maps are used: tune.py decides")
     return "\n".join(lines)
@@ -442,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(doc))
-    print(f"wrote {Layout.of(cfg).refine_record.parent} in {doc['seconds']:.0f} s")
+    print(f"wrote {Layout.of(cfg).refine_record.parent} in {doc.seconds:.0f} s")
     return 0
 
 

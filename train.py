@@ -30,6 +30,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch.distributed as tdist
@@ -68,6 +69,7 @@ from training import tracking
 from training.engine import (
     FitState,
     FoldFailed,
+    FoldLoaders,
     Learner,
     TrainingError,
     Verdict,
@@ -110,16 +112,32 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one fold
 
 
+@dataclass(frozen=True)
+class FoldRun:
+    """One fold of one model to train: the config it trains with, the data, and the
+    process group (rank 0 writes, every rank trains)."""
+
+    cfg: dict[str, Any]
+    model_name: str
+    fold: int
+    data: TrainData
+    dist: Dist
+
+    @property
+    def name(self) -> str:
+        return f"{self.model_name} fold {self.fold}"
+
+    @property
+    def out(self) -> RunFiles:
+        return Layout.of(self.cfg).fold(self.model_name, self.fold)
+
+
 def _resume(
-    learner: Learner,
-    out: RunFiles,
-    split_id: str,
-    resume: bool,
-    name: str,
-    epochs: int,
-    schedule: dict[str, Any],
+    run: FoldRun, learner: Learner, resume: bool, train: TrainSettings
 ) -> tuple[int, float, list[dict[str, Any]]]:
-    """(epochs done, best score, history) from last.pt, or a fresh start."""
+    """(epochs done, best score, history) from last.pt, or a fresh start; `train`: the
+    settings the fold was asked to train with (before a retry's remedy)."""
+    out, name, epochs = run.out, run.name, train.epochs
     last = out.last
     if not last.exists():
         if resume and out.best.is_file():
@@ -140,12 +158,13 @@ def _resume(
             f"{invocation.retrain_hint(out.dir)}"
         )
     ckpt = load_checkpoint(last, next(learner.raw.parameters()).device)
+    split_id = run.data.folds.split_id
     if ckpt["split_id"] != split_id:
         raise ConfigError(
             f"{last} was trained on split {ckpt['split_id']}, but folds.json is split "
             f"{split_id}; retrain it: {invocation.retrain_hint(out.dir)}"
         )
-    _check_same_curve(TrainSettings.from_config(ckpt["config"]).epochs, epochs, schedule, out)
+    _check_same_curve(TrainSettings.from_config(ckpt["config"]).epochs, epochs, train.schedule, out)
     learner.load_training_state(ckpt)
     log.info("%s: resuming after epoch %d (best %.4f)", name, ckpt["epoch"], ckpt["best_score"])
     return ckpt["epoch"], ckpt["best_score"], ckpt["history"]
@@ -166,64 +185,89 @@ def _check_same_curve(before: int, epochs: int, sched: dict[str, Any], out: RunF
         )
 
 
-def train_fold(
-    cfg: dict[str, Any],
-    model_name: str,
-    fold: int,
-    data: TrainData,
-    dist: Dist,
-    *,
-    resume: bool = False,
-    force: bool = False,
-) -> dict[str, Any]:
-    """Train one fold to completion (or skip it if complete); returns a summary. A fold
-    whose training images or masks changed since it trained starts again from scratch.
-
-    Per epoch, rank 0 writes best.pt (if improved), then last.pt, then the log rewritten
-    from the history inside last.pt: a kill between any two writes leaves a state that
-    `--resume` continues correctly.
-    """
-    train = TrainSettings.from_config(cfg)
-    epochs, best_metric = train.epochs, train.best_metric
-    layout = Layout.of(cfg)
-    out = layout.fold(model_name, fold)
-    name = f"{model_name} fold {fold}"
-    recipe = fold_recipe(cfg, model_name, data.folds.split_id)
-    trained_on = data.trained_on(fold)
+def clear_changed(run: FoldRun, recipe: dict[str, Any], force: bool) -> None:
+    """Refuse a fold folder of another recipe (never retrained over), then remove the
+    folder when forced, or when its training images or masks changed since it trained
+    (retrained from scratch, not resumed)."""
+    out = run.out
     if not force:
-        # before anything is removed: a changed recipe is refused, never retrained over
         check_fold(out, recipe)
-    dist.barrier()
-    if dist.is_main:
-        # changed training files make the fold stale: retrained from scratch, not resumed
-        stale = None if force else stale_training_data(out, data, model_name, fold)
+    run.dist.barrier()
+    if run.dist.is_main:
+        stale = None if force else stale_training_data(out, run.data, run.model_name, run.fold)
         if stale:
             log.info("%s", stale)
         if (force or stale) and out.dir.exists():
             shutil.rmtree(out.dir)
-    dist.barrier()
-    if fold_complete(out, epochs):
-        retrain = invocation.retrain_hint(out.dir)
-        log.info("%s already complete (%s); skipping (to retrain it: %s)", name, out.dir, retrain)
-        return _summary(model_name, fold, read_log(out.log), True, best_metric)
-    # A retrained fold trains with its attempt's remedy; its recipe identity stays the
-    # config's, so the pipeline still recognises it.
-    attempt = len(failed_attempts(out))
-    cfg = RetryPolicy.from_config(cfg).remedy(cfg, attempt)
-    if attempt:
-        log.info(
-            "%s: attempt %d, seed %s, lr %g",
-            name,
-            attempt,
-            cfg["seed"],
-            TrainSettings.from_config(cfg).lr,
-        )
+    run.dist.barrier()
 
-    entry = build_entry(cfg, model_name)
-    split_id = data.folds.split_id
-    loaders = build_loaders(cfg, data, fold, dist)
-    learner = build_learner(cfg, entry, fold, dist, steps_per_epoch=len(loaders.train))
-    state = FitState(*_resume(learner, out, split_id, resume, name, train.epochs, train.schedule))
+
+def retry_attempt(run: FoldRun) -> tuple[FoldRun, int]:
+    """The fold as this attempt trains it, and the attempt's number: a retrained fold
+    trains with its attempt's remedy; its recipe identity stays the config's, so the
+    pipeline still recognises it."""
+    attempt = len(failed_attempts(run.out))
+    cfg = RetryPolicy.from_config(run.cfg).remedy(run.cfg, attempt)
+    if attempt:
+        lr = TrainSettings.from_config(cfg).lr
+        log.info("%s: attempt %d, seed %s, lr %g", run.name, attempt, cfg["seed"], lr)
+    return replace(run, cfg=cfg), attempt
+
+
+def inference_state(learner: Learner, half: bool) -> dict[str, Any]:
+    """best.pt's training state: the weights only (the optimizer state would triple its
+    size), in half precision when `train.half_best`."""
+    weights = learner.inference_weights()
+    if half:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    return {
+        "model": weights,
+        "ema": None,
+        "optimizer": None,
+        "scheduler": None,
+        "scaler": None,
+        "rng": None,
+    }
+
+
+def save_epoch(
+    run: FoldRun, learner: Learner, state: FitState, meta: dict[str, Any], half_best: bool
+) -> None:
+    """best.pt (when this epoch is the best so far), then last.pt, then the log rewritten
+    from the history inside last.pt: a kill between any two writes leaves a state that
+    `--resume` continues correctly."""
+    record = state.history[-1]
+    ckpt = {
+        **learner.training_state(),
+        "epoch": state.epoch,
+        "best_score": state.best_score,
+        "history": state.history,
+        **meta,
+        "provenance": provenance(
+            run.cfg,
+            model=run.model_name,
+            fold=run.fold,
+            split_id=meta["split_id"],
+            epoch=state.epoch,
+        ),
+    }
+    if record["best"]:
+        save_torch({**ckpt, **inference_state(learner, half_best)}, run.out.best)
+    save_torch(ckpt, run.out.last)
+    kill_point("epoch-saved")
+    write_log(run.out.log, state.history)
+
+
+def start_fold(
+    run: FoldRun, recipe: dict[str, Any], attempt: int, resume: bool, train: TrainSettings
+) -> tuple[Learner, FoldLoaders, FitState, dict[str, Any]]:
+    """The fold's learner and loaders, its state (from last.pt, or fresh) and what every
+    checkpoint records of it; rank 0 writes the recipe, config and log it starts from."""
+    cfg, dist, out = run.cfg, run.dist, run.out
+    entry = build_entry(cfg, run.model_name)
+    loaders = build_loaders(cfg, run.data, run.fold, dist)
+    learner = build_learner(cfg, entry, run.fold, dist, steps_per_epoch=len(loaders.train))
+    state = FitState(*_resume(run, learner, resume, train))
     if state.epoch and not out.best.is_file():
         # written at the first epoch: without it the best weights are lost, resuming or not
         raise ConfigError(
@@ -231,96 +275,98 @@ def train_fold(
             f"retrain the fold: {invocation.retrain_hint(out.dir)}"
         )
     meta = {
-        "model_name": model_name,
+        "model_name": run.model_name,
         "arch": entry["arch"],
         "kwargs": entry["kwargs"],
-        "split_id": split_id,
-        "fold": fold,
+        "split_id": run.data.folds.split_id,
+        "fold": run.fold,
         "config": cfg,
         "recipe_hash": recipe_hash(recipe),
         "attempt": attempt,
     }
     if dist.is_main:
         out.dir.mkdir(parents=True, exist_ok=True)
-        write_recipe(out, recipe, trained_on)
+        write_recipe(out, recipe, run.data.trained_on(run.fold))
         write_yaml(out.config, cfg)
         write_log(out.log, state.history)
-    wandb_run = tracking.start_fold(cfg, model_name, fold) if dist.is_main else None
+    return learner, loaders, state, meta
+
+
+def train_epochs(
+    run: FoldRun,
+    learner: Learner,
+    loaders: FoldLoaders,
+    state: FitState,
+    meta: dict[str, Any],
+    train: TrainSettings,
+) -> None:
+    """The epochs after `state.epoch`, each saved by rank 0 (`save_epoch`; and sent to
+    W&B when it is on), then the fold's OOF maps."""
+    dist = run.dist
+    wandb_run = tracking.start_fold(run.cfg, run.model_name, run.fold) if dist.is_main else None
     try:
-        for record in fit(cfg, learner, loaders, fold, dist, name, state):
+        for record in fit(run.cfg, learner, loaders, run.fold, dist, run.name, state):
             if dist.is_main:
-                ckpt = {
-                    **learner.training_state(),
-                    "epoch": state.epoch,
-                    "best_score": state.best_score,
-                    "history": state.history,
-                    **meta,
-                    "provenance": provenance(
-                        cfg, model=model_name, fold=fold, split_id=split_id, epoch=state.epoch
-                    ),
-                }
-                if record["best"]:
-                    # best.pt is for inference: the optimizer state would triple its size.
-                    weights = learner.inference_weights()
-                    if train.half_best:
-                        weights = {
-                            k: v.half() if v.is_floating_point() else v for k, v in weights.items()
-                        }
-                    inference = {
-                        "model": weights,
-                        "ema": None,
-                        "optimizer": None,
-                        "scheduler": None,
-                        "scaler": None,
-                        "rng": None,
-                    }
-                    save_torch({**ckpt, **inference}, out.best)
-                save_torch(ckpt, out.last)
-                kill_point("epoch-saved")
-                write_log(out.log, state.history)
-                invocation.finished(f"{name} epoch {state.epoch} of {epochs} saved")
+                save_epoch(run, learner, state, meta, train.half_best)
+                invocation.finished(f"{run.name} epoch {state.epoch} of {train.epochs} saved")
                 if wandb_run is not None:
                     tracking.log_epoch(
-                        wandb_run, record, epochs, learner.eval_net, loaders.val_items, dist.device
+                        wandb_run,
+                        record,
+                        train.epochs,
+                        learner.eval_net,
+                        loaders.val_items,
+                        dist.device,
                     )
-            log_epoch(name, epochs, record)
+            log_epoch(run.name, train.epochs, record)
         if dist.is_main:
-            write_fold_oof(cfg, out, loaders.val_items, split_id, model_name, fold, learner)
+            write_fold_oof(run, loaders.val_items, learner)
             if not train.keep_last:
                 # complete now (best.pt, OOF maps, log): the optimizer state is dead weight
-                out.last.unlink(missing_ok=True)
-            invocation.finished(f"{name} complete")
+                run.out.last.unlink(missing_ok=True)
+            invocation.finished(f"{run.name} complete")
         dist.barrier()
     finally:
         if wandb_run is not None:
             wandb_run.finish()
-    return _summary(model_name, fold, state.history, False, best_metric)
+
+
+def train_fold(run: FoldRun, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Train one fold to completion (or skip it if complete); returns a summary. A fold
+    whose training images or masks changed since it trained starts again from scratch.
+    """
+    train = TrainSettings.from_config(run.cfg)
+    out = run.out
+    recipe = fold_recipe(run.cfg, run.model_name, run.data.folds.split_id)
+    clear_changed(run, recipe, force)
+    if fold_complete(out, train.epochs):
+        retrain = invocation.retrain_hint(out.dir)
+        log.info(
+            "%s already complete (%s); skipping (to retrain it: %s)", run.name, out.dir, retrain
+        )
+        return _summary(run, read_log(out.log), True, train.best_metric)
+    run, attempt = retry_attempt(run)
+    learner, loaders, state, meta = start_fold(run, recipe, attempt, resume, train)
+    train_epochs(run, learner, loaders, state, meta, train)
+    return _summary(run, state.history, False, train.best_metric)
 
 
 def train_fold_retrying(
-    cfg: dict[str, Any],
-    model_name: str,
-    fold: int,
-    data: TrainData,
-    dist: Dist,
-    *,
-    resume: bool = False,
-    force: bool = False,
+    run: FoldRun, *, resume: bool = False, force: bool = False
 ) -> dict[str, Any]:
     """`train_fold`, then the `retry:` policy: a fold that failed (engine.judge_fold) is
     retrained with the policy's remedy until it passes, or FoldFailed once the attempts
     are spent. A failed fold must not be blended: it drags the ensemble below its models.
     One that retraining cannot help (Verdict.retrain false) is kept, with a warning."""
-    policy = RetryPolicy.from_config(cfg)
-    layout = Layout.of(cfg)
-    run = layout.fold(model_name, fold)
-    name = f"{model_name} fold {fold}"
+    policy = RetryPolicy.from_config(run.cfg)
+    cfg, name, dist = run.cfg, run.name, run.dist
+    lock = Layout.of(cfg).fold_lock(run.model_name, run.fold)
     # rank 0 holds it for the whole DDP group: the other ranks follow its barriers
-    with locks.hold(layout.fold_lock(model_name, fold), name) if dist.is_main else nullcontext():
+    with locks.hold(lock, name) if dist.is_main else nullcontext():
         while True:
-            summary = train_fold(cfg, model_name, fold, data, dist, resume=resume, force=force)
+            summary = train_fold(run, resume=resume, force=force)
             force = False
-            verdict = judge_fold(cfg, model_name, fold)
+            verdict = judge_fold(cfg, run.model_name, run.fold)
             if verdict is None:
                 return summary
             if not verdict.retrain:
@@ -331,14 +377,14 @@ def train_fold_retrying(
             if policy.attempts == 0:
                 log.warning("%s failed: %s (kept: retry.attempts is 0)", name, verdict.reason)
                 return summary
-            attempt = len(failed_attempts(run))
+            attempt = len(failed_attempts(run.out))
             if attempt >= policy.attempts:
                 raise FoldFailed(
                     f"{name} failed after {attempt} retrain(s): {verdict.reason}; its attempts "
-                    f"are in {run.retries}. {_spent(cfg, model_name, verdict)}"
+                    f"are in {run.out.retries}. {_spent(cfg, run.model_name, verdict)}"
                 )
             if dist.is_main:
-                retire_attempt(cfg, model_name, fold, verdict.reason)
+                retire_attempt(cfg, run.model_name, run.fold, verdict.reason)
             dist.barrier()
             log.warning(
                 "%s failed (%s); retraining it, attempt %d", name, verdict.reason, attempt + 1
@@ -364,16 +410,9 @@ def _spent(cfg: dict[str, Any], model_name: str, verdict: Verdict) -> str:
     return f"To go on, {keep}"
 
 
-def write_fold_oof(
-    cfg: dict[str, Any],
-    out: RunFiles,
-    val_items: list[CachedItem],
-    split_id: str,
-    model_name: str,
-    fold: int,
-    learner: Learner,
-) -> None:
+def write_fold_oof(run: FoldRun, val_items: list[CachedItem], learner: Learner) -> None:
     """Softmax of the fold's validation images from best.pt, at working resolution."""
+    cfg, model_name, fold, out = run.cfg, run.model_name, run.fold, run.out
     device = next(learner.raw.parameters()).device
     model = learner.raw
     best = load_checkpoint(out.best, device)
@@ -384,15 +423,16 @@ def write_fold_oof(
         TrainSettings.from_config(cfg).batch_size,
         device,
         None,
-        name=f"{model_name} fold {fold} OOF",
+        name=f"{run.name} OOF",
     )
     probs = predict_probs(
         Probabilities(model),
         loader,
         device,
         learner.precision,
-        desc=f"{model_name} fold {fold} oof",
+        desc=f"{run.name} oof",
     )
+    split_id = run.data.folds.split_id
     save_probs(
         out.oof,
         [it.id for it in val_items],
@@ -413,13 +453,13 @@ def write_fold_oof(
 
 
 def _summary(
-    model_name: str, fold: int, history: list[dict[str, Any]], skipped: bool, metric: str
+    run: FoldRun, history: list[dict[str, Any]], skipped: bool, metric: str
 ) -> dict[str, Any]:
     """The epoch best.pt holds (the last one flagged best by `train.best_metric`)."""
     best = next((r for r in reversed(history) if r.get("best")), {})
     return {
-        "model": model_name,
-        "fold": fold,
+        "model": run.model_name,
+        "fold": run.fold,
         "epochs": len(history),
         "best_epoch": best.get("epoch"),
         "metric": metric,
@@ -454,18 +494,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_cpu_threads(train.cpu_threads)
         configure_determinism(train.deterministic, dist.device)
         data = prepare_train_data(cfg, dist)
-        summaries = [
-            train_fold_retrying(
-                cfg, args.model, k, data, dist, resume=args.resume, force=args.force
-            )
-            for k in folds
-        ]
+        runs = [FoldRun(cfg, args.model, k, data, dist) for k in folds]
+        summaries = [train_fold_retrying(run, resume=args.resume, force=args.force) for run in runs]
         if len(folds) > 1 and RetryPolicy.from_config(cfg).attempts:
             # The first folds were judged before the later ones existed: judge them again.
-            for i, k in enumerate(folds):
-                verdict = judge_fold(cfg, args.model, k)
+            for i, run in enumerate(runs):
+                verdict = judge_fold(cfg, args.model, run.fold)
                 if verdict is not None and verdict.retrain:
-                    summaries[i] = train_fold_retrying(cfg, args.model, k, data, dist)
+                    summaries[i] = train_fold_retrying(run)
     except (ConfigError, DataError, locks.InUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

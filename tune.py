@@ -30,6 +30,7 @@ if __name__ == "__main__":
     stages.preflight("tune")
 
 
+import dataclasses
 import functools
 import logging
 import sys
@@ -44,6 +45,7 @@ import optuna
 from chain import lineage, studies
 from chain.decisions import LENSES, Option, Rule, decide, format_decision, map_stats
 from chain.postprocessing import REGION_MODES, PostprocessParams
+from chain.records import Decision, PostprocessRecord
 from chain.studies import Search, StudyPlace, fit_label, search_settings
 from core.config import (
     ConfigError,
@@ -56,7 +58,6 @@ from core.invocation import command_hint
 from core.metrics import scores_from_stats
 from core.paths import Layout
 from core.settings import refining
-from data.atomic import write_json
 from data.cache import load_targets
 from data.probstore import META_FILE, ProbMaps, load_probs
 from data.reader import DataError
@@ -285,9 +286,9 @@ def tune(
     n_jobs: int = 1,
     trials_csv: Path | None = None,
     rule: Rule | None = None,
-) -> dict[str, Any]:
-    """The chain's last decision; returns the `postprocess.json` document (without
-    provenance).
+) -> PostprocessRecord:
+    """The chain's last decision: the `postprocess.json` record (the caller adds the
+    image ids, provenance and the stores it was made from).
 
     For each source (the blend first, then the refined blend when refine.py made one):
     plain argmax, the region vote alone, and tuned parameters (`source_options`), judged
@@ -313,36 +314,36 @@ def tune(
     if trials_csv is not None:
         studies.export_trials(final.study, trials_csv)
     oos = outcome.chosen.candidate.oos
-    return {
-        "params": params.to_dict(),
-        "source": source.name,
-        "sources": [s.name for s in sources],
-        "chosen": outcome.record["chosen"],
-        "decision": outcome.record,
-        "objective": objective,
-        "decide": rule.to_dict(),
-        "scores": {
+    return PostprocessRecord(
+        params=params,
+        source=source.name,
+        sources=[s.name for s in sources],
+        chosen=outcome.record["chosen"],
+        decision=Decision.from_dict(outcome.record),
+        objective=objective,
+        decide=rule.to_dict(),
+        scores={
             "argmax": final.baseline,
             "best_trial": final.best_trial,
             "tuned": scores_from_stats(tuned.candidate.insample),
         },
-        "out_of_sample": {
+        out_of_sample={
             name: scores_from_stats(j.candidate.oos) for name, j in outcome.judged.items()
         },
-        "oos_image_stats": oos.reshape(len(oos), -1).tolist(),
-        "tuned_params": final.params.to_dict(),
-        "fold_params": {str(k): f.params.to_dict() for k, f in tuned.fold_params.items()},
-        "tuned_params_by_source": {
-            s.name: outcome.judged[f"{s.name}, tuned"].params.params.to_dict() for s in sources
+        oos_image_stats=oos.reshape(len(oos), -1).tolist(),
+        tuned_params=final.params,
+        fold_params={str(k): f.params for k, f in tuned.fold_params.items()},
+        tuned_params_by_source={
+            s.name: outcome.judged[f"{s.name}, tuned"].params.params for s in sources
         },
-        "searched_params": final.searched.to_dict(),
-        "ablation": final.ablation,
-        "trials": len(studies.complete_trials(final.study, trials)),
-        "study": studies.study_record(final.study, source.place, trials_csv),
-        "n_images": len(targets),
-        "resolution": list(targets.shape[1:]),
-        "seed": seed,
-    }
+        searched_params=final.searched,
+        ablation=final.ablation,
+        trials=len(studies.complete_trials(final.study, trials)),
+        study=studies.study_record(final.study, source.place, trials_csv),
+        n_images=len(targets),
+        resolution=list(targets.shape[1:]),
+        seed=seed,
+    )
 
 
 def load_sources(
@@ -403,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = lineage.made_from(layout.root, [stores[s.name] for s in sources])
         log.info("tuning on %s", ", ".join(s.name for s in sources))
         targets = load_targets(cfg, ids, blend.size)
-        doc = tune(
+        record = tune(
             sources,
             targets,
             folds,
@@ -420,15 +421,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except studies.StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    doc["image_ids"] = ids
-    doc["provenance"] = provenance(cfg, stage="tune", split_id=blend.split_id)
-    doc[lineage.KEY] = inputs
+    record = dataclasses.replace(
+        record,
+        image_ids=ids,
+        provenance=provenance(cfg, stage="tune", split_id=blend.split_id),
+        made_from=inputs,
+    )
     out = layout.postprocess
-    write_json(out, doc)
-    print(format_decision("post-processing and refinement", doc["decision"]))
-    kept = ", ".join(PostprocessParams.from_dict(doc["params"]).active_steps()) or "none"
-    print(f"submitted chain: {doc['chosen']} (steps: {kept}); wrote {out}")
-    print(f"optuna study {doc['study']['name']} in {doc['study']['storage']}")
+    record.write(out)
+    print(format_decision("post-processing and refinement", record.decision.to_dict()))
+    kept = ", ".join(record.params.active_steps()) or "none"
+    print(f"submitted chain: {record.chosen} (steps: {kept}); wrote {out}")
+    if record.study:
+        print(f"optuna study {record.study['name']} in {record.study['storage']}")
     return 0
 
 

@@ -33,11 +33,11 @@ import infer
 import pipeline
 from bench.report import update_section
 from chain.package import Chain
-from chain.refinement import RefineSettings, load_refiners, portable_numerics, refine_test
+from chain.refinement import load_refiners, portable_numerics, refine_test
 from core.config import load_config
 from core.paths import InferFiles, Layout
 from core.runtime import choose_precision, configure_cpu_threads
-from core.settings import DataSettings, TrainSettings
+from core.settings import DataSettings, RefineSettings, TrainSettings
 from data.augment import transforms_for
 from data.cache import load_item, prepare_for_config
 from data.dataset import SegDataset

@@ -19,6 +19,7 @@ guessed at.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -82,8 +83,10 @@ TEXT = _typed((str,), "a string", str)
 COUNT = _typed((int,), "a whole number", int)
 NUMBER = _typed((int, float), "a number", float)
 FLAG = _typed((bool,), "true or false", bool)
-# free-form sections no reader looks inside (provenance, a study's record, the rule)
-OBJECT = _typed((dict,), "an object", dict)
+# free-form sections no reader looks inside (provenance, a study's record, the rule),
+# copied both ways: a record shares no mutable part with the dict it came from or gave
+DICT = _typed((dict,), "an object", dict)
+OBJECT = Codec(lambda v: copy.deepcopy(DICT.load(v)), copy.deepcopy, dict)
 
 
 def optional(codec: Codec) -> Codec:
@@ -113,7 +116,7 @@ def mapping(codec: Codec) -> Codec:
 
     def load(value: Any) -> dict[str, Any]:
         out = {}
-        for key, item in OBJECT.load(value).items():
+        for key, item in DICT.load(value).items():
             try:
                 out[key] = codec.load(item)
             except Invalid as exc:
@@ -129,7 +132,7 @@ def nested(cls: type[D]) -> Codec:
 
 LIST = _typed((list,), "a list", list)
 SCORES = mapping(NUMBER)  # {score name: value}: metrics.scores_from_stats, decisions.pick
-PARAMS = Codec(lambda v: _params(OBJECT.load(v)), lambda v: v.to_dict(), PostprocessParams)
+PARAMS = Codec(lambda v: _params(DICT.load(v)), lambda v: v.to_dict(), PostprocessParams)
 
 
 def _params(value: dict[str, Any]) -> PostprocessParams:
@@ -166,7 +169,7 @@ class Document:
     @classmethod
     def from_dict(cls: type[D], doc: Any) -> D:
         """The record of a JSON object; Invalid naming the key of what does not fit."""
-        doc = OBJECT.load(doc)
+        doc = DICT.load(doc)
         unknown = sorted(set(doc) - cls.keys())
         if unknown:
             raise Invalid("", f"unknown keys {', '.join(unknown)}")

@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -31,40 +30,10 @@ from chain.regions import (
     region_crop,
     true_labels,
 )
-from core.config import ConfigError, settings_from
+from core.settings import RefineSettings
 from data.atomic import atomic_write
 from data.reader import DataError
 from models.refiner import RegionRefiner
-
-
-@dataclass(frozen=True)
-class RefineSettings:
-    """The `refine:` section of a config (besides `enabled`)."""
-
-    crop: int = 64  # side of the square crop, a multiple of 8
-    margin: float = 0.25  # context around the region's box, per side, as a fraction of it
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 3e-3
-    width: int = 16  # channels of the refiner's first level
-    # Tiny convolutions: more threads only add synchronisation (on 2 busy cores, one
-    # thread trained a fold 15x faster than two).
-    cpu_threads: int = 1
-
-    def __post_init__(self) -> None:
-        if self.crop < 16 or self.crop % 8:
-            raise ConfigError(f"refine.crop must be a multiple of 8, at least 16, got {self.crop}")
-        for name in ("epochs", "batch_size", "width", "cpu_threads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"refine.{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.margin <= 2.0 or self.lr <= 0:
-            raise ConfigError(f"refine.margin must be in [0, 2] and refine.lr positive: {self}")
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> RefineSettings:
-        section = dict(cfg.get("refine") or {})
-        section.pop("enabled", None)
-        return settings_from(cls, section, "refine")
 
 
 @dataclass

@@ -22,6 +22,8 @@
     wandb/                              offline W&B runs (outside the fold folders)
     hpo/<study>/trial<n>/               hpo.py (RunFiles): each trial's config and log
     hpo/best_<model>.yaml, hpo/trials_<model>.csv
+    stages/<stage>/                     a stage added with its entry alone (stages.py):
+                                        the files it names there
 """
 
 from __future__ import annotations
@@ -166,6 +168,12 @@ class Layout:
         """One machine's share of a model's store (`predict.py --num-parts K --part-id i`),
         until `--merge-parts K` joins the shares into `store(model, kind)`."""
         return self.root / model / "parts" / f"{kind}-{part}of{parts}"
+
+    def stage_dir(self, stage: str) -> Path:
+        """The folder of a stage added by its script and its `stages.Stage` entry alone,
+        which name the files in it: under `stages/`, so that `reserved_names` keeps every
+        such folder apart from the models' with no name to add here."""
+        return self.root / "stages" / stage
 
     def blend(self, kind: str) -> Path:
         return self.root / "ensemble" / kind

@@ -68,7 +68,8 @@ def test_run_ensemble_reports_per_fold_and_single_model_needs_no_search():
     targets = blob_targets(12)
     good, noisy = one_hot(targets, 0.6), one_hot((targets + 1) % 3, 0.4)
     folds = [0, 1, 2] * 4
-    doc = run_ensemble(["good", "noisy"], [good, noisy], targets, folds, 8, "dice_neo")
+    record = run_ensemble(["good", "noisy"], [good, noisy], targets, folds, 8, "dice_neo")
+    doc = record.to_dict()
     assert set(doc["scores"]) == {"good", "noisy", "equal", "tuned"}
     assert set(doc["scores"]["tuned"]) == {"all", "0", "1", "2"}
     assert doc["scores"]["good"]["all"]["dice_neo"] == 1.0
@@ -77,10 +78,10 @@ def test_run_ensemble_reports_per_fold_and_single_model_needs_no_search():
     assert set(doc["fold_weights"]) == {"0", "1", "2"}
     # the best single model, picked on the other folds every time, is "good"
     assert doc["candidates"]["best single"]["fold_weights"] == {k: [1.0, 0.0] for k in "012"}
-    single = run_ensemble(["good"], [good], targets, folds, 50, "competition")
+    single = run_ensemble(["good"], [good], targets, folds, 50, "competition").to_dict()
     assert single["weights"] == [1.0] and single["trials"] == 0
     assert single["decision"] is None and single["fold_weights"] == {k: [1.0] for k in "012"}
-    table = ensemble.format_table(doc)
+    table = ensemble.format_table(record)
     assert "fold 2" in table and f"weights ({doc['chosen']}): good=" in table
 
 
@@ -89,12 +90,12 @@ def test_the_blend_is_chosen_out_of_sample_and_tuned_weights_must_earn_their_pla
     good = one_hot(targets, 0.6)
     copy = good.copy()
     # identical models: tuned weights cannot beat equal ones out of sample
-    same = run_ensemble(["good", "copy"], [good, copy], targets, [0, 1, 2] * 8, 6)
+    same = run_ensemble(["good", "copy"], [good, copy], targets, [0, 1, 2] * 8, 6).to_dict()
     assert same["chosen"] == "equal" and same["weights"] == [0.5, 0.5]
     # a model that is wrong everywhere: the best single model (good) wins clearly over equal
     # weights, and tuned weights add nothing beyond it
     bad = one_hot((targets + 1) % 3, 0.9)
-    doc = run_ensemble(["bad", "good"], [bad, good], targets, [0, 1, 2] * 8, 10)
+    doc = run_ensemble(["bad", "good"], [bad, good], targets, [0, 1, 2] * 8, 10).to_dict()
     assert doc["chosen"] == "best single" and doc["weights"] == [0.0, 1.0]
     rows = doc["decision"]["candidates"]
     assert rows["best single"]["out_of_sample"]["competition"] == 1.0

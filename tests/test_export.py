@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ import infer
 import postprocess
 import tune
 from chain.package import MANIFEST, Chain, open_package
+from chain.records import BlendRecord
 from core import ticker
 from core.paths import Layout
 from data.probstore import align_stores, load_probs
@@ -54,12 +56,15 @@ def blend_both(root: Path, flags: list[str]) -> None:
     cfg = yaml.safe_load((root / "tiny.yaml").read_text())
     cfg.update(out_dir=str(root / "out"), data_dir=str(root / "data"))
     layout = Layout.of(cfg)
-    doc = json.loads(layout.weights.read_text())
-    doc["weights"] = [0.4, 0.6]
-    doc["fold_weights"] = {k: [0.4, 0.6] for k in doc["fold_weights"]}
-    oof = align_stores([load_probs(layout.store(m, "oof")) for m in doc["models"]])
-    ensemble.write_blends(layout, doc, oof, oof[0].meta["folds"], cfg)
-    layout.weights.write_text(json.dumps(doc))
+    record = BlendRecord.read(layout.weights)
+    record = dataclasses.replace(
+        record,
+        weights=[0.4, 0.6],
+        fold_weights={k: [0.4, 0.6] for k in record.fold_weights},
+    )
+    oof = align_stores([load_probs(layout.store(m, "oof")) for m in record.models])
+    ensemble.write_blends(layout, record, oof, oof[0].meta["folds"], cfg)
+    record.write(layout.weights)
     assert tune.main(flags) == 0
     assert postprocess.main(flags) == 0
 

@@ -3,6 +3,7 @@ call that redoes nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -15,6 +16,7 @@ import torch
 import yaml
 
 import pipeline
+import refine
 import report
 from chain.evaluation import GAIN, parse_interval
 from chain.reporting import read_submission
@@ -90,7 +92,7 @@ def add_count_stage(tmp_path, monkeypatch) -> Path:
         outputs=lambda plan, _: [plan.layout.root / "count.json"],
         inputs=lambda plan, _: [plan.layout.postprocess],
     )
-    monkeypatch.setattr(pipeline, "STAGES", (*stages.STAGES[:-2], entry, *stages.STAGES[-2:]))
+    monkeypatch.setattr(stages, "STAGES", (*stages.STAGES[:-2], entry, *stages.STAGES[-2:]))
     return tmp_path / "out" / "tiny" / "count.json"
 
 
@@ -358,19 +360,19 @@ def test_reruns_follow_the_bytes_of_inputs_and_settings_not_the_clock(
 
     # the refined mask not kept (forced): the test maps get the refined classes only
     used = []
-    decide, refine_test = pipeline.refine.refine_oof, pipeline.refine.refine_test
+    decide, refine_test = refine.refine_oof, refine.refine_test
 
     def class_only(*args, **kwargs):
         refined, models, doc = decide(*args, **kwargs)
-        doc["refined_mask"]["kept"] = False
-        return refined, models, doc
+        mask = dataclasses.replace(doc.refined_mask, kept=False)
+        return refined, models, dataclasses.replace(doc, refined_mask=mask)
 
     def spy(*args):
         used.append(args[-1])
         return refine_test(*args)
 
-    monkeypatch.setattr(pipeline.refine, "refine_oof", class_only)
-    monkeypatch.setattr(pipeline.refine, "refine_test", spy)
+    monkeypatch.setattr(refine, "refine_oof", class_only)
+    monkeypatch.setattr(refine, "refine_test", spy)
     hflip = [*run, "--set", "predict.tta=hflip"]
     assert pipeline.main([*hflip, "--set", "refine.epochs=3"]) == 0
     ran = _stages_run(capsys.readouterr().out)

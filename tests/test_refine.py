@@ -207,7 +207,10 @@ def cue_set(n=36, flip_rate=0.4, seed=0):
 def test_the_refiner_fixes_wrongly_classed_regions_and_beats_the_blend():
     ids, images, probs, targets = cue_set()
     folds = [i % 3 for i in range(len(ids))]
-    refined, models, doc = refine.refine_oof(ids, images, probs, targets, folds, SETTINGS, seed=0)
+    refined, models, record = refine.refine_oof(
+        ids, images, probs, targets, folds, SETTINGS, seed=0
+    )
+    doc = record.to_dict()
     regions = doc["regions"]
     wrong_before = regions["n"] - regions["right_before"]
     wrong_after = regions["n"] - regions["right_after"]
@@ -233,7 +236,8 @@ def test_a_first_stage_that_is_already_right_is_not_kept():
     ids, images, probs, targets = cue_set(n=24, flip_rate=0.0)
     probs = np.stack([codes(t, on=0.7) for t in targets])  # no false positive either
     folds = [i % 3 for i in range(len(ids))]
-    _, _, doc = refine.refine_oof(ids, images, probs, targets, folds, SETTINGS, seed=0)
+    _, _, record = refine.refine_oof(ids, images, probs, targets, folds, SETTINGS, seed=0)
+    doc = record.to_dict()
     assert doc["oof_before"]["competition"] == 1.0
     assert doc["vs_blend"]["chosen"] == "blend"
 
@@ -603,9 +607,10 @@ def test_refine_oof_records_each_fold_and_the_refined_maps_under_the_lens(decisi
     pasted["refined mask"] = _decision_maps(targets)  # right everywhere
     rule = Rule()
     start = time.perf_counter()
-    refined, models, doc = refine.refine_oof(
+    refined, models, result = refine.refine_oof(
         ids, images, blend, targets, folds, SETTINGS, seed=7, rule=rule
     )
+    doc = result.to_dict()
     elapsed = time.perf_counter() - start
     np.testing.assert_array_equal(refined, pasted["refined mask"])
     # each fold's refiner: its own seed from the config's, trained outside the fold
@@ -641,6 +646,7 @@ def test_refine_oof_records_each_fold_and_the_refined_maps_under_the_lens(decisi
     assert comparison["blend"]["out_of_sample"] == pick(map_stats(blend, targets, lens))
     assert comparison["refined"]["out_of_sample"] == by_lens["refined mask"]
     assert set(doc) == {
+        "schema",
         "vs_blend",
         "decide",
         "oof_before",
@@ -651,7 +657,18 @@ def test_refine_oof_records_each_fold_and_the_refined_maps_under_the_lens(decisi
         "most_changed",
         "settings",
         "seconds_oof",
+        "split_id",
+        "seconds",
+        "provenance",
+        "made_from",
     }
+    # the split, the stage's time, provenance and inputs are refine.run's to add
+    assert (result.split_id, result.seconds, result.provenance, result.made_from) == (
+        None,
+        0.0,
+        {},
+        {},
+    )
     assert doc["decide"] == rule.to_dict()
     assert doc["settings"] == dataclasses.asdict(SETTINGS)
     assert 0.0 <= doc["seconds_oof"] <= elapsed + 0.05
@@ -667,7 +684,8 @@ def test_a_gain_within_the_noise_keeps_the_first_stages_mask_and_the_blend(decis
     blend = _decision_maps(targets, wrong=(0, 1))
     pasted["class only"] = _decision_maps(targets, wrong=(0,))
     pasted["refined mask"] = _decision_maps(targets)
-    refined, _, doc = refine.refine_oof(ids, images, blend, targets, folds, SETTINGS)
+    refined, _, record = refine.refine_oof(ids, images, blend, targets, folds, SETTINGS)
+    doc = record.to_dict()
     np.testing.assert_array_equal(refined, pasted["class only"])
     mask = doc["refined_mask"]
     assert not mask["kept"] and mask["decision"]["chosen"] == "class only"

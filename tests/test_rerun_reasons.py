@@ -156,19 +156,19 @@ def test_stage_due_names_what_changed(tmp_path):
         argv=lambda plan, _: [],
         outputs=lambda plan, _: [out],
         inputs=lambda plan, _: [made, image],
-        record=lambda plan, module, _: (out, {"k": plan.cfg["k"], "decide": {"n": 1}}),
+        record=lambda plan, _: (out, {"k": plan.cfg["k"], "decide": {"n": 1}}),
         shown={"decide": "decide"},
     )
     plan = stages.Plan({"data_dir": str(data), "k": 2}, Layout.at(exp), [], [], [])
     stamps = Stamps(exp / "stamps.json")
 
     def why(**kw) -> list[str]:
-        return [text for text, _ in pipeline.stage_due(stage, plan, "", stamps, None, **kw)[1]]
+        return [text for text, _ in pipeline.stage_due(stage, plan, "", stamps, **kw)[1]]
 
     assert why() == ["first run"]
     out.write_text(json.dumps({"k": 2, "decide": {"n": 1}}))
     assert why() == ["no record of the inputs it last ran on (stamps.json)"]
-    stamps.record("count", pipeline.stage_due(stage, plan, "", stamps, None)[0])
+    stamps.record("count", pipeline.stage_due(stage, plan, "", stamps)[0])
     assert why() == []
     image.write_bytes(b"y")
     made.write_text("2")
@@ -177,7 +177,7 @@ def test_stage_due_names_what_changed(tmp_path):
         "train/x.jpeg changed",
         "a: 1 -> 2 (through made.json)",
     ]
-    stamps.record("count", pipeline.stage_due(stage, plan, "", stamps, None)[0])
+    stamps.record("count", pipeline.stage_due(stage, plan, "", stamps)[0])
     out.write_text(json.dumps({"k": 1, "decide": {"n": 3}}))
     assert why() == ["count.k: 1 -> 2", "decide.n: 3 -> 1"]
     out.unlink()

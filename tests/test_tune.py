@@ -29,7 +29,7 @@ FOLDS = [0, 1, 2, 3] * 10
 def test_tuning_beats_argmax_out_of_sample_on_noisy_predictions():
     # blurred truth plus specks of either class and split-class patches inside lesions
     probs, targets = synthetic_oof(40, (64, 64), seed=0)
-    doc = tune.tune([tune.Source("blend", probs)], targets, FOLDS, trials=25, seed=0)
+    doc = tune.tune([tune.Source("blend", probs)], targets, FOLDS, trials=25, seed=0).to_dict()
     before, after = doc["scores"]["argmax"], doc["scores"]["tuned"]
     assert after["competition"] > before["competition"] + 0.02
     assert after["competition_neo"] >= before["competition_neo"]
@@ -63,7 +63,9 @@ def test_a_fit_that_only_wins_in_sample_is_not_used():
     noisy = targets.copy()
     noisy[0, 26:28, 26:28] = 2  # one stray speck, on one image
     probs = np.stack([codes(m) for m in noisy])
-    doc = tune.tune([tune.Source("blend", probs)], targets, [0, 1, 2] * 8, trials=12, seed=0)
+    doc = tune.tune(
+        [tune.Source("blend", probs)], targets, [0, 1, 2] * 8, trials=12, seed=0
+    ).to_dict()
     oos = doc["out_of_sample"]
     assert doc["chosen"] in ("blend, argmax", "blend, region vote")
     assert PostprocessParams.from_dict(doc["params"]).active_steps() in ([], ["region"])
@@ -75,12 +77,14 @@ def test_refined_maps_are_used_only_when_they_beat_the_blend_after_post_processi
     probs, targets = synthetic_oof(40, (64, 64), seed=1)
     right = np.stack([codes(t) for t in targets])  # a refiner that fixed everything
     sources = [tune.Source("blend", probs), tune.Source("refined", right)]
-    doc = tune.tune(sources, targets, FOLDS, trials=6, seed=0)
+    doc = tune.tune(sources, targets, FOLDS, trials=6, seed=0).to_dict()
     assert doc["source"] == "refined" and doc["chosen"] == "refined, argmax"
     assert doc["sources"] == ["blend", "refined"]
     assert doc["out_of_sample"]["refined, argmax"]["competition"] == 1.0
     # refined maps no better than the blend: the blend chain stays
-    doc = tune.tune([tune.Source("blend", right), tune.Source("refined", right)], targets, FOLDS, 6)
+    doc = tune.tune(
+        [tune.Source("blend", right), tune.Source("refined", right)], targets, FOLDS, 6
+    ).to_dict()
     assert doc["source"] == "blend" and doc["chosen"] == "blend, argmax"
 
 

@@ -4,7 +4,8 @@ One shape for all stages: the same `--config` (the competition config by default
 override syntax (`--set KEY=VALUE`, plus dedicated flags where they help), `--workers` for
 loader processes and `--jobs` for threads. Parsers live here rather than in the stage
 scripts so that `--help`, and the refusal of a bad config, come before torch, OpenCV and
-optuna are imported: each stage calls `stages.preflight` before its heavy imports.
+optuna are imported: each stage calls `stages.preflight` before its heavy imports. The
+stage table (stages.py) names each command's parser; nothing here lists the commands.
 """
 
 from __future__ import annotations
@@ -338,25 +339,30 @@ def pipeline_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of a command whose only flags are the config's (--config, --data-dir,
+    --out-dir, --set): a stage entry names it with its description (stages.py), so a new
+    stage of that shape needs nothing here."""
+    p = argparse.ArgumentParser(description=description)
+    add_config_arguments(p)
+    return p
+
+
 def refine_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Refine the blend's regions with a second-stage network trained on its "
+    return config_parser(
+        "Refine the blend's regions with a second-stage network trained on its "
         "out-of-fold predictions; writes refine/{oof,test} and refine/refine.json. Whether "
         "the submission uses the refined maps is tune.py's decision, out of sample "
         "(decisions.py): each fold scored by what was fitted without it, the refined maps "
         "used only when their gain over the blend has a paired bootstrap interval above zero."
     )
-    add_config_arguments(p)
-    return p
 
 
 def report_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Build the experiment's score tables, scores.json and report.html from "
+    return config_parser(
+        "Build the experiment's score tables, scores.json and report.html from "
         "its artefacts (the pipeline runs it last; run it alone to rebuild the report)."
     )
-    add_config_arguments(p)
-    return p
 
 
 def compare_parser() -> argparse.ArgumentParser:

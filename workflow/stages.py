@@ -1,12 +1,16 @@
-"""The stages, declared once: what each reads and writes, and what makes its outputs stale.
+"""The commands, declared once: each one's parser and config, and for a stage what it
+reads and writes, what makes its outputs stale and what of the config it checks.
 
-`pipeline.py` runs the entries in order, `stages.preflight` answers every command's
-`--help` and refuses its bad config before torch is imported, and the layout and lint
-tests read the same table. Adding a stage is its script (a module with
-`main(argv) -> int`) and one `Stage` here; the pipeline then runs it when
-the bytes of one of its inputs changed since it last ran (stamps.py), an output is
-missing, or its recorded settings differ from the config's. Entries name their script by
-module, imported only when the stage runs, so `--help` stays fast.
+`pipeline.py` runs the stage entries in order and checks their settings before any fold
+trains, `stages.preflight` answers every command's `--help` and refuses its bad config
+before torch is imported, and the layout test reads the same table (the lint needs no
+list: see pyproject.toml). Adding a stage is its script at the root (a module with
+`main(argv) -> int` that calls `stages.preflight(name)` before its heavy imports) and
+one `Stage` here; its files go in `Layout.stage_dir(name)`, and the pipeline runs it
+when the bytes of one of its inputs changed since it last ran (stamps.py), an output is
+missing, or its recorded settings differ from the config's.
+Entries name their script by module, imported only when the stage runs, and import what
+their checks need only when they run, so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from core.config import (
     resolve_cli_config,
 )
 from core.paths import Layout
-from core.settings import DataSettings, refining
+from core.settings import DataSettings, RefineSettings, refining
 from workflow import cli
 
 if TYPE_CHECKING:
@@ -122,20 +126,32 @@ class Plan:
 
 Paths = Callable[[Plan, str], list[Path]]
 # (the JSON artefact that records the settings, the settings it must record)
-Record = Callable[[Plan, ModuleType, str], tuple[Path, dict[str, Any]]]
+Record = Callable[[Plan, str], tuple[Path, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One command. With `argv` it is a pipeline step, run after training in table order,
+class Command:
+    """A command a user types, `<name>.py` at the root: its parser (light, so that `--help`
+    comes before torch), and `config`, how it resolves its config from its arguments (None:
+    it reads none): the function the command itself calls, so that `preflight` refuses
+    what the command would, and no more."""
+
+    name: str
+    parser: Callable[[], argparse.ArgumentParser]
+    config: Callable[[argparse.Namespace], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Stage(Command):
+    """A stage. With `argv` it is a pipeline step, run after training in table order,
     once per model when `per_model` (the `str` its callables get; "" otherwise). Without
     `outputs` and `inputs` it runs on every pipeline call (it decides for itself what to
     redo); `record` names settings the inputs' bytes cannot show (a changed TTA), each
     shown in the pipeline's lines as `<name>.<key>` unless `shown` names it otherwise (the
-    config key the user sets)."""
+    config key the user sets). `check` raises ConfigError or DataError for what the stage
+    would refuse in the config or the data, so that pipeline.py refuses it before any
+    fold trains rather than after."""
 
-    name: str
-    parser: Callable[[], argparse.ArgumentParser]
     argv: Callable[[Plan, str], list[str]] | None = None
     outputs: Paths | None = None
     inputs: Paths | None = None
@@ -143,12 +159,62 @@ class Stage:
     per_model: bool = False
     enabled: Callable[[Plan], bool] = lambda plan: True
     shown: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    check: Callable[[dict[str, Any]], None] | None = None
 
     def module(self) -> ModuleType:
         return importlib.import_module(self.name)
 
 
-def _predict_record(plan: Plan, _: ModuleType, model: str) -> tuple[Path, dict[str, Any]]:
+def _check_train(cfg: dict[str, Any]) -> None:
+    """The retry policy (each model's recipe is pipeline.py's own check: it trains them)."""
+    from training.recipe import RetryPolicy
+
+    RetryPolicy.from_config(cfg)
+
+
+def _check_predict(cfg: dict[str, Any]) -> None:
+    """The TTA, and every test image readable: a truncated one is named before training."""
+    from data.reader import check_image_file, list_test
+    from models.inference import tta_transforms
+
+    tta_transforms(str((cfg.get("predict") or {}).get("tta", "none")))
+    for sample in list_test(Path(cfg["data_dir"])):
+        check_image_file(sample.image)
+
+
+def _check_decide(cfg: dict[str, Any]) -> None:
+    from chain.decisions import Rule
+
+    Rule.from_config(cfg)
+
+
+def _check_search(section: str) -> Callable[[dict[str, Any]], None]:
+    """An optuna stage's trials and objective, and the rule it decides by."""
+
+    def check(cfg: dict[str, Any]) -> None:
+        from chain.studies import search_settings
+
+        search_settings(cfg, section)
+        _check_decide(cfg)
+
+    return check
+
+
+def _check_refine(cfg: dict[str, Any]) -> None:
+    """The refine: section even when refinement is off: a typo waits for no later switch."""
+    RefineSettings.from_config(cfg)
+    _check_decide(cfg)
+
+
+def _check_report(cfg: dict[str, Any]) -> None:
+    """Unpaired or unreadable test_gt/ files, which only this last stage reads."""
+    from data.reader import check_image_file, list_test_gt
+
+    for sample in list_test_gt(Path(cfg["data_dir"])) or []:
+        check_image_file(sample.mask)
+
+
+def _predict_record(plan: Plan, model: str) -> tuple[Path, dict[str, Any]]:
     from data.probstore import META_FILE
 
     tta = str((plan.cfg.get("predict") or {}).get("tta", "none"))
@@ -185,10 +251,11 @@ def _report_inputs(plan: Plan) -> list[Path]:
 
 STAGES: tuple[Stage, ...] = (
     # pipeline.py trains the folds itself (in parallel, judging and retraining failed ones)
-    Stage("train", cli.train_parser),
+    Stage("train", cli.train_parser, cli.train_config, check=_check_train),
     Stage(
         "predict",
         cli.predict_parser,
+        cli.predict_config,
         argv=lambda plan, model: ["--model", model, *plan.common],
         outputs=lambda plan, model: [plan.layout.store(model, k) for k in ("oof", "test")],
         inputs=lambda plan, model: [
@@ -197,10 +264,12 @@ STAGES: tuple[Stage, ...] = (
         ],
         record=_predict_record,
         per_model=True,
+        check=_check_predict,
     ),
     Stage(
         "ensemble",
         cli.ensemble_parser,
+        resolve_cli_config,
         argv=lambda plan, _: ["--models", *plan.models, *plan.common, *plan.search],
         outputs=lambda plan, _: [
             plan.layout.weights,
@@ -211,7 +280,7 @@ STAGES: tuple[Stage, ...] = (
             *(plan.layout.store(m, kind) for m in plan.models for kind in ("oof", "test")),
             *plan.masks,
         ],
-        record=lambda plan, _, __: (
+        record=lambda plan, _: (
             plan.layout.weights,
             {
                 "models": plan.models,
@@ -220,10 +289,12 @@ STAGES: tuple[Stage, ...] = (
             },
         ),
         shown={"decide": "decide"},
+        check=_check_search("ensemble"),
     ),
     Stage(
         "refine",
         cli.refine_parser,
+        resolve_cli_config,
         argv=lambda plan, _: list(plan.common),
         outputs=lambda plan, _: [
             plan.layout.refine_record,
@@ -236,19 +307,21 @@ STAGES: tuple[Stage, ...] = (
             *plan.images,  # it crops the training and test images
             *plan.masks,
         ],
-        record=lambda plan, module, _: (
+        record=lambda plan, _: (
             plan.layout.refine_record,
             {
-                "settings": dataclasses.asdict(module.RefineSettings.from_config(plan.cfg)),
+                "settings": dataclasses.asdict(RefineSettings.from_config(plan.cfg)),
                 **plan.decide,
             },
         ),
         enabled=lambda plan: plan.refining,
         shown={"settings": "refine", "decide": "decide"},
+        check=_check_refine,
     ),
     Stage(
         "tune",
         cli.tune_parser,
+        resolve_cli_config,
         argv=lambda plan, _: [*plan.common, *plan.search],
         outputs=lambda plan, _: [plan.layout.postprocess],
         inputs=lambda plan, _: [
@@ -256,7 +329,7 @@ STAGES: tuple[Stage, ...] = (
             *([plan.layout.refined("oof")] if plan.refining else []),
             *plan.masks,
         ],
-        record=lambda plan, _, __: (
+        record=lambda plan, _: (
             plan.layout.postprocess,
             {
                 **plan.searched("tune", True),
@@ -265,10 +338,12 @@ STAGES: tuple[Stage, ...] = (
             },
         ),
         shown={"decide": "decide", "sources": "sources (refine.enabled)"},
+        check=_check_search("tune"),
     ),
     Stage(
         "postprocess",
         cli.postprocess_parser,
+        resolve_cli_config,
         argv=lambda plan, _: list(plan.common),
         outputs=lambda plan, _: [plan.layout.submission],
         # the store postprocess.json names, and the test images whose sizes it writes at
@@ -281,24 +356,14 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "report",
         cli.report_parser,
+        resolve_cli_config,
         argv=lambda plan, _: list(plan.common),
         outputs=lambda plan, _: [plan.layout.report, plan.layout.scores],
         inputs=lambda plan, _: _report_inputs(plan),
+        check=_check_report,
     ),
-    Stage("hpo", cli.hpo_parser),
+    Stage("hpo", cli.hpo_parser, cli.hpo_config),
 )
-# Commands that are not stages: they compose or compare them.
-TOOLS: dict[str, Callable[[], argparse.ArgumentParser]] = {
-    "pipeline": cli.pipeline_parser,
-    "compare": cli.compare_parser,
-    "export": cli.export_parser,
-    "infer": cli.infer_parser,
-}
-
-
-def parser(name: str) -> argparse.ArgumentParser:
-    """The command line of stage or tool `name`."""
-    return {**{s.name: s.parser for s in STAGES}, **TOOLS}[name]()
 
 
 def pipeline_configs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -307,17 +372,27 @@ def pipeline_configs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     return cfg, {name: resolve_cli_config(args, model=name) for name in model_names(cfg)}
 
 
-# How each command that reads a config resolves it from its arguments: the function the
-# command itself calls, so that `preflight` refuses what the command would, and no more.
-CONFIGS: dict[str, Callable[[argparse.Namespace], Any]] = {
-    "train": cli.train_config,
-    "predict": cli.predict_config,
-    "hpo": cli.hpo_config,
-    "pipeline": pipeline_configs,
-    **dict.fromkeys(
-        ("ensemble", "refine", "tune", "postprocess", "report", "export"), resolve_cli_config
-    ),
+# Commands that are not stages: they compose or compare them.
+TOOLS: dict[str, Command] = {
+    tool.name: tool
+    for tool in (
+        Command("pipeline", cli.pipeline_parser, pipeline_configs),
+        Command("compare", cli.compare_parser),
+        Command("export", cli.export_parser, resolve_cli_config),
+        Command("infer", cli.infer_parser),
+    )
 }
+
+
+def commands() -> dict[str, Command]:
+    """Every command by name, the stages first. Read from the table at each call, so that
+    a stage added to it (a test's fixture stage) is answered like the others."""
+    return {**{stage.name: stage for stage in STAGES}, **TOOLS}
+
+
+def parser(name: str) -> argparse.ArgumentParser:
+    """The command line of stage or tool `name`."""
+    return commands()[name].parser()
 
 
 def preflight(name: str) -> None:
@@ -326,15 +401,16 @@ def preflight(name: str) -> None:
     checks, which need the model libraries, stay with the command. From here until its
     `main` runs, Ctrl-C is one line too (invocation.quiet_start)."""
     invocation.quiet_start(name)
+    command = commands()[name]
     try:
-        if name in CONFIGS:
+        if command.config is not None:
             # the file and its --set first, so `train.py --set train.epocs=3` names the key
             # even before argparse asks for the command's required flags
             given, _ = _config_flags().parse_known_args()
             apply_overrides(load_config(given.config), given.set)
-        args = parser(name).parse_args()
-        if name in CONFIGS:
-            CONFIGS[name](args)
+        args = command.parser().parse_args()
+        if command.config is not None:
+            command.config(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
