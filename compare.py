@@ -22,6 +22,7 @@ from workflow import stages
 if __name__ == "__main__":
     stages.preflight("compare")
 
+import dataclasses
 import itertools
 import sys
 from collections.abc import Sequence
@@ -31,13 +32,13 @@ from typing import Any
 import numpy as np
 import yaml
 
-from chain.decisions import MIN_N_BOOT, Rule, bootstrap_gain
+from chain.decisions import Rule, bootstrap_gain
 from chain.evaluation import SUBMITTED, TEST_TABLE, format_rows, read_json
 from chain.records import BlendRecord, PostprocessRecord, RefineRecord
 from core import invocation
 from core.config import ConfigError, reports_environment_errors
 from core.paths import Layout
-from core.settings import DataSettings
+from core.settings import MIN_N_BOOT, DataSettings
 from data.reader import DataError
 from training.recipe import flatten
 
@@ -208,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     metric = experiments[0].metric
-    rule = Rule(metric=metric, confidence=args.confidence, n_boot=args.n_boot)
+    rule = dataclasses.replace(
+        Rule.default(), metric=metric, confidence=args.confidence, n_boot=args.n_boot
+    )
     print(format_rows("Experiments", [e.row(experiments[0]) for e in experiments]), end="\n\n")
     title = f"Submitted chains, paired per-image {metric} out of sample (second - first)"
     print(format_rows(title, paired_rows(experiments, rule)))

@@ -64,6 +64,7 @@ from core.config import (
 from core.invocation import command_hint
 from core.metrics import scores_from_stats, stats_in_chunks
 from core.paths import Layout
+from core.settings import ExperimentSettings, layout_of
 from data.cache import load_targets
 from data.probstore import (
     META_FILE,
@@ -292,7 +293,7 @@ def run_ensemble(
     study's trials are exported.
     """
     search = Search(trials, objective, seed, n_jobs)
-    blending = Blending(names, arrays, targets, folds, search, place, rule or Rule())
+    blending = Blending(names, arrays, targets, folds, search, place, rule or Rule.default())
     n = len(names)
     # plain argmax by fold, of each model and of the all-folds blends (in-sample)
     scores = {name: blending.argmax_scores(_one_hot(i, n)) for i, name in enumerate(names)}
@@ -430,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = args.models or stages.model_names(cfg)
         trials, objective = search_settings(cfg, "ensemble", args.trials, args.objective)
         cli.check_jobs(args.jobs)
-        layout = Layout.of(cfg)
+        layout = layout_of(cfg)
         check_predicted(names, layout)
         oof = align_stores([load_probs(layout.store(m, "oof")) for m in names])
         rule = Rule.from_config(cfg)
@@ -451,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             folds,
             trials,
             objective,
-            seed=int(cfg.get("seed", 0)),
+            seed=ExperimentSettings.from_config(cfg).seed,
             n_jobs=args.jobs,
             place=place,
             trials_csv=csv_path,

@@ -65,7 +65,13 @@ from core.config import (
 )
 from core.invocation import command_hint, command_line
 from core.paths import Layout
-from core.settings import DataSettings, TrainSettings
+from core.settings import (
+    DataSettings,
+    ExperimentSettings,
+    PredictSettings,
+    TrainSettings,
+    layout_of,
+)
 from data.atomic import atomic_dir, atomic_write, write_json
 from data.probstore import load_probs
 from data.reader import DataError
@@ -245,7 +251,7 @@ def write_package(
     cfg: dict[str, Any], root: Path, half: bool = False, onnx: bool = False
 ) -> dict[str, Any]:
     """Fill the empty folder `root` with the experiment's package; returns its manifest."""
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     tuned = PostprocessRecord.read(layout.postprocess)
     names, weights = blended_networks(cfg, layout)
     data, train = DataSettings.from_config(cfg), TrainSettings.from_config(cfg)
@@ -288,7 +294,7 @@ def write_package(
         write_bytes(root / REFINERS, layout.refiners.read_bytes())
     chain = Chain(
         img_size=data.img_size,
-        batch_size=int((cfg.get("predict") or {}).get("batch_size", 16)),
+        batch_size=PredictSettings.from_config(cfg).batch_size,
         precision=train.precision,
         channels_last=train.channels_last,
         cpu_threads=train.cpu_threads,
@@ -302,7 +308,7 @@ def write_package(
     write_json(root / CHAIN, chain.to_dict())
     chosen = tuned.chosen
     provenance = {
-        "experiment": cfg["experiment"],
+        "experiment": ExperimentSettings.from_config(cfg).experiment,
         "git": git_hash(),
         "config_hash": config_hash(cfg),
         "split_id": split_id,
@@ -363,7 +369,7 @@ def export(
     """Write the package at `out` (a folder, or a zip for a .zip name); returns its bytes.
     `out` and the chain are checked before anything is written."""
     check_out(out, force)
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     if not layout.submission.is_file():
         raise DataError(
             f"{layout.submission} not found: finish the experiment first: "

@@ -56,9 +56,8 @@ from core.config import (
     setup_logging,
 )
 from core.invocation import command_hint
-from core.paths import Layout
 from core.runtime import Dist, configure_cpu_threads, init_dist
-from core.settings import DataSettings, TrainSettings
+from core.settings import DataSettings, ExperimentSettings, HpoSettings, TrainSettings, layout_of
 from data.atomic import write_text, write_yaml
 from data.foldlog import write_log
 from data.loader import LoaderStalled
@@ -210,7 +209,7 @@ def run_trial(
     tcfg = trial_config(cfg, values)
     train = TrainSettings.from_config(tcfg)
     metric, epochs = train.best_metric, train.epochs
-    out = Layout.of(tcfg).hpo_trial(trial.study.study_name, trial.number)
+    out = layout_of(tcfg).hpo_trial(trial.study.study_name, trial.number)
     out.dir.mkdir(parents=True, exist_ok=True)
     write_yaml(out.config, tcfg)
     configure_cpu_threads(train.cpu_threads)
@@ -263,22 +262,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     dist = init_dist()
     try:
         cfg = cli.hpo_config(args)
-        hcfg = cfg.get("hpo") or {}
-        epochs = studies.count_setting(
-            cfg, "hpo", "epochs", args.epochs, TrainSettings.from_config(cfg).epochs
-        )
-        fold = int(args.fold if args.fold is not None else hcfg.get("fold", 0))
-        trials = studies.trial_count(cfg, "hpo", args.trials, default=20)
+        hp = HpoSettings.from_config(cfg)
+        train_epochs = TrainSettings.from_config(cfg).epochs
+        epochs = studies.flag_count("epochs", args.epochs, hp.epochs or train_epochs)
+        fold = args.fold if args.fold is not None else hp.fold
+        trials = studies.flag_count("trials", args.trials, hp.trials)
         cfg = apply_overrides(cfg, [f"train.epochs={epochs}"])
         check_config(cfg)
         model_entry(cfg, args.model)
         n_folds = DataSettings.from_config(cfg).n_folds
         if not 0 <= fold < n_folds:
             raise ConfigError(f"fold {fold} is not in 0..{n_folds - 1}")
-        space = parse_space(hcfg.get("space"))
+        space = parse_space(hp.space)
         check_space(cfg, space)
-        pruner = build_pruner(hcfg.get("pruner"), epochs)
-        layout = Layout.of(cfg)
+        pruner = build_pruner(hp.pruner, epochs)
+        layout = layout_of(cfg)
         # Creates the experiment's split if it is the first stage to run: trials share it.
         split_id = prepare_train_data(cfg, dist).folds.split_id
         # What shapes a trial's weights is a fold's recipe (recipe.py: model, train, data,
@@ -293,9 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hpo",
             functools.partial(run_trial, cfg, args.model, fold, space, dist),
             trials,
-            int(cfg["seed"]),
+            ExperimentSettings.from_config(cfg).seed,
             place,
-            settings={"space": hcfg["space"], "epochs": epochs},
+            settings={"space": hp.space, "epochs": epochs},
             pruner=pruner,
         )
     except (ConfigError, DataError) as exc:

@@ -59,7 +59,13 @@ from core.config import (
 )
 from core.paths import Layout
 from core.runtime import PARENT_ENV, Dist
-from core.settings import DataSettings, TrainSettings
+from core.settings import (
+    DataSettings,
+    ExperimentSettings,
+    PredictSettings,
+    TrainSettings,
+    layout_of,
+)
 from data.atomic import write_json, write_yaml
 from data.prepare import prepare_train_data
 from data.reader import DataError
@@ -297,7 +303,7 @@ def train_in_parallel(
     """
     import torch
 
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     logs = layout.logs
     logs.mkdir(parents=True, exist_ok=True)
     gpus = visible_gpus(torch.cuda.device_count())
@@ -385,8 +391,8 @@ def print_plan(
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    views = inference.tta_views(str((cfg.get("predict") or {}).get("tta", "none")))
-    layout = Layout.of(cfg)
+    views = inference.tta_views(PredictSettings.from_config(cfg).tta)
+    layout = layout_of(cfg)
     predict = next(stage for stage in stages.STAGES if stage.name == "predict")
     stages_plan = Plan(cfg, layout, list(model_cfgs), [], [])
     stamps = Stamps(layout.stamps)
@@ -448,7 +454,7 @@ def train_models(
     trained}. Each model with folds to train says which and why first (one line)."""
     import torch
 
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     names = list(model_cfgs)
     n_folds = DataSettings.from_config(cfg).n_folds
     # The split is made once, before any fold starts, so no two processes race to write it.
@@ -531,7 +537,7 @@ def run_stages(
     says why (one line: `stage_due`); its time goes to timings.json as it ends, for the
     report.
     """
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     names = list(model_cfgs)
     n_folds = DataSettings.from_config(cfg).n_folds
 
@@ -586,8 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = config_argv(args)
     try:
         cfg, model_cfgs = stages.pipeline_configs(args)
-        if not cfg.get("data_dir"):
-            raise ConfigError("no data dir: give --data-dir or set data_dir in the config")
+        ExperimentSettings.from_config(cfg).data()  # refused now, not after training
         if args.parallel is None:
             import torch
 
@@ -612,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"does not fit: {problem}", file=sys.stderr)
             if args.plan or problems:
                 return 1 if problems else 0
-        layout = Layout.of(cfg)
+        layout = layout_of(cfg)
         with (
             locks.hold(layout.lock, f"experiment {layout.root}"),
             stage_output(layout.pipeline_log, args.verbose, argv),
@@ -626,8 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         {"stage": k, "seconds": "reused" if v is None else f"{v:.1f}"} for k, v in timings.items()
     ]
     print(format_rows("Stages of this call", rows), end="\n\n")
-    print(f"submission: {Layout.of(cfg).submission}")
-    print(f"every stage's own output: {Layout.of(cfg).pipeline_log}")
+    print(f"submission: {layout_of(cfg).submission}")
+    print(f"every stage's own output: {layout_of(cfg).pipeline_log}")
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s")
     # the report's first lines, last here: what a user reads when the run ends
     for warning in scores.get("warnings", []):

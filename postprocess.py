@@ -31,7 +31,7 @@ from core.config import (
     resolve_cli_config,
     setup_logging,
 )
-from core.paths import Layout
+from core.settings import ExperimentSettings, layout_of
 from core.ticker import Ticker
 from data.probstore import ProbMaps, load_probs
 from data.reader import DataError, list_test
@@ -82,10 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = resolve_cli_config(args)
-        layout = Layout.of(cfg)
-        if not cfg.get("data_dir"):
-            raise ConfigError("no data dir: give --data-dir or set data_dir in the config")
-        data_dir = Path(cfg["data_dir"])
+        layout = layout_of(cfg)
+        data_dir = ExperimentSettings.from_config(cfg).data()
         store = load_probs(args.probs or input_store(cfg, "test")[0])
         params = load_params(args.params or layout.postprocess)
         out = layout.submission
@@ -98,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: the submission failed its check; {out} not written", file=sys.stderr)
         return 1
     steps = ", ".join(params.active_steps()) or "plain argmax"
-    message = args.message or f"{cfg['experiment']}: {store.meta.get('model', '?')}, {steps}"
+    message = args.message or f"{layout.root.name}: {store.meta.get('model', '?')}, {steps}"
     print(f"wrote {out} ({len(store)} images; post-processing: {steps})")
     print(f'kaggle competitions submit -c bkai-igh-neopolyp -f {out} -m "{message}"')
     return 0

@@ -41,7 +41,7 @@ from core.config import (
     setup_logging,
 )
 from core.invocation import command_hint
-from core.paths import Layout, RunFiles
+from core.paths import RunFiles
 from core.runtime import (
     Dist,
     Precision,
@@ -50,7 +50,13 @@ from core.runtime import (
     configure_determinism,
     kill_point,
 )
-from core.settings import DataSettings, TrainSettings
+from core.settings import (
+    DataSettings,
+    ExperimentSettings,
+    PredictSettings,
+    TrainSettings,
+    layout_of,
+)
 from core.ticker import Ticker
 from data.augment import transforms_for
 from data.cache import CachedItem, prepare_for_config
@@ -75,7 +81,7 @@ T = TypeVar("T")
 
 
 def trained_folds(cfg: dict[str, Any], model_name: str, n_folds: int) -> list[RunFiles]:
-    runs = [Layout.of(cfg).fold(model_name, k) for k in range(n_folds)]
+    runs = [layout_of(cfg).fold(model_name, k) for k in range(n_folds)]
     missing = [str(run.best) for run in runs if not run.best.is_file()]
     if missing:
         raise ConfigError(
@@ -117,7 +123,7 @@ def reusable_oof(
 
 def prepare_test_items(cfg: dict[str, Any]) -> list[CachedItem]:
     """The test images at working size, through the same cache as the train images."""
-    return prepare_for_config(cfg, list_test(Path(cfg["data_dir"])))
+    return prepare_for_config(cfg, list_test(ExperimentSettings.from_config(cfg).data()))
 
 
 @dataclass
@@ -156,7 +162,7 @@ class Predictor:
     def store(self, kind: str) -> Path:
         """The model's store, or this share's part store when the images are shared."""
         part_id, parts = self.share
-        layout = Layout.of(self.cfg)
+        layout = layout_of(self.cfg)
         if parts == 1:
             return layout.store(self.model_name, kind)
         return layout.store_part(self.model_name, kind, part_id, parts)
@@ -285,7 +291,7 @@ def predict_model(
     folds = data.folds
     runs = trained_folds(cfg, model_name, folds.n_folds)
     # digested before any is read: a fold retrained meanwhile shows as stale, not current
-    checkpoints = lineage.made_from(Layout.of(cfg).root, [run.best for run in runs])
+    checkpoints = lineage.made_from(layout_of(cfg).root, [run.best for run in runs])
     predictor = Predictor(cfg, model_name, tta, batch_size, device, folds.split_id, share)
     test_items = predictor.shared(prepare_test_items(cfg))
     oof_parts: list[ProbMaps] = []
@@ -308,8 +314,8 @@ def merge_parts(cfg: dict[str, Any], model_name: str, parts: int) -> tuple[Path,
     """Join the `parts` shares of a model's stores into its stores: every share present,
     all of one split and TTA, every train and test image exactly once, in the order an
     unsharded run writes them."""
-    layout = Layout.of(cfg)
-    data_dir = Path(cfg["data_dir"])
+    layout = layout_of(cfg)
+    data_dir = ExperimentSettings.from_config(cfg).data()
     expected = {
         "oof": sorted(s.id for s in list_train(data_dir)),
         "test": [s.id for s in list_test(data_dir)],
@@ -393,15 +399,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         train = TrainSettings.from_config(cfg)
         configure_cpu_threads(train.cpu_threads)
         configure_determinism(train.deterministic, device)
-        pcfg = cfg.get("predict") or {}
+        predict = PredictSettings.from_config(cfg)
         if share is None:
             oof, test = merge_parts(cfg, args.model, args.merge_parts)
         else:
             oof, test = predict_model(
                 cfg,
                 args.model,
-                str(pcfg.get("tta", "none")),
-                int(pcfg.get("batch_size", 16)),
+                predict.tta,
+                predict.batch_size,
                 device,
                 share,
             )

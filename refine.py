@@ -76,9 +76,8 @@ from core.config import (
 )
 from core.invocation import command_hint
 from core.metrics import class_stats
-from core.paths import Layout
 from core.runtime import derive_seed
-from core.settings import RefineSettings
+from core.settings import ExperimentSettings, RefineSettings, layout_of
 from core.ticker import Ticker
 from data.cache import load_item, prepare_for_config, train_items
 from data.probstore import ProbMaps, check_compatible, load_probs, save_probs
@@ -255,7 +254,7 @@ def refine_oof(
     sample; the decisions compare them with the blend (and the refined mask with the
     first stage's) after the rule's lens, by `decisions.choose`.
     """
-    rule = rule or Rule()
+    rule = rule or Rule.default()
     start = time.perf_counter()
     models, per_fold, data, classes, polyp = cross_refine(
         ids, images, probs, targets, folds, settings, seed
@@ -346,7 +345,7 @@ def _images(items: Sequence[Any]) -> list[np.ndarray]:
 
 def load_test_images(cfg: dict[str, Any], store: ProbMaps) -> list[np.ndarray]:
     """The test images of a store, in its order, at its working size (from the cache)."""
-    samples = {s.id: s for s in list_test(Path(cfg["data_dir"]))}
+    samples = {s.id: s for s in list_test(ExperimentSettings.from_config(cfg).data())}
     missing = [i for i in store.ids if i not in samples]
     if missing:
         raise DataError(f"{store.where}: {len(missing)} ids are no test image, e.g. {missing[0]}")
@@ -356,7 +355,7 @@ def load_test_images(cfg: dict[str, Any], store: ProbMaps) -> list[np.ndarray]:
 def run(cfg: dict[str, Any]) -> RefineRecord:
     """The stage: refine the blend's OOF and test maps, decide, write stores and refine.json."""
     settings = RefineSettings.from_config(cfg)
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     inputs = lineage.made_from(layout.root, [layout.blend("oof"), layout.blend("test")])
     oof = load_probs(layout.blend("oof"))
     test = load_probs(layout.blend("test"))
@@ -373,7 +372,7 @@ def run(cfg: dict[str, Any]) -> RefineRecord:
             targets,
             folds,
             settings,
-            int(cfg.get("seed", 0)),
+            ExperimentSettings.from_config(cfg).seed,
             Rule.from_config(cfg),
         )
         refined_test = refine_test(
@@ -439,14 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = resolve_cli_config(args)
-        if not cfg.get("data_dir"):
-            raise ConfigError("no data dir: give --data-dir or set data_dir in the config")
+        ExperimentSettings.from_config(cfg).data()  # refused before the maps are read
         doc = run(cfg)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(doc))
-    print(f"wrote {Layout.of(cfg).refine_record.parent} in {doc.seconds:.0f} s")
+    print(f"wrote {layout_of(cfg).refine_record.parent} in {doc.seconds:.0f} s")
     return 0
 
 

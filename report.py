@@ -20,7 +20,6 @@ if __name__ == "__main__":
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,8 +48,7 @@ from core.config import (
 )
 from core.invocation import command_line
 from core.metrics import beats_nothing, class_stats, nothing_stats, scores_from_stats
-from core.paths import Layout
-from core.settings import DataSettings, refining
+from core.settings import DataSettings, ExperimentSettings, layout_of, refining
 from data.atomic import write_json
 from data.cache import load_item, train_items
 from data.foldlog import failed_attempts
@@ -81,13 +79,13 @@ def refine_record(cfg: dict[str, Any]) -> RefineRecord | None:
     """refine.py's `refine.json` when the config enables refinement, else None."""
     if not refining(cfg):
         return None
-    return RefineRecord.read(Layout.of(cfg).refine_record)
+    return RefineRecord.read(layout_of(cfg).refine_record)
 
 
 def refine_cases(cfg: dict[str, Any], record: RefineRecord) -> list[Case]:
     """The regions the refiner changed most, in their windows: blend and refined argmax,
     with each whole image's competition score before and after."""
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     rows = record.most_changed
     if not rows:
         return []
@@ -111,7 +109,7 @@ def refine_cases(cfg: dict[str, Any], record: RefineRecord) -> list[Case]:
 def build(cfg: dict[str, Any]) -> dict[str, Any]:
     """Score tables (decisions and OOF always, test when test_gt exists), the report and
     scores.json, from the experiment's artefacts alone."""
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     names = model_names(cfg)
     blend = BlendRecord.read(layout.weights)
     tuned = PostprocessRecord.read(layout.postprocess)
@@ -135,7 +133,7 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
     notes = [f"Submitted chain: {decision_note(records)}."]
     oof_nothing = scores_from_stats(nothing_stats([c.target for c in cases]))["competition"]
     warnings = chain_warnings(tuned, oof_nothing)
-    data_dir = Path(cfg["data_dir"])
+    data_dir = ExperimentSettings.from_config(cfg).data()
     if list_test_gt(data_dir):
         rows, verdict = test_rows(cfg, names, blend, tuned)
         tables.append((TEST_TABLE, rows))
@@ -168,7 +166,9 @@ def build(cfg: dict[str, Any]) -> dict[str, Any]:
         refined=refine_cases(cfg, refined) if refined is not None else [],
         source=source_name,
     )
-    report = write_report(layout.report, f"neopolyp: {cfg['experiment']}", inputs)
+    report = write_report(
+        layout.report, f"neopolyp: {ExperimentSettings.from_config(cfg).experiment}", inputs
+    )
     write_json(
         layout.scores,
         {"tables": {t: rows for t, rows in tables}, "warnings": warnings, "notes": notes},
@@ -184,7 +184,7 @@ def fold_warnings(cfg: dict[str, Any], names: Sequence[str]) -> list[str]:
     """One line per fold that was retrained after failing (its `retries.json`), and one per
     fold that stands failed now (engine.judge_fold, as train.py judged it), with why and,
     for a fold kept because retraining could not help, what to change."""
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     lines = []
     for name in names:
         model_cfg = model_config(cfg, name)

@@ -43,7 +43,7 @@ from core.config import (
     reports_environment_errors,
     setup_logging,
 )
-from core.paths import Layout, RunFiles
+from core.paths import RunFiles
 from core.runtime import (
     Dist,
     configure_cpu_threads,
@@ -52,7 +52,7 @@ from core.runtime import (
     init_dist,
     kill_point,
 )
-from core.settings import DataSettings, TrainSettings
+from core.settings import DataSettings, ExperimentSettings, TrainSettings, layout_of
 from data.atomic import save_torch, write_yaml
 from data.augment import transforms_for
 from data.cache import CachedItem
@@ -129,7 +129,7 @@ class FoldRun:
 
     @property
     def out(self) -> RunFiles:
-        return Layout.of(self.cfg).fold(self.model_name, self.fold)
+        return layout_of(self.cfg).fold(self.model_name, self.fold)
 
 
 def _resume(
@@ -210,7 +210,13 @@ def retry_attempt(run: FoldRun) -> tuple[FoldRun, int]:
     cfg = RetryPolicy.from_config(run.cfg).remedy(run.cfg, attempt)
     if attempt:
         lr = TrainSettings.from_config(cfg).lr
-        log.info("%s: attempt %d, seed %s, lr %g", run.name, attempt, cfg["seed"], lr)
+        log.info(
+            "%s: attempt %d, seed %s, lr %g",
+            run.name,
+            attempt,
+            ExperimentSettings.from_config(cfg).seed,
+            lr,
+        )
     return replace(run, cfg=cfg), attempt
 
 
@@ -360,7 +366,7 @@ def train_fold_retrying(
     One that retraining cannot help (Verdict.retrain false) is kept, with a warning."""
     policy = RetryPolicy.from_config(run.cfg)
     cfg, name, dist = run.cfg, run.name, run.dist
-    lock = Layout.of(cfg).fold_lock(run.model_name, run.fold)
+    lock = layout_of(cfg).fold_lock(run.model_name, run.fold)
     # rank 0 holds it for the whole DDP group: the other ranks follow its barriers
     with locks.hold(lock, name) if dist.is_main else nullcontext():
         while True:

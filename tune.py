@@ -57,7 +57,7 @@ from core.config import (
 from core.invocation import command_hint
 from core.metrics import scores_from_stats
 from core.paths import Layout
-from core.settings import refining
+from core.settings import ExperimentSettings, layout_of, refining
 from data.cache import load_targets
 from data.probstore import META_FILE, ProbMaps, load_probs
 from data.reader import DataError
@@ -299,7 +299,7 @@ def tune(
     already does part of its work. `trials_csv`: where the chosen source's all-folds
     study's trials are exported.
     """
-    rule = rule or Rule()
+    rule = rule or Rule.default()
     how = Search(trials, objective, seed, n_jobs)
     options, source_of = [], {}
     for level, src in enumerate(sources):
@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = resolve_cli_config(args)
         trials, objective = search_settings(cfg, "tune", args.trials, args.objective)
         cli.check_jobs(args.jobs)
-        layout = Layout.of(cfg)
+        layout = layout_of(cfg)
         sources, ids, folds, blend = load_sources(cfg, args, layout)
         stores = {"blend": layout.blend("oof"), "refined": layout.refined("oof")}
         inputs = lineage.made_from(layout.root, [stores[s.name] for s in sources])
@@ -410,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             folds,
             trials,
             objective,
-            seed=int(cfg.get("seed", 0)),
+            seed=ExperimentSettings.from_config(cfg).seed,
             n_jobs=args.jobs,
             trials_csv=layout.postprocess_trials,
             rule=Rule.from_config(cfg),

@@ -43,9 +43,8 @@ import torch
 
 from bench.train_throughput import images_per_second, random_batch, time_plain, time_train_py
 from core.config import apply_overrides, load_config, model_entry
-from core.paths import Layout
 from core.runtime import Dist, configure_cpu_threads
-from core.settings import TrainSettings
+from core.settings import TrainSettings, layout_of
 from data.atomic import write_json
 from data.foldlog import read_log
 from data.synthetic import generate
@@ -453,7 +452,7 @@ def section_train_fold(data_dir: str, work: Path, dist: Dist, settings: Settings
     ]
     record = run_monitored(cmd, settings.fold_timeout_s, work / "train.log", dist)
     fold_cfg = load_config(ROOT / FOLD_CONFIG, [f"out_dir={out}"])
-    epochs = read_log(Layout.of(fold_cfg).fold(FOLD_MODEL, 0).log)
+    epochs = read_log(layout_of(fold_cfg).fold(FOLD_MODEL, 0).log)
     # The last epoch's rate: the first one pays for starting the loader workers.
     record["images_per_s"] = epochs[-1]["images_per_s"] if epochs else None
     record["images_per_s_epochs"] = [e["images_per_s"] for e in epochs]

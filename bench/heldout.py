@@ -42,6 +42,7 @@ from chain.evaluation import (
     submission_gain,
 )
 from core.paths import Layout
+from core.settings import ExperimentSettings
 from data.reader import DataError
 from data.synthetic import generate
 
@@ -79,12 +80,12 @@ def score_copy(run: Path, heldout: Path, work: Path, parallel: int) -> Path:
     the copy's experiment folder."""
     config = Layout.at(run).config
     cfg = yaml.safe_load(config.read_text())
-    out_root = Path(cfg["out_dir"])
+    out_root = ExperimentSettings.from_config(cfg).out_dir
     tag = work_tag(run)
     copy = work / f"out_{tag}"
     if not copy.exists():
         shutil.copytree(out_root, copy, symlinks=True)
-    data = data_folder(Path(cfg["data_dir"]), heldout, work / f"data_{tag}")
+    data = data_folder(ExperimentSettings.from_config(cfg).data(), heldout, work / f"data_{tag}")
     log = work / f"{copy.name}.log"
     cmd = [
         sys.executable,
@@ -102,7 +103,7 @@ def score_copy(run: Path, heldout: Path, work: Path, parallel: int) -> Path:
         done = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
     if done.returncode:
         raise SystemExit(f"pipeline.py failed on the copy of {run}; see {log}")
-    return Layout.at(copy / cfg["experiment"]).root
+    return Layout.at(copy / ExperimentSettings.from_config(cfg).experiment).root
 
 
 def summary_row(label: str, exp: Path) -> str:

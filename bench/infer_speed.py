@@ -35,9 +35,9 @@ from bench.report import update_section
 from chain.package import Chain
 from chain.refinement import load_refiners, portable_numerics, refine_test
 from core.config import load_config
-from core.paths import InferFiles, Layout
+from core.paths import InferFiles
 from core.runtime import choose_precision, configure_cpu_threads
-from core.settings import DataSettings, RefineSettings, TrainSettings
+from core.settings import DataSettings, ExperimentSettings, RefineSettings, TrainSettings, layout_of
 from data.augment import transforms_for
 from data.cache import load_item, prepare_for_config
 from data.dataset import SegDataset
@@ -80,9 +80,9 @@ def build_experiment(work: Path, n_train: int, n_test: int) -> tuple[dict[str, A
 
 def pipeline_path(cfg: dict[str, Any], chain: Chain, out: Path, cache: Path) -> int:
     """The stages' test path from a cold cache; returns the images written."""
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     cold = {**cfg, "out_dir": str(cache)}  # Layout.cache of a fresh folder
-    items = prepare_for_config(cold, list_test(Path(cfg["data_dir"])))
+    items = prepare_for_config(cold, list_test(ExperimentSettings.from_config(cfg).data()))
     settings, train = DataSettings.from_config(cfg), TrainSettings.from_config(cfg)
     precision = choose_precision(CPU, train.precision, train.channels_last)
     loader = config_loader(
@@ -111,7 +111,9 @@ def pipeline_path(cfg: dict[str, Any], chain: Chain, out: Path, cache: Path) -> 
             models = load_refiners(layout.refiners)
             maps = refine_test(models, ids, images, maps, refine, chain.refiner["use_mask"])
     store = ProbMaps(ids, [it.orig_size for it in items], {}, maps)
-    problems = make_submission(store, chain.postprocess, Path(cfg["data_dir"]), out)
+    problems = make_submission(
+        store, chain.postprocess, ExperimentSettings.from_config(cfg).data(), out
+    )
     if problems:
         raise SystemExit(f"the pipeline path wrote a bad submission: {problems[:3]}")
     return len(items)
@@ -136,7 +138,7 @@ def main() -> None:
         no_tta = dataclasses.replace(
             chain, networks=[dataclasses.replace(n, tta="none") for n in chain.networks]
         )
-        images = list_image_tree(Path(cfg["data_dir"]) / "test")
+        images = list_image_tree(ExperimentSettings.from_config(cfg).data() / "test")
         rows = []
         for label, tta_chain in (("TTA " + chain.networks[0].tta, chain), ("no TTA", no_tta)):
             out = work / f"pipeline-{len(rows)}"

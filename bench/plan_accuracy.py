@@ -19,7 +19,7 @@ import json
 import torch
 
 from core.config import load_config, model_config
-from core.paths import Layout
+from core.settings import PredictSettings, layout_of
 from models import inference
 from workflow import planning
 from workflow.stages import model_names
@@ -34,9 +34,9 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.config, [f"data_dir={args.data_dir}", f"out_dir={args.out_dir}"])
     model_cfgs = {n: model_config(cfg, n) for n in model_names(cfg)}
-    views = inference.tta_views(str((cfg.get("predict") or {}).get("tta", "none")))
+    views = inference.tta_views(PredictSettings.from_config(cfg).tta)
     plan = planning.plan_run(cfg, model_cfgs, views, args.parallel, torch.device("cpu"))
-    recorded = json.loads(Layout.of(cfg).timings.read_text())
+    recorded = json.loads(layout_of(cfg).timings.read_text())
     train = recorded.get("train (parallel)") or sum(
         v for k, v in recorded.items() if k.startswith("train ")
     )

@@ -37,19 +37,15 @@ import numpy as np
 from joblib import effective_n_jobs
 
 from chain.postprocessing import PostprocessParams, postprocess
-from core.config import ConfigError, settings_from
-from core.metrics import OBJECTIVES, scores_from_stats, stats_in_chunks
+from core.metrics import scores_from_stats, stats_in_chunks
+from core.settings import LENS_NAMES, DecideSettings
 
 P = TypeVar("P")
 
 # What a map is judged after (Rule.lens).
-LENSES = {
-    "argmax": PostprocessParams(),
-    "region": PostprocessParams(region_mode="prob"),
-}
-ADJUSTMENTS = ("bonferroni", "none")
-# Fewer resamples put the interval's ends (the 5th and 95th percentiles) on a handful of draws.
-MIN_N_BOOT = 100
+LENSES = dict(
+    zip(LENS_NAMES, (PostprocessParams(), PostprocessParams(region_mode="prob")), strict=True)
+)
 SCORE_KEYS = (
     "competition",
     "competition_neo",
@@ -61,31 +57,8 @@ SCORE_KEYS = (
 
 
 @dataclass(frozen=True)
-class Rule:
-    """How a decision is made: the metric, the lens, and the bootstrap that measures noise."""
-
-    metric: str = "competition"
-    lens: str = "region"
-    confidence: float = 0.9  # two-sided level of the gain's interval
-    n_boot: int = 2000
-    seed: int = 0
-    adjust: str = "bonferroni"  # for picking a level's best of m: or "none"
-
-    def __post_init__(self) -> None:
-        if self.metric not in OBJECTIVES:
-            raise ConfigError(f"decide.metric must be one of {OBJECTIVES}, got {self.metric!r}")
-        if self.lens not in LENSES:
-            raise ConfigError(f"decide.lens must be one of {tuple(LENSES)}, got {self.lens!r}")
-        if not 0.0 < self.confidence < 1.0:
-            raise ConfigError(f"decide.confidence must be in (0, 1), got {self.confidence}")
-        if self.adjust not in ADJUSTMENTS:
-            raise ConfigError(f"decide.adjust must be one of {ADJUSTMENTS}, got {self.adjust!r}")
-        if self.n_boot < MIN_N_BOOT:
-            raise ConfigError(f"decide.n_boot must be at least {MIN_N_BOOT}, got {self.n_boot}")
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> Rule:
-        return settings_from(cls, cfg.get("decide"), "decide")
+class Rule(DecideSettings):
+    """How a decision is made: the config's `decide:` section, and what it judges after."""
 
     @property
     def params(self) -> PostprocessParams:

@@ -24,8 +24,7 @@ from chain.postprocessing import PostprocessParams, class_maps
 from chain.records import BlendRecord, Decision, PostprocessRecord, RefineRecord, input_store
 from core.invocation import command_hint
 from core.metrics import class_stats, nothing_stats, scores_from_stats
-from core.paths import Layout
-from core.settings import DataSettings, refining
+from core.settings import DataSettings, ExperimentSettings, layout_of, refining
 from data.probstore import ProbMaps, align_stores, blend, load_probs
 from data.reader import DataError, MaskThresholds, list_test_gt, load_mask
 
@@ -170,7 +169,7 @@ def submission_gain(row: Mapping[str, Any]) -> tuple[float, float, float] | None
 
 def test_truth(cfg: dict[str, Any], ids: Sequence[str]) -> dict[str, np.ndarray]:
     """The test masks at original size, by id; DataError when one is missing."""
-    data_dir = Path(cfg["data_dir"])
+    data_dir = ExperimentSettings.from_config(cfg).data()
     samples = {s.id: s for s in list_test_gt(data_dir) or []}
     missing = [i for i in ids if i not in samples]
     if missing:
@@ -194,7 +193,7 @@ def test_rows(
     images is more than one image's luck (on the seed-0 demo one small polyp given the
     wrong class was the whole of a 0.019 gap).
     """
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     submitted = tuned.params
     variants = {
         "argmax": PostprocessParams(),

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, TypeVar
 from chain import lineage
 from chain.postprocessing import PostprocessParams
 from core.invocation import command_hint
-from core.paths import Layout
+from core.settings import layout_of
 from data.atomic import write_json
 from data.reader import DataError
 
@@ -477,7 +477,7 @@ def input_store(cfg: dict[str, Any], kind: str) -> tuple[Path, str]:
     one place that decides, so the tuned parameters and the submission never read
     different stores. Before tune.py has run, the blend.
     """
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     path = layout.postprocess
     if not path.is_file():
         return layout.blend(kind), f"no {path.name} yet (make it: {command_hint('tune')})"

@@ -39,6 +39,7 @@ from core.metrics import (
     nothing_stats,
     scores_from_stats,
 )
+from core.settings import ExperimentSettings
 from data.atomic import write_text
 from data.foldlog import read_log
 from data.reader import load_image
@@ -505,12 +506,12 @@ def provenance_html(inputs: ReportInputs) -> str:
     """What made these numbers: code, config, split, data, time."""
     made = inputs.tuned.provenance.get("git")
     items = {
-        "experiment": inputs.cfg.get("experiment"),
+        "experiment": ExperimentSettings.from_config(inputs.cfg).experiment,
         "git": git_hash() or "unknown",
         "artefacts made at git": made or "unknown",
         "config hash": config_hash(inputs.cfg),
         "split id": inputs.blend.split_id or "unknown",
-        "data": inputs.cfg.get("data_dir"),
+        "data": ExperimentSettings.from_config(inputs.cfg).data_dir,
         "report written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     text = " · ".join(f"{k} <code>{html.escape(str(v))}</code>" for k, v in items.items())

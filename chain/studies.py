@@ -90,6 +90,7 @@ from core.invocation import finished, stage_hint
 from core.metrics import OBJECTIVES
 from core.paths import Layout
 from core.runtime import kill_point
+from core.settings import search_section
 from core.ticker import Ticker
 from data.atomic import atomic_write
 
@@ -128,40 +129,27 @@ class StorageFailed(StudyError):
 # ---------------------------------------------------------------- settings shared by the stages
 
 
-def trial_count(
-    cfg: dict[str, Any], section: str, trials: int | None = None, default: int = 100
-) -> int:
-    """The trial count from `--trials`, else `<section>.trials`, else `default`: the one
-    place every optuna stage and the pipeline's preflight read it (see `count_setting`)."""
-    return count_setting(cfg, section, "trials", trials, default)
-
-
-def count_setting(
-    cfg: dict[str, Any], section: str, name: str, flag: int | None, default: int
-) -> int:
-    """`--<name>` if given, else `<section>.<name>` unless null, else `default`; refused by
-    the name the user wrote it under unless a whole number of at least 1 (a flag of 0 used
-    to fall back to the config, and a negative count to end in a traceback or in an error
-    naming another key)."""
-    if flag is not None:
-        value, key = flag, f"--{name}"
-    else:
-        value, key = (cfg.get(section) or {}).get(name), f"{section}.{name}"
-        if value is None:
-            return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a whole number of at least 1, got {value!r}")
-    return value
+def flag_count(name: str, flag: int | None, configured: int) -> int:
+    """`--<name>` if given, else the configured count (its section's class checked it);
+    a flag is refused by its name unless a whole number of at least 1 (a flag of 0 used to
+    fall back to the config, and a negative count to end in a traceback)."""
+    if flag is None:
+        return configured
+    if isinstance(flag, bool) or not isinstance(flag, int) or flag < 1:
+        raise ConfigError(f"--{name} must be a whole number of at least 1, got {flag!r}")
+    return flag
 
 
 def search_settings(
     cfg: dict[str, Any], section: str, trials: int | None = None, objective: str | None = None
 ) -> tuple[int, str]:
-    """(trials, objective) from the flags, else the config's `section`, else defaults."""
-    objective = objective or (cfg.get(section) or {}).get("objective", "competition")
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"{section}.objective must be one of {OBJECTIVES}, got {objective!r}")
-    return trial_count(cfg, section, trials), objective
+    """(trials, objective) of optuna stage `section` (ensemble, tune): the flags, else the
+    config's section; the one place every optuna stage and the pipeline's preflight read
+    them."""
+    settings = search_section(section).from_config(cfg)
+    if objective is not None and objective not in OBJECTIVES:
+        raise ConfigError(f"--objective must be one of {OBJECTIVES}, got {objective!r}")
+    return flag_count("trials", trials, settings.trials), objective or settings.objective
 
 
 @dataclass(frozen=True)

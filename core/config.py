@@ -411,6 +411,32 @@ def model_entry(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return entry
 
 
+def recipe_sections(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """The sections, as written, that shape the weights of a fold of model `name`: what
+    recipe.fold_recipe flattens into the fold's identity. Raw, not typed: a key the user
+    sets is part of the identity exactly as it is written."""
+    return {
+        "model": model_entry(cfg, name),
+        "train": cfg.get("train") or {},
+        "data": cfg.get("data") or {},
+        "seed": cfg.get("seed"),
+    }
+
+
+def replaced(cfg: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `cfg` with each dotted key set to its value: a config the code derives
+    (a retrained fold's seed and learning rate), unlike `apply_overrides`, which parses
+    and checks what a user typed."""
+    out = copy.deepcopy(cfg)
+    for dotted, value in values.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
 def encoder_file(pretrained_dir: str | Path, name: str) -> Path:
     """Where `python -m models.weights` writes, and an offline run reads, model `name`'s
     ImageNet encoder."""

@@ -32,7 +32,6 @@ import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -123,11 +122,6 @@ class Layout:
 
     root: Path
     out_dir: Path
-
-    @classmethod
-    def of(cls, cfg: dict[str, Any]) -> Layout:
-        out_dir = Path(cfg["out_dir"])
-        return cls(out_dir / str(cfg["experiment"]), out_dir)
 
     @classmethod
     def at(cls, root: Path) -> Layout:

@@ -97,21 +97,21 @@ def _build(name: str, cls: type[A.BasicTransform], args: dict[str, Any]) -> A.Ba
             raise ConfigError(f"augment.{name} ({cls.__name__}): {exc}") from exc
 
 
-def build_transforms(size: tuple[int, int], train: bool, **augment_cfg: Any) -> A.Compose:
+def build_transforms(size: tuple[int, int], train: bool, **augment: Any) -> A.Compose:
     """The transform for training (`train=True`) or evaluation, ending at `size` (H, W).
 
     The final resize is a no-op when the input already has the working size (the cache
     stores images at that size); otherwise images are shrunk with INTER_AREA.
     """
-    extra = {name: _library_transform(name) for name in augment_cfg if name not in RECIPE}
+    extra = {name: _library_transform(name) for name in augment if name not in RECIPE}
     steps = []
     if train:
         for name, (cls, defaults) in RECIPE.items():
-            args = _step_args(name, augment_cfg.get(name, True), defaults)
+            args = _step_args(name, augment.get(name, True), defaults)
             if args is not None:
                 steps.append(_build(name, cls, args))
         for name, cls in extra.items():
-            args = _step_args(name, augment_cfg[name], {})
+            args = _step_args(name, augment[name], {})
             if args is not None:
                 steps.append(_build(name, cls, args))
     height, width = size

@@ -29,8 +29,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from core.paths import Layout
-from core.settings import DataSettings
+from core.settings import DataSettings, ExperimentSettings, layout_of
 from core.ticker import Ticker
 from data.atomic import atomic_write, write_json
 from data.reader import (
@@ -301,7 +300,7 @@ def prepare_for_config(
     return prepare(
         samples,
         size=tuple(size or data.img_size),
-        cache_dir=Layout.of(cfg).cache,
+        cache_dir=layout_of(cfg).cache,
         thresholds=MaskThresholds.from_mapping(data.mask),
         workers=max(1, data.num_workers),
     )
@@ -311,7 +310,7 @@ def train_items(
     cfg: dict[str, Any], ids: Sequence[str], size: Sequence[int] | None = None
 ) -> list[CachedItem]:
     """The cached training items of `ids`, in that order (e.g. an OOF store's order)."""
-    samples = {s.id: s for s in list_train(Path(cfg["data_dir"]))}
+    samples = {s.id: s for s in list_train(ExperimentSettings.from_config(cfg).data())}
     missing = [i for i in ids if i not in samples]
     if missing:
         raise DataError(f"{len(missing)} ids have no training image, e.g. {missing[0]}")

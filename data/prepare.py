@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.paths import Layout
 from core.runtime import Dist
-from core.settings import DataSettings
+from core.settings import DataSettings, ExperimentSettings, layout_of
 from data.cache import CachedItem, check_masks, prepare_for_config
 from data.folds import Folds, load_or_make_folds
 from data.reader import Sample, list_train
@@ -77,7 +76,7 @@ def prepare_train_data(cfg: dict[str, Any], dist: Dist) -> TrainData:
     `data.fold_seed`, not by the training seed, so a second seed of a model trains on the
     same folds as the first.
     """
-    data_dir = Path(cfg["data_dir"])
+    data_dir = ExperimentSettings.from_config(cfg).data()
     samples = list_train(data_dir)
     settings = DataSettings.from_config(cfg)
 
@@ -85,7 +84,7 @@ def prepare_train_data(cfg: dict[str, Any], dist: Dist) -> TrainData:
         items = prepare_for_config(cfg, samples)
         check_masks(items, {s.id: s.mask for s in samples}, settings)
         folds = load_or_make_folds(
-            Layout.of(cfg).folds,
+            layout_of(cfg).folds,
             {it.id: it.classes for it in items},
             settings.n_folds,
             settings.fold_seed,

@@ -27,6 +27,7 @@ from core.config import (
     model_entry,
     reports_environment_errors,
 )
+from core.settings import config_models
 from models.inference import NUM_CLASSES
 from models.pretrained import export_encoder
 from models.registry import build_model
@@ -36,7 +37,7 @@ def imagenet_models(cfg: dict) -> list[str]:
     """The config's models whose encoder starts from ImageNet weights."""
     return [
         name
-        for name in cfg.get("models") or {}
+        for name in config_models(cfg)
         if str(model_entry(cfg, name).get("pretrained")).lower() == "imagenet"
     ]
 

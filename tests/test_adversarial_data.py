@@ -24,8 +24,8 @@ import compare
 import pipeline
 import train
 from chain.stamps import digest
-from core.paths import Layout
 from core.runtime import Dist
+from core.settings import layout_of
 from data.cache import prepare
 from data.check import check_dataset
 from data.prepare import prepare_train_data
@@ -189,7 +189,7 @@ def test_the_stages_that_score_oof_maps_follow_the_training_masks(finished, tmp_
     their inputs' digest even where no map changed; predict's does not move."""
     data = Path(shutil.copytree(finished / "data", tmp_path / "data"))
     cfg = yaml.safe_load(_config(tmp_path, data).read_text())
-    layout = Layout.of({**cfg, "out_dir": str(finished / "out")})
+    layout = layout_of({**cfg, "out_dir": str(finished / "out")})
     stages = {s.name: s for s in STAGES}
 
     def digests() -> dict[str, str]:
@@ -216,7 +216,7 @@ def test_train_py_by_hand_retrains_a_fold_on_changed_data_and_never_resumes_it(
     argv = ["--config", str(config), "--model", "tiny", "--fold", "0"]
     assert train.main(argv) == 0
     cfg = yaml.safe_load(config.read_text())
-    run = Layout.of(cfg).fold("tiny", 0)
+    run = layout_of(cfg).fold("tiny", 0)
     data = prepare_train_data(cfg, CPU)
     trained = data.folds.train_ids(0)[0]
     mask = data.samples[trained].mask

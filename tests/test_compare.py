@@ -75,7 +75,7 @@ def test_compare_prints_the_experiments_and_paired_intervals(tmp_path, capsys):
     assert "real" in pairs["b - a"] and "within the noise" in pairs["c - a"]
     assert "not comparable: different images" in pairs["d - a"]
     # the printed interval is the paired bootstrap of the two chains' per-image stats
-    g = bootstrap_gain(per_image_stats(base), per_image_stats(noisy), Rule())
+    g = bootstrap_gain(per_image_stats(base), per_image_stats(noisy), Rule.default())
     assert f"[{g['low']:+.4f}, {g['high']:+.4f}]" in pairs["c - a"]
 
 

@@ -79,7 +79,7 @@ def test_an_option_with_nothing_to_fit_keeps_its_parameters_and_has_one_score():
 
 
 def test_decide_is_choose_over_the_judged_options_and_hands_back_the_chosen_parameters():
-    rule = Rule(n_boot=200)
+    rule = Rule.default(n_boot=200)
 
     def stats(p: float, rows: np.ndarray) -> np.ndarray:
         return stats_of([p] * len(rows))
@@ -106,7 +106,7 @@ def test_decide_refuses_two_options_of_one_name():
         return stats_of([p] * len(rows))
 
     with pytest.raises(ValueError, match="distinct names"):
-        decide([Option("a", stats, 0.5), Option("a", stats, 0.6)], FOLDS, Rule(n_boot=100))
+        decide([Option("a", stats, 0.5), Option("a", stats, 0.6)], FOLDS, Rule.default(n_boot=100))
 
 
 def test_ensemble_blends_the_config_models_in_the_pipelines_order(tiny_data, tmp_path, capsys):

@@ -61,7 +61,7 @@ def test_cross_fit_scores_each_image_with_parameters_that_never_saw_it():
 
 
 def test_bootstrap_gain_is_zero_for_equal_systems_and_clear_for_a_consistent_winner():
-    rule = Rule(n_boot=500)
+    rule = Rule.default(n_boot=500)
     a = stats_of(list(np.linspace(0.5, 1.0, 40)))
     same = bootstrap_gain(a, a, rule)
     assert same == {"gain": 0.0, "low": 0.0, "high": 0.0}
@@ -78,7 +78,7 @@ def test_bootstrap_gain_is_zero_for_equal_systems_and_clear_for_a_consistent_win
 
 
 def test_choose_keeps_the_complex_candidate_only_when_it_clearly_wins():
-    rule = Rule(n_boot=500)
+    rule = Rule.default(n_boot=500)
     base = list(np.linspace(0.5, 0.9, 30))
     equal = Candidate("equal", stats_of(base))
     weaker = Candidate("best single", stats_of([b - 0.05 for b in base]))
@@ -117,7 +117,7 @@ def test_choose_keeps_the_complex_candidate_only_when_it_clearly_wins():
 
 
 def test_each_level_must_beat_the_choice_below_it():
-    rule = Rule(n_boot=500)
+    rule = Rule.default(n_boot=500)
     base = list(np.linspace(0.5, 0.85, 40))
     simple = Candidate("blend, region vote", stats_of(base))
     tuned = Candidate("blend, tuned", stats_of([b + 0.05 for b in base]), level=1)
@@ -147,8 +147,8 @@ def test_the_best_of_several_candidates_needs_a_wider_interval():
     simple = Candidate("blend, region vote", stats_of(list(base)))
     rivals = [Candidate(f"rival {i}", stats_of(list(base - 0.02)), level=1) for i in range(2)]
     marginal = Candidate("blend, tuned", stats_of(list(np.clip(base + gains, 0.5, 1.0))), level=1)
-    plain = Rule(n_boot=2000, adjust="none")
-    wide = Rule(n_boot=2000)
+    plain = Rule.default(n_boot=2000, adjust="none")
+    wide = Rule.default(n_boot=2000)
     alone = bootstrap_gain(simple.oos, marginal.oos, plain)
     picked = bootstrap_gain(simple.oos, marginal.oos, wide, picked_from=3)
     assert alone["low"] > 0 > picked["low"] and picked["high"] > alone["high"]
@@ -171,8 +171,10 @@ def test_a_higher_level_cannot_pass_where_a_rejected_one_failed():
     level1 = [Candidate("refined, argmax", marginal, level=1)]
     level1 += [Candidate(f"rival {i}", stats_of(list(base - 0.02)), level=1) for i in range(2)]
     copy = Candidate("refined, tuned", marginal.copy(), level=2)
-    assert bootstrap_gain(simple.oos, copy.oos, Rule(n_boot=2000))["low"] > 0  # alone: passes
-    record = choose([simple, *level1, copy], Rule(n_boot=2000))
+    assert (
+        bootstrap_gain(simple.oos, copy.oos, Rule.default(n_boot=2000))["low"] > 0
+    )  # alone: passes
+    record = choose([simple, *level1, copy], Rule.default(n_boot=2000))
     assert record["chosen"] == "blend, region vote"
     assert [s["picked_from"] for s in record["steps"]] == [3, 4]
     step = record["steps"][1]
@@ -181,7 +183,7 @@ def test_a_higher_level_cannot_pass_where_a_rejected_one_failed():
 
 
 def test_the_reason_names_every_step():
-    rule = Rule(n_boot=500)
+    rule = Rule.default(n_boot=500)
     base = list(np.linspace(0.5, 0.85, 40))
     simple = Candidate("blend, region vote", stats_of(base))
     tuned = Candidate("blend, tuned", stats_of([b + 0.05 for b in base]), level=1)
@@ -193,9 +195,9 @@ def test_the_reason_names_every_step():
 
 
 def test_rule_is_checked_like_any_config_section():
-    assert Rule.from_config({}) == Rule()
+    assert Rule.from_config({}) == Rule.default()
     assert Rule.from_config({"decide": {"lens": "argmax"}}).params == PostprocessParams()
-    assert Rule().params.region_mode == "prob"
+    assert Rule.default().params.region_mode == "prob"
     for bad, named in (
         ({"lense": "argmax"}, "lense"),
         ({"lens": "median"}, "decide.lens"),
@@ -219,5 +221,5 @@ def test_map_stats_scores_the_post_processed_maps_of_the_rows_asked_for():
     expected = class_stats(probs[[1, 2]].argmax(axis=1).astype(np.uint8), targets[[1, 2]])
     np.testing.assert_array_equal(stats, expected)
     assert scores_from_stats(stats[:1])["competition"] < 1.0
-    region = map_stats(probs, targets, Rule().params, n_jobs=2)
+    region = map_stats(probs, targets, Rule.default().params, n_jobs=2)
     assert scores_from_stats(region)["competition"] == 1.0  # the vote removes the stray pixel

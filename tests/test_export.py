@@ -23,7 +23,7 @@ import tune
 from chain.package import MANIFEST, Chain, open_package
 from chain.records import BlendRecord
 from core import ticker
-from core.paths import Layout
+from core.settings import layout_of
 from data.probstore import align_stores, load_probs
 from data.reader import list_test
 from data.submission import check_rows, image_size, rle_decode
@@ -55,7 +55,7 @@ def blend_both(root: Path, flags: list[str]) -> None:
     reproduce (export refuses a chain tuned on another blend)."""
     cfg = yaml.safe_load((root / "tiny.yaml").read_text())
     cfg.update(out_dir=str(root / "out"), data_dir=str(root / "data"))
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     record = BlendRecord.read(layout.weights)
     record = dataclasses.replace(
         record,

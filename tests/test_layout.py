@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from core.paths import Layout
+from core.settings import layout_of
 from workflow import stages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,7 +254,7 @@ def test_the_artefact_check_sees_a_spelled_path(tmp_path: Path) -> None:
 
 
 def test_layout_paths_follow_the_documented_tree(tmp_path: Path) -> None:
-    layout = Layout.of({"out_dir": str(tmp_path), "experiment": "exp"})
+    layout = layout_of({"out_dir": str(tmp_path), "experiment": "exp"})
     root = tmp_path / "exp"
     assert layout.fold("unet", 2).dir == root / "unet" / "fold2"
     assert layout.fold("unet", 2).best == root / "unet" / "fold2" / "best.pt"

@@ -44,13 +44,13 @@ import sys
 from collections.abc import Sequence
 
 from core.config import resolve_cli_config
-from core.paths import Layout
+from core.settings import layout_of
 from data.atomic import write_json
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("rowtally").parse_args(argv)
-    layout = Layout.of(resolve_cli_config(args))
+    layout = layout_of(resolve_cli_config(args))
     rows = len(layout.submission.read_text().splitlines()) - 1
     notes = len(args.notes.read_text().splitlines())
     write_json(layout.stage_dir("rowtally") / "rowtally.json", {"rows": rows, "notes": notes})

@@ -48,7 +48,7 @@ def schedule(
     """{fold: the CUDA_VISIBLE_DEVICES its process got} for folds lasting `polls` polls."""
     started: dict[int, str | None] = {}
     cfg = {"out_dir": str(tmp_path), "experiment": "exp", "train": {"epochs": EPOCHS}}
-    layout = pipeline.Layout.of(cfg)
+    layout = pipeline.layout_of(cfg)
 
     def popen(cmd, stdout, stderr, env):
         fold = int(cmd[cmd.index("--fold") + 1])
@@ -123,7 +123,7 @@ def test_a_fold_without_an_epoch_yet_is_timed_at_its_models_finished_folds_pace(
     tmp_path: Path,
 ) -> None:
     cfg = {"out_dir": str(tmp_path), "experiment": "exp", "train": {"epochs": EPOCHS}}
-    layout = pipeline.Layout.of(cfg)
+    layout = pipeline.layout_of(cfg)
     done = layout.fold("unet", 0)
     done.dir.mkdir(parents=True)
     write_log(

@@ -61,6 +61,7 @@ COUNT_STAGE = """
 import argparse, json
 from core.config import add_config_arguments, resolve_cli_config
 from core.paths import Layout
+from core.settings import layout_of
 
 def parser():
     p = argparse.ArgumentParser(description="counts its runs")
@@ -68,7 +69,7 @@ def parser():
     return p
 
 def main(argv):
-    layout = Layout.of(resolve_cli_config(parser().parse_args(argv)))
+    layout = layout_of(resolve_cli_config(parser().parse_args(argv)))
     out = layout.root / "count.json"
     runs = json.loads(out.read_text())["runs"] if out.exists() else 0
     out.write_text(json.dumps({"runs": runs + 1, "tuned": layout.postprocess.read_text()}))

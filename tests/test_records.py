@@ -22,6 +22,7 @@ from chain.records import (
     load_params,
 )
 from core.paths import Layout
+from core.settings import layout_of
 from data.reader import DataError
 
 RECORDS = {"weights": BlendRecord, "refine_record": RefineRecord, "postprocess": PostprocessRecord}
@@ -143,7 +144,7 @@ def test_an_older_document_is_read_and_a_reader_that_needs_more_says_so(tmp_path
 
 def test_the_submission_chain_starts_from_the_store_the_record_names(tmp_path):
     cfg = {"experiment": "e", "out_dir": str(tmp_path)}
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     assert input_store(cfg, "test")[0] == layout.blend("test")  # tune.py has not run
     layout.postprocess.parent.mkdir(parents=True)
     layout.postprocess.write_text(json.dumps({"schema": 1, "source": "refined", "chosen": "x"}))

@@ -31,7 +31,7 @@ from data.probstore import load_probs, save_probs
 from data.reader import DataError
 from models.refiner import RegionRefiner
 
-SETTINGS = refine.RefineSettings(crop=24, epochs=12, batch_size=16, lr=1e-2, width=8)
+SETTINGS = refine.RefineSettings.default(crop=24, epochs=12, batch_size=16, lr=1e-2, width=8)
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +146,7 @@ def test_the_configured_margin_sets_each_regions_window():
     image = [np.zeros((64, 64, 3), np.uint8)]
     for margin, side in ((0.0, 16), (0.5, 24), (1.0, 36)):
         found = refine.collect_regions(
-            ["a"], image, probs, None, refine.RefineSettings(margin=margin)
+            ["a"], image, probs, None, refine.RefineSettings.default(margin=margin)
         )
         y0, y1, x0, x1 = found.regions[0].box
         assert (y1 - y0, x1 - x0) == (side, side), margin
@@ -169,7 +169,7 @@ def test_test_maps_take_the_refined_mask_only_when_refine_json_kept_it():
     pred[16:26, 16:26] = 2
     probs = codes(pred)[None]
     image = [np.full((48, 48, 3), 100, np.uint8)]
-    settings = refine.RefineSettings(crop=16)
+    settings = refine.RefineSettings.default(crop=16)
     models = [_FixedRefiner()]
     class_only = refine.refine_test(models, ["a"], image, probs, settings, use_mask=False)
     np.testing.assert_array_equal(class_only[0].argmax(axis=0) > 0, pred > 0)
@@ -229,7 +229,7 @@ def test_the_refiner_fixes_wrongly_classed_regions_and_beats_the_blend():
     mask = doc["refined_mask"]
     assert mask["kept"] == (mask["decision"]["chosen"] == "refined mask")
     used = mask["decision"]["candidates"]["refined mask" if mask["kept"] else "class only"]
-    assert used["out_of_sample"] == pick(map_stats(refined, targets, Rule().params))
+    assert used["out_of_sample"] == pick(map_stats(refined, targets, Rule.default().params))
 
 
 def test_a_first_stage_that_is_already_right_is_not_kept():
@@ -333,12 +333,12 @@ def test_tune_and_submission_read_the_store_tune_chose(tmp_path):
 )
 def test_refine_settings_refuse_values_out_of_range(changes, message):
     with pytest.raises(ConfigError, match=message):
-        refine.RefineSettings(**changes)
+        refine.RefineSettings.default(**changes)
 
 
 def test_refine_settings_accept_their_bounds():
-    assert refine.RefineSettings(crop=16, margin=2.0).margin == 2.0
-    assert refine.RefineSettings(margin=0.0, epochs=1, batch_size=1).epochs == 1
+    assert refine.RefineSettings.default(crop=16, margin=2.0).margin == 2.0
+    assert refine.RefineSettings.default(margin=0.0, epochs=1, batch_size=1).epochs == 1
 
 
 def test_check_split_refuses_stores_without_a_split_id_or_per_image_folds(tmp_path):
@@ -426,7 +426,7 @@ def test_each_epoch_trains_every_region_under_one_of_the_eight_turns_and_a_full_
         rng.integers(0, 3, n),
         (rng.random((n, side, side)) > 0.5).astype(np.float16),
     )
-    settings = refine.RefineSettings(crop=side, epochs=10, batch_size=6, width=4)
+    settings = refine.RefineSettings.default(crop=side, epochs=10, batch_size=6, width=4)
     batches, schedules = [], []
     real_dihedral = refine._dihedral
 
@@ -605,7 +605,7 @@ def test_refine_oof_records_each_fold_and_the_refined_maps_under_the_lens(decisi
     blend = _decision_maps(targets, wrong=range(8))
     pasted["class only"] = blend  # the classes changed nothing
     pasted["refined mask"] = _decision_maps(targets)  # right everywhere
-    rule = Rule()
+    rule = Rule.default()
     start = time.perf_counter()
     refined, models, result = refine.refine_oof(
         ids, images, blend, targets, folds, SETTINGS, seed=7, rule=rule
@@ -692,7 +692,7 @@ def test_a_gain_within_the_noise_keeps_the_first_stages_mask_and_the_blend(decis
     assert mask["decision"]["steps"][0]["gain"] > 0  # better, but not beyond the noise
     assert doc["vs_blend"]["chosen"] == "blend"
     assert doc["vs_blend"]["steps"][0]["gain"] > 0
-    lens = Rule().params
+    lens = Rule.default().params
     kept = pick(map_stats(pasted["class only"], targets, lens))
     assert doc["vs_blend"]["candidates"]["refined"]["out_of_sample"] == kept
     on = np.asarray(folds) == 0  # image 0, the one the refined mask would change

@@ -13,8 +13,8 @@ import yaml
 
 import pipeline
 import train
-from core.config import ConfigError, load_config
-from core.paths import Layout
+from core.config import ConfigError, defaults, load_config
+from core.settings import layout_of
 from data.foldlog import read_log, write_log
 from tests.trainkit import fold_path, run_main, write_config
 from training.engine import fold_verdict, judge_fold, retire_attempt
@@ -68,7 +68,7 @@ def test_a_fold_is_judged_on_its_metric_against_its_models_other_complete_folds(
     monkeypatch.delenv("NEOPOLYP_FAIL_FOLD", raising=False)
     overrides = ["retry.margin=0.05", "data.n_folds=5"]
     cfg = load_config(write_config(tmp_path, tiny_data), overrides)  # 2 epochs
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
 
     def fold(k: int, gain: float, epochs: int = 2, model: str = "tiny") -> None:
         out = layout.fold(model, k).dir
@@ -120,7 +120,7 @@ def test_a_retired_attempt_keeps_its_log_and_frees_the_fold(tmp_path, tiny_data)
     """Each failed attempt's log is kept under its own number, its checkpoints and OOF maps
     are deleted (disk), and retries.json records every attempt and the policy."""
     cfg = load_config(write_config(tmp_path, tiny_data), ["retry.lr_scale=0.5"])
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     out = layout.fold("tiny", 1).dir
     for attempt, epochs in enumerate((2, 1)):
         (out / "oof").mkdir(parents=True)
@@ -145,15 +145,16 @@ def test_a_retired_attempt_keeps_its_log_and_frees_the_fold(tmp_path, tiny_data)
 
 def test_the_remedy_reseeds_and_scales_the_learning_rate():
     cfg = {"seed": 3, "train": {"lr": 0.01, "epochs": 5}}
-    policy = RetryPolicy(attempts=2, lr_scale=0.5)
+    policy = RetryPolicy.default(attempts=2, lr_scale=0.5)
     assert policy.remedy(cfg, 0) is cfg
     first, second = policy.remedy(cfg, 1), policy.remedy(cfg, 2)
     assert first["train"]["lr"] == pytest.approx(0.005)
     assert second["train"]["lr"] == pytest.approx(0.0025)
     assert len({cfg["seed"], first["seed"], second["seed"]}) == 3
     assert cfg == {"seed": 3, "train": {"lr": 0.01, "epochs": 5}}  # the config is untouched
-    assert RetryPolicy(reseed=False).remedy(cfg, 1)["seed"] == 3
-    assert RetryPolicy.from_config({}).attempts == 0
+    assert RetryPolicy.default(reseed=False).remedy(cfg, 1)["seed"] == 3
+    assert RetryPolicy.from_config({"retry": None}).attempts == 0  # `retry: null`: off
+    assert RetryPolicy.from_config({}).attempts == defaults()["retry"]["attempts"]
     assert RetryPolicy.from_config({"retry": {"attempts": 3}}).attempts == 3
     for bad, named in (({"tries": 1}, "tries"), ({"lr_scale": 2}, "lr_scale")):
         with pytest.raises(ConfigError, match=named):

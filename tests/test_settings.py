@@ -79,43 +79,69 @@ def test_refining_reads_refine_enabled() -> None:
     assert refining({"refine": {"enabled": True}})
 
 
-def raw_section_reads(path: Path) -> list[str]:
-    """`x["data"]`, `x["train"]`, `x.get("data")`, `x.get("train")` read in a module."""
+# The config's sections, whose names no other document uses as a key ("models" and "seed"
+# are also keys of blend records and folds.json).
+SECTIONS = frozenset(k for k, v in defaults().items() if isinstance(v, dict)) - {"models"}
+
+
+def _looks_like_config(node: ast.expr) -> bool:
+    """`cfg`, `model_cfg`, `plan.cfg`, `config`, `ckpt["config"]`: a config by its name."""
+    if isinstance(node, ast.Subscript):
+        node = node.slice
+        return isinstance(node, ast.Constant) and node.value == "config"
+    name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", "")
+    return name in ("cfg", "config") or name.endswith("_cfg")
+
+
+def raw_config_reads(path: Path) -> list[str]:
+    """Each raw read of a config in a module: `x[...]` or `x.get(...)` on a name that holds a
+    config (any key), or of a section on anything (`doc["train"]`, `d.get("predict")`)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
-        key = None
         if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load):
-            key = node.slice
+            target, key = node.value, node.slice
         elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "get"
+            and node.func.attr in ("get", "pop", "setdefault")
             and node.args
         ):
-            key = node.args[0]
-        if isinstance(key, ast.Constant) and key.value in ("data", "train"):
-            found.append(f"{path.parent.name}/{path.name}:{node.lineno}")
+            target, key = node.func.value, node.args[0]
+        else:
+            continue
+        keyed = isinstance(key, ast.Constant) and key.value in SECTIONS
+        if keyed or _looks_like_config(target):
+            found.append(f"{path.relative_to(path.parents[1]).as_posix()}:{node.lineno}")
     return found
 
 
-# Who may read the sections raw: the settings themselves, the config merge of a model's
-# `train` over the experiment's, and recipe.py: a fold's identity hashes the sections as
-# written, and a retry's remedy rewrites `train.lr` in a copy of the config.
-RAW_READERS = {"core/settings.py", "core/config.py", "training/recipe.py"}
+# The config package: the only modules that read the config as written (a fold's identity
+# hashes the sections as written: config.recipe_sections).
+RAW_READERS = {"core/settings.py", "core/config.py"}
 
 
-def test_no_module_but_the_settings_reads_the_data_or_train_section_raw() -> None:
+def test_no_module_outside_the_config_package_reads_the_config_raw() -> None:
     files = [
         p
         for folder in ("", "core", "data", "models", "training", "chain", "workflow", "bench")
         for p in (ROOT / folder).glob("*.py")
         if p.relative_to(ROOT).as_posix() not in RAW_READERS
     ]
-    found = [hit for p in sorted(files) for hit in raw_section_reads(p)]
-    assert not found, f"read through settings.DataSettings / TrainSettings instead: {found}"
+    found = [hit for p in sorted(files) for hit in raw_config_reads(p)]
+    assert not found, f"read through the settings classes (core/settings.py) instead: {found}"
 
 
 def test_the_raw_read_finder_finds_each_form(tmp_path: Path) -> None:
-    probe = tmp_path / "probe.py"
-    probe.write_text('a = cfg["data"]\nb = cfg.get("train")\nc = cfg["seed"]\ncfg["train"] = {}\n')
-    assert [h.split(":")[1] for h in raw_section_reads(probe)] == ["1", "2"]
+    (tmp_path / "pkg").mkdir()
+    probe = tmp_path / "pkg" / "probe.py"
+    lines = [
+        'a = cfg["data"]',
+        'b = plan.cfg.get("anything")',
+        'c = ckpt["config"]["lr"]',
+        'd = model_cfg.pop("seed", 0)',
+        'e = doc["predict"]',
+        'f = meta["seed"]',  # not a config, no section: not a read
+        'cfg["train"] = {}',  # a write: the config package's own business, not a read
+    ]
+    probe.write_text("\n".join(lines) + "\n")
+    assert [h.split(":")[1] for h in raw_config_reads(probe)] == ["1", "2", "3", "4", "5"]

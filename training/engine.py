@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from core.config import ConfigError, model_entry
 from core.metrics import beats_nothing, class_stats, predict_nothing, scores_from_stats
-from core.paths import Layout, RunFiles
+from core.paths import RunFiles
 from core.runtime import (
     Dist,
     Precision,
@@ -46,7 +46,7 @@ from core.runtime import (
     rng_state,
     set_rng_state,
 )
-from core.settings import DataSettings, TrainSettings
+from core.settings import DataSettings, ExperimentSettings, TrainSettings, config_models, layout_of
 from core.ticker import Ticker
 from data.atomic import write_json
 from data.augment import transforms_for
@@ -316,9 +316,9 @@ def build_learner(
     """Model (initialised from (seed, fold)), optimizer, per-step schedule, EMA, loss."""
     train = TrainSettings.from_config(cfg)
     precision = choose_precision(dist.device, train.precision, train.channels_last)
-    torch.manual_seed(derive_seed(int(cfg["seed"]), fold))
+    torch.manual_seed(derive_seed(ExperimentSettings.from_config(cfg).seed, fold))
     # the config's names of this entry, for the hint that trains it from scratch instead
-    names = [n for n in cfg.get("models") or {} if model_entry(cfg, n) == entry]
+    names = [n for n in config_models(cfg) if model_entry(cfg, n) == entry]
     with from_scratch_hint(names):
         raw = build_model(
             entry["arch"],
@@ -379,12 +379,12 @@ def build_loaders(cfg: dict[str, Any], data: TrainData, fold: int, dist: Dist) -
     settings = DataSettings.from_config(cfg)
     sampler = SeededSampler(
         len(train_items),
-        int(cfg["seed"]),
+        ExperimentSettings.from_config(cfg).seed,
         dist.rank,
         dist.world_size,
         stratum_weights([it.classes for it in train_items], settings.sampling),
     )
-    name = f"{cfg.get('experiment')} fold {fold}"
+    name = f"{ExperimentSettings.from_config(cfg).experiment} fold {fold}"
     train = config_loader(
         cfg,
         SeededDataset(
@@ -482,7 +482,7 @@ def fit(
     if state.history and state.history[-1].get("stopped_early"):
         return
     for epoch in range(state.epoch, epochs):
-        seed = derive_seed(int(cfg["seed"]), fold, epoch)
+        seed = derive_seed(ExperimentSettings.from_config(cfg).seed, fold, epoch)
         torch.manual_seed(seed)
         record = run_epoch(
             learner, loaders, epoch, dist, f"{name} epoch {epoch + 1}/{epochs}", seed
@@ -607,7 +607,7 @@ def judge_fold(cfg: dict[str, Any], model_name: str, fold: int) -> Verdict | Non
     """`fold_verdict` of a complete fold against its model's other complete folds, on
     `train.best_metric`; None for a fold that is fine or not complete yet. A kept fold's
     reason ends with `recipe_limit`."""
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     attempts = len(failed_attempts(layout.fold(model_name, fold)))
     forced = forced_fold_failure(model_name, fold, attempts)
     if forced is not None:
@@ -639,7 +639,7 @@ def retire_attempt(cfg: dict[str, Any], model_name: str, fold: int, reason: str)
     Kaggle session has ~20 GB of disk), and `retries.json` is written last: a kill before
     it leaves the attempt unrecorded, and the rerun trains the same attempt again.
     """
-    out = Layout.of(cfg).fold(model_name, fold)
+    out = layout_of(cfg).fold(model_name, fold)
     failed = failed_attempts(out)
     attempt = len(failed)
     history = read_log(out.log)
@@ -653,7 +653,7 @@ def retire_attempt(cfg: dict[str, Any], model_name: str, fold: int, reason: str)
         {
             "attempt": attempt,
             "reason": reason,
-            "seed": tried["seed"],
+            "seed": ExperimentSettings.from_config(tried).seed,
             "lr": TrainSettings.from_config(tried).lr,
             "epochs": len(history),
             "log": out.failed_log(attempt).name,

@@ -48,11 +48,11 @@ SCHEDULES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _choice(section: str, cfg: dict[str, Any], choices: Iterable[str]) -> str:
-    name = str(cfg.get("name", "")).lower()
+def _choice(section: str, spec: dict[str, Any], choices: Iterable[str]) -> str:
+    name = str(spec.get("name", "")).lower()
     if name not in choices:
         raise ConfigError(
-            f"train.{section}.name {cfg.get('name')!r} is unknown; choose one of "
+            f"train.{section}.name {spec.get('name')!r} is unknown; choose one of "
             + ", ".join(choices)
         )
     return name

@@ -17,7 +17,6 @@ train.py retrains it from scratch, saying which files changed, never resuming on
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import inspect
@@ -27,12 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from core.config import ConfigError, model_entry, settings_from
+from core.config import ConfigError, recipe_sections, replaced
 from core.invocation import rerun_hint, retrain_hint
 from core.metrics import OBJECTIVES
-from core.paths import Layout, RunFiles
+from core.paths import RunFiles
 from core.runtime import derive_seed
-from core.settings import DataSettings, TrainSettings
+from core.settings import DataSettings, ExperimentSettings, RetrySettings, TrainSettings, layout_of
 from data.atomic import write_json
 from data.augment import transforms_for
 from data.folds import resplit
@@ -72,15 +71,7 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def fold_recipe(cfg: dict[str, Any], model_name: str, split_id: str) -> dict[str, Any]:
     """The flat {dotted key: value} of everything that shapes a fold's weights."""
-    flat = flatten(
-        {
-            "model": model_entry(cfg, model_name),
-            "train": cfg.get("train") or {},
-            "data": cfg.get("data") or {},
-            "seed": cfg.get("seed"),
-            "split_id": split_id,
-        }
-    )
+    flat = flatten({**recipe_sections(cfg, model_name), "split_id": split_id})
     return {k: v for k, v in sorted(flat.items()) if k not in IGNORED}
 
 
@@ -269,7 +260,7 @@ def check_recipes_early(cfg: dict[str, Any], model_name: str, folds: Sequence[in
     The split is compared when `folds.json` exists; otherwise it is compared once the
     new split is made (train_fold), so a changed recipe still fails before any work.
     """
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     path = layout.folds
     split_id = None
     if path.exists():
@@ -286,7 +277,7 @@ def check_recipes_early(cfg: dict[str, Any], model_name: str, folds: Sequence[in
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(RetrySettings):
     """The config's `retry:` section: when a trained fold counts as failed, and the remedy.
 
     A fold fails when its best validation score never beats predicting nothing, or when
@@ -300,33 +291,17 @@ class RetryPolicy:
     part of the fold's recipe identity.
     """
 
-    attempts: int = 2
-    margin: float | None = 0.15
-    lr_scale: float = 1.0
-    reseed: bool = True
-
-    def __post_init__(self) -> None:
-        if self.attempts < 0:
-            raise ConfigError(f"retry.attempts must be 0 or more, got {self.attempts}")
-        if self.margin is not None and self.margin < 0:
-            raise ConfigError(f"retry.margin must be non-negative or null, got {self.margin}")
-        if not 0 < self.lr_scale <= 1:
-            raise ConfigError(f"retry.lr_scale must be in (0, 1], got {self.lr_scale}")
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> RetryPolicy:
-        section = cfg.get("retry")
-        return cls(attempts=0) if section is None else settings_from(cls, section, "retry")
-
     def remedy(self, cfg: dict[str, Any], attempt: int) -> dict[str, Any]:
         """The config attempt `attempt` trains with (attempt 0: `cfg` itself)."""
         if attempt == 0:
             return cfg
-        out = copy.deepcopy(cfg)
+        values: dict[str, Any] = {
+            "train.lr": TrainSettings.from_config(cfg).lr * self.lr_scale**attempt
+        }
         if self.reseed:
-            out["seed"] = derive_seed(int(cfg["seed"]), _RETRY_SALT, attempt)
-        out["train"]["lr"] = TrainSettings.from_config(cfg).lr * self.lr_scale**attempt
-        return out
+            seed = ExperimentSettings.from_config(cfg).seed
+            values["seed"] = derive_seed(seed, _RETRY_SALT, attempt)
+        return replaced(cfg, values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.paths import Layout
-from core.settings import TrainSettings
+from core.settings import ExperimentSettings, TrainSettings, layout_of
 from data.cache import CachedItem, load_item
 from data.dataset import to_tensor
 
@@ -44,7 +43,7 @@ def start_run(cfg: dict[str, Any], job_type: str, group: str, name: str, **extra
     account or a network."""
     import wandb
 
-    directory = Layout.of(cfg).wandb.parent  # wandb.init(dir=D) writes to D/wandb/
+    directory = layout_of(cfg).wandb.parent  # wandb.init(dir=D) writes to D/wandb/
     directory.mkdir(parents=True, exist_ok=True)
     mode = {} if "WANDB_MODE" in os.environ else {"mode": "offline"}
     return wandb.init(
@@ -54,7 +53,7 @@ def start_run(cfg: dict[str, Any], job_type: str, group: str, name: str, **extra
         job_type=job_type,
         dir=str(directory),
         config={**cfg, **extra},
-        tags=[str(cfg["experiment"]), *(str(v) for v in extra.values())],
+        tags=[ExperimentSettings.from_config(cfg).experiment, *(str(v) for v in extra.values())],
         **mode,
     )
 
@@ -63,7 +62,7 @@ def start_fold(cfg: dict[str, Any], model_name: str, fold: int) -> Any:
     """The run of one training fold, or None when tracking is off."""
     if not enabled(cfg):
         return None
-    group = f"{cfg['experiment']}/{model_name}"
+    group = f"{ExperimentSettings.from_config(cfg).experiment}/{model_name}"
     return start_run(cfg, "train", group, f"{model_name}-fold{fold}", model=model_name, fold=fold)
 
 
@@ -121,7 +120,7 @@ def log_summary(
     run must hold everything `wandb sync` will need."""
     import wandb
 
-    run = start_run(cfg, "summary", str(cfg["experiment"]), "summary")
+    run = start_run(cfg, "summary", ExperimentSettings.from_config(cfg).experiment, "summary")
     try:
         for title, rows in tables:
             if rows:
@@ -137,7 +136,9 @@ def log_summary(
                 "oof_scores": tuned["scores"],
             }
         )
-        artifact = wandb.Artifact(f"{cfg['experiment']}-results", type="results")
+        artifact = wandb.Artifact(
+            f"{ExperimentSettings.from_config(cfg).experiment}-results", type="results"
+        )
         for path in files:
             if path.exists():
                 artifact.add_file(str(path))

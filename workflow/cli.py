@@ -17,7 +17,7 @@ from typing import Any
 
 from core.config import ConfigError, add_config_arguments, parse_img_size, resolve_cli_config
 from core.metrics import OBJECTIVES
-from core.settings import PRECISIONS, TTA_CHOICES
+from core.settings import PRECISIONS, TTA_CHOICES, Settings
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,19 @@ def runtime_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {"data.num_workers": args.workers, "train.precision": precision}
 
 
+def checked(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` once every section of it builds (`Settings.of`): a bad value in any section
+    is refused where the command starts, not by the stage that reads it last."""
+    Settings.of(cfg)
+    return cfg
+
+
+def stage_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The config of a command whose only config flags are `--config`, `--data-dir`,
+    `--out-dir` and `--set`, checked."""
+    return checked(resolve_cli_config(args))
+
+
 def train_config(args: argparse.Namespace) -> dict[str, Any]:
     """train.py's config: the model's own recipe, `--set`, then train.py's dedicated flags
     (`stages.preflight` resolves it the same way before torch is imported)."""
@@ -62,18 +75,18 @@ def train_config(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.pretrained is not None:
         flags[f"models.{args.model}.pretrained"] = args.pretrained
-    return resolve_cli_config(args, flags, model=args.model)
+    return checked(resolve_cli_config(args, flags, model=args.model))
 
 
 def predict_config(args: argparse.Namespace) -> dict[str, Any]:
     """predict.py's config: `--set`, then its TTA, batch and runtime flags."""
     flags = {"predict.tta": args.tta, "predict.batch_size": args.batch_size, **runtime_flags(args)}
-    return resolve_cli_config(args, flags)
+    return checked(resolve_cli_config(args, flags))
 
 
 def hpo_config(args: argparse.Namespace) -> dict[str, Any]:
     """hpo.py's config: the model's own recipe, `--set`, then the runtime flags."""
-    return resolve_cli_config(args, runtime_flags(args), model=args.model)
+    return checked(resolve_cli_config(args, runtime_flags(args), model=args.model))
 
 
 def check_jobs(jobs: int, flag: str = "--jobs") -> None:

@@ -19,16 +19,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from core.config import ConfigError, settings_from
+from core.config import ConfigError
 from core.invocation import rerun_hint
-from core.paths import Layout
-from core.settings import TrainSettings
+from core.settings import ExperimentSettings, SlurmSettings, TrainSettings
 from core.ticker import PROGRESS_S
 from workflow.progress import training_line
 
@@ -38,35 +36,20 @@ ROOT = Path(__file__).resolve().parent.parent
 POLL_S = 5.0
 
 
-@dataclass(frozen=True)
-class SlurmSettings:
-    """The `slurm:` section: what each fold job asks of the cluster."""
-
-    partition: str | None = None
-    account: str | None = None
-    gpus_per_node: int = 0
-    cpus_per_task: int | None = None
-    mem_gb: float | None = None
-    timeout_min: int = 720
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> SlurmSettings:
-        return settings_from(cls, cfg.get("slurm"), "slurm")
-
-    def parameters(self, name: str) -> dict[str, Any]:
-        """submitit's executor parameters (the unset ones left to the cluster's defaults)."""
-        chosen = {
-            "name": name,
-            "timeout_min": self.timeout_min,
-            "gpus_per_node": self.gpus_per_node,
-            "slurm_partition": self.partition,
-            "slurm_account": self.account,
-            "cpus_per_task": self.cpus_per_task,
-            "mem_gb": self.mem_gb,
-            # the job imports the project's modules from this checkout
-            "slurm_setup": [f"export PYTHONPATH={ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"],
-        }
-        return {k: v for k, v in chosen.items() if v is not None}
+def job_parameters(slurm: SlurmSettings, name: str) -> dict[str, Any]:
+    """submitit's executor parameters (the unset ones left to the cluster's defaults)."""
+    chosen = {
+        "name": name,
+        "timeout_min": slurm.timeout_min,
+        "gpus_per_node": slurm.gpus_per_node,
+        "slurm_partition": slurm.partition,
+        "slurm_account": slurm.account,
+        "cpus_per_task": slurm.cpus_per_task,
+        "mem_gb": slurm.mem_gb,
+        # the job imports the project's modules from this checkout
+        "slurm_setup": [f"export PYTHONPATH={ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"],
+    }
+    return {k: v for k, v in chosen.items() if v is not None}
 
 
 class FoldJob(submitit.helpers.Checkpointable):
@@ -111,10 +94,10 @@ def train_on_slurm(
 ) -> tuple[float, list[str]]:
     """Every (model, fold) of `jobs` as a SLURM job; (seconds, the failed jobs). `recipes`:
     each model's training settings, for the progress lines."""
-    layout = Layout.of(cfg)
-    settings = SlurmSettings.from_config(cfg)
-    executor = submitit.AutoExecutor(folder=layout.logs / "slurm", cluster="slurm")
-    executor.update_parameters(**settings.parameters(f"neopolyp-{cfg['experiment']}"))
+    top = ExperimentSettings.from_config(cfg)
+    executor = submitit.AutoExecutor(folder=top.layout.logs / "slurm", cluster="slurm")
+    slurm = SlurmSettings.from_config(cfg)
+    executor.update_parameters(**job_parameters(slurm, f"neopolyp-{top.experiment}"))
     check_slurm()
     start = time.perf_counter()
     try:
@@ -140,7 +123,7 @@ def train_on_slurm(
         if time.monotonic() - told >= PROGRESS_S:
             running = [fold for fold, job in zip(jobs, submitted, strict=True) if not job.done()]
             finished = [fold for fold in jobs if fold not in running]
-            log.info("%s", training_line(layout, recipes, running, [], finished, len(jobs)))
+            log.info("%s", training_line(top.layout, recipes, running, [], finished, len(jobs)))
             told = time.monotonic()
     failed = []
     for (model, fold), job in zip(jobs, submitted, strict=True):

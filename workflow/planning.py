@@ -28,9 +28,8 @@ from typing import Any
 import torch
 
 from core.config import build_entry, config_hash
-from core.paths import Layout
 from core.runtime import Dist, configure_cpu_threads
-from core.settings import DataSettings, TrainSettings, refining
+from core.settings import DataSettings, ExperimentSettings, TrainSettings, layout_of, refining
 from core.ticker import Ticker
 from data.atomic import write_json
 from data.dataset import to_device
@@ -296,7 +295,7 @@ def folds_to_train(cfg: dict[str, Any], name: str, data: TrainData) -> dict[int,
     training images or masks changed from scratch, and continues one with a last.pt (the
     pipeline's --resume) from the history the fold's log copies."""
     epochs = TrainSettings.from_config(cfg).epochs
-    layout = Layout.of(cfg)
+    layout = layout_of(cfg)
     left = {}
     for k in range(data.folds.n_folds):
         run = layout.fold(name, k)
@@ -357,7 +356,7 @@ def make_plan(
     """What is left of the run: the folds not complete and the predictions not current
     (`predicted`: the models whose stores are, until one of their folds trains again)."""
     first = next(iter(model_cfgs.values()))
-    layout = Layout.of(first)
+    layout = layout_of(first)
     calibrated = calibrations(model_cfgs, data, dist, layout.plan_calibration)
     folds = data.folds
     models = []
@@ -403,7 +402,7 @@ def plan_run(
     if it is the first call), its test images with `views` TTA passes each, refinement as
     configured; `predicted`: the models whose prediction stores are current."""
     data = prepare_train_data(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
-    n_test = len(list_test(Path(cfg["data_dir"])))
+    n_test = len(list_test(ExperimentSettings.from_config(cfg).data()))
     dist = Dist(rank=0, world_size=1, device=device)
     return make_plan(model_cfgs, data, n_test, views, parallel, refining(cfg), dist, predicted)
 

@@ -35,7 +35,15 @@ from core.config import (
     resolve_cli_config,
 )
 from core.paths import Layout
-from core.settings import DataSettings, RefineSettings, refining
+from core.settings import (
+    DataSettings,
+    EnsembleSettings,
+    ExperimentSettings,
+    PredictSettings,
+    RefineSettings,
+    config_models,
+    refining,
+)
 from workflow import cli
 
 if TYPE_CHECKING:
@@ -44,7 +52,7 @@ if TYPE_CHECKING:
 
 def model_names(cfg: dict[str, Any]) -> list[str]:
     """The models the pipeline trains: `ensemble.models` if set, else every config model."""
-    names = list((cfg.get("ensemble") or {}).get("models") or cfg.get("models") or [])
+    names = EnsembleSettings.from_config(cfg).models or config_models(cfg)
     if not names:
         raise ConfigError("the config lists no models")
     return names
@@ -92,7 +100,7 @@ class Plan:
     def test_images(self) -> list[Path]:
         from data.reader import list_test
 
-        return [s.image for s in list_test(Path(self.cfg["data_dir"]))]
+        return [s.image for s in list_test(ExperimentSettings.from_config(self.cfg).data())]
 
     @functools.cached_property
     def masks(self) -> list[Path]:
@@ -105,13 +113,17 @@ class Plan:
         """The test set's ground truth, when the data folder has one (report.py scores it)."""
         from data.reader import list_test_gt
 
-        return [s.mask for s in list_test_gt(Path(self.cfg["data_dir"])) or [] if s.mask]
+        return [
+            s.mask
+            for s in list_test_gt(ExperimentSettings.from_config(self.cfg).data()) or []
+            if s.mask
+        ]
 
     def named(self, paths: Sequence[Path]) -> dict[str, Path]:
         """Each path by the name the pipeline's lines and stamps.json give it: below the
         experiment folder ("unet/oof"), else below the data folder ("train_gt/ab12.jpeg"),
         else in full. Not the full path, so a moved or copied experiment reruns nothing."""
-        roots = (self.layout.root, Path(self.cfg["data_dir"]))
+        roots = (self.layout.root, ExperimentSettings.from_config(self.cfg).data())
         return {
             next((p.relative_to(r).as_posix() for r in roots if p.is_relative_to(r)), str(p)): p
             for p in paths
@@ -121,7 +133,7 @@ class Plan:
     def _train(self) -> list[Sample]:
         from data.reader import list_train
 
-        return list_train(Path(self.cfg["data_dir"]))
+        return list_train(ExperimentSettings.from_config(self.cfg).data())
 
 
 Paths = Callable[[Plan, str], list[Path]]
@@ -165,59 +177,26 @@ class Stage(Command):
         return importlib.import_module(self.name)
 
 
-def _check_train(cfg: dict[str, Any]) -> None:
-    """The retry policy (each model's recipe is pipeline.py's own check: it trains them)."""
-    from training.recipe import RetryPolicy
-
-    RetryPolicy.from_config(cfg)
-
-
 def _check_predict(cfg: dict[str, Any]) -> None:
-    """The TTA, and every test image readable: a truncated one is named before training."""
+    """Every test image readable: a truncated one is named before training."""
     from data.reader import check_image_file, list_test
-    from models.inference import tta_transforms
 
-    tta_transforms(str((cfg.get("predict") or {}).get("tta", "none")))
-    for sample in list_test(Path(cfg["data_dir"])):
+    for sample in list_test(ExperimentSettings.from_config(cfg).data()):
         check_image_file(sample.image)
-
-
-def _check_decide(cfg: dict[str, Any]) -> None:
-    from chain.decisions import Rule
-
-    Rule.from_config(cfg)
-
-
-def _check_search(section: str) -> Callable[[dict[str, Any]], None]:
-    """An optuna stage's trials and objective, and the rule it decides by."""
-
-    def check(cfg: dict[str, Any]) -> None:
-        from chain.studies import search_settings
-
-        search_settings(cfg, section)
-        _check_decide(cfg)
-
-    return check
-
-
-def _check_refine(cfg: dict[str, Any]) -> None:
-    """The refine: section even when refinement is off: a typo waits for no later switch."""
-    RefineSettings.from_config(cfg)
-    _check_decide(cfg)
 
 
 def _check_report(cfg: dict[str, Any]) -> None:
     """Unpaired or unreadable test_gt/ files, which only this last stage reads."""
     from data.reader import check_image_file, list_test_gt
 
-    for sample in list_test_gt(Path(cfg["data_dir"])) or []:
+    for sample in list_test_gt(ExperimentSettings.from_config(cfg).data()) or []:
         check_image_file(sample.mask)
 
 
 def _predict_record(plan: Plan, model: str) -> tuple[Path, dict[str, Any]]:
     from data.probstore import META_FILE
 
-    tta = str((plan.cfg.get("predict") or {}).get("tta", "none"))
+    tta = PredictSettings.from_config(plan.cfg).tta
     return plan.layout.store(model, "oof") / META_FILE, {"tta": tta}
 
 
@@ -251,7 +230,7 @@ def _report_inputs(plan: Plan) -> list[Path]:
 
 STAGES: tuple[Stage, ...] = (
     # pipeline.py trains the folds itself (in parallel, judging and retraining failed ones)
-    Stage("train", cli.train_parser, cli.train_config, check=_check_train),
+    Stage("train", cli.train_parser, cli.train_config),
     Stage(
         "predict",
         cli.predict_parser,
@@ -269,7 +248,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "ensemble",
         cli.ensemble_parser,
-        resolve_cli_config,
+        cli.stage_config,
         argv=lambda plan, _: ["--models", *plan.models, *plan.common, *plan.search],
         outputs=lambda plan, _: [
             plan.layout.weights,
@@ -289,12 +268,11 @@ STAGES: tuple[Stage, ...] = (
             },
         ),
         shown={"decide": "decide"},
-        check=_check_search("ensemble"),
     ),
     Stage(
         "refine",
         cli.refine_parser,
-        resolve_cli_config,
+        cli.stage_config,
         argv=lambda plan, _: list(plan.common),
         outputs=lambda plan, _: [
             plan.layout.refine_record,
@@ -316,12 +294,11 @@ STAGES: tuple[Stage, ...] = (
         ),
         enabled=lambda plan: plan.refining,
         shown={"settings": "refine", "decide": "decide"},
-        check=_check_refine,
     ),
     Stage(
         "tune",
         cli.tune_parser,
-        resolve_cli_config,
+        cli.stage_config,
         argv=lambda plan, _: [*plan.common, *plan.search],
         outputs=lambda plan, _: [plan.layout.postprocess],
         inputs=lambda plan, _: [
@@ -338,12 +315,11 @@ STAGES: tuple[Stage, ...] = (
             },
         ),
         shown={"decide": "decide", "sources": "sources (refine.enabled)"},
-        check=_check_search("tune"),
     ),
     Stage(
         "postprocess",
         cli.postprocess_parser,
-        resolve_cli_config,
+        cli.stage_config,
         argv=lambda plan, _: list(plan.common),
         outputs=lambda plan, _: [plan.layout.submission],
         # the store postprocess.json names, and the test images whose sizes it writes at
@@ -356,7 +332,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "report",
         cli.report_parser,
-        resolve_cli_config,
+        cli.stage_config,
         argv=lambda plan, _: list(plan.common),
         outputs=lambda plan, _: [plan.layout.report, plan.layout.scores],
         inputs=lambda plan, _: _report_inputs(plan),
@@ -368,8 +344,10 @@ STAGES: tuple[Stage, ...] = (
 
 def pipeline_configs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """pipeline.py's config, and each trained model's as train.py resolves it (its recipe)."""
-    cfg = resolve_cli_config(args)
-    return cfg, {name: resolve_cli_config(args, model=name) for name in model_names(cfg)}
+    cfg = cli.stage_config(args)
+    return cfg, {
+        name: cli.checked(resolve_cli_config(args, model=name)) for name in model_names(cfg)
+    }
 
 
 # Commands that are not stages: they compose or compare them.
@@ -378,7 +356,7 @@ TOOLS: dict[str, Command] = {
     for tool in (
         Command("pipeline", cli.pipeline_parser, pipeline_configs),
         Command("compare", cli.compare_parser),
-        Command("export", cli.export_parser, resolve_cli_config),
+        Command("export", cli.export_parser, cli.stage_config),
         Command("infer", cli.infer_parser),
     )
 }
