@@ -52,6 +52,7 @@ from core.config import (
     defaults,
     merge,
     model_entry,
+    replaced,
     reports_environment_errors,
     setup_logging,
 )
@@ -115,22 +116,10 @@ def parse_space(space: Any) -> dict[str, BaseDistribution]:
     return out
 
 
-def nested(values: Mapping[str, Any]) -> dict[str, Any]:
-    """`{"a.b": 1, "a.c": 2}` -> `{"a": {"b": 1, "c": 2}}`: dotted keys as a config diff."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
 def trial_config(cfg: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
     """The model's resolved config with `values` merged in as a `base:` file's diff would
     be: strict keys with a did-you-mean, a renamed optimizer or schedule replaced."""
-    return merge(cfg, nested(values), "hpo.space", defaults())
+    return merge(cfg, replaced({}, values), "hpo.space", defaults())
 
 
 def check_space(cfg: dict[str, Any], space: Mapping[str, BaseDistribution]) -> None:
@@ -152,7 +141,7 @@ def experiment_diff(values: Mapping[str, Any], model: str) -> dict[str, Any]:
     and they were searched for this model only. `ensemble.models` is that model alone:
     `pipeline.py` on the file trains the tuned model, not every model of the base."""
     moved = {(f"models.{model}.{k}" if k.startswith("train.") else k): v for k, v in values.items()}
-    return nested({"ensemble.models": [model], **moved})
+    return replaced({}, {"ensemble.models": [model], **moved})
 
 
 # ---------------------------------------------------------------- pruner and identity

@@ -425,8 +425,8 @@ def recipe_sections(cfg: dict[str, Any], name: str) -> dict[str, Any]:
 
 def replaced(cfg: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `cfg` with each dotted key set to its value: a config the code derives
-    (a retrained fold's seed and learning rate), unlike `apply_overrides`, which parses
-    and checks what a user typed."""
+    (a retrained fold's seed and learning rate; from `{}`, the nested diff of an hpo trial),
+    unlike `apply_overrides`, which parses and checks what a user typed."""
     out = copy.deepcopy(cfg)
     for dotted, value in values.items():
         *parents, leaf = dotted.split(".")
