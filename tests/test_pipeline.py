@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -41,6 +42,36 @@ def _config(tmp_path, tiny_data):
     cfg["refine"] = {"enabled": True, "crop": 16, "epochs": 2, "batch_size": 8, "width": 4}
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_data) -> Path:
+    """`_config`'s experiment run to the end once, as `--parallel 1` runs it (one thread,
+    train.cpu_threads the default), for the tests below to start from. Read-only: each test
+    works on its own copy (`_copy`)."""
+    root = tmp_path_factory.mktemp("finished")
+    config = _config(root, tiny_data)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"]["cpu_threads"] = None  # the default: what --parallel used to change
+    config.write_text(yaml.safe_dump(cfg))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert pipeline.main(["--config", str(config)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def _copy(finished: Path, root: Path, data: Path) -> Path:
+    """The finished experiment copied under `root`, on `data`: the copy's config. Its first
+    pipeline call reruns the report alone (the paths moved)."""
+    shutil.copytree(finished / "out", root / "out")
+    cfg = yaml.safe_load((finished / "tiny.yaml").read_text())
+    cfg.update(data_dir=str(data), out_dir=str(root / "out"))
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return config
 
 
 def _artefacts(exp):
@@ -97,8 +128,14 @@ def add_count_stage(tmp_path, monkeypatch) -> Path:
     return tmp_path / "out" / "tiny" / "count.json"
 
 
-def test_pipeline_runs_end_to_end_then_skips_everything(tmp_path, tiny_data, capsys, monkeypatch):
-    config = _config(tmp_path, tiny_data)
+@pytest.mark.slow(70)
+def test_pipeline_runs_end_to_end_then_skips_everything(
+    finished, tmp_path, tiny_data, capsys, monkeypatch
+):
+    """The finished run has every artefact and a valid submission; a new stage runs once,
+    then only when its input changes; a rerun redoes nothing, a changed setting what
+    depends on it."""
+    config = _copy(finished, tmp_path, tiny_data)
     counted = add_count_stage(tmp_path, monkeypatch)
     assert pipeline.main(["--config", str(config)]) == 0
     assert json.loads(counted.read_text())["runs"] == 1
@@ -281,33 +318,26 @@ def test_a_bad_storage_fails_before_any_stage(tmp_path, tiny_data, capsys):
     assert not (tmp_path / "out" / "tiny").exists()
 
 
+@pytest.mark.slow(100)
 def test_the_same_command_writes_the_same_bytes_whatever_the_parallelism(
-    tmp_path, tiny_data, capsys
+    finished, tmp_path, tiny_data, capsys
 ):
     """--parallel 1 or 2, loader workers or none, other thread counts in the pipeline
     process: the same config gives byte-identical stores, decisions and submission."""
-    seq_dir, par_dir = tmp_path / "seq", tmp_path / "par"
-    runs = []
-    for root in (seq_dir, par_dir):
-        root.mkdir()
-        config = _config(root, tiny_data)
-        cfg = yaml.safe_load(config.read_text())
-        cfg["train"]["cpu_threads"] = None  # the default: what --parallel used to change
-        config.write_text(yaml.safe_dump(cfg))
-        runs.append(config)
+    config = tmp_path / "tiny.yaml"
+    cfg = yaml.safe_load((finished / "tiny.yaml").read_text())
+    config.write_text(yaml.safe_dump({**cfg, "out_dir": str(tmp_path / "out")}))
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
     try:
-        torch.set_num_threads(1)
-        assert pipeline.main(["--config", str(runs[0])]) == 0
         torch.set_num_threads(2)  # as a machine with more cores would start the process
         cv2.setNumThreads(2)
-        par = ["--config", str(runs[1]), "--parallel", "2", "--set", "data.num_workers=1"]
+        par = ["--config", str(config), "--parallel", "2", "--set", "data.num_workers=1"]
         assert pipeline.main(par) == 0
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv_threads)
     assert "train (parallel)" in capsys.readouterr().out
-    seq, par = seq_dir / "out" / "tiny", par_dir / "out" / "tiny"
+    seq, par = finished / "out" / "tiny", tmp_path / "out" / "tiny"
     assert len(list((par / "logs").glob("train_*_fold*.log"))) == 4
     stores = sorted(p.relative_to(seq) for p in seq.rglob("probs.npy"))
     assert len(stores) == 4 + 4 + 2 + 2  # folds' OOF, models' oof and test, blend, refined
@@ -338,13 +368,14 @@ def test_later_stage_settings_and_test_images_are_checked_before_training(
     assert not (tmp_path / "out" / "tiny").exists()
 
 
+@pytest.mark.slow(70)
 def test_reruns_follow_the_bytes_of_inputs_and_settings_not_the_clock(
-    tmp_path, tiny_data_copy, capsys, monkeypatch
+    finished, tmp_path, tiny_data_copy, capsys, monkeypatch
 ):
     """A restored or copied folder (file times an hour ahead), a changed refine setting,
     a replaced and an added test image: each reruns exactly what depends on it, and the
     refined test maps follow refine.json's decision on the refined mask."""
-    config = _config(tmp_path, tiny_data_copy)
+    config = _copy(finished, tmp_path, tiny_data_copy)
     run = ["--config", str(config)]
     assert pipeline.main(run) == 0
     capsys.readouterr()
