@@ -54,6 +54,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> 
     return (root / "out" / "tiny" / "submission.csv").read_text()
 
 
+@pytest.mark.slow(30)
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_a_kill_then_a_rerun_gives_the_uninterrupted_submission(
     point: str, uninterrupted: str, tmp_path: Path, tiny_data: Path

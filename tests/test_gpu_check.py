@@ -20,6 +20,7 @@ KEYS = {"device", "torch", "cuda", "smp", "quick", "models", "train_fold", "pipe
 KEYS |= {"pipeline", "total_s"}
 
 
+@pytest.mark.slow(112)
 def test_quick_cpu_run_writes_every_section(tmp_path):
     out = tmp_path / "check.json"
     run = subprocess.run(

@@ -92,6 +92,7 @@ def test_ctrl_c_in_training_ends_in_one_line_that_resumes(tmp_path, tiny_data, c
     assert any(m.startswith("tiny fold 0: resuming after epoch") for m in caplog.messages)
 
 
+@pytest.mark.slow(46)
 def test_sigterm_to_the_pipeline_alone_ends_its_fold_processes(tmp_path, tiny_data) -> None:
     """A SIGTERM to pipeline.py only (not its group): its train.py children and their
     loader workers end with it, and the line names the pipeline's command."""

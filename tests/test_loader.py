@@ -24,6 +24,7 @@ from tests.trainkit import ROOT, write_config
 HANG_LIMIT_S = 300
 
 
+@pytest.mark.slow(63)
 def test_full_size_train_and_predict_with_a_worker_finish(
     full_size_data: Path, tmp_path: Path
 ) -> None:

@@ -56,6 +56,7 @@ def _wait_for(condition, what: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow(51)
 def test_a_second_run_is_refused_and_a_killed_pipeline_takes_its_children_along(
     tmp_path: Path, tiny_data: Path
 ) -> None:

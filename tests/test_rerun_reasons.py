@@ -62,6 +62,7 @@ def copy(two_model_experiment: Path, tmp_path_factory: pytest.TempPathFactory):
     return root, flags, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow(44)
 def test_reruns_say_why_list_the_reused_and_fit_a_screen(copy, capsys):
     """The done-when of item 5, in one sequence on the copy (the order matters)."""
     root, flags, out, err = copy

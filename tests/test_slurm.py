@@ -118,6 +118,7 @@ def slurm() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow(53)
 def test_fold_jobs_run_on_slurm_and_the_pipeline_submits(
     slurm: Path, tmp_path: Path, tiny_data: Path, capsys
 ) -> None:
