@@ -22,7 +22,6 @@ from workflow import stages
 if __name__ == "__main__":
     stages.preflight("compare")
 
-import dataclasses
 import itertools
 import sys
 from collections.abc import Sequence
@@ -209,9 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     metric = experiments[0].metric
-    rule = dataclasses.replace(
-        Rule.default(), metric=metric, confidence=args.confidence, n_boot=args.n_boot
-    )
+    rule = Rule.default(metric=metric, confidence=args.confidence, n_boot=args.n_boot)
     print(format_rows("Experiments", [e.row(experiments[0]) for e in experiments]), end="\n\n")
     title = f"Submitted chains, paired per-image {metric} out of sample (second - first)"
     print(format_rows(title, paired_rows(experiments, rule)))

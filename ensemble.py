@@ -58,7 +58,6 @@ from core.config import (
     ConfigError,
     provenance,
     reports_environment_errors,
-    resolve_cli_config,
     setup_logging,
 )
 from core.invocation import command_hint
@@ -427,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        cfg = resolve_cli_config(args)
+        cfg = cli.stage_config(args)
         names = args.models or stages.model_names(cfg)
         trials, objective = search_settings(cfg, "ensemble", args.trials, args.objective)
         cli.check_jobs(args.jobs)

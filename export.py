@@ -16,7 +16,7 @@ they change nothing.
 
 from __future__ import annotations
 
-from workflow import stages
+from workflow import cli, stages
 
 if __name__ == "__main__":
     stages.preflight("export")
@@ -60,7 +60,6 @@ from core.config import (
     git_hash,
     model_entry,
     reports_environment_errors,
-    resolve_cli_config,
     setup_logging,
 )
 from core.invocation import command_hint, command_line
@@ -396,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("export").parse_args(argv)
     setup_logging()
     try:
-        cfg = resolve_cli_config(args)
+        cfg = cli.stage_config(args)
         size = export(cfg, args.out, args.half, args.onnx, args.force)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,7 +8,7 @@ store `records.input_store` reads from postprocess.json), and writes
 
 from __future__ import annotations
 
-from workflow import stages
+from workflow import cli, stages
 
 if __name__ == "__main__":
     stages.preflight("postprocess")
@@ -28,7 +28,6 @@ from chain.records import input_store, load_params
 from core.config import (
     ConfigError,
     reports_environment_errors,
-    resolve_cli_config,
     setup_logging,
 )
 from core.settings import ExperimentSettings, layout_of
@@ -81,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("postprocess").parse_args(argv)
     setup_logging()
     try:
-        cfg = resolve_cli_config(args)
+        cfg = cli.stage_config(args)
         layout = layout_of(cfg)
         data_dir = ExperimentSettings.from_config(cfg).data()
         store = load_probs(args.probs or input_store(cfg, "test")[0])

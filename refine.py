@@ -25,7 +25,7 @@ themselves out of sample (ensemble.py blends each fold with the weights fitted w
 
 from __future__ import annotations
 
-from workflow import stages
+from workflow import cli, stages
 
 if __name__ == "__main__":
     stages.preflight("refine")
@@ -71,7 +71,6 @@ from core.config import (
     ConfigError,
     provenance,
     reports_environment_errors,
-    resolve_cli_config,
     setup_logging,
 )
 from core.invocation import command_hint
@@ -437,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("refine").parse_args(argv)
     setup_logging()
     try:
-        cfg = resolve_cli_config(args)
+        cfg = cli.stage_config(args)
         ExperimentSettings.from_config(cfg).data()  # refused before the maps are read
         doc = run(cfg)
     except (ConfigError, DataError) as exc:

@@ -12,7 +12,7 @@ No other stage reads `test_gt/`. The drawing itself is `reporting.py`.
 
 from __future__ import annotations
 
-from workflow import stages
+from workflow import cli, stages
 
 if __name__ == "__main__":
     stages.preflight("report")
@@ -43,7 +43,6 @@ from core.config import (
     ConfigError,
     model_config,
     reports_environment_errors,
-    resolve_cli_config,
     setup_logging,
 )
 from core.invocation import command_line
@@ -251,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = stages.parser("report").parse_args(argv)
     setup_logging()
     try:
-        summary = build(resolve_cli_config(args))
+        summary = build(cli.stage_config(args))
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -50,7 +50,17 @@ def settings_from(cls: type[T], section: dict[str, Any] | None, name: str) -> T:
         raise ConfigError(
             f"unknown {name} settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
         )
-    return cls(**section)
+    try:
+        return cls(**section)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # a null or a string where a number belongs
+        schema = defaults().get(name) or {}
+        nulls = [
+            f"{name}.{k}" for k, v in section.items() if v is None and schema.get(k) is not None
+        ]
+        said = f"{', '.join(nulls)}: null is not a value here" if nulls else str(exc)
+        raise ConfigError(f"{name} settings: a value of the wrong type ({said})") from exc
 
 
 DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"

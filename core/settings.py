@@ -7,9 +7,10 @@ reader (`predict.tta` fell back to "none" in three modules while the defaults sa
 one type and one check, and `configs/defaults.yaml` stays the one place where defaults
 are written: a section is the defaults with the config's keys over them, so the classes
 below declare fields, never default values. `Settings.of(cfg)` checks every section at
-once (each command calls it where it starts, through `stages.preflight` and
-`resolve_cli_config`); modules outside `core/config.py` and this one read a section by its
-class (`PredictSettings.from_config(cfg).tta`), never `cfg[...]` (tests/test_config_reads.py).
+once (each command calls it where it starts: `cli.checked`, in the config resolvers the
+stage table names, which `stages.preflight` and the commands' mains call); modules outside
+`core/config.py` and this one read a section by its class
+(`PredictSettings.from_config(cfg).tta`), never `cfg[...]` (tests/test_settings.py).
 Classes with behaviour extend the section they read where the behaviour lives
 (`decisions.Rule(DecideSettings)`, `recipe.RetryPolicy(RetrySettings)`).
 """
@@ -45,11 +46,17 @@ class Section:
     """A section of the config (`NAME`), read over its defaults, unknown keys named."""
 
     NAME: ClassVar[str]
+    # keys whose null in a config means their default, as it always did (a trial count)
+    NULL_IS_DEFAULT: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def section(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
         """The keys the class is built from (a subclass may drop or change some)."""
-        return _section(cfg, cls.NAME)
+        section = _section(cfg, cls.NAME)
+        for key in cls.NULL_IS_DEFAULT:
+            if section.get(key) is None:
+                section[key] = defaults()[cls.NAME][key]
+        return section
 
     @classmethod
     def from_config(cls: type[S], cfg: Mapping[str, Any]) -> S:
@@ -272,12 +279,18 @@ class ExperimentSettings:
     pretrained_dir: Path | None
 
     def __post_init__(self) -> None:
+        if self.experiment is None:
+            raise ConfigError("no experiment name: set experiment in the config")
+        try:
+            seed = int(self.seed)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"seed must be a whole number, got {self.seed!r}") from exc
         _set(
             self,
             experiment=str(self.experiment),
-            data_dir=None if self.data_dir is None else Path(self.data_dir),
+            data_dir=Path(self.data_dir) if self.data_dir not in (None, "") else None,
             out_dir=Path(self.out_dir),
-            seed=int(self.seed),
+            seed=seed,
             pretrained_dir=None if self.pretrained_dir is None else Path(self.pretrained_dir),
         )
 
@@ -295,6 +308,7 @@ class ExperimentSettings:
 
     @property
     def layout(self) -> Layout:
+        """Where this experiment's artefacts go: <out_dir>/<experiment>."""
         return Layout(self.out_dir / self.experiment, self.out_dir)
 
 
@@ -327,6 +341,7 @@ class SearchSettings(Section):
     the score it maximises."""
 
     NAME: ClassVar[str] = "tune"
+    NULL_IS_DEFAULT = ("trials",)
 
     trials: int
     objective: str
@@ -348,6 +363,14 @@ class EnsembleSettings(SearchSettings):
 
     models: list[str] | None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        models = self.models
+        if models is not None and not (
+            isinstance(models, list) and all(isinstance(m, str) for m in models)
+        ):
+            raise ConfigError(f"ensemble.models must list model names or be null, got {models!r}")
+
 
 def search_section(name: str) -> type[SearchSettings]:
     """The settings class of the optuna stage `name` (ensemble or tune)."""
@@ -359,6 +382,7 @@ class HpoSettings(Section):
     """`hpo:`: hpo.py's search space, pruner, the fold each trial trains, and its counts."""
 
     NAME: ClassVar[str] = "hpo"
+    NULL_IS_DEFAULT = ("trials",)
 
     space: dict[str, Any]
     pruner: dict[str, Any] | None

@@ -218,3 +218,23 @@ def test_infer_jobs_sets_the_networks_threads_and_the_pools(
         "threads": cores if threads == "all" else threads,
         "pool": cores if pool == "all" else pool,
     }
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_bad_value_in_a_section_the_command_does_not_read_is_refused_at_its_start(
+    name: str, tmp_path: Path
+) -> None:
+    """Every section is built where a command starts (cli.checked): `decide.n_boot=null`
+    reached train.py nowhere, and the stage that reads it ended in a TypeError traceback."""
+    argv = ["--config", str(write_config(tmp_path, tmp_path)), *required(name, tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, f"{name}.py", *argv, "--set", "decide.n_boot=null"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout.strip() == "imported:", done
+    (line,) = done.stderr.strip().splitlines()
+    said = "a value of the wrong type (decide.n_boot: null is not a value here)"
+    assert line == f"error: decide settings: {said}"

@@ -26,12 +26,13 @@ from chain.regions import (
 )
 from core.config import ConfigError
 from core.runtime import derive_seed
+from core.settings import RefineSettings
 from data.atomic import write_json
 from data.probstore import load_probs, save_probs
 from data.reader import DataError
 from models.refiner import RegionRefiner
 
-SETTINGS = refine.RefineSettings.default(crop=24, epochs=12, batch_size=16, lr=1e-2, width=8)
+SETTINGS = RefineSettings.default(crop=24, epochs=12, batch_size=16, lr=1e-2, width=8)
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +147,7 @@ def test_the_configured_margin_sets_each_regions_window():
     image = [np.zeros((64, 64, 3), np.uint8)]
     for margin, side in ((0.0, 16), (0.5, 24), (1.0, 36)):
         found = refine.collect_regions(
-            ["a"], image, probs, None, refine.RefineSettings.default(margin=margin)
+            ["a"], image, probs, None, RefineSettings.default(margin=margin)
         )
         y0, y1, x0, x1 = found.regions[0].box
         assert (y1 - y0, x1 - x0) == (side, side), margin
@@ -169,7 +170,7 @@ def test_test_maps_take_the_refined_mask_only_when_refine_json_kept_it():
     pred[16:26, 16:26] = 2
     probs = codes(pred)[None]
     image = [np.full((48, 48, 3), 100, np.uint8)]
-    settings = refine.RefineSettings.default(crop=16)
+    settings = RefineSettings.default(crop=16)
     models = [_FixedRefiner()]
     class_only = refine.refine_test(models, ["a"], image, probs, settings, use_mask=False)
     np.testing.assert_array_equal(class_only[0].argmax(axis=0) > 0, pred > 0)
@@ -333,12 +334,12 @@ def test_tune_and_submission_read_the_store_tune_chose(tmp_path):
 )
 def test_refine_settings_refuse_values_out_of_range(changes, message):
     with pytest.raises(ConfigError, match=message):
-        refine.RefineSettings.default(**changes)
+        RefineSettings.default(**changes)
 
 
 def test_refine_settings_accept_their_bounds():
-    assert refine.RefineSettings.default(crop=16, margin=2.0).margin == 2.0
-    assert refine.RefineSettings.default(margin=0.0, epochs=1, batch_size=1).epochs == 1
+    assert RefineSettings.default(crop=16, margin=2.0).margin == 2.0
+    assert RefineSettings.default(margin=0.0, epochs=1, batch_size=1).epochs == 1
 
 
 def test_check_split_refuses_stores_without_a_split_id_or_per_image_folds(tmp_path):
@@ -426,7 +427,7 @@ def test_each_epoch_trains_every_region_under_one_of_the_eight_turns_and_a_full_
         rng.integers(0, 3, n),
         (rng.random((n, side, side)) > 0.5).astype(np.float16),
     )
-    settings = refine.RefineSettings.default(crop=side, epochs=10, batch_size=6, width=4)
+    settings = RefineSettings.default(crop=side, epochs=10, batch_size=6, width=4)
     batches, schedules = [], []
     real_dihedral = refine._dihedral
 

@@ -10,15 +10,68 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError, defaults, load_config, model_config
-from core.settings import DataSettings, TrainSettings, refining
+from core.settings import (
+    DataSettings,
+    DecideSettings,
+    EnsembleSettings,
+    ExperimentSettings,
+    HpoSettings,
+    PredictSettings,
+    RefineSettings,
+    RetrySettings,
+    SearchSettings,
+    Settings,
+    SlurmSettings,
+    TrainSettings,
+    refining,
+)
 from tests.trainkit import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(("cls", "section"), [(DataSettings, "data"), (TrainSettings, "train")])
-def test_the_fields_are_exactly_the_keys_of_the_defaults_file(cls: type, section: str) -> None:
-    assert {f.name for f in dataclasses.fields(cls)} == set(defaults()[section])
+SECTION_CLASSES = [
+    DataSettings,
+    TrainSettings,
+    PredictSettings,
+    SearchSettings,
+    EnsembleSettings,
+    DecideSettings,
+    RetrySettings,
+    RefineSettings,
+    SlurmSettings,
+    HpoSettings,
+]
+
+
+@pytest.mark.parametrize("cls", SECTION_CLASSES, ids=lambda c: c.__name__)
+def test_the_fields_are_the_keys_of_the_defaults_file_and_declare_no_default(cls: type) -> None:
+    """defaults.yaml is the one place a default is written (refine's `enabled` is the
+    stage's switch, read by `refining`)."""
+    fields = dataclasses.fields(cls)
+    assert {f.name for f in fields} == set(defaults()[cls.NAME]) - {"enabled"}
+    assert all(f.default is dataclasses.MISSING for f in fields)
+    assert cls.default() == cls.from_config({})
+    Settings.of(load_config(ROOT / "configs" / "bkai.yaml"))
+
+
+def test_null_and_empty_values_are_refused_by_name_or_mean_their_default() -> None:
+    with pytest.raises(ConfigError, match=r"decide\.n_boot: null is not a value here"):
+        DecideSettings.from_config({"decide": {"n_boot": None}})
+    with pytest.raises(ConfigError, match="seed must be a whole number"):
+        ExperimentSettings.from_config({"experiment": "e", "seed": None})
+    with pytest.raises(ConfigError, match="no data dir"):
+        ExperimentSettings.from_config({"experiment": "e", "data_dir": ""}).data()
+    with pytest.raises(ConfigError, match=r"ensemble\.models must list model names"):
+        EnsembleSettings.from_config({"ensemble": {"models": "unet"}})
+    # a trial count of null has always meant the default
+    assert (
+        SearchSettings.from_config({"tune": {"trials": None}}).trials
+        == defaults()["tune"]["trials"]
+    )
+    assert HpoSettings.from_config({"hpo": {"trials": None}}).trials == defaults()["hpo"]["trials"]
+    # the defaults say flip: no reader falls back to another TTA
+    assert PredictSettings.from_config({}).tta == defaults()["predict"]["tta"] == "flip"
 
 
 def test_a_partial_section_gets_the_defaults_and_off_options_their_neutral_values() -> None:

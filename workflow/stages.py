@@ -202,7 +202,7 @@ def _predict_record(plan: Plan, model: str) -> tuple[Path, dict[str, Any]]:
 
 def _chain_stores(plan: Plan, kind: str) -> list[Path]:
     """The stores the submission chain may start from: the blend, and the refined blend
-    when refinement is on (postprocess.json says which; postprocessing.input_store)."""
+    when refinement is on (postprocess.json says which; records.input_store)."""
     return [plan.layout.blend(kind), *([plan.layout.refined(kind)] if plan.refining else [])]
 
 
