@@ -272,22 +272,20 @@ class ExperimentSettings:
     """The config's top level: where the data is read and the experiment written, the
     training seed, and where offline encoder weights are found."""
 
-    experiment: str
+    experiment: str | None  # a loaded config always has one (the file's stem by default)
     data_dir: Path | None
     out_dir: Path
     seed: int
     pretrained_dir: Path | None
 
     def __post_init__(self) -> None:
-        if self.experiment is None:
-            raise ConfigError("no experiment name: set experiment in the config")
         try:
             seed = int(self.seed)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"seed must be a whole number, got {self.seed!r}") from exc
         _set(
             self,
-            experiment=str(self.experiment),
+            experiment=None if self.experiment is None else str(self.experiment),
             data_dir=Path(self.data_dir) if self.data_dir not in (None, "") else None,
             out_dir=Path(self.out_dir),
             seed=seed,
@@ -309,6 +307,8 @@ class ExperimentSettings:
     @property
     def layout(self) -> Layout:
         """Where this experiment's artefacts go: <out_dir>/<experiment>."""
+        if self.experiment is None:
+            raise ConfigError("no experiment name: set experiment in the config")
         return Layout(self.out_dir / self.experiment, self.out_dir)
 
 
