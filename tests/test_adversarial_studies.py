@@ -212,8 +212,8 @@ def test_hpos_counts_are_checked_where_the_others_are(
 
 
 def test_every_trial_count_is_read_in_one_place_that_names_it() -> None:
-    """search_settings (ensemble, tune, the pipeline's preflight) and hpo.py both read
-    their count through studies.trial_count."""
+    """search_settings (ensemble, tune, the pipeline's preflight) and hpo.py both check a
+    configured count in its section's settings class and a flag in studies.flag_count."""
     with pytest.raises(ConfigError, match=r"tune\.trials"):
         studies.search_settings({"tune": {"trials": 0}}, "tune")
     with pytest.raises(ConfigError, match=r"--trials"):

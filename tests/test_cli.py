@@ -32,6 +32,13 @@ finally:
 """
 
 
+def run_early(*argv: str) -> subprocess.CompletedProcess[str]:
+    """`python <script> <args>` through RUNNER: what it printed, and its heavy imports."""
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
 def required(name: str, tmp_path: Path) -> list[str]:
     """The flags command `name` cannot run without, for the tiny config's model."""
     flags = {
@@ -57,13 +64,7 @@ def test_every_command_that_reads_a_config_says_how_it_resolves_it() -> None:
 
 def test_a_bad_key_is_named_before_the_commands_required_flags() -> None:
     """The issue's own command: `train.py --set train.epocs=3`, no --model or --fold."""
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER, "train.py", "--set", BAD_KEY],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_early("train.py", "--set", BAD_KEY)
     assert done.returncode == 2 and done.stdout.strip() == "imported:", done
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"error: override {BAD_KEY!r}: no key 'train.epocs'"), line
@@ -75,13 +76,7 @@ def test_a_bad_key_is_refused_before_torch_in_the_commands_own_words(
 ) -> None:
     argv = ["--config", str(write_config(tmp_path, tmp_path)), *required(name, tmp_path)]
     argv += ["--set", BAD_KEY]
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER, f"{name}.py", *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_early(f"{name}.py", *argv)
     assert done.returncode == 2, done.stderr
     assert done.stdout.strip() == "imported:", f"{name}.py imported {done.stdout}"
     (line,) = done.stderr.strip().splitlines()
@@ -227,13 +222,7 @@ def test_a_bad_value_in_a_section_the_command_does_not_read_is_refused_at_its_st
     """Every section is built where a command starts (cli.checked): `decide.n_boot=null`
     reached train.py nowhere, and the stage that reads it ended in a TypeError traceback."""
     argv = ["--config", str(write_config(tmp_path, tmp_path)), *required(name, tmp_path)]
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER, f"{name}.py", *argv, "--set", "decide.n_boot=null"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_early(f"{name}.py", *argv, "--set", "decide.n_boot=null")
     assert done.returncode == 2 and done.stdout.strip() == "imported:", done
     (line,) = done.stderr.strip().splitlines()
     said = "a value of the wrong type (decide.n_boot: null is not a value here)"
